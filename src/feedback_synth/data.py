@@ -17,7 +17,7 @@ from . import io
 from .config import DataConfig
 from .errors import DataError
 
-SPLITS = ("train", "val", "test", "pool")
+SPLITS = ("train", "val", "test", "pool", "oracle")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -163,7 +163,9 @@ def make_digits_lt(split_seed: int = 0) -> dict[str, ImageSet]:
     scikit-learn's 1,797 8x8 digits, upsampled to 16x16, split once per class with ``split_seed``
     into a balanced test set (50/class), a disjoint balanced generator pool (60/class), a
     long-tailed train set (60, 41, ..., 2) and a balanced validation set (8/class) from the rest.
-    Train, val and test carry the task style; the pool does not.
+    Train, val and test carry the task style; the pool does not. ``oracle`` is the pool with the
+    task style: balanced real task data for the oracle that measures fidelity (never for training
+    the classifier under test).
     """
     from sklearn.datasets import load_digits
 
@@ -172,7 +174,7 @@ def make_digits_lt(split_seed: int = 0) -> dict[str, ImageSet]:
     labels = digits.target.astype(np.int64)
     rng = np.random.RandomState(split_seed)
     counts = digits_lt_counts()
-    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in ("train", "val", "test", "pool")}
     for c in range(10):
         idx = rng.permutation(np.flatnonzero(labels == c))
         t, p, n = DIGITS_TEST_PER_CLASS, DIGITS_POOL_PER_CLASS, counts[c]
@@ -191,6 +193,9 @@ def make_digits_lt(split_seed: int = 0) -> dict[str, ImageSet]:
             images=np.round(x * 255).astype(np.uint8)[..., None],
             labels=labels[idx], groups=np.zeros(len(idx), dtype=np.int64),
             ids=np.array([f"digits:{i}" for i in idx]), class_names=class_names)
+    pool = out["pool"]
+    styled = np.round(task_style(pool.images[..., 0] / 255.0) * 255).astype(np.uint8)[..., None]
+    out["oracle"] = ImageSet(styled, pool.labels, pool.groups, pool.ids, class_names)
     return out
 
 

@@ -1,0 +1,88 @@
+"""Feedback guidance: one implementation for pixel-space and latent diffusion models.
+
+Written as a component that a denoising loop calls (the ``cond_fn`` style of diffusers' community
+CLIP-guided pipeline), not as a fork of a stock pipeline. The maths is DESIGN.md's "guided step",
+itself the reference code's: at a guided step t,
+
+    x0  = (z_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)           # predicted clean sample
+    fac = sqrt(1 - abar_t)
+    x   = decode(fac * x0 + (1 - fac) * z_t)                        # identity in pixel space
+    g   = d C(f(x)) / d z_t                                         # through decode (and the UNet)
+    z_t = z_t + s * ||z_t|| * g / ||g||                             # ascent, norms per sample
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .classifier import Classifier
+from .criteria import ClassStats, get_criterion
+
+Decode = Callable[[torch.Tensor], torch.Tensor]  # latents -> images in [0, 1], differentiable
+
+
+def pixel_decode(z: torch.Tensor) -> torch.Tensor:
+    """Pixel-space models work in [-1, 1]."""
+    return ((z + 1) / 2).clamp(0, 1)
+
+
+def guided_step_indices(num_steps: int, every: int, start_fraction: float = 0.0) -> list[int]:
+    """Indices of the denoising steps that get feedback: every ``every``-th, after ``start_fraction``."""
+    first = int(round(start_fraction * num_steps))
+    return [i for i in range(first, num_steps) if (i - first) % every == 0]
+
+
+class FeedbackGuidance:
+    """Shifts the noisy latents toward samples the frozen classifier finds hard.
+
+    Args:
+        classifier: the frozen classifier f; takes images in [0, 1].
+        criterion: name in the criteria registry (``loss``, ``entropy``, ``hardness``).
+        scale: the step size s.
+        stats: class statistics (needed by ``hardness``).
+        decode: latents -> [0, 1] images; ``pixel_decode`` for pixel models, the VAE for latent ones.
+    """
+
+    def __init__(self, classifier: Classifier, criterion: str, scale: float,
+                 stats: Optional[ClassStats] = None, decode: Decode = pixel_decode):
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.criterion_name = criterion
+        self.criterion = get_criterion(criterion)
+        self.scale = scale
+        self.stats = stats
+        self.decode = decode
+
+    def score_images(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample criterion of images in [0, 1] (float32 on the classifier's device)."""
+        feats, logits = self.classifier.features_and_logits(images.float())
+        return self.criterion(feats.float(), logits.float(), labels, self.stats)
+
+    def gradient(self, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """d C / d z_t and C. ``eps`` may carry the UNet's graph w.r.t. ``z_t`` (grad through UNet)."""
+        a = alpha_bar_t.to(torch.float32)
+        x0 = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+        fac = (1 - a).sqrt()
+        images = self.decode(fac * x0 + (1 - fac) * z_t)
+        values = self.score_images(images, labels)
+        (grad,) = torch.autograd.grad(values.sum(), z_t)
+        return grad, values.detach()
+
+    def step(self, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
+        """One guided step; returns the shifted (detached) latents.
+
+        If ``eps`` was computed from ``z_t`` under ``torch.enable_grad()`` (with ``z_t`` requiring
+        grad), the gradient flows through the UNet as in the reference code; otherwise eps is a
+        constant of the step.
+        """
+        with torch.enable_grad():
+            if not z_t.requires_grad:
+                z_t = z_t.detach().float().requires_grad_(True)
+            grad, _ = self.gradient(z_t, eps.float(), alpha_bar_t, labels)
+        z = z_t.detach().float()
+        dims = tuple(range(1, z.ndim))
+        z_norm = z.flatten(1).norm(dim=1).view(-1, *([1] * len(dims)))
+        g_norm = grad.flatten(1).norm(dim=1).view(-1, *([1] * len(dims))).clamp_min(1e-12)
+        return z + self.scale * z_norm * grad / g_norm
