@@ -180,6 +180,9 @@ class PromoteConfig:
     min_gain: float = 0.0  # delta: gate metric up by at least this (strictly more than 0 when 0)
     max_overall_drop: float = 0.01  # epsilon: overall accuracy down by at most this
     lock_timeout_s: float = 60.0  # how long to wait for the promotion lock
+    # the lock that serialises promotions across pods: '' = a file lock beside a local store,
+    # 'postgresql://...' = an advisory lock on that database, 'k8s-lease://NAMESPACE/NAME' = a Lease
+    lock_uri: str = ""
 
     def validate(self, prefix: str = "promote") -> None:
         _check(self.gate_metric in GATE_METRICS, f"{prefix}.gate_metric", f"must be one of {GATE_METRICS}, got '{self.gate_metric}'")

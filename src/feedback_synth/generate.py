@@ -11,7 +11,7 @@ import csv
 import io as _io
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -189,18 +189,30 @@ def read_metadata(url: str) -> list[dict[str, Any]]:
     return rows
 
 
-def load_generated(output_url: str, plan: GenerationPlan, train: ImageSet,
+def find_shard(output_urls: Union[str, list[str]], shard_id: int) -> Optional[str]:
+    """The committed folder of ``shard_id`` in any of ``output_urls`` (KFP: one output per shard task)."""
+    for url in [output_urls] if isinstance(output_urls, str) else output_urls:
+        if shard_done(url, shard_id):
+            return shard_url(url, shard_id)
+    return None
+
+
+def load_generated(output_urls: Union[str, list[str]], plan: GenerationPlan, train: ImageSet,
                    require_all: bool = True) -> tuple[ImageSet, list[dict[str, Any]]]:
-    """All committed shards as one ImageSet plus their metadata rows (in shard order)."""
-    missing = [s.shard_id for s in plan.shards if not shard_done(output_url, s.shard_id)]
+    """All committed shards as one ImageSet plus their metadata rows (in shard order).
+
+    ``output_urls``: the generate stage's output folder, or a list of them (one per shard task).
+    """
+    found = {s.shard_id: find_shard(output_urls, s.shard_id) for s in plan.shards}
+    missing = [i for i, url in found.items() if url is None]
     if missing and require_all:
-        raise FileNotFoundError(f"{len(missing)} shard(s) of the plan are not finished in {output_url}: "
+        raise FileNotFoundError(f"{len(missing)} shard(s) of the plan are not finished in {output_urls}: "
                                 f"{missing[:10]} (re-run generation: finished shards are skipped)")
     imgs, rows = [], []
     for s in plan.shards:
-        if s.shard_id in missing:
+        url = found[s.shard_id]
+        if url is None:
             continue
-        url = shard_url(output_url, s.shard_id)
         imgs.append(io.read_npz(io.join(url, "images.npz"))["images"])
         for r in read_metadata(io.join(url, "metadata.csv")):
             r["shard_id"] = s.shard_id

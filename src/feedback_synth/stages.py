@@ -95,9 +95,9 @@ def plan_url(feedback_url: str) -> str:
     return io.join(feedback_url, "plan.json")
 
 
-def filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: str, generated_url: str,
+def filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: str, generated_url: str | list[str],
                      output_url: str, cfg: FilterConfig) -> dict[str, Any]:
-    """Filter the generated images; writes ``synthetic.npz`` (kept), ``metadata.csv`` rows of the kept
+    """Filter the generated images (``generated_url``: the generate output, or one per shard task); writes ``synthetic.npz`` (kept), ``metadata.csv`` rows of the kept
     images, ``filter_report.json`` and a sample grid ``samples.png``."""
     cfg.validate()
     train = load_split(dataset_url, "train")
