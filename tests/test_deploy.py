@@ -211,6 +211,7 @@ def test_chart_objects(rendered):
     assert bundled.count("StatefulSet") == 1 and bundled.count("PersistentVolumeClaim") == 1
     gcs = kinds("values-gcs.yaml")
     assert "StatefulSet" not in gcs and "PersistentVolumeClaim" not in gcs
+    assert "PodDisruptionBudget" in gcs  # two MLflow replicas
     assert {"Deployment", "Service", "CronJob", "Role", "RoleBinding", "NetworkPolicy",
             "ServiceAccount"} <= set(gcs)
     assert "CronJob" not in kinds("argocd-application")  # the overlays schedule runs there
