@@ -39,7 +39,7 @@ class ClassStats:
     real_distances: dict[int, np.ndarray]
 
     def mahalanobis_sq(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        d = feats - self.means.to(feats)[labels]
+        d = feats - self.means.to(feats)[labels.to(feats.device)]
         return ((d @ self.precision.to(feats)) * d).sum(dim=1)
 
 

@@ -55,13 +55,14 @@ class FeedbackGuidance:
 
     def score_images(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-sample criterion of images in [0, 1] (float32 on the classifier's device)."""
-        feats, logits = self.classifier.features_and_logits(images.float())
-        return self.criterion(feats.float(), logits.float(), labels, self.stats)
+        dtype = torch.promote_types(images.dtype, torch.float32)  # float32, or float64 in gradient checks
+        feats, logits = self.classifier.features_and_logits(images.to(dtype))
+        return self.criterion(feats.to(dtype), logits.to(dtype), labels, self.stats)
 
     def gradient(self, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor,
                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """d C / d z_t and C. ``eps`` may carry the UNet's graph w.r.t. ``z_t`` (grad through UNet)."""
-        a = alpha_bar_t.to(torch.float32)
+        a = alpha_bar_t.to(torch.promote_types(z_t.dtype, torch.float32))
         x0 = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
         fac = (1 - a).sqrt()
         images = self.decode(fac * x0 + (1 - fac) * z_t)

