@@ -296,6 +296,27 @@ def test_submit_command_and_pipeline_params(rendered, name):
     assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
 
 
+def test_overlays_log_to_the_argocd_mlflow(rendered):
+    """The overlays' runs must log to the MLflow Service that the Argo CD chart app creates."""
+    (app,) = [a for a in map(load_one, ARGOCD_APPS) if a["spec"]["source"].get("helm")]
+    assert app["spec"]["source"]["helm"]["releaseName"] == RELEASE
+    assert app["spec"]["destination"]["namespace"] == NAMESPACE
+    (svc,) = [d for d in docs(rendered["chart-argocd-application"])
+              if d["kind"] == "Service" and d["metadata"]["name"].endswith("-mlflow")]
+    url = (f"http://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local:"
+           f"{svc['spec']['ports'][0]['port']}")
+    (np,) = [d for d in docs(rendered["chart-argocd-application"])
+             if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == svc["metadata"]["name"]]
+    allowed = {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+               for p in np["spec"]["ingress"][0]["from"] if "namespaceSelector" in p}
+    for overlay in OVERLAYS:
+        text = rendered[f"overlay-{overlay.name}"]
+        args = _submit_args(text)
+        assert f"mlflow_tracking_uri={url}" in args, overlay.name
+        namespace = docs(text)[0]["metadata"]["namespace"]
+        assert namespace in allowed, f"MLflow's NetworkPolicy does not admit {namespace}"
+
+
 # --- Argo CD --------------------------------------------------------------------------------------
 
 
