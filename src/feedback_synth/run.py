@@ -24,7 +24,13 @@ def preflight(cfg: RunConfig) -> None:
     cfg.validate()
     import os
 
+    import timm
+
     builtin = cfg.data.dataset in ("digits-lt", "digits-groups")
+    if not builtin and not io.exists(cfg.data.dataset):
+        raise DataError(f"dataset not found: {cfg.data.dataset}")
+    if not timm.is_model(cfg.train.model):
+        raise ConfigError(f"config field 'train.model': unknown timm model '{cfg.train.model}'")
     if cfg.generate.generator == BUILTIN_GENERATOR:
         if not builtin:
             raise ConfigError("config field 'generate.generator': the bundled generator only knows the built-in "

@@ -1,0 +1,72 @@
+"""Training and evaluation: seeded, per-epoch metrics, safetensors checkpoints, metric definitions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from feedback_synth.classifier import build_classifier, load_classifier, save_classifier
+from feedback_synth.config import DataConfig, RetrainConfig, TrainConfig
+from feedback_synth.data import ImageSet
+from feedback_synth.evaluate import accuracy_metrics, evaluate, predict_logits
+from feedback_synth.errors import ConfigError
+from feedback_synth.train import train_classifier
+
+
+def test_training_is_seeded_and_records_epochs(digits):
+    cfg = RetrainConfig(epochs=2, seed=3)
+    a, hist_a = train_classifier(digits["train"], cfg, "test_resnet")
+    b, hist_b = train_classifier(digits["train"], cfg, "test_resnet")
+    assert [h["epoch"] for h in hist_a] == [1, 2]
+    assert hist_a == hist_b
+    x = digits["test"].to_tensor()[:32]
+    assert torch.equal(a(x), b(x))
+
+
+def test_checkpoint_roundtrip_is_safetensors(small_classifier, digits, memory_url):
+    clf, _ = small_classifier
+    save_classifier(clf, memory_url + "/m")
+    from feedback_synth import io
+
+    assert io.read_bytes(memory_url + "/m/model.safetensors")[8:9] == b"{"  # safetensors header, no pickle
+    again = load_classifier(memory_url + "/m")
+    assert np.allclose(predict_logits(again, digits["test"]), predict_logits(clf, digits["test"]), atol=1e-5)
+    assert again.spec.train_class_counts == [60, 41, 28, 19, 13, 9, 6, 4, 2, 2]
+
+
+def test_unknown_timm_model_is_named():
+    with pytest.raises(ConfigError, match="unknown timm model 'resnet_nope'"):
+        build_classifier("resnet_nope", 10, 1, 16)
+
+
+def test_accuracy_metrics_by_hand():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    data = ImageSet(np.zeros((6, 2, 2, 1), np.uint8), labels, np.zeros(6, np.int64), np.array(list("abcdef")),
+                    ["a", "b", "c"])
+    preds = np.array([0, 0, 1, 0, 0, 0])
+    m = accuracy_metrics(preds, data, [30, 10, 2], DataConfig(many_threshold=20, few_threshold=5))
+    assert m["overall"] == pytest.approx(3 / 6)
+    assert m["many"] == 1.0 and m["medium"] == 0.5 and m["few"] == 0.0
+    assert m["per_class"] == [1.0, 0.5, 0.0] and m["worst_class"] == 0.0
+    assert m["confusion_matrix"] == [[2, 0, 0], [1, 1, 0], [2, 0, 0]]
+    assert "worst_group" not in m
+
+
+def test_group_metrics():
+    labels = np.array([0, 0, 1, 1])
+    groups = np.array([0, 1, 0, 1])
+    data = ImageSet(np.zeros((4, 2, 2, 1), np.uint8), labels, groups, np.array(list("abcd")), ["a", "b"], ["x", "y"])
+    m = accuracy_metrics(np.array([0, 1, 1, 1]), data, [5, 5], DataConfig())
+    assert m["per_group"] == {"a/x": 1.0, "a/y": 0.0, "b/x": 1.0, "b/y": 1.0}
+    assert m["worst_group"] == 0.0 and m["average_group"] == 0.75
+
+
+def test_logit_adjustment_and_synthetic_mix_train(digits):
+    cfg = TrainConfig(model="test_resnet", epochs=1, loss="logit_adjusted")
+    clf, hist = train_classifier(digits["train"], cfg, cfg.model, loss=cfg.loss)
+    assert np.isfinite(hist[0]["loss"])
+    syn = digits["pool"].subset(np.arange(50))
+    clf2, hist2 = train_classifier(digits["train"], RetrainConfig(epochs=1), "test_resnet", synthetic=syn,
+                                   synthetic_fraction=0.5)
+    m = evaluate(clf2, digits["test"], DataConfig())
+    assert 0 <= m["overall"] <= 1
