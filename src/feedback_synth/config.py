@@ -164,11 +164,13 @@ class TrackingConfig:
     registered_model: str = "feedback-synth-classifier"
     enabled: bool = True
     retries: int = 3  # bounded retries before a tracking call fails the run
+    request_timeout_s: float = 30.0  # per HTTP request to the tracking server (a hung server fails fast)
 
     def validate(self, prefix: str = "tracking") -> None:
         _check(bool(self.experiment), f"{prefix}.experiment", "must not be empty")
         _check(bool(self.registered_model), f"{prefix}.registered_model", "must not be empty")
         _check(self.retries >= 0, f"{prefix}.retries", "must be >= 0")
+        _check(self.request_timeout_s > 0, f"{prefix}.request_timeout_s", "must be > 0")
 
 
 GATE_METRICS = ("few", "worst_class", "worst_group", "overall", "medium", "many", "average_group")
@@ -189,6 +191,12 @@ class PromoteConfig:
         _check(self.min_gain >= 0, f"{prefix}.min_gain", "must be >= 0")
         _check(self.max_overall_drop >= 0, f"{prefix}.max_overall_drop", "must be >= 0")
         _check(self.lock_timeout_s > 0, f"{prefix}.lock_timeout_s", "must be > 0")
+        lock_schemes = ("postgresql://", "postgresql+psycopg2://", "postgres://", "k8s-lease://", "file://")
+        _check(self.lock_uri == "" or self.lock_uri.startswith(lock_schemes), f"{prefix}.lock_uri",
+               f"must be '' or start with one of {', '.join(lock_schemes)}; got '{self.lock_uri}'")
+        if self.lock_uri.startswith("k8s-lease://"):
+            parts = [p for p in self.lock_uri[len("k8s-lease://"):].split("/") if p]
+            _check(len(parts) == 2, f"{prefix}.lock_uri", f"expected k8s-lease://NAMESPACE/NAME, got '{self.lock_uri}'")
 
 
 @dataclass
