@@ -88,6 +88,12 @@ def cmd_pretrain_generator(args) -> int:
     pool = BUILTIN[args.dataset](DataConfig().split_seed)["pool"]
     output = args.output or builtin_generator_path(args.dataset)
     print(pretrain_generator(pool, cfg, output))
+    from .generators import generator_fidelity
+
+    fid = generator_fidelity(output, pool)
+    meta = io.read_json(io.join(output, "generator.json"))
+    io.write_json(io.join(output, "generator.json"), {**meta, "fidelity": fid})
+    print(f"fidelity of unguided samples (pool-trained classifier): {fid['fidelity']:.3f}")
     print(f"generator written to {output}")
     return 0
 

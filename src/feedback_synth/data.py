@@ -199,6 +199,66 @@ def make_digits_lt(split_seed: int = 0) -> dict[str, ImageSet]:
     return out
 
 
+# ------------------------------------------------------------------------------ digits-groups
+
+GROUP_COLOURS = {"red": (1.0, 0.25, 0.2), "green": (0.25, 1.0, 0.3), "blue": (0.3, 0.45, 1.0)}
+GROUPS_TEST_PER_CELL = 16  # test: 16 per (class, colour) = 48 per class, balanced
+GROUPS_POOL_PER_CELL = 20  # generator pool: 20 per (class, colour), balanced, unstyled
+GROUPS_VAL_PER_CELL = 4  # validation: 4 per (class, colour), balanced
+GROUPS_TRAIN_MAJORITY = 36  # train: per class 36 in its majority colour ...
+GROUPS_TRAIN_MINORITY = 2  # ... and 2 in each of the two rare colours
+
+
+def colourise(grey: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Grey images in [0, 1] (N, H, W) -> RGB (N, H, W, 3): strokes in the group's colour on black."""
+    colours = np.array(list(GROUP_COLOURS.values()))[groups]  # (N, 3)
+    return grey[..., None] * colours[:, None, None, :]
+
+
+def make_digits_groups(split_seed: int = 0) -> dict[str, ImageSet]:
+    """The built-in group-imbalanced digits (NICO++ in miniature): the group is the stroke colour.
+
+    scikit-learn's digits, 16x16, split per class with ``split_seed``. Train: each class c has a
+    majority colour (colour c mod 3: 36 images) and two rare colours (2 images each), so colour is
+    a spurious cue of the class. Test (16 per (class, colour)), validation (4 per cell) and the
+    generator pool (20 per cell) are balanced over (class, colour). As in digits-lt, train, val and
+    test carry the task style (shear, thicker strokes); the pool does not. ``oracle`` is the pool
+    with the task style: group-balanced real task data.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = _upsample_digits(digits.images)
+    labels = digits.target.astype(np.int64)
+    rng = np.random.RandomState(split_seed)
+    names = list(GROUP_COLOURS)
+    parts: dict[str, tuple[list, list]] = {s: ([], []) for s in ("train", "val", "test", "pool")}
+    for c in range(10):
+        idx = list(rng.permutation(np.flatnonzero(labels == c)))
+        major = c % 3
+        sizes = {"test": [GROUPS_TEST_PER_CELL] * 3, "pool": [GROUPS_POOL_PER_CELL] * 3,
+                 "train": [GROUPS_TRAIN_MAJORITY if g == major else GROUPS_TRAIN_MINORITY for g in range(3)],
+                 "val": [GROUPS_VAL_PER_CELL] * 3}
+        for split in ("test", "pool", "train", "val"):
+            for g, n in enumerate(sizes[split]):
+                parts[split][0].extend(idx[:n])
+                parts[split][1].extend([g] * n)
+                idx = idx[n:]
+    out = {}
+    for split, (idx, groups) in parts.items():
+        idx, groups = np.array(idx), np.array(groups)
+        x = images[idx]
+        if split != "pool":
+            x = task_style(x)
+        out[split] = ImageSet(np.round(colourise(x, groups) * 255).astype(np.uint8), labels[idx], groups,
+                              np.array([f"digits:{i}" for i in idx]), [str(c) for c in range(10)], names)
+    pool = out["pool"]
+    grey = images[np.array([int(i.split(":")[1]) for i in pool.ids])]
+    out["oracle"] = ImageSet(np.round(colourise(task_style(grey), pool.groups) * 255).astype(np.uint8), pool.labels,
+                             pool.groups, pool.ids, pool.class_names, names)
+    return out
+
+
 # ------------------------------------------------------------------------------ URL datasets
 
 
@@ -278,18 +338,29 @@ def _parse_split_file(root: str, split: str) -> tuple[list[str], list[int], list
 def load_url_dataset(url: str, cfg: DataConfig) -> dict[str, ImageSet]:
     """Read a dataset from any fsspec URL, checking everything before returning.
 
-    Layouts: ``url/{train,test[,val]}/<class>/<image>`` (class folders), or split files
-    ``url/{train,test[,val]}.txt`` with ``relative/path label [group]`` lines and an optional
-    ``url/classes.txt`` (one class name per line, line i = label i).
+    Layouts:
+      - ``url/{train,test[,val]}/<class>/<image>`` (class folders);
+      - split files ``url/{train,test[,val]}.txt`` with ``relative/path label [group]`` lines
+        (ImageNet-LT style) and an optional ``url/classes.txt`` (line i = the name of label i);
+      - ``url/metadata.csv`` with path, label, group and split columns (the SubpopBench layout of
+        NICO++, Waterbirds, CelebA: ``filename,y,a,split`` with split 0/1/2, or
+        ``path,label,group,split`` with split train/val/test);
+      - NICO++'s own ``url/<domain>/<class>/<image>`` folders: the domain is the group, and the
+        split is drawn once per (class, domain) cell with ``cfg.split_seed`` (20% test, 10% val).
     """
     if not io.exists(url):
         raise DataError(f"dataset not found: {url}")
     if io.exists(io.join(url, "train.txt")):
         return _load_split_files(url, cfg)
+    if io.exists(io.join(url, "metadata.csv")):
+        return _load_metadata_csv(url, cfg)
     if io.exists(io.join(url, "train")):
         return _load_class_folders(url, cfg)
-    raise DataError(f"dataset {url}: expected class folders under {io.join(url, 'train')}/ "
-                    f"or a split file {io.join(url, 'train.txt')}")
+    fs, path = io.fs_and_path(url)
+    if any(e["type"] == "directory" for e in fs.ls(path, detail=True)):
+        return _load_domain_folders(url, cfg)
+    raise DataError(f"dataset {url}: expected class folders under {io.join(url, 'train')}/, a split file "
+                    f"{io.join(url, 'train.txt')}, a {io.join(url, 'metadata.csv')} or <domain>/<class>/ folders")
 
 
 def _splits_present(url: str, suffix: str) -> list[str]:
@@ -347,7 +418,85 @@ def _load_split_files(url: str, cfg: DataConfig) -> dict[str, ImageSet]:
     return out
 
 
-BUILTIN = {"digits-lt": make_digits_lt}
+_CSV_COLUMNS = {"path": ("path", "filename", "img_filename", "image"), "label": ("label", "y", "class"),
+                "group": ("group", "a", "domain", "place"), "split": ("split",)}
+_SPLIT_NAMES = {"0": "train", "1": "val", "2": "test", "train": "train", "val": "val", "test": "test"}
+
+
+def _load_metadata_csv(url: str, cfg: DataConfig) -> dict[str, ImageSet]:
+    import csv
+    import io as _sio
+
+    csv_url = io.join(url, "metadata.csv")
+    reader = csv.DictReader(_sio.StringIO(io.read_text(csv_url)))
+    header = reader.fieldnames or []
+    cols = {}
+    for key, names in _CSV_COLUMNS.items():
+        found = [n for n in names if n in header]
+        if not found and key != "group":
+            raise DataError(f"{csv_url}: no {key} column (one of {', '.join(names)}); columns: {', '.join(header)}")
+        cols[key] = found[0] if found else None
+    rows: dict[str, list[tuple[str, str, str]]] = {"train": [], "val": [], "test": []}
+    for lineno, row in enumerate(reader, 2):
+        split = _SPLIT_NAMES.get(str(row[cols["split"]]).strip())
+        if split is None:
+            raise DataError(f"{csv_url}:{lineno}: split '{row[cols['split']]}' is not one of 0/1/2 or train/val/test")
+        group = row[cols["group"]].strip() if cols["group"] else "all"
+        rows[split].append((io.join(url, row[cols["path"]].strip()), row[cols["label"]].strip(), group))
+    if not rows["train"] or not rows["test"]:
+        raise DataError(f"{csv_url}: needs train and test rows (split 0 and 2)")
+    return _assemble(url, cfg, rows, csv_url)
+
+
+def _load_domain_folders(url: str, cfg: DataConfig) -> dict[str, ImageSet]:
+    fs, path = io.fs_and_path(url)
+    cells: dict[tuple[str, str], list[str]] = {}
+    for dom in sorted(e["name"] for e in fs.ls(path, detail=True) if e["type"] == "directory"):
+        for cls in sorted(e["name"] for e in fs.ls(dom, detail=True) if e["type"] == "directory"):
+            images = sorted(f for f in fs.find(cls) if f.lower().endswith(IMAGE_SUFFIXES))
+            d, c = dom.rstrip("/").rsplit("/", 1)[-1], cls.rstrip("/").rsplit("/", 1)[-1]
+            if not images:
+                raise DataError(f"empty class '{c}' in domain '{d}': no images in {fs.unstrip_protocol(cls)}")
+            cells[(c, d)] = [fs.unstrip_protocol(f) for f in images]
+    if not cells:
+        raise DataError(f"dataset {url}: no <domain>/<class>/ image folders")
+    rng = np.random.RandomState(cfg.split_seed)
+    rows: dict[str, list[tuple[str, str, str]]] = {"train": [], "val": [], "test": []}
+    for (c, d), files in sorted(cells.items()):
+        perm = [files[i] for i in rng.permutation(len(files))]
+        n_test, n_val = int(round(0.2 * len(perm))), int(round(0.1 * len(perm)))
+        for split, chunk in (("test", perm[:n_test]), ("val", perm[n_test:n_test + n_val]),
+                             ("train", perm[n_test + n_val:])):
+            rows[split].extend((f, c, d) for f in chunk)
+    return _assemble(url, cfg, rows, url)
+
+
+def _assemble(url: str, cfg: DataConfig, rows: dict[str, list[tuple[str, str, str]]], where: str) -> dict[str, ImageSet]:
+    """(file URL, label name or index, group name) rows per split -> checked ImageSets."""
+    train_labels = sorted({lab for _, lab, _ in rows["train"]}, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
+    class_names = train_labels
+    index = {c: i for i, c in enumerate(class_names)}
+    group_names = sorted({g for split in rows.values() for _, _, g in split})
+    gindex = {g: i for i, g in enumerate(group_names)}
+    for split, items in rows.items():
+        for f, lab, _ in items:
+            if lab not in index:
+                raise DataError(f"{where}: label '{lab}' of {f} (split {split}) is outside the class list of the "
+                                f"train split ({', '.join(class_names[:20])})")
+    channels = cfg.channels or _guess_channels(rows["train"][0][0])
+    out = {}
+    for split, items in rows.items():
+        if not items:
+            continue
+        files = [f for f, _, _ in items]
+        out[split] = ImageSet(_read_images(files, cfg.image_size, channels),
+                              np.array([index[lab] for _, lab, _ in items], np.int64),
+                              np.array([gindex[g] for _, _, g in items], np.int64), np.array(files),
+                              class_names, group_names)
+    return out
+
+
+BUILTIN = {"digits-lt": make_digits_lt, "digits-groups": make_digits_groups}
 
 
 def prepare_dataset(cfg: DataConfig, output_url: str) -> DatasetInfo:

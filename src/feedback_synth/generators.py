@@ -179,3 +179,30 @@ def generator_meta(spec: str, dataset_name: str = "digits-lt") -> dict[str, Any]
     path = builtin_generator_path(dataset_name) if spec == BUILTIN_GENERATOR else spec
     url = io.join(path, "generator.json")
     return io.read_json(url) if io.exists(url) else {}
+
+
+def generator_fidelity(generator_url: str, pool: ImageSet, per_class: int = 50, model: str = "resnet10t",
+                       num_inference_steps: int = 20, cfg_scale: float = 2.0, seed: int = 0) -> dict[str, Any]:
+    """How recognisable the generator's unguided, purely class-conditional samples are: the accuracy
+    of a classifier trained on the balanced generator pool on ``per_class`` samples of each class."""
+    from .config import RetrainConfig
+    from .evaluate import predict_logits
+    from .train import train_classifier
+
+    pipe = load_generator(generator_url)
+    judge, _ = train_classifier(pool, RetrainConfig(seed=seed), model, desc="pool classifier")
+    labels = torch.arange(pool.num_classes).repeat_interleave(per_class)
+    images = []
+    for b in range(0, len(labels), 100):
+        lab = labels[b:b + 100]
+        gens = [torch.Generator().manual_seed(seed * 100003 + b + i) for i in range(len(lab))]
+        images.append(pipe(class_labels=lab, generators=gens, num_inference_steps=num_inference_steps,
+                           cfg_scale=cfg_scale).images)
+    x = torch.cat(images)
+    samples = ImageSet((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), labels.numpy(),
+                       np.zeros(len(labels), np.int64), np.array([str(i) for i in range(len(labels))]),
+                       pool.class_names)
+    preds = predict_logits(judge, samples).argmax(1)
+    per = [float((preds[labels.numpy() == c] == c).mean()) for c in range(pool.num_classes)]
+    return {"fidelity": float((preds == samples.labels).mean()), "per_class": per, "samples_per_class": per_class,
+            "judge": model, "num_inference_steps": num_inference_steps, "cfg_scale": cfg_scale}
