@@ -1,0 +1,231 @@
+"""Fixtures for the MLflow tests: real ``mlflow server`` processes on loopback, a PostgreSQL-backed
+one for the promotion tests, and a small trained checkpoint.
+
+Servers take ~13-20 s to answer /health on 2 cores, so each kind is started once per session, and
+all the kinds that the selected tests need are launched together at the first request (their
+start-up overlaps). Each is stopped by its process group id (it was started in a new session) in
+the finaliser. Tests use unique registered model names, so the servers are shared safely.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+PG_ENV = "FEEDBACK_SYNTH_TEST_PG_URI"
+# fixture name -> server kind; collection records which kinds the selected tests need
+SERVER_FIXTURES = {"mlflow_server": "sqlite", "pg_mlflow_server": "postgres", "doomed_mlflow_server": "doomed"}
+_NEEDED: set[str] = set()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, kind in SERVER_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                _NEEDED.add(kind)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_exe() -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    return exe if os.path.exists(exe) else (shutil.which("mlflow") or "mlflow")
+
+
+class MlflowServer:
+    """One ``mlflow server`` process (1 worker, proxied artifacts, no job runner) on 127.0.0.1."""
+
+    def __init__(self, backend_uri: str, workdir: str):
+        self.backend_uri = backend_uri
+        self.workdir = workdir
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(workdir, "server.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "MlflowServer":
+        os.makedirs(self.workdir, exist_ok=True)
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # 7 fewer processes to start
+        env.pop("MLFLOW_TRACKING_URI", None)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [_mlflow_exe(), "server", "--backend-store-uri", self.backend_uri, "--serve-artifacts",
+                 "--artifacts-destination", os.path.join(self.workdir, "artifacts"), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1"],
+                cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def wait(self, timeout: float = 120.0) -> "MlflowServer":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server ({self.backend_uri}) exited with {self.proc and self.proc.returncode}:"
+                                   f"\n{self.log_tail()}")
+            if self.healthy():
+                return self
+            time.sleep(0.25)
+        raise RuntimeError(f"mlflow server ({self.backend_uri}) not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = self.proc.pid  # start_new_session: the group is the server's own
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        except ProcessLookupError:
+            pass
+        # uvicorn's worker is in the same group; reap stragglers of this group only
+        for _ in range(20):
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.25)
+        else:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _pg_uri_or_none() -> str | None:
+    return os.environ.get(PG_ENV) or None
+
+
+def _require_pg() -> str:
+    uri = _pg_uri_or_none()
+    if uri:
+        return uri
+    if os.environ.get("CI"):
+        pytest.fail(f"{PG_ENV} is not set in CI: run `eval \"$(bash scripts/ci-postgres.sh)\"` first")
+    pytest.skip(f"needs PostgreSQL: set {PG_ENV} (e.g. `eval \"$(bash scripts/ci-postgres.sh)\"`)")
+
+
+@pytest.fixture(scope="session")
+def _server_pool(tmp_path_factory):
+    """Launch every server kind the selected tests need at once; yields {kind: MlflowServer}."""
+    root = tmp_path_factory.mktemp("mlflow-servers")
+    servers: dict[str, MlflowServer] = {}
+    for kind in sorted(_NEEDED):
+        if kind == "postgres":
+            uri = _pg_uri_or_none()
+            if not uri:
+                continue
+            servers[kind] = MlflowServer(uri, str(root / kind))
+        else:
+            servers[kind] = MlflowServer(f"sqlite:///{root / kind / 'mlflow.db'}", str(root / kind))
+    try:
+        for server in servers.values():
+            server.start()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def _server(pool: dict, kind: str) -> MlflowServer:
+    if kind not in pool:  # requested by a test that collection did not see (e.g. via getfixturevalue)
+        raise RuntimeError(f"no '{kind}' server was launched")
+    return pool[kind].wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(_server_pool) -> MlflowServer:
+    """A real MLflow tracking server on loopback (SQLite backend, proxied artifacts)."""
+    return _server(_server_pool, "sqlite")
+
+
+@pytest.fixture(scope="session")
+def pg_uri() -> str:
+    """The PostgreSQL database of the promotion tests (scripts/ci-postgres.sh)."""
+    uri = _require_pg()
+    import psycopg2
+
+    from feedback_synth.promote import psycopg2_dsn
+
+    try:
+        psycopg2.connect(psycopg2_dsn(uri), connect_timeout=5).close()
+    except psycopg2.OperationalError as exc:
+        pytest.fail(f"{PG_ENV}={uri} cannot be reached: {exc}")
+    return uri
+
+
+@pytest.fixture(scope="session")
+def pg_mlflow_server(pg_uri, _server_pool) -> MlflowServer:
+    """A real MLflow tracking server whose backend store is the PostgreSQL database."""
+    return _server(_server_pool, "postgres")
+
+
+@pytest.fixture(scope="session")
+def doomed_mlflow_server(_server_pool) -> MlflowServer:
+    """A server of its own, for the one test that stops it mid-run."""
+    return _server(_server_pool, "doomed")
+
+
+@pytest.fixture
+def model_name(request) -> str:
+    """A registered model name no other test (or earlier session on the same database) uses."""
+    return f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}".replace("[", "-").replace("]", "")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """(classifier, checkpoint folder, test images (N,1,16,16) float32) from 1 epoch on digits-lt."""
+    import torch
+
+    from feedback_synth.classifier import save_classifier
+    from feedback_synth.config import RetrainConfig
+    from feedback_synth.data import make_digits_lt
+    from feedback_synth.train import train_classifier
+
+    torch.set_num_threads(2)
+    ds = make_digits_lt()
+    clf, _ = train_classifier(ds["train"], RetrainConfig(epochs=1, seed=0), "test_resnet")
+    url = str(tmp_path_factory.mktemp("ckpt") / "model")
+    save_classifier(clf, url, {"train_config.yaml": "data:\n  dataset: digits-lt\n  split_seed: 0\n  image_size: 16\n"})
+    import numpy as np
+
+    images = ds["test"].subset(np.arange(0, 500, 25)).to_tensor().numpy()
+    return clf.eval(), url, images
+
+
+def _make_report(few: float, overall: float, base_few: float = 0.2, base_overall: float = 0.6) -> dict:
+    return {"baseline": {"overall": base_overall, "many": 0.9, "medium": 0.5, "few": base_few, "worst_class": 0.0},
+            "retrained": {"overall": overall, "many": 0.9, "medium": 0.55, "few": few, "worst_class": 0.1},
+            "fidelity": 0.9, "generated": 100, "kept": 90}
+
+
+@pytest.fixture
+def make_report():
+    """make_report(few, overall, base_few=0.2, base_overall=0.6): an evaluate_run-like report."""
+    return _make_report
