@@ -377,7 +377,7 @@ class MLflowTracker:
         return self._stack[-1] if self._stack else self.run_id
 
     def _base_tags(self) -> dict[str, str]:
-        tags = {"feedback_synth.output": self.output_url}
+        tags = {"feedback_synth.output": self.output_url} if self.output_url else {}
         if self.kfp_run_id:
             tags["kfp.run_id"] = self.kfp_run_id
         return tags

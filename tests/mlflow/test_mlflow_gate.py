@@ -348,3 +348,20 @@ def test_lock_timeout_leaves_the_version_challenger(local_registry):
     aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
     assert aliases[CHALLENGER] == v2 and aliases[CHAMPION] == v1 and r["champion_version"] == v1
     assert client.get_model_version(name, v2).tags["promotion.decision"] == "lock_timeout"
+
+
+def test_lease_without_kubernetes_config_is_a_lock_failure(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    with pytest.raises(LockTimeout, match="no Kubernetes config for the Kubernetes Lease ml/promote"):
+        K8sLeaseLock("ml", "promote").acquire(1)
+
+
+def test_make_tracker_follows_tracking_enabled(tmp_path, monkeypatch):
+    from feedback_synth.mlflow_tracking import MLflowTracker
+    from feedback_synth.tracking import NullTracker, make_tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert type(make_tracker(TrackingConfig(enabled=False), str(tmp_path))) is NullTracker
+    tracker = make_tracker(TrackingConfig(), str(tmp_path))
+    assert isinstance(tracker, MLflowTracker) and tracker.tracking_uri == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
