@@ -87,8 +87,9 @@ def _tracker_class():
 
 def start_tracking(mlflow_tracking_uri: str, experiment: str, registered_model: str, run_name: str,
                    kfp_run_id: str, config: dict[str, Any], output_url: str = "") -> str:
-    """Open the MLflow parent run of one pipeline run; returns the tracking context the stage
-    tasks take (JSON), or '' when tracking is off (empty URI, or no MLflow tracker)."""
+    """Open the MLflow parent run of one pipeline run (left open: ``promote`` closes it); returns
+    the tracking context the stage tasks take (JSON with ``parent_run_id``), or '' when tracking is
+    off (empty URI, or no MLflow tracker)."""
     if not mlflow_tracking_uri:
         return ""
     cls = _tracker_class()
@@ -96,27 +97,44 @@ def start_tracking(mlflow_tracking_uri: str, experiment: str, registered_model: 
         return ""
     cfg = TrackingConfig(tracking_uri=mlflow_tracking_uri, experiment=experiment, registered_model=registered_model)
     cfg.validate()
-    tracker = cls(cfg, output_url)
-    tracker.start(run_name, config, tags={"kfp_run_id": kfp_run_id})
-    return json.dumps({**asdict(cfg), "parent_run_id": tracker.run_id})
+    tracker = cls(cfg, output_url, kfp_run_id=kfp_run_id or None)
+    tracker.start(run_name, config)
+    return json.dumps({"tracking": asdict(cfg), "parent_run_id": tracker.run_id, "kfp_run_id": kfp_run_id})
 
 
-def _tracker(tracking: str, output_url: str):
-    """The tracker of one stage task, attached to the parent run (None when tracking is off)."""
-    if not tracking:
+TRACKING_KEY = "context"  # metadata key of start_tracking's artifact: the tracking context (JSON, '' = off)
+
+
+def tracking_context(tracking: Any) -> str:
+    """The tracking context: start_tracking's output artifact (its metadata), or the JSON itself.
+
+    An artifact, not a string parameter, because the KFP local runner (2.17) hands the loop item
+    to every task-output parameter inside a ParallelFor: a string would not reach the shard tasks.
+    """
+    if hasattr(tracking, "metadata"):
+        return (tracking.metadata or {}).get(TRACKING_KEY, "")
+    return tracking or ""
+
+
+def _attach(tracking: Any, name: str, output_url: str):
+    """A tracker attached to the pipeline's parent run (None when tracking is off)."""
+    context = tracking_context(tracking)
+    if not context:
         return None
-    ctx = json.loads(tracking)
     cls = _tracker_class()
     if cls is None:
         return None
-    parent = ctx.pop("parent_run_id")
-    return cls(TrackingConfig(**ctx), output_url, parent_run_id=parent)
+    ctx = json.loads(context)
+    tracker = cls(TrackingConfig(**ctx["tracking"]), output_url, parent_run_id=ctx["parent_run_id"],
+                  kfp_run_id=ctx.get("kfp_run_id") or None)
+    tracker.start(name, {})
+    return tracker
 
 
 class StageRun:
     """One stage task: its tracker (a nested MLflow run, or a no-op) and its wall time."""
 
-    def __init__(self, log_to: NullTracker):
+    def __init__(self, log_to: Any):
         self.log = log_to
         self.t0 = time.time()
         self.seconds: Optional[float] = None
@@ -130,34 +148,43 @@ class StageRun:
 
 
 @contextlib.contextmanager
-def stage_run(tracking: str, name: str, params: dict[str, Any], output_url: str) -> Iterator[StageRun]:
-    """A nested MLflow run named ``name`` under the pipeline's parent run (a no-op when off);
-    logs ``params`` and the stage's wall time."""
-    tracker = _tracker(tracking, output_url)
-    cm = tracker.stage(name, params) if tracker is not None else contextlib.nullcontext(NullTracker())
-    with cm as logger:
-        run = StageRun(logger)
+def stage_run(tracking: Any, name: str, params: dict[str, Any], output_url: str) -> Iterator[StageRun]:
+    """A nested MLflow run named ``name`` under the pipeline's parent run (a no-op when tracking
+    is off); logs ``params`` and the stage's wall time (``seconds``)."""
+    tracker = _attach(tracking, name, output_url)
+    if tracker is None:
+        run = StageRun(NullTracker())
         yield run
         run.seconds = round(time.time() - run.t0, 2)
-        logger.log_metrics({"seconds": run.seconds})
+        return
+    status = "FAILED"
+    try:
+        with tracker.stage(name, params) as logger:
+            run = StageRun(logger)
+            yield run
+            run.seconds = round(time.time() - run.t0, 2)
+            logger.log_metrics({"seconds": run.seconds})
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)  # attached: the parent run stays open
 
 
-def promote(tracking: str, model_url: str, report: dict[str, Any], cfg: PromoteConfig,
+def promote(tracking: Any, model_url: str, report: dict[str, Any], cfg: PromoteConfig,
             output_url: str = "") -> Optional[dict[str, Any]]:
-    """Register the retrained model and move ``champion`` if it passes the gate, then close the
-    parent run. None when tracking is off (there is no registry to promote in)."""
-    tracker = _tracker(tracking, output_url)
+    """Register the retrained model (alias ``challenger``) and move ``champion`` to it if it passes
+    the gate, in a nested ``promote`` run; then close the parent run, the pipeline's last step.
+    None when tracking is off (there is no registry to promote in)."""
+    tracker = _attach(tracking, "promote", output_url)
     if tracker is None:
         return None
+    status = "FAILED"
     try:
-        with tracker.stage("promote", asdict(cfg)):
-            result = tracker.register_and_promote(model_url, report, cfg)
+        with tracker.stage("promote", asdict(cfg)) as logger:
+            result = logger.register_and_promote(model_url, report, cfg)
         status = "FINISHED"
-    except BaseException:
-        status = "FAILED"
-        raise
     finally:
         tracker.finish(status)
+        tracker.client.set_terminated(tracker.run_id, status)
     return result
 
 
