@@ -1,0 +1,218 @@
+"""The feedback-synth pipeline: every stage as a KFP task, generation fanned out over shards.
+
+``feedback_synth_pipeline`` is the pipeline with the default ``PipelineSettings`` (the compiled
+``pipelines/feedback_synth_pipeline.yaml``); ``build_pipeline(settings)`` makes one with other
+compile-time settings (generation parallelism, resources, GPU type, retries). Everything a user
+changes per run is a pipeline parameter.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+from kfp import dsl, kubernetes
+
+from feedback_synth_kfp.components.evaluate import evaluate
+from feedback_synth_kfp.components.extract_feedback import extract_feedback
+from feedback_synth_kfp.components.filter_synthetic import filter_synthetic
+from feedback_synth_kfp.components.generate_shard import generate_shard
+from feedback_synth_kfp.components.prepare_data import prepare_data
+from feedback_synth_kfp.components.promote import promote
+from feedback_synth_kfp.components.retrain import retrain
+from feedback_synth_kfp.components.start_tracking import start_tracking
+from feedback_synth_kfp.components.train_baseline import train_baseline
+
+PIPELINE_NAME = "feedback-synth"
+
+# The usual taint of GPU node pools (GKE, the NVIDIA GPU operator): generation pods tolerate it.
+DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+# The pipeline's outputs: the tracking context and every stage's main artifact.
+PipelineOutputs = NamedTuple("PipelineOutputs", [
+    ("tracking", dsl.Artifact), ("data", dsl.Dataset), ("baseline", dsl.Model), ("feedback", dsl.Artifact),
+    ("filtered", dsl.Dataset), ("retrained", dsl.Model), ("evaluation", dsl.Artifact), ("decision", dsl.Markdown)])
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Kubernetes requests and limits of one kind of task."""
+
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """What is fixed when the pipeline is compiled (KFP takes these as constants)."""
+
+    parallelism: int = 8  # generation shards (GPU pods) running at once
+    gpu_type: str = "nvidia.com/gpu"  # the accelerator resource of generate_shard and retrain
+    gpus: int = 1  # per GPU task
+    gpu_retries: int = 3  # preemptible GPU nodes: retry a GPU task this many times
+    retry_backoff: str = "60s"  # first wait before a retry (doubles each time)
+    small: Resources = field(default_factory=lambda: Resources("250m", "1", "1Gi", "2Gi"))  # tracking, promote
+    cpu: Resources = field(default_factory=lambda: Resources("2", "4", "8Gi", "16Gi"))  # data, training, filter
+    gpu: Resources = field(default_factory=lambda: Resources("4", "8", "16Gi", "32Gi"))  # generation, retraining
+
+    def __post_init__(self) -> None:
+        if self.parallelism < 1:
+            raise ValueError(f"parallelism must be >= 1, got {self.parallelism}")
+        if self.gpus < 1:
+            raise ValueError(f"gpus must be >= 1, got {self.gpus}")
+        if self.gpu_retries < 0:
+            raise ValueError(f"gpu_retries must be >= 0, got {self.gpu_retries}")
+
+
+def _sized(task: dsl.PipelineTask, name: str, res: Resources) -> dsl.PipelineTask:
+    return (task.set_display_name(name).set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
+            .set_memory_request(res.memory_request).set_memory_limit(res.memory_limit))
+
+
+def _on_gpu(task: dsl.PipelineTask, settings: PipelineSettings, node_selector, tolerations) -> dsl.PipelineTask:
+    task.set_accelerator_type(settings.gpu_type).set_accelerator_limit(settings.gpus)
+    if settings.gpu_retries:
+        task.set_retry(num_retries=settings.gpu_retries, backoff_duration=settings.retry_backoff, backoff_factor=2.0)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    return task
+
+
+def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
+    """The pipeline function, compiled with ``settings``."""
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Fix an imbalanced image classifier with feedback-guided "
+                                                   "diffusion synthesis: train, generate, filter, retrain, promote.")
+    def feedback_synth_pipeline(
+        dataset: str = "digits-lt",
+        classifier_model: str = "resnet10t",
+        generator: str = "builtin",
+        criterion: str = "entropy",
+        scale: float = 0.02,
+        guide_every: int = 5,
+        budget_fraction: float = 1.0,
+        shard_size: int = 128,
+        workspace_url: str = "",
+        mlflow_tracking_uri: str = "",
+        mlflow_experiment: str = "feedback-synth",
+        registered_model: str = "feedback-synth-classifier",
+        gate_metric: str = "few",
+        min_gain: float = 0.0,
+        max_overall_drop: float = 0.01,
+        gpu_device: str = "cuda",
+        gpu_node_selector: dict = {},
+        gpu_tolerations: list = DEFAULT_GPU_TOLERATIONS,
+        data_overrides: str = "{}",
+        train_overrides: str = "{}",
+        feedback_overrides: str = "{}",
+        generate_overrides: str = "{}",
+        filter_overrides: str = "{}",
+        retrain_overrides: str = "{}",
+        promote_overrides: str = "{}",
+    ) -> PipelineOutputs:
+        """Feedback-guided synthesis for an imbalanced classifier, stage by stage.
+
+        Steps: start_tracking (MLflow parent run) -> prepare_data -> train_baseline ->
+        extract_feedback (plan: shard ids) -> generate_shard x N (ParallelFor, GPU) ->
+        filter_synthetic (dsl.Collected shards) -> retrain (GPU) -> evaluate -> promote.
+
+        Args:
+            dataset (str): built-in dataset (digits-lt, digits-groups) or a dataset URL.
+            classifier_model (str): timm model name of the classifier.
+            generator (str): 'builtin' or a diffusers model folder URL.
+            criterion (str): feedback criterion: loss | entropy | hardness | none.
+            scale (float): feedback step size s.
+            guide_every (int): guide at every k-th denoising step.
+            budget_fraction (float): scale of the reference rule's per-class image counts.
+            shard_size (int): images per generation shard (one GPU pod each).
+            workspace_url (str): e.g. gs://bucket/feedback-synth: stages write under <workspace_url>/<run id>/
+                (a stable place, so retried shard pods resume); '' = into the task's output artifacts.
+            mlflow_tracking_uri (str): MLflow tracking server; '' = no tracking and no promotion.
+            mlflow_experiment (str): MLflow experiment name.
+            registered_model (str): registered model name in the MLflow registry.
+            gate_metric (str): promotion gate: the metric that must improve.
+            min_gain (float): promotion gate: minimum gain of the gate metric.
+            max_overall_drop (float): promotion gate: largest allowed drop of overall accuracy.
+            gpu_device (str): torch device of the GPU tasks (generate_shard, retrain).
+            gpu_node_selector (dict): nodeSelector of the GPU pods, e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}.
+            gpu_tolerations (list): tolerations of the GPU pods.
+            data_overrides (str): JSON object of DataConfig fields, applied last.
+            train_overrides (str): JSON object of TrainConfig fields, applied last.
+            feedback_overrides (str): JSON object of FeedbackConfig fields, applied last.
+            generate_overrides (str): JSON object of GenerateConfig fields, applied last.
+            filter_overrides (str): JSON object of FilterConfig fields, applied last.
+            retrain_overrides (str): JSON object of RetrainConfig fields, applied last.
+            promote_overrides (str): JSON object of PromoteConfig fields, applied last.
+        """
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        where = dict(workspace_url=workspace_url, run_id=run_id)
+        data_args = dict(dataset=dataset, data_overrides=data_overrides)
+
+        track = _sized(start_tracking(
+            mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
+            registered_model=registered_model, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_run_id=run_id,
+            parameters=(f'{{"dataset": "{dataset}", "classifier_model": "{classifier_model}", '
+                        f'"generator": "{generator}", "criterion": "{criterion}", "scale": {scale}, '
+                        f'"guide_every": {guide_every}, "budget_fraction": {budget_fraction}, '
+                        f'"shard_size": {shard_size}, "workspace_url": "{workspace_url}", '
+                        f'"data_overrides": {data_overrides}, "train_overrides": {train_overrides}, '
+                        f'"feedback_overrides": {feedback_overrides}, "generate_overrides": {generate_overrides}, '
+                        f'"filter_overrides": {filter_overrides}, "retrain_overrides": {retrain_overrides}, '
+                        f'"promote_overrides": {promote_overrides}}}')),
+            "Start MLflow run", settings.small)
+        track.set_caching_options(False)  # opens a new MLflow run every time
+        tracking = track.outputs["tracking"]
+
+        data = _sized(prepare_data(**data_args, tracking=tracking, **where), "Prepare data", settings.cpu)
+        base = _sized(train_baseline(data=data.outputs["data"], **data_args, classifier_model=classifier_model,
+                                     train_overrides=train_overrides, tracking=tracking, **where),
+                      "Train baseline", settings.cpu)
+        fb = _sized(extract_feedback(data=data.outputs["data"], baseline=base.outputs["baseline"],
+                                     budget_fraction=budget_fraction, shard_size=shard_size,
+                                     feedback_overrides=feedback_overrides, tracking=tracking, **where),
+                    "Extract feedback and plan", settings.cpu)
+
+        with dsl.ParallelFor(items=fb.outputs["Output"], parallelism=settings.parallelism,
+                             name="generate-shards") as shard_id:
+            gen = generate_shard(data=data.outputs["data"], baseline=base.outputs["baseline"],
+                                 feedback=fb.outputs["feedback"], shard_id=shard_id, generator=generator,
+                                 criterion=criterion, scale=scale, guide_every=guide_every, device=gpu_device,
+                                 generate_overrides=generate_overrides, tracking=tracking, **where)
+            _on_gpu(_sized(gen, "Generate shard", settings.gpu), settings, gpu_node_selector, gpu_tolerations)
+            gen.set_caching_options(False)  # the cache does not check that shard files still exist
+
+        flt = _sized(filter_synthetic(data=data.outputs["data"], baseline=base.outputs["baseline"],
+                                      feedback=fb.outputs["feedback"], shards=dsl.Collected(gen.outputs["shard"]),
+                                      filter_overrides=filter_overrides, tracking=tracking, **where),
+                     "Filter synthetic images", settings.cpu)
+        flt.set_caching_options(False)
+        ret = retrain(data=data.outputs["data"], baseline=base.outputs["baseline"], filtered=flt.outputs["filtered"],
+                      **data_args, device=gpu_device, retrain_overrides=retrain_overrides, tracking=tracking, **where)
+        _on_gpu(_sized(ret, "Retrain on real + synthetic", settings.gpu), settings, gpu_node_selector,
+                gpu_tolerations)
+        ev = _sized(evaluate(data=data.outputs["data"], baseline=base.outputs["baseline"],
+                             retrained=ret.outputs["retrained"], filtered=flt.outputs["filtered"], **data_args,
+                             tracking=tracking, **where), "Evaluate", settings.cpu)
+        pro = _sized(promote(retrained=ret.outputs["retrained"], evaluation=ev.outputs["evaluation"],
+                             gate_metric=gate_metric, min_gain=min_gain, max_overall_drop=max_overall_drop,
+                             promote_overrides=promote_overrides, tracking=tracking), "Promote", settings.small)
+        pro.set_caching_options(False)  # the registry changes between runs
+
+        return PipelineOutputs(tracking=tracking, data=data.outputs["data"], baseline=base.outputs["baseline"],
+                       feedback=fb.outputs["feedback"], filtered=flt.outputs["filtered"],
+                       retrained=ret.outputs["retrained"], evaluation=ev.outputs["evaluation"],
+                       decision=pro.outputs["decision"])
+
+    return feedback_synth_pipeline
+
+
+feedback_synth_pipeline = build_pipeline()
+
+
+def compile_pipeline(output_path: str, settings: PipelineSettings = PipelineSettings()) -> str:
+    """Compile the pipeline (with ``settings``) to a YAML file; returns ``output_path``."""
+    from kfp import compiler
+
+    pipeline = feedback_synth_pipeline if settings == PipelineSettings() else build_pipeline(settings)
+    compiler.Compiler().compile(pipeline, output_path)
+    return output_path
