@@ -76,23 +76,26 @@ def generation_settings(cfg: RunConfig) -> dict[str, GenerateConfig]:
     return out
 
 
-def tune(work: str, data_url: str, cfg: RunConfig, scales, everys, criterion: str) -> tuple[dict, list[str]]:
-    """Grid over (scale, guide_every) for one criterion, scored on the validation split (few-shot
-    accuracy, then overall), seed 0. Returns the best setting and the table's lines."""
+def tune(work: str, data_url: str, cfg: RunConfig, scales, everys, strengths, criterion: str) -> tuple[dict, list[str]]:
+    """Grid over (strength, scale, guide_every) for one criterion, scored on the validation split
+    (few-shot accuracy, then overall), seed 0. Returns the best setting and the table's lines."""
     base = io.join(work, "tune-baseline")
     stages.train_baseline(data_url, base, replace(cfg.train, seed=0), cfg.data)
-    lines = ["| scale | guide_every | val overall | val few | kept |", "|---|---|---|---|---|"]
+    lines = ["| strength | scale | guide_every | val overall | val few | val worst | kept | fidelity |",
+             "|---|---|---|---|---|---|---|---|"]
     best, best_key = None, None
-    for s in scales:
-        for k in everys:
-            name = f"tune-{criterion}-s{s}-k{k}"
-            g = replace(cfg.generate, criterion=criterion, scale=s, guide_every=k)
-            m = synthesis_row(name, work, data_url, base, cfg, g, 1.0, 0, eval_split="val")
-            lines.append(f"| {s} | {k} | {m['overall']:.3f} | {m['few']:.3f} | {m['kept']} |")
-            print(lines[-1], flush=True)
-            key = (m["few"], m["overall"])
-            if best_key is None or key > best_key:
-                best, best_key = {"scale": s, "guide_every": k}, key
+    for st in strengths:
+        for s in scales:
+            for k in everys:
+                name = f"tune-{criterion}-t{st}-s{s}-k{k}"
+                g = replace(cfg.generate, criterion=criterion, scale=s, guide_every=k, strength=st)
+                m = synthesis_row(name, work, data_url, base, cfg, g, 1.0, 0, eval_split="val")
+                lines.append(f"| {st} | {s} | {k} | {m['overall']:.3f} | {m['few']:.3f} | {m['worst_class']:.3f} | "
+                             f"{m['kept']} | {fmt([m['fidelity']])} |")
+                print(lines[-1], flush=True)
+                key = (m["few"], m["overall"])
+                if best_key is None or key > best_key:
+                    best, best_key = {"scale": s, "guide_every": k, "strength": st}, key
     return best, lines
 
 
@@ -110,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--tune-criterion", default="entropy")
     p.add_argument("--scales", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     p.add_argument("--everys", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.6, 0.8])
     p.add_argument("--set", action="append", default=[], help="config override for every row, e.g. retrain.epochs=20")
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
     p.add_argument("--output", default="benchmarks/results/digits_lt.md")
@@ -126,7 +130,8 @@ def main(argv=None) -> int:
     stages.prepare_data(DataConfig(), data_url)
     tune_lines: list[str] = []
     if args.tune:
-        best, tune_lines = tune(work, data_url, cfg, args.scales, args.everys, args.tune_criterion)
+        best, tune_lines = tune(work, data_url, cfg, args.scales, args.everys, args.strengths,
+                                args.tune_criterion)
         cfg.generate = replace(cfg.generate, **best)
         print(f"chosen on validation: {best}", flush=True)
     rows: dict[str, list[dict]] = {}

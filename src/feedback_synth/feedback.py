@@ -26,10 +26,14 @@ def extract_features(clf: Classifier, data: ImageSet, batch_size: int = 256, dev
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 1))
 
 
-def fit_class_stats(feats: np.ndarray, labels: np.ndarray, num_classes: int, shrinkage: float = -1.0) -> ClassStats:
+def fit_class_stats(feats: np.ndarray, labels: np.ndarray, num_classes: int, shrinkage: float = -1.0,
+                    reference: tuple[np.ndarray, np.ndarray] | None = None) -> ClassStats:
     """Per-class means and a shared covariance with shrinkage (Ledoit-Wolf unless given).
 
     The covariance is fitted on class-centred features, so it is shared by all classes.
+    ``real_distances`` (the yardstick of the ``off_support`` filter) are measured on ``reference``
+    (features, labels) of held-out real images when given: the classifier has memorised its own
+    training images, whose distances are several times smaller than those of unseen real images.
     """
     means = np.stack([feats[labels == c].mean(0) for c in range(num_classes)])
     centred = feats - means[labels]
@@ -38,8 +42,9 @@ def fit_class_stats(feats: np.ndarray, labels: np.ndarray, num_classes: int, shr
     used = float(est.shrinkage_) if shrinkage < 0 else float(shrinkage)
     precision = torch.from_numpy(est.precision_).float()
     stats = ClassStats(torch.from_numpy(means).float(), precision, used, {})
-    d = stats.mahalanobis_sq(torch.from_numpy(feats).float(), torch.from_numpy(labels)).numpy()
-    stats.real_distances = {c: np.sort(d[labels == c]) for c in range(num_classes)}
+    ref_feats, ref_labels = reference if reference is not None else (feats, labels)
+    d = stats.mahalanobis_sq(torch.from_numpy(ref_feats).float(), torch.from_numpy(ref_labels)).numpy()
+    stats.real_distances = {c: np.sort(d[ref_labels == c]) for c in range(num_classes)}
     return stats
 
 

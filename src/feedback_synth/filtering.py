@@ -76,8 +76,9 @@ def near_duplicate(inp: FilterInputs, idx: np.ndarray, cfg: FilterConfig) -> tup
 @register_filter("off_support")
 def off_support(inp: FilterInputs, idx: np.ndarray, cfg: FilterConfig) -> tuple[np.ndarray, str]:
     """Drop images whose Mahalanobis distance to their class mean exceeds ``margin`` times the
-    ``quantile`` of the real training images' distances (pooled over classes: the covariance is
-    shared, and few-shot classes have too few real images for a quantile of their own)."""
+    ``quantile`` of held-out real images' distances (the validation split when the dataset has one,
+    else the training images; pooled over classes: the covariance is shared, and few-shot classes
+    have too few real images for a quantile of their own)."""
     real = np.concatenate(list(inp.stats.real_distances.values()))
     limit = cfg.support_margin * float(np.quantile(real, cfg.support_quantile))
     d = inp.stats.mahalanobis_sq(torch.from_numpy(inp.features[idx]).float(),

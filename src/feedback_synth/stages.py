@@ -82,7 +82,11 @@ def extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str,
     cfg.validate()
     train = load_split(dataset_url, "train")
     clf = load_classifier(baseline_model_url)
-    stats = fit_class_stats(extract_features(clf, train), train.labels, train.num_classes, cfg.shrinkage)
+    reference = None
+    if "val" in load_info(dataset_url).splits:  # held-out real images: the off_support yardstick
+        val = load_split(dataset_url, "val")
+        reference = (extract_features(clf, val), val.labels)
+    stats = fit_class_stats(extract_features(clf, train), train.labels, train.num_classes, cfg.shrinkage, reference)
     save_class_stats(stats, output_url)
     plan = make_plan(train, cfg)
     plan.save(io.join(output_url, "plan.json"))
