@@ -120,7 +120,15 @@ class GenerateConfig:
     group_prompt_template: str = "a photo of a {class_name} on {group_name}"
     seed: int = 0
     device: str = "cpu"
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (the gradient path stays float32)
+    dtype: str = "float32"  # weights of the UNet and text/image encoders: float32 | bfloat16 | float16
+    noise_level: int = 0  # unCLIP generators: noise on the CLIP image embedding, 0..999 (more = more varied)
+    # GPU performance options (off = float32 on the CPU; see feedback_synth.performance)
+    autocast: str = "none"  # none | bfloat16 | float16: mixed precision for the UNet's forward passes
+    guidance_dtype: str = "float32"  # float32 | bfloat16: VAE decode + classifier (never float16: overflow)
+    compile_unet: bool = False  # torch.compile the UNet; batches are padded to batch_size (fixed shapes)
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    pad_last_batch: bool = False  # pad a shard's last batch to batch_size (implied by compile_unet)
+    gradient_checkpointing: bool = False  # recompute UNet/VAE activations in the guided backward (memory)
 
     def validate(self, prefix: str = "generate") -> None:
         from .criteria import CRITERIA  # late import: criteria imports torch
@@ -136,6 +144,13 @@ class GenerateConfig:
         _check(0 <= self.cond_dropout < 1, f"{prefix}.cond_dropout", f"must be in [0, 1), got {self.cond_dropout}")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
         _check(self.dtype in ("float32", "bfloat16", "float16"), f"{prefix}.dtype", f"unknown dtype '{self.dtype}'")
+        _check(0 <= self.noise_level <= 999, f"{prefix}.noise_level", f"must be in [0, 999], got {self.noise_level}")
+        _check(self.autocast in ("none", "bfloat16", "float16"), f"{prefix}.autocast",
+               f"must be none, bfloat16 or float16, got '{self.autocast}'")
+        _check(self.guidance_dtype in ("float32", "bfloat16"), f"{prefix}.guidance_dtype",
+               f"must be float32 or bfloat16 (float16 VAE decodes overflow to NaN), got '{self.guidance_dtype}'")
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        _check(self.compile_mode in modes, f"{prefix}.compile_mode", f"must be one of {modes}, got '{self.compile_mode}'")
 
 
 @dataclass

@@ -25,6 +25,8 @@ from .feedback import GenerationPlan, Shard, image_seed, load_class_stats
 from .generators import load_generator
 from .guidance import FeedbackGuidance, guided_step_indices
 from .diffusion import ClassConditionalFeedbackPipeline
+from .performance import GUIDANCE_DTYPES, apply_performance_options, pad_batch
+from .unclip import UnCLIPFeedbackPipeline
 
 METADATA_COLUMNS = ("index", "class_index", "class_name", "group_index", "group_name", "image_index", "seed",
                     "criterion", "criterion_value", "condition", "finite")
@@ -104,11 +106,14 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
     clf = load_classifier(model_url, device=cfg.device)
     if pipe is None:
         pipe = load_generator(cfg.generator, info.name, cfg.device, DTYPES[cfg.dtype])
+    pipe = apply_performance_options(pipe, cfg)
+    precision = GUIDANCE_DTYPES[cfg.guidance_dtype]
     stats = load_class_stats(feedback_url) if cfg.criterion != "none" else None
-    feedback = FeedbackGuidance(clf, cfg.criterion, cfg.scale, stats) if cfg.criterion != "none" else None
+    feedback = FeedbackGuidance(clf, cfg.criterion, cfg.scale, stats, precision=precision) \
+        if cfg.criterion != "none" else None
     # an independent scorer records every image's criterion, guided or not (for comparisons)
     record = cfg.criterion if cfg.criterion != "none" else "entropy"
-    scorer = FeedbackGuidance(clf, record, 0.0, stats if record == "hardness" else None)
+    scorer = FeedbackGuidance(clf, record, 0.0, stats if record == "hardness" else None, precision=precision)
     items = shard_items(shard, train, cfg.seed, cfg.condition_on_real, plan.per_group)
     real = train.to_tensor()
     joint = isinstance(pipe, ClassConditionalFeedbackPipeline) and \
@@ -116,6 +121,9 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
     images, rows, t0 = [], [], time.time()
     for b in range(0, len(items), cfg.batch_size):
         batch = items[b:b + cfg.batch_size]
+        n_real = len(batch)
+        if cfg.pad_last_batch or cfg.compile_unet:  # fixed shapes: the padding's outputs are dropped below
+            batch = pad_batch(batch, cfg.batch_size)
         labels = torch.tensor([it.class_index for it in batch])
         generators = [torch.Generator().manual_seed(it.seed) for it in batch]
         init = real[[it.source for it in batch]] if cfg.condition_on_real else None
@@ -130,9 +138,13 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
         else:
             prompts = [(cfg.group_prompt_template if plan.per_group else cfg.prompt_template).format(
                 class_name=train.class_names[it.class_index], group_name=train.group_names[it.group_index]) for it in batch]
+            if isinstance(pipe, UnCLIPFeedbackPipeline):  # the real images condition through their CLIP embedding
+                common.update(condition_images=init, images=init if cfg.strength < 1 else None,
+                              noise_level=cfg.noise_level)
             out = pipe(prompts=prompts, criterion_labels=labels, **common)
-        values = scorer.score_images(out.images.to(device), labels.to(device)).detach().cpu()
-        arr, finite = _images_to_uint8(out.images)
+        batch, labels, out_images = batch[:n_real], labels[:n_real], out.images[:n_real]
+        values = scorer.score_images(out_images.to(device), labels.to(device)).detach().cpu()
+        arr, finite = _images_to_uint8(out_images)
         images.append(arr)
         for it, v, ok in zip(batch, values.tolist(), finite.tolist()):
             rows.append({"index": len(rows), "class_index": it.class_index, "class_name": train.class_names[it.class_index],

@@ -126,8 +126,10 @@ def builtin_generator_path(name: str = "digits-lt") -> str:
 
 def _local_copy(url: str) -> str:
     """diffusers loads local folders: copy a remote (gs://, memory://) model folder to a temp dir."""
+    from fsspec.implementations.local import LocalFileSystem
+
     fs, path = io.fs_and_path(url)
-    if fs.protocol in ("file", ("file", "local")) or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if isinstance(fs, LocalFileSystem):
         return path
     tmp = tempfile.mkdtemp(prefix="feedback-synth-model-")
     fs.get(path.rstrip("/") + "/", tmp, recursive=True)
@@ -138,8 +140,9 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
                    dtype: torch.dtype = torch.float32) -> Union[ClassConditionalFeedbackPipeline, TextFeedbackPipeline]:
     """Load the bundled generator (``builtin``) or a diffusers model folder from any fsspec URL.
 
-    A folder with ``vae/`` and ``text_encoder/`` is a latent text-conditioned model; one with only
-    ``unet/`` and ``scheduler/`` is a pixel class-conditional model.
+    A folder with ``image_encoder/`` (and ``vae/``) is a stable unCLIP image-conditioned model; one
+    with ``vae/`` and ``text_encoder/`` is a latent text-conditioned model; one with only ``unet/``
+    and ``scheduler/`` is a pixel class-conditional model.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch from a hub unless the user set it up
     if spec == BUILTIN_GENERATOR:
@@ -151,7 +154,11 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
         if not io.exists(spec):
             raise DataError(f"generator model folder not found: {spec}")
         path = _local_copy(spec)
-    if os.path.isdir(os.path.join(path, "vae")):
+    from .unclip import is_unclip_folder, load_unclip_pipeline
+
+    if is_unclip_folder(path):
+        pipe = load_unclip_pipeline(path, device, dtype)
+    elif os.path.isdir(os.path.join(path, "vae")):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -42,10 +42,17 @@ class FeedbackGuidance:
         scale: the step size s.
         stats: class statistics (needed by ``hardness``).
         decode: latents -> [0, 1] images; ``pixel_decode`` for pixel models, the VAE for latent ones.
+        precision: the decode and the classifier (the gradient path) run in float32 (autocast off, even
+            inside an autocast region) or under bfloat16 autocast; never float16, whose VAEs overflow.
     """
 
     def __init__(self, classifier: Classifier, criterion: str, scale: float,
-                 stats: Optional[ClassStats] = None, decode: Decode = pixel_decode):
+                 stats: Optional[ClassStats] = None, decode: Decode = pixel_decode,
+                 precision: torch.dtype = torch.float32):
+        if precision not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"guidance precision must be torch.float32 or torch.bfloat16, got {precision} "
+                             "(float16 overflows in VAE decodes)")
+        self.precision = precision
         self.classifier = classifier.eval().requires_grad_(False)
         self.criterion_name = criterion
         self.criterion = get_criterion(criterion)
@@ -53,10 +60,17 @@ class FeedbackGuidance:
         self.stats = stats
         self.decode = decode
 
+    def autocast(self, device: torch.device):
+        """The precision of the gradient path: overrides any autocast region around the pipeline."""
+        if self.precision == torch.bfloat16:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, enabled=False)
+
     def score_images(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-sample criterion of images in [0, 1] (float32 on the classifier's device)."""
         dtype = torch.promote_types(images.dtype, torch.float32)  # float32, or float64 in gradient checks
-        feats, logits = self.classifier.features_and_logits(images.to(dtype))
+        with self.autocast(images.device):
+            feats, logits = self.classifier.features_and_logits(images.to(dtype))
         return self.criterion(feats.to(dtype), logits.to(dtype), labels, self.stats)
 
     def gradient(self, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor,
@@ -65,9 +79,10 @@ class FeedbackGuidance:
         a = alpha_bar_t.to(torch.promote_types(z_t.dtype, torch.float32))
         x0 = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
         fac = (1 - a).sqrt()
-        images = self.decode(fac * x0 + (1 - fac) * z_t)
-        values = self.score_images(images, labels)
-        (grad,) = torch.autograd.grad(values.sum(), z_t)
+        with self.autocast(z_t.device):  # the backward too: autocast state also reaches backward kernels
+            images = self.decode(fac * x0 + (1 - fac) * z_t)
+            values = self.score_images(images, labels)
+            (grad,) = torch.autograd.grad(values.sum(), z_t)
         return grad, values.detach()
 
     def step(self, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor,

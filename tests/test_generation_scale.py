@@ -1,0 +1,239 @@
+"""GPU performance options of the generate stage: mixed precision with a safe gradient path, SDPA
+attention, torch.compile with padded (fixed-shape) batches, gradient checkpointing.
+
+The CPU tests check that each option runs in float32-default CI and does not change what it must
+not change; the ``gpu`` tests check the options where they matter (skipped without CUDA).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from feedback_synth import io, stages
+from feedback_synth.config import FeedbackConfig, GenerateConfig
+from feedback_synth.errors import ConfigError
+from feedback_synth.feedback import GenerationPlan
+from feedback_synth.generate import generate_shard, read_metadata, shard_url
+from feedback_synth.guidance import FeedbackGuidance, guided_step_indices
+from feedback_synth.performance import apply_performance_options, ensure_sdpa, pad_batch
+from test_unclip import build_tiny_unclip_model
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+FAST = dict(num_inference_steps=4, criterion="entropy", scale=0.05, guide_every=2, strength=1.0)
+
+
+@pytest.fixture(scope="module")
+def feedback_dir(prepared, small_classifier, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("feedback"))
+    stages.extract_feedback(prepared, small_classifier[1], out, FeedbackConfig(budget_fraction=0.1, shard_size=7))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_unclip_model(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny-unclip"))
+    build_tiny_unclip_model(path)
+    return path
+
+
+def _shard(prepared, small_classifier, feedback_dir, out, **kw):
+    """Run shard 0 of the plan; returns its uint8 images and metadata rows."""
+    plan = GenerationPlan.load(stages.plan_url(feedback_dir))
+    generate_shard(plan, 0, prepared, small_classifier[1], feedback_dir, out, GenerateConfig(**{**FAST, **kw}))
+    url = shard_url(out, 0)
+    return io.read_npz(io.join(url, "images.npz"))["images"], read_metadata(io.join(url, "metadata.csv"))
+
+
+def test_new_config_fields_are_validated():
+    GenerateConfig(autocast="bfloat16", guidance_dtype="bfloat16", compile_unet=True, noise_level=999).validate()
+    for bad, match in ((dict(guidance_dtype="float16"), "overflow"), (dict(autocast="fp8"), "autocast"),
+                       (dict(compile_mode="fast"), "compile_mode"), (dict(noise_level=1000), "noise_level")):
+        with pytest.raises(ConfigError, match=match):
+            GenerateConfig(**bad).validate()
+    with pytest.raises(ValueError, match="float16 overflows"):
+        FeedbackGuidance(torch.nn.Linear(1, 1), "entropy", 0.1, precision=torch.float16)
+
+
+def test_padding_the_last_batch_does_not_change_the_real_items(prepared, small_classifier, feedback_dir,
+                                                               tiny_generator, tmp_path):
+    """Shard of 7, batches of 3: the last batch (1 item) is padded to 3 and the padding dropped."""
+    seen = []
+    from feedback_synth.generators import load_generator
+
+    pipe = load_generator(tiny_generator)
+    hook = pipe.unet.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    plain, rows = _shard(prepared, small_classifier, feedback_dir, str(tmp_path / "plain"), generator=tiny_generator,
+                         batch_size=3)
+    assert len(plain) == len(rows) == 7
+    plan = GenerationPlan.load(stages.plan_url(feedback_dir))
+    generate_shard(plan, 0, prepared, small_classifier[1], feedback_dir, str(tmp_path / "padded"),
+                   GenerateConfig(**FAST, generator=tiny_generator, batch_size=3, pad_last_batch=True), pipe=pipe)
+    hook.remove()
+    url = shard_url(str(tmp_path / "padded"), 0)
+    padded = io.read_npz(io.join(url, "images.npz"))["images"]
+    padded_rows = read_metadata(io.join(url, "metadata.csv"))
+    assert set(seen) == {3}  # every UNet call saw the fixed batch shape
+    assert padded.shape == plain.shape
+    # per-sample generators: a real item's image does not depend on its batch (up to one grey level
+    # where batched CPU kernels round differently)
+    assert np.abs(padded.astype(int) - plain.astype(int)).max() <= 1
+    assert [r["seed"] for r in padded_rows] == [r["seed"] for r in rows]
+    assert np.allclose([r["criterion_value"] for r in padded_rows], [r["criterion_value"] for r in rows], atol=1e-3)
+    assert pad_batch([1, 2], 4) == [1, 2, 2, 2]
+
+
+def test_bfloat16_on_cpu_gives_finite_images(prepared, small_classifier, feedback_dir, tiny_generator, tmp_path):
+    full, _ = _shard(prepared, small_classifier, feedback_dir, str(tmp_path / "fp32"), generator=tiny_generator,
+                     batch_size=8)
+    half, rows = _shard(prepared, small_classifier, feedback_dir, str(tmp_path / "bf16"), generator=tiny_generator,
+                        batch_size=8, dtype="bfloat16", autocast="bfloat16", guidance_dtype="bfloat16")
+    assert all(r["finite"] for r in rows) and half.std() > 0
+    # the same samples, up to bfloat16 rounding (8 mantissa bits over 4 steps)
+    assert np.abs(half.astype(float) - full.astype(float)).mean() < 0.1 * 255
+
+
+def test_unclip_with_autocast_and_checkpointing_on_cpu(tiny_unclip_model, small_classifier, digits):
+    from feedback_synth.generators import load_generator
+
+    pipe = load_generator(tiny_unclip_model)
+    train = digits["train"]
+    labels, real = torch.tensor(train.labels[:2]), train.to_tensor()[:2]
+
+    def run(feedback):
+        return pipe(prompts=["a photo of a 0"] * 2, criterion_labels=labels, condition_images=real, noise_level=10,
+                    generators=[torch.Generator().manual_seed(i) for i in range(2)], num_inference_steps=2,
+                    cfg_scale=2.0, feedback=feedback, guide_steps=[1]).images
+
+    clf = small_classifier[0]
+    ref = run(FeedbackGuidance(clf, "loss", 0.1))
+    # gradient checkpointing recomputes activations: the same numbers
+    apply_performance_options(pipe, GenerateConfig(gradient_checkpointing=True))
+    assert pipe.unet.is_gradient_checkpointing and pipe.vae.is_gradient_checkpointing
+    assert torch.allclose(run(FeedbackGuidance(clf, "loss", 0.1)), ref, atol=1e-5)
+    # bf16 autocast for the UNet only; decode + classifier in bf16 autocast
+    apply_performance_options(pipe, GenerateConfig(autocast="bfloat16"))
+    out = run(FeedbackGuidance(clf, "loss", 0.1, precision=torch.bfloat16))
+    assert torch.isfinite(out).all() and out.dtype == torch.float32
+    assert (out - ref).abs().mean() < 0.1
+
+
+def test_autocast_covers_the_unet_but_not_the_gradient_path(tiny_unclip_model, small_classifier):
+    from feedback_synth.generators import load_generator
+
+    pipe = apply_performance_options(load_generator(tiny_unclip_model), GenerateConfig(autocast="bfloat16"))
+    z = torch.randn(2, 4, 16, 16)
+    cond = torch.zeros(2, 32)
+    text = pipe.encode_prompt(["a", "b"])
+    assert pipe.unet(z, 10, encoder_hidden_states=text, class_labels=cond).sample.dtype == torch.bfloat16
+    assert pipe.unet.dtype == torch.float32  # weights untouched
+    guide = FeedbackGuidance(small_classifier[0], "loss", 0.1, decode=pipe.decode_latents)
+    zg = z.clone().requires_grad_(True)
+    labels = torch.tensor([3, 4])
+    g_ref, v_ref = guide.gradient(zg, torch.zeros_like(z), torch.tensor(0.5), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an outer autocast region does not leak into it
+        g, v = guide.gradient(zg, torch.zeros_like(z), torch.tensor(0.5), labels)
+    assert g.dtype == torch.float32 and torch.equal(g, g_ref) and torch.equal(v, v_ref)
+
+
+def test_attention_goes_through_sdpa(tiny_generator, tiny_unclip_model):
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    from feedback_synth.generators import load_generator
+
+    for spec in (tiny_generator, tiny_unclip_model):
+        pipe = load_generator(spec)
+        layers = [m for part in (pipe.unet, getattr(pipe, "vae", None)) if part is not None
+                  for m in part.modules() if isinstance(m, Attention)]
+        assert layers and ensure_sdpa(pipe.unet, getattr(pipe, "vae", None)) == len(layers)  # the default
+        for layer in layers:
+            layer.set_processor(AttnProcessor())  # what set_default_attn_processor() may do
+        apply_performance_options(pipe, GenerateConfig())
+        assert all(type(layer.processor) is AttnProcessor2_0 for layer in layers)
+
+
+def test_compile_option_compiles_the_unet_and_fixes_shapes(prepared, small_classifier, feedback_dir, tiny_generator,
+                                                           tmp_path, monkeypatch):
+    """On the CPU, check the wiring only (inductor would take minutes here): the UNet goes through
+    torch.compile with static shapes, and every call sees the padded batch shape."""
+    calls, shapes = [], []
+
+    def fake_compile(module, **kw):
+        calls.append(kw)
+        module.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    images, _ = _shard(prepared, small_classifier, feedback_dir, str(tmp_path / "c"), generator=tiny_generator,
+                       batch_size=4, compile_unet=True, compile_mode="max-autotune-no-cudagraphs")
+    assert calls == [{"mode": "max-autotune-no-cudagraphs", "dynamic": False}]
+    assert len(images) == 7 and {s[0] for s in shapes} == {4}
+
+
+# ---------------------------------------------------------------- GPU checks (skipped without CUDA)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("autocast", ["bfloat16", "float16"])
+def test_gpu_unclip_mixed_precision_keeps_the_gradient_path_finite(tiny_unclip_model, small_classifier, digits,
+                                                                    autocast):
+    from feedback_synth.classifier import load_classifier
+    from feedback_synth.generators import load_generator
+
+    clf = load_classifier(small_classifier[1], device="cuda")
+    train = digits["train"]
+    labels, real = torch.tensor(train.labels[:4]), train.to_tensor()[:4]
+
+    def run(pipe, precision):
+        return pipe(prompts=["a photo"] * 4, criterion_labels=labels, condition_images=real, noise_level=10,
+                    generators=[torch.Generator().manual_seed(i) for i in range(4)], num_inference_steps=4,
+                    cfg_scale=2.0, feedback=FeedbackGuidance(clf, "entropy", 0.05, precision=precision),
+                    guide_steps=guided_step_indices(4, 1))
+
+    ref = run(load_generator(tiny_unclip_model, device="cuda"), torch.float32)
+    pipe = apply_performance_options(load_generator(tiny_unclip_model, device="cuda"),
+                                     GenerateConfig(autocast=autocast))
+    for precision in (torch.float32, torch.bfloat16):
+        out = run(pipe, precision)
+        assert torch.isfinite(out.images).all() and torch.isfinite(out.criterion).all()
+        assert (out.images - ref.images).abs().mean() < 0.05
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_compiled_unet_matches_eager_and_does_not_recompile_per_batch(prepared, small_classifier, feedback_dir,
+                                                                          tiny_generator, tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    kw = dict(generator=tiny_generator, batch_size=3, device="cuda")
+    eager, _ = _shard(prepared, small_classifier, feedback_dir, str(tmp_path / "eager"), **kw)
+    compiled, rows = _shard(prepared, small_classifier, feedback_dir, str(tmp_path / "compiled"), compile_unet=True,
+                            **kw)
+    assert all(r["finite"] for r in rows)
+    assert np.abs(compiled.astype(int) - eager.astype(int)).mean() < 2
+    # graphs: (grad on, grad off) x (conditional, null) at one batch shape; no new ones for the last batch
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 8
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_gradient_checkpointing_lowers_peak_memory(tiny_unclip_model, small_classifier):
+    from feedback_synth.classifier import load_classifier
+    from feedback_synth.generators import load_generator
+
+    clf = load_classifier(small_classifier[1], device="cuda")
+    peaks = []
+    for checkpointing in (False, True):
+        pipe = apply_performance_options(load_generator(tiny_unclip_model, device="cuda"),
+                                         GenerateConfig(gradient_checkpointing=checkpointing))
+        guide = FeedbackGuidance(clf, "loss", 0.1, decode=pipe.decode_latents)
+        z = torch.randn(16, 4, 64, 64, device="cuda", requires_grad=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        guide.gradient(z, torch.zeros_like(z), torch.tensor(0.5, device="cuda"), torch.zeros(16, dtype=torch.long,
+                                                                                              device="cuda"))
+        peaks.append(torch.cuda.max_memory_allocated())
+    assert peaks[1] < peaks[0]

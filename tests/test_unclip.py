@@ -1,0 +1,173 @@
+"""Image-conditioned latent generation (stable unCLIP) with feedback guidance, on tiny random models."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from feedback_synth.guidance import FeedbackGuidance, guided_step_indices
+from feedback_synth.unclip import UnCLIPFeedbackPipeline
+from test_latent_pipeline import build_tiny_text_model
+
+EMBED_DIM = 16
+
+
+def build_tiny_unclip_model(path: str, prediction_type: str = "v_prediction") -> None:
+    """A tiny stable unCLIP folder in the layout of ``StableUnCLIPImg2ImgPipeline.save_pretrained``.
+
+    The tokenizer, text encoder and VAE are the tiny text model's; SD 2.1 unCLIP predicts v.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    build_tiny_text_model(path)
+    torch.manual_seed(1)
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=EMBED_DIM)
+    with torch.no_grad():  # non-trivial statistics, so that scale/unscale are exercised
+        normalizer.mean.normal_(0, 0.1)
+        normalizer.std.uniform_(0.5, 1.5)
+    parts = {
+        "unet": UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                     layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                     norm_num_groups=8, attention_head_dim=4, class_embed_type="projection",
+                                     projection_class_embeddings_input_dim=2 * EMBED_DIM),
+        "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+            patch_size=8, projection_dim=EMBED_DIM)),
+        "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        "image_normalizer": normalizer,
+        "image_noising_scheduler": DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        "scheduler": DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                   prediction_type=prediction_type),
+    }
+    for name, part in parts.items():
+        part.save_pretrained(os.path.join(path, name))
+
+
+@pytest.fixture(scope="module")
+def tiny_unclip_model(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny-unclip"))
+    build_tiny_unclip_model(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def unclip_pipe(tiny_unclip_model):
+    from feedback_synth.generators import load_generator
+
+    return load_generator(tiny_unclip_model)
+
+
+def _gens(n, seed=7):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def _run(pipe, labels, condition, feedback=None, cond_dropout=0.0, noise_level=0, seed=7, steps=3, cfg_scale=3.0,
+         **kw):
+    return pipe(prompts=[f"a photo of a {c}" for c in labels.tolist()], criterion_labels=labels,
+                generators=_gens(len(labels), seed), condition_images=condition, noise_level=noise_level,
+                num_inference_steps=steps, cfg_scale=cfg_scale, cond_dropout=cond_dropout, feedback=feedback,
+                guide_steps=guided_step_indices(steps, 1), **kw)
+
+
+def test_matches_the_stock_stable_unclip_pipeline(unclip_pipe, digits):
+    """Unguided, without dropout, the conditioning (noised image embedding + noise-level embedding as
+    class_labels, zeros as the null condition), CFG and the v -> eps conversion reproduce diffusers'
+    StableUnCLIPImg2ImgPipeline from the same per-sample generators."""
+    from diffusers import StableUnCLIPImg2ImgPipeline
+
+    real = digits["train"].to_tensor()[:2]
+    labels = torch.tensor(digits["train"].labels[:2])
+    ours = _run(unclip_pipe, labels, real, noise_level=100).images
+    stock = StableUnCLIPImg2ImgPipeline(**unclip_pipe.components)
+    stock.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        embeds = unclip_pipe.image_encoder(unclip_pipe.preprocess_condition(real)).image_embeds
+    ref = stock(prompt=[f"a photo of a {c}" for c in labels.tolist()], image_embeds=embeds, noise_level=100,
+                num_inference_steps=3, guidance_scale=3.0, generator=_gens(2), output_type="pt").images
+    assert ours.shape == ref.shape == (2, 3, 32, 32)
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_loads_from_a_url_and_guidance_raises_the_criterion(tiny_unclip_model, small_classifier, digits, memory_url):
+    from feedback_synth import io
+    from feedback_synth.generators import load_generator
+
+    fs, _ = io.fs_and_path(memory_url)
+    fs.put(tiny_unclip_model + "/", memory_url.replace("memory://", "/") + "/model/", recursive=True)
+    pipe = load_generator(memory_url + "/model")
+    assert isinstance(pipe, UnCLIPFeedbackPipeline)
+    clf = small_classifier[0]
+    train = digits["train"]
+    idx = np.array([np.flatnonzero(train.labels == c)[0] for c in (1, 7, 9)])
+    labels, real = torch.tensor(train.labels[idx]), train.to_tensor()[idx]
+    scorer = FeedbackGuidance(clf, "entropy", 0.0)
+    unguided = _run(pipe, labels, real, cond_dropout=0.1)
+    guided = _run(pipe, labels, real, FeedbackGuidance(clf, "entropy", 0.2), cond_dropout=0.1)
+    guided_no_unet_grad = _run(pipe, labels, real, FeedbackGuidance(clf, "entropy", 0.2), cond_dropout=0.1,
+                               grad_through_unet=False)
+    assert guided.images.shape == (3, 3, 32, 32) and torch.isfinite(guided.images).all()
+    assert guided.criterion is not None and guided.criterion.shape == (3,)
+    assert scorer.score_images(guided.images, labels).mean() > scorer.score_images(unguided.images, labels).mean()
+    assert scorer.score_images(guided_no_unet_grad.images, labels).mean() > \
+        scorer.score_images(unguided.images, labels).mean()
+    assert torch.equal(_run(pipe, labels, real, cond_dropout=0.1).images, unguided.images)  # fixed seeds
+
+
+def test_condition_dropout_and_noise_level_change_the_samples(unclip_pipe, digits):
+    train = digits["train"]
+    labels, real = torch.tensor(train.labels[:2]), train.to_tensor()[:2]
+    run = dict(steps=2, cfg_scale=1.0)
+    base = _run(unclip_pipe, labels, real, **run).images
+    dropped = _run(unclip_pipe, labels, real, cond_dropout=0.5, **run).images
+    assert not torch.allclose(dropped, base)
+    assert not torch.allclose(_run(unclip_pipe, labels, real, noise_level=500, **run).images, base)
+    other = train.to_tensor()[-2:]  # other real images: the image condition is used
+    assert not torch.allclose(_run(unclip_pipe, labels, other, **run).images, base)
+    # per-sample masks: a sample's image does not depend on the rest of its batch
+    first = _run(unclip_pipe, labels[:1], real[:1], cond_dropout=0.5, **run).images
+    assert torch.allclose(dropped[:1], first, atol=1e-5)
+    # no condition image: the null image condition (text only) still samples
+    assert torch.isfinite(_run(unclip_pipe, labels, None, **run).images).all()
+
+
+def test_bad_inputs_raise(unclip_pipe, tiny_unclip_model, digits):
+    from diffusers import UNet2DConditionModel
+
+    real = digits["train"].to_tensor()[:1]
+    with pytest.raises(ValueError, match="noise_level must be in"):
+        _run(unclip_pipe, torch.tensor([0]), real, noise_level=1000)
+    with pytest.raises(ValueError, match="condition_images"):
+        _run(unclip_pipe, torch.tensor([0, 1]), real)
+    text_unet = UNet2DConditionModel.from_pretrained(tiny_unclip_model, subfolder="unet")
+    text_unet.register_to_config(class_embed_type=None)
+    pipe = UnCLIPFeedbackPipeline(**{**unclip_pipe.components, "unet": text_unet})
+    with pytest.raises(ValueError, match="class_embed_type='projection'"):
+        _run(pipe, torch.tensor([0]), real)
+
+
+def test_a_generation_shard_runs_with_an_unclip_generator(tiny_unclip_model, prepared, small_classifier,
+                                                          tmp_path):
+    from feedback_synth import io, stages
+    from feedback_synth.config import FeedbackConfig, GenerateConfig
+    from feedback_synth.feedback import GenerationPlan
+    from feedback_synth.generate import generate_shard, read_metadata, shard_url
+
+    fb = str(tmp_path / "feedback")
+    stages.extract_feedback(prepared, small_classifier[1], fb, FeedbackConfig(budget_fraction=0.1, shard_size=4))
+    plan = GenerationPlan.load(stages.plan_url(fb))
+    cfg = GenerateConfig(generator=tiny_unclip_model, num_inference_steps=3, batch_size=4, strength=1.0,
+                         noise_level=50, guide_every=2, scale=0.05)
+    out = str(tmp_path / "gen")
+    summary = generate_shard(plan, 0, prepared, small_classifier[1], fb, out, cfg)
+    assert not summary["skipped"] and summary["num_images"] == plan.shards[0].num_images
+    images = io.read_npz(io.join(shard_url(out, 0), "images.npz"))["images"]
+    rows = read_metadata(io.join(shard_url(out, 0), "metadata.csv"))
+    assert images.shape == (plan.shards[0].num_images, 32, 32, 3) and images.dtype == np.uint8
+    assert all(r["finite"] for r in rows) and all(r["condition"].startswith("digits:") for r in rows)
+    assert images.std() > 0
