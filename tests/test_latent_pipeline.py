@@ -105,3 +105,14 @@ def test_unsupported_scheduler_raises(tiny_text_model):
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(ValueError, match="EulerDiscreteScheduler is not supported"):
         _run(pipe, None, torch.tensor([0]))
+
+
+def test_v_prediction_is_refused_rather_than_guided_wrongly(tiny_text_model):
+    from diffusers import DDIMScheduler
+
+    from feedback_synth.generators import load_generator
+
+    pipe = load_generator(tiny_text_model)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="prediction_type 'v_prediction' is not supported"):
+        _run(pipe, None, torch.tensor([0]))

@@ -46,6 +46,14 @@ def check_scheduler(scheduler) -> None:
                          f"alphas_cumprod and unscaled model inputs ({', '.join(s.__name__ for s in SUPPORTED_SCHEDULERS)})")
 
 
+def check_epsilon_prediction(scheduler) -> None:
+    """The guided step's x0 formula is written for eps-prediction models (unclip.py converts v)."""
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ValueError(f"scheduler prediction_type '{prediction}' is not supported by this pipeline's feedback "
+                         "guidance: it needs an epsilon-prediction model")
+
+
 def sdedit_timesteps(scheduler, num_inference_steps: int, strength: float, device) -> torch.Tensor:
     scheduler.set_timesteps(num_inference_steps, device=device)
     n = min(num_inference_steps, max(1, int(round(num_inference_steps * strength))))
@@ -104,6 +112,7 @@ class ClassConditionalFeedbackPipeline(DiffusionPipeline):
 
     def check_inputs(self, class_labels, images, strength, generators) -> None:
         check_scheduler(self.scheduler)
+        check_epsilon_prediction(self.scheduler)
         if self.unet.config.num_class_embeds is None:
             raise ValueError("the UNet has no class embedding (num_class_embeds is None)")
         if int(class_labels.max()) >= self.null_class or int(class_labels.min()) < 0:
@@ -207,6 +216,7 @@ class TextFeedbackPipeline(DiffusionPipeline):
 
     def check_inputs(self, prompts, images, strength, generators) -> None:
         check_scheduler(self.scheduler)
+        check_epsilon_prediction(self.scheduler)
         if images is not None and len(images) != len(prompts):
             raise ValueError(f"got {len(images)} init images for {len(prompts)} prompts")
         if not 0 < strength <= 1:
