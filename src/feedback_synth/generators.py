@@ -199,11 +199,14 @@ def generator_fidelity(generator_url: str, pool: ImageSet, per_class: int = 50, 
     pipe = load_generator(generator_url)
     judge, _ = train_classifier(pool, RetrainConfig(seed=seed), model, desc="pool classifier")
     labels = torch.arange(pool.num_classes).repeat_interleave(per_class)
+    # a joint (class, group) generator is asked for every group of the class in turn
+    joint = pipe.unet.config.num_class_embeds - 1 == pool.num_classes * pool.num_groups and pool.num_groups > 1
+    conditions = labels * pool.num_groups + torch.arange(len(labels)) % pool.num_groups if joint else labels
     images = []
     for b in range(0, len(labels), 100):
-        lab = labels[b:b + 100]
-        gens = [torch.Generator().manual_seed(seed * 100003 + b + i) for i in range(len(lab))]
-        images.append(pipe(class_labels=lab, generators=gens, num_inference_steps=num_inference_steps,
+        cond = conditions[b:b + 100]
+        gens = [torch.Generator().manual_seed(seed * 100003 + b + i) for i in range(len(cond))]
+        images.append(pipe(class_labels=cond, generators=gens, num_inference_steps=num_inference_steps,
                            cfg_scale=cfg_scale).images)
     x = torch.cat(images)
     samples = ImageSet((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), labels.numpy(),
