@@ -54,6 +54,17 @@ def check_epsilon_prediction(scheduler) -> None:
                          "guidance: it needs an epsilon-prediction model")
 
 
+def check_batch_inputs(n: int, images: Optional[torch.Tensor], strength: float,
+                       generators: list[torch.Generator]) -> None:
+    """Checks every feedback pipeline makes of its batch: start images, strength, one generator each."""
+    if images is not None and len(images) != n:
+        raise ValueError(f"got {len(images)} init images for {n} samples")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if len(generators) != n:
+        raise ValueError(f"need one generator per sample: {len(generators)} for {n}")
+
+
 def sdedit_timesteps(scheduler, num_inference_steps: int, strength: float, device) -> torch.Tensor:
     scheduler.set_timesteps(num_inference_steps, device=device)
     n = min(num_inference_steps, max(1, int(round(num_inference_steps * strength))))
@@ -117,12 +128,7 @@ class ClassConditionalFeedbackPipeline(DiffusionPipeline):
             raise ValueError("the UNet has no class embedding (num_class_embeds is None)")
         if int(class_labels.max()) >= self.null_class or int(class_labels.min()) < 0:
             raise ValueError(f"class_labels must be in [0, {self.null_class - 1}], got {class_labels.tolist()}")
-        if images is not None and len(images) != len(class_labels):
-            raise ValueError(f"got {len(images)} init images for {len(class_labels)} labels")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if len(generators) != len(class_labels):
-            raise ValueError(f"need one generator per sample: {len(generators)} for {len(class_labels)}")
+        check_batch_inputs(len(class_labels), images, strength, generators)
 
     @torch.no_grad()
     def __call__(
@@ -217,12 +223,7 @@ class TextFeedbackPipeline(DiffusionPipeline):
     def check_inputs(self, prompts, images, strength, generators) -> None:
         check_scheduler(self.scheduler)
         check_epsilon_prediction(self.scheduler)
-        if images is not None and len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} init images for {len(prompts)} prompts")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if len(generators) != len(prompts):
-            raise ValueError(f"need one generator per sample: {len(generators)} for {len(prompts)}")
+        check_batch_inputs(len(prompts), images, strength, generators)
 
     @torch.no_grad()
     def __call__(

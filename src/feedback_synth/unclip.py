@@ -29,7 +29,7 @@ from diffusers import DiffusionPipeline
 from diffusers.models.embeddings import get_timestep_embedding
 
 from .diffusion import (FeedbackPipelineOutput, TextFeedbackPipeline, _dropout_masks, _per_sample_randn,
-                        check_scheduler, denoise_with_feedback, sdedit_timesteps)
+                        check_batch_inputs, check_scheduler, denoise_with_feedback, sdedit_timesteps)
 from .guidance import FeedbackGuidance
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -121,16 +121,12 @@ class UnCLIPFeedbackPipeline(TextFeedbackPipeline):
                              f"projection_class_embeddings_input_dim={expected}), got class_embed_type="
                              f"{self.unet.config.class_embed_type!r}, projection_class_embeddings_input_dim="
                              f"{self.unet.config.projection_class_embeddings_input_dim}")
-        for name, x in (("condition_images", condition_images), ("images", images)):
-            if x is not None and len(x) != len(prompts):
-                raise ValueError(f"got {len(x)} {name} for {len(prompts)} prompts")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if condition_images is not None and len(condition_images) != len(prompts):
+            raise ValueError(f"got {len(condition_images)} condition_images for {len(prompts)} prompts")
+        check_batch_inputs(len(prompts), images, strength, generators)
         top = self.image_noising_scheduler.config.num_train_timesteps - 1
         if not 0 <= noise_level <= top:
             raise ValueError(f"noise_level must be in [0, {top}], got {noise_level}")
-        if len(generators) != len(prompts):
-            raise ValueError(f"need one generator per sample: {len(generators)} for {len(prompts)}")
 
     @torch.no_grad()
     def __call__(
