@@ -83,6 +83,8 @@ def tune(work: str, data_url: str, cfg: RunConfig, scales, everys, strengths, cr
     stages.train_baseline(data_url, base, replace(cfg.train, seed=0), cfg.data)
     lines = ["| strength | scale | guide_every | val overall | val few | val worst | kept | fidelity |",
              "|---|---|---|---|---|---|---|---|"]
+    b = summary(evaluate(load_classifier(stages.model_url(base)), load_split(data_url, "val"), cfg.data))
+    lines.append(f"| baseline (no synthesis) | - | - | {b['overall']:.3f} | {b['few']:.3f} | {b['worst_class']:.3f} | - | - |")
     best, best_key = None, None
     for st in strengths:
         for s in scales:
@@ -112,8 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--tune", action="store_true", help="choose scale and schedule on the validation split first")
     p.add_argument("--tune-criterion", default="entropy")
     p.add_argument("--scales", type=float, nargs="+", default=[0.01, 0.03, 0.1])
-    p.add_argument("--everys", type=int, nargs="+", default=[1, 5])
-    p.add_argument("--strengths", type=float, nargs="+", default=[0.6, 0.8])
+    p.add_argument("--everys", type=int, nargs="+", default=[5])
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.6])
     p.add_argument("--set", action="append", default=[], help="config override for every row, e.g. retrain.epochs=20")
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
     p.add_argument("--output", default="benchmarks/results/digits_lt.md")
