@@ -19,6 +19,10 @@ RUN pip install --no-cache-dir --no-deps --index-url https://pypi.org/simple -r 
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
+# components/ and pipelines/ go into the wheel too: `feedback-synth compile/submit` run in this image
+COPY components ./components
+COPY pipelines ./pipelines
+COPY images/images.yaml ./images/images.yaml
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && pip check
 
