@@ -25,8 +25,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from feedback_synth import io, stages  # noqa: E402
 from feedback_synth.classifier import load_classifier  # noqa: E402
-from feedback_synth.config import (DataConfig, FeedbackConfig, FilterConfig, GenerateConfig,  # noqa: E402
-                                   RetrainConfig, RunConfig, load_run_config)
+from feedback_synth.config import (DataConfig, GenerateConfig,  # noqa: E402
+                                   RunConfig, load_run_config)
 from feedback_synth.data import ImageSet, load_split  # noqa: E402
 from feedback_synth.evaluate import evaluate, summary  # noqa: E402
 from feedback_synth.generate import generate  # noqa: E402
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print("\n" + table)
     g = cfg.generate
-    md = [f"# digits-lt benchmark\n", f"Command: `{command}`  ", f"Seeds: {args.seeds}; wall time "
+    md = ["# digits-lt benchmark\n", f"Command: `{command}`  ", f"Seeds: {args.seeds}; wall time "
           f"{(time.time() - t_start) / 60:.1f} min on this machine ({os.cpu_count()} CPUs).  ",
           f"Generation: {g.num_inference_steps} DDIM steps, strength {g.strength}, CFG {g.cfg_scale}, "
           f"embedding dropout {g.cond_dropout}, scale {g.scale}, guided every {g.guide_every} step(s); "

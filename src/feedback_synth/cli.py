@@ -9,7 +9,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from typing import Any, Optional
 
 from . import io

@@ -15,7 +15,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel, UNet2DModel
 from diffusers.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
-from .guidance import FeedbackGuidance, guided_step_indices, pixel_decode
+from .guidance import FeedbackGuidance, pixel_decode
 
 SUPPORTED_SCHEDULERS = (DDIMScheduler, DDPMScheduler, PNDMScheduler)
 

@@ -5,7 +5,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
