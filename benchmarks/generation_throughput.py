@@ -10,10 +10,14 @@ through the UNet (the reference code) and without it (eps held constant in the g
   download); 512 px, batch 8, 30 DDIM steps, CFG 5, UNet and encoders in bfloat16, VAE decode +
   classifier (ResNet-50, 224 px, 1000 classes) in float32 or bfloat16 in the gradient path.
 
+- Any machine: the estimated peak memory of the SD-sized pipelines at batch 8, 512 px, for each
+  gradient path and memory lever (checkpointing, chunked guidance), from FakeTensorMode (no kernels
+  run): which settings fit a 24 GB card, before a GPU is at hand.
+
 Peak memory: ``torch.cuda.max_memory_allocated`` on the GPU; on the CPU the peak growth of the
 memory malloc'ed by the process during the run (glibc ``mallinfo2``), sampled every 2 ms.
 
-    python benchmarks/generation_throughput.py                 # CPU part ~3-5 min on 2 cores
+    python benchmarks/generation_throughput.py                 # CPU part ~5-8 min on 2 cores
     python benchmarks/generation_throughput.py --smoke         # the GPU code path, tiny, on the CPU
 
 The table is printed and written to benchmarks/results/generation_throughput.md with the command.
@@ -277,6 +281,17 @@ def _char_tokenizer(max_length: int):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
+def built_in(dtype: torch.dtype, cls, *args, **kwargs):
+    """``cls(*args, **kwargs)`` with its weights created in ``dtype``: no float32 copy first, and no
+    ``.to()`` afterwards (which FakeTensorMode cannot swap)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return cls(*args, **kwargs)
+    finally:
+        torch.set_default_dtype(before)
+
+
 def build_latent_pipeline(kind: str, device: torch.device, dtype: torch.dtype, smoke: bool):
     """Random-weight SD 2.1 (``text``) or SD 2.1 unCLIP (``unclip``) pipeline from the configs above."""
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -298,16 +313,16 @@ def build_latent_pipeline(kind: str, device: torch.device, dtype: torch.dtype, s
             unet_cfg.update(SMOKE["unclip_unet"])
         unet_cfg["cross_attention_dim"] = text_cfg["hidden_size"]
         parts = dict(
-            vae=AutoencoderKL(**cfg(SD2_VAE, "vae")).float(),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)).to(dtype),
+            vae=built_in(torch.float32, AutoencoderKL, **cfg(SD2_VAE, "vae")),
+            text_encoder=built_in(dtype, CLIPTextModel, CLIPTextConfig(**text_cfg)),
             tokenizer=_char_tokenizer(text_cfg["max_position_embeddings"]),
-            unet=UNet2DConditionModel(**unet_cfg).to(dtype),
+            unet=built_in(dtype, UNet2DConditionModel, **unet_cfg),
             scheduler=DDIMScheduler(**(SD21_UNCLIP_SCHEDULER if kind == "unclip" else SD21_SCHEDULER)),
         )
         if kind == "unclip":
             image_cfg = cfg(SD21_UNCLIP_IMAGE_ENCODER, "image")
             parts.update(
-                image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**image_cfg)).to(dtype),
+                image_encoder=built_in(dtype, CLIPVisionModelWithProjection, CLIPVisionConfig(**image_cfg)),
                 feature_extractor=CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
                 image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=image_cfg["projection_dim"]),
                 image_noising_scheduler=DDPMScheduler(**SD21_UNCLIP_NOISING))
@@ -364,6 +379,10 @@ def gpu_rows(device: torch.device, batch: int, resolution: int, steps: int, repe
         # memory levers at the reference schedule (every 5th step, gradient through the UNet)
         rows += run_rows(label, device, "bf16 UNet, bf16 decode+clf", batch, steps, repeats, sample,
                          lambda: feedback(torch.bfloat16), schedules=((5, True),))
+        for chunk in (2, 1):
+            rows += run_rows(label, device, f"bf16 UNet, fp32 decode+clf, chunks of {chunk}", batch, steps, repeats,
+                             sample, lambda: FeedbackGuidance(clf, "entropy", 0.03, chunk_size=chunk),
+                             schedules=((5, True),))
         apply_performance_options(pipe, GenerateConfig(gradient_checkpointing=True))
         rows += run_rows(label, device, "bf16 UNet, bf16 decode+clf, ckpt", batch, steps, repeats, sample,
                          lambda: feedback(torch.bfloat16), schedules=((5, True),))
@@ -371,6 +390,99 @@ def gpu_rows(device: torch.device, batch: int, resolution: int, steps: int, repe
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows, notes
+
+
+# ---------------------------------------------------------------- estimated memory (any machine)
+
+CARD_GIB, HEADROOM_GIB = 24, 4  # "fits a 24 GB card": peak <= 20 GiB, room for the CUDA context,
+# kernel workspaces and allocator fragmentation, which the estimate leaves out
+LEVERS = (("-", dict()), ("checkpointing", dict(checkpointing=True)), ("chunks of 2", dict(chunk=2)),
+          ("chunks of 1", dict(chunk=1)), ("checkpointing + chunks of 1", dict(checkpointing=True, chunk=1)))
+
+
+@dataclass
+class MemoryRow:
+    model: str
+    schedule: str  # unguided | guided (a guided step is the peak: how many there are does not matter)
+    through_unet: Optional[bool]
+    gradient_path: str
+    lever: str
+    weights_gib: float
+    peak_gib: float
+
+
+def estimate_memory(kind: str, batch: int, resolution: int, through_unet: Optional[bool],
+                    guidance_precision: torch.dtype = torch.float32, checkpointing: bool = False,
+                    chunk: int = 0) -> tuple[float, float]:
+    """Weights and peak GiB of one SD-sized batch (bf16 UNet and encoders, float32 VAE, ResNet-50
+    classifier), from FakeTensorMode: the real pipeline code runs, no kernel does.
+    ``through_unet=None``: unguided."""
+    from feedback_synth.classifier import build_classifier
+    from feedback_synth.config import GenerateConfig
+    from feedback_synth.performance import apply_performance_options, estimate_peak_bytes, with_int_timesteps
+
+    state = {}
+
+    def build():
+        pipe = build_latent_pipeline(kind, torch.device("cpu"), torch.bfloat16, smoke=False)
+        pipe.scheduler = with_int_timesteps(pipe.scheduler)
+        if checkpointing:
+            apply_performance_options(pipe, GenerateConfig(gradient_checkpointing=True))
+        clf = build_classifier("resnet50", 1000, 3, 224).eval()
+        state.update(pipe=pipe, clf=clf)
+        return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)] + [clf]
+
+    def run(_):
+        fb = FeedbackGuidance(state["clf"], "entropy", 0.03, precision=guidance_precision, chunk_size=chunk)
+        extra = dict(condition_images=torch.rand(batch, 3, 256, 256), noise_level=0) if kind == "unclip" else {}
+        # 2 steps, the first guided: the peak of a guided step, then the final decode and scoring
+        state["pipe"](prompts=["a photo of a goldfish"] * batch, criterion_labels=torch.full((batch,), 1),
+                      generators=[torch.Generator().manual_seed(i) for i in range(batch)], height=resolution,
+                      width=resolution, num_inference_steps=2, cfg_scale=5.0, cond_dropout=0.1, feedback=fb,
+                      guide_steps=[] if through_unet is None else [0], grad_through_unet=bool(through_unet), **extra)
+
+    weights, peak = estimate_peak_bytes(build, run)
+    return weights / 2**30, peak / 2**30
+
+
+def memory_rows(batch: int, resolution: int) -> list[MemoryRow]:
+    rows = []
+    for kind, name in (("text", "SD 2.1 (text)"), ("unclip", "SD 2.1 unCLIP (image)")):
+        w, p = estimate_memory(kind, batch, resolution, None)
+        rows.append(MemoryRow(name, "unguided", None, "-", "-", w, p))
+        for through in (True, False):
+            for precision, pname in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
+                for lever, kw in LEVERS:
+                    w, p = estimate_memory(kind, batch, resolution, through, precision, **kw)
+                    rows.append(MemoryRow(name, "guided", through, pname, lever, w, p))
+                    print(f"  {name:<24} guided unet-grad {str(through):<5} {pname:<8} {lever:<28} peak {p:6.2f} GiB",
+                          flush=True)
+    return rows
+
+
+def memory_table(rows: list[MemoryRow]) -> str:
+    lines = ["| generator | schedule | grad through UNet | gradient path (decode + classifier) | memory lever "
+             f"| weights (GiB) | estimated peak (GiB) | fits a {CARD_GIB} GB card |",
+             "|---|---|---|---|---|---:|---:|---|"]
+    for r in rows:
+        through = "-" if r.through_unet is None else ("yes" if r.through_unet else "no")
+        fits = "yes" if r.peak_gib <= CARD_GIB - HEADROOM_GIB else "no"
+        lines.append(f"| {r.model} | {r.schedule} | {through} | {r.gradient_path} | {r.lever} | {r.weights_gib:.2f} "
+                     f"| {r.peak_gib:.1f} | {fits} |")
+    return "\n".join(lines)
+
+
+def memory_section(rows: list[MemoryRow], batch: int, resolution: int) -> str:
+    return (f"## Estimated GPU memory: SD-sized, batch {batch}, {resolution} px\n\n"
+            "Not measured on a GPU: estimated with `feedback_synth.performance.estimate_peak_bytes`, which runs the "
+            "real pipeline code under PyTorch's FakeTensorMode (shapes, dtypes and autograd graphs, no kernels) and "
+            "counts the bytes of every tensor alive, weights included: what `torch.cuda.max_memory_allocated` "
+            "reports, less allocator rounding and kernel workspaces. A test checks it against a real CPU run of a "
+            "tiny unCLIP model (within 1%). bf16 UNet and encoders, float32 VAE weights, ResNet-50 classifier at "
+            "224 px; the peak is that of a guided step (or of the final decode when unguided), so it does not "
+            "depend on how many steps are guided. "
+            f"\"Fits\" means an estimated peak of at most {CARD_GIB - HEADROOM_GIB} GiB, leaving {HEADROOM_GIB} GiB "
+            "for the CUDA context, workspaces and fragmentation.\n\n" + memory_table(rows))
 
 
 # ---------------------------------------------------------------- report
@@ -448,6 +560,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cpu-threads", type=int, default=1,
                     help="torch threads for the CPU rows (1: per-image CPU time is not inflated by thread spinning)")
     ap.add_argument("--skip-cpu", action="store_true", help="GPU rows only")
+    ap.add_argument("--skip-estimate", action="store_true",
+                    help="leave out the estimated SD-sized memory table (FakeTensorMode, ~2 min on a CPU)")
     ap.add_argument("--smoke", action="store_true",
                     help="run the SD-sized code path with tiny widths on this device and do not write the results")
     ap.add_argument("--output", default=RESULTS)
@@ -469,6 +583,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         steps = 4 if args.smoke and not cuda else args.gpu_steps
         r, note = gpu_rows(device, batch, res, steps, 1 if args.smoke else args.repeats, args.smoke)
         rows, notes = rows + r, notes + note
+    memory = []
+    if not args.skip_estimate and not args.smoke:
+        print(f"estimated memory, SD-sized, batch {args.gpu_batch}, {args.gpu_resolution} px (FakeTensorMode)")
+        memory = memory_rows(args.gpu_batch, args.gpu_resolution)
     sizes = {k: count_params(k) for k in ("text", "unclip")}
     size_note = "; ".join(f"{'SD 2.1' if k == 'text' else 'SD 2.1 unCLIP'}: " + ", ".join(f"{n} {v:.0f} M" for n, v in s.items())
                           for k, s in sizes.items())
@@ -488,7 +606,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "(glibc `mallinfo2`, sampled every 2 ms: a lower bound for short-lived peaks); GPU peak memory is "
         "`torch.cuda.max_memory_allocated` (weights included).",
         "## Projection: GPU-hours for ImageNet-LT\n\n" + projection(rows, [int(n) for n in args.gpus.split(",")]),
-    ]) + "\n"
+    ] + ([memory_section(memory, args.gpu_batch, args.gpu_resolution)] if memory else [])) + "\n"
     print("\n" + report)
     if not args.smoke:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -237,3 +237,101 @@ def test_gpu_gradient_checkpointing_lowers_peak_memory(tiny_unclip_model, small_
                                                                                               device="cuda"))
         peaks.append(torch.cuda.max_memory_allocated())
     assert peaks[1] < peaks[0]
+
+
+def test_chunked_guidance_gives_the_same_gradient(tiny_unclip_model, small_classifier):
+    from feedback_synth.generators import load_generator
+
+    pipe = load_generator(tiny_unclip_model)
+    torch.manual_seed(0)
+    z = torch.randn(5, 4, 16, 16)
+    text, cond, labels = pipe.encode_prompt(["a"] * 5), torch.randn(5, 32), torch.tensor([0, 3, 4, 7, 9])
+    for through_unet in (True, False):
+        results = {}
+        for chunk in (0, 1, 2, 5):  # 2 leaves a last chunk of one; 5 is the whole batch
+            guide = FeedbackGuidance(small_classifier[0], "loss", 0.1, decode=pipe.decode_latents, chunk_size=chunk)
+            zg = z.clone().requires_grad_(True)
+            with torch.enable_grad():
+                eps = pipe.unet(zg if through_unet else z, 500, encoder_hidden_states=text, class_labels=cond).sample
+            results[chunk] = guide.gradient(zg, eps, torch.tensor(0.3), labels)
+        grad, values = results[0]
+        assert grad.abs().sum() > 0
+        for chunk in (1, 2, 5):
+            assert torch.allclose(results[chunk][0], grad, rtol=1e-4, atol=1e-7), (through_unet, chunk)
+            assert torch.allclose(results[chunk][1], values, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        FeedbackGuidance(small_classifier[0], "loss", 0.1, chunk_size=-1)
+
+
+def test_live_tensor_bytes_tracks_allocations_and_frees():
+    from feedback_synth.performance import LiveTensorBytes
+
+    weight = torch.zeros(250)  # 1,000 bytes, alive before the block
+    tracker = LiveTensorBytes()
+    tracker.count(weight, weight[10:])  # a view shares its storage: counted once
+    assert tracker.live == 1000
+    with tracker:
+        a = torch.ones(1000)  # 4,000
+        b = a.view(10, 100).t()  # a view: no new storage
+        c = a * 2  # 4,000
+        del a, b, c
+        d = torch.ones(500, dtype=torch.float64)  # 4,000, after the 8,000 were freed
+    assert tracker.peak == 9000 and tracker.live == 5000
+    del d
+    assert tracker.live == 1000
+
+
+def test_fake_mode_memory_estimate_equals_the_real_run(tiny_unclip_model, small_classifier, digits):
+    """The GPU memory table of the throughput benchmark comes from FakeTensorMode: it must count
+    what a real run keeps alive, and show the levers (chunks, checkpointing) working."""
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    from feedback_synth.classifier import Classifier
+    from feedback_synth.generators import load_generator
+    from feedback_synth.performance import LiveTensorBytes, estimate_peak_bytes, with_int_timesteps
+    from feedback_synth.unclip import UnCLIPFeedbackPipeline
+
+    def rebuild(part):
+        if isinstance(part, ModelMixin):
+            return type(part).from_config(part.config)
+        return type(part)(part.config) if isinstance(part, PreTrainedModel) else part
+
+    real_pipe = load_generator(tiny_unclip_model)
+    real_pipe.scheduler = with_int_timesteps(real_pipe.scheduler)
+    clf = small_classifier[0]
+    train = digits["train"]
+    labels, images = torch.tensor(train.labels[:4]), train.to_tensor()[:4]
+
+    def sample(pipe, clf, chunk=0):
+        return pipe(prompts=["a photo of a 0"] * 4, criterion_labels=labels, condition_images=images, noise_level=10,
+                    generators=[torch.Generator().manual_seed(i) for i in range(4)], num_inference_steps=3,
+                    cfg_scale=2.0, cond_dropout=0.1, guide_steps=[1],
+                    feedback=FeedbackGuidance(clf, "loss", 0.1, chunk_size=chunk))
+
+    def modules(pipe, clf):
+        return [part for part in pipe.components.values() if isinstance(part, torch.nn.Module)] + [clf]
+
+    tracker = LiveTensorBytes()
+    tracker.count(*[t for m in modules(real_pipe, clf) for t in (*m.parameters(), *m.buffers())])
+    with tracker:
+        out = sample(real_pipe, clf)
+    assert torch.isfinite(out.images).all()
+
+    def estimate(chunk=0, checkpointing=False):
+        state = {}
+
+        def build():  # the same modules from their configs: fake weights of the same shapes
+            pipe = UnCLIPFeedbackPipeline(**{name: rebuild(part) for name, part in real_pipe.components.items()})
+            if checkpointing:
+                apply_performance_options(pipe, GenerateConfig(gradient_checkpointing=True))
+            state.update(pipe=pipe, clf=Classifier(clf.spec).eval())
+            return modules(pipe, state["clf"])
+
+        return estimate_peak_bytes(build, lambda _: sample(state["pipe"], state["clf"], chunk))[1]
+
+    # within 1%: meta kernels can pick another memory layout than the CPU kernels (group_norm on a
+    # channels-last input comes out contiguous), so a later .contiguous() copies in one run only
+    assert abs(estimate() - tracker.peak) <= 0.01 * tracker.peak
+    assert estimate(chunk=1) < estimate(chunk=2) < tracker.peak
+    assert estimate(checkpointing=True) < tracker.peak

@@ -129,6 +129,7 @@ class GenerateConfig:
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     pad_last_batch: bool = False  # pad a shard's last batch to batch_size (implied by compile_unet)
     gradient_checkpointing: bool = False  # recompute UNet/VAE activations in the guided backward (memory)
+    guidance_chunk_size: int = 0  # decode + classify the guided batch this many at a time (0: all; memory)
 
     def validate(self, prefix: str = "generate") -> None:
         from .criteria import CRITERIA  # late import: criteria imports torch
@@ -149,6 +150,8 @@ class GenerateConfig:
                f"must be none, bfloat16 or float16, got '{self.autocast}'")
         _check(self.guidance_dtype in ("float32", "bfloat16"), f"{prefix}.guidance_dtype",
                f"must be float32 or bfloat16 (float16 VAE decodes overflow to NaN), got '{self.guidance_dtype}'")
+        _check(self.guidance_chunk_size >= 0, f"{prefix}.guidance_chunk_size",
+               f"must be >= 0 (0: the whole batch), got {self.guidance_chunk_size}")
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         _check(self.compile_mode in modes, f"{prefix}.compile_mode", f"must be one of {modes}, got '{self.compile_mode}'")
 

@@ -109,7 +109,8 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
     pipe = apply_performance_options(pipe, cfg)
     precision = GUIDANCE_DTYPES[cfg.guidance_dtype]
     stats = load_class_stats(feedback_url) if cfg.criterion != "none" else None
-    feedback = FeedbackGuidance(clf, cfg.criterion, cfg.scale, stats, precision=precision) \
+    feedback = FeedbackGuidance(clf, cfg.criterion, cfg.scale, stats, precision=precision,
+                                chunk_size=cfg.guidance_chunk_size) \
         if cfg.criterion != "none" else None
     # an independent scorer records every image's criterion, guided or not (for comparisons)
     record = cfg.criterion if cfg.criterion != "none" else "entropy"

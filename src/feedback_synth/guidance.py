@@ -44,11 +44,17 @@ class FeedbackGuidance:
         decode: latents -> [0, 1] images; ``pixel_decode`` for pixel models, the VAE for latent ones.
         precision: the decode and the classifier (the gradient path) run in float32 (autocast off, even
             inside an autocast region) or under bfloat16 autocast; never float16, whose VAEs overflow.
+        chunk_size: decode and classify the guided batch this many samples at a time (0: all at once).
+            The criterion is per sample, so the gradient is the same; the memory of the gradient path
+            (a VAE decode at full resolution dominates it) is that of one chunk.
     """
 
     def __init__(self, classifier: Classifier, criterion: str, scale: float,
                  stats: Optional[ClassStats] = None, decode: Decode = pixel_decode,
-                 precision: torch.dtype = torch.float32):
+                 precision: torch.dtype = torch.float32, chunk_size: int = 0):
+        if chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0 (0: the whole batch), got {chunk_size}")
+        self.chunk_size = chunk_size
         if precision not in (torch.float32, torch.bfloat16):
             raise ValueError(f"guidance precision must be torch.float32 or torch.bfloat16, got {precision} "
                              "(float16 overflows in VAE decodes)")
@@ -79,11 +85,21 @@ class FeedbackGuidance:
         a = alpha_bar_t.to(torch.promote_types(z_t.dtype, torch.float32))
         x0 = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
         fac = (1 - a).sqrt()
+        decode_input = fac * x0 + (1 - fac) * z_t
         with self.autocast(z_t.device):  # the backward too: autocast state also reaches backward kernels
-            images = self.decode(fac * x0 + (1 - fac) * z_t)
-            values = self.score_images(images, labels)
-            (grad,) = torch.autograd.grad(values.sum(), z_t)
-        return grad, values.detach()
+            if not 0 < self.chunk_size < len(z_t):
+                values = self.score_images(self.decode(decode_input), labels)
+                (grad,) = torch.autograd.grad(values.sum(), z_t)
+                return grad, values.detach()
+            # chunk by chunk: d C / d decode_input, then one backward through x0 (and the UNet)
+            grads, values = [], []
+            for start in range(0, len(z_t), self.chunk_size):
+                part = decode_input[start:start + self.chunk_size].detach().requires_grad_(True)
+                part_values = self.score_images(self.decode(part), labels[start:start + self.chunk_size])
+                grads.append(torch.autograd.grad(part_values.sum(), part)[0])
+                values.append(part_values.detach())
+            (grad,) = torch.autograd.grad(decode_input, z_t, grad_outputs=torch.cat(grads))
+        return grad, torch.cat(values)
 
     def step(self, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor,
              labels: torch.Tensor) -> torch.Tensor:

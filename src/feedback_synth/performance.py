@@ -86,3 +86,90 @@ def pad_batch(batch: Sequence, size: int) -> list:
     """
     batch = list(batch)
     return batch + [batch[-1]] * (size - len(batch))
+
+
+class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of tensor storages alive while the block runs: the figure that
+    ``torch.cuda.max_memory_allocated`` reports, less the allocator's rounding and the kernels'
+    scratch space (cuDNN, cuBLAS workspaces).
+
+    Storages alive before the block (weights) are counted with ``count``. Under
+    ``torch._subclasses.FakeTensorMode`` nothing is computed or allocated, so this sizes a GPU
+    configuration on any machine: ``estimate_peak_bytes``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        import weakref
+
+        self._weakref = weakref
+        self._seen: dict[int, int] = {}  # id(storage) -> bytes, while alive
+        self.live = self.peak = 0
+
+    def count(self, *tensors: torch.Tensor) -> None:
+        """Add storages that exist already (weights, inputs) to the live total."""
+        for t in tensors:
+            self._add(t.untyped_storage())
+
+    def _add(self, storage) -> None:
+        key = id(storage)
+        if key in self._seen:
+            return
+        size = storage.nbytes()
+        self._seen[key] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        self._weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._seen.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t.untyped_storage())
+        return out
+
+
+def with_int_timesteps(scheduler):
+    """The same scheduler, with its timesteps kept as Python ints.
+
+    Schedulers branch on timestep values (``prev_timestep >= 0``) and the denoising loop indexes
+    ``alphas_cumprod[int(t)]``: under FakeTensorMode tensors have no values, so the timesteps are
+    set outside it. Stepping is unchanged (diffusers' DDIM/DDPM steps take int timesteps).
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    base = type(scheduler)
+
+    class IntTimesteps(base):
+        def set_timesteps(self, num_inference_steps, device=None, **kwargs):
+            with unset_fake_temporarily():
+                base.set_timesteps(self, num_inference_steps, **kwargs)
+                self.timesteps = [int(t) for t in self.timesteps]
+
+    IntTimesteps.__name__ = base.__name__
+    return IntTimesteps.from_config(scheduler.config)
+
+
+def estimate_peak_bytes(build, run) -> tuple[int, int]:
+    """Size a workload without running it: ``build()`` returns the modules (weights are made but
+    not filled), ``run(modules)`` does the work; both run under ``FakeTensorMode``, on the CPU
+    device, so no kernel runs and no memory is taken. Give diffusers pipelines a scheduler from
+    ``with_int_timesteps``.
+
+    Returns (weight bytes, peak bytes of all live tensors including the weights). What it leaves
+    out on a GPU: allocator rounding and fragmentation, kernel workspaces, the CUDA context.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        modules = build()
+        tracker = LiveTensorBytes()
+        weights = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        tracker.count(*weights)
+        weight_bytes = tracker.live
+        with tracker:
+            run(modules)
+        return weight_bytes, tracker.peak

@@ -101,7 +101,8 @@ class UnCLIPFeedbackPipeline(TextFeedbackPipeline):
         if masks is not None:
             embeds = embeds * masks.to(device)
         levels = torch.full((batch_size,), noise_level, device=device, dtype=torch.long)
-        self.image_normalizer.to(device)
+        if self.image_normalizer.mean.device != device:  # not moved by pipe.to() in older diffusers
+            self.image_normalizer.to(device)
         embeds = self.image_normalizer.scale(embeds)
         embeds = self.image_noising_scheduler.add_noise(embeds, noise, levels)
         embeds = self.image_normalizer.unscale(embeds)
