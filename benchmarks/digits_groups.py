@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits_lt import fmt, generation_settings, plain_row, synthesis_row  # noqa: E402
 
 from feedback_synth import io, stages  # noqa: E402
-from feedback_synth.cli import _preset  # noqa: E402
+from feedback_synth.config import preset  # noqa: E402
 from feedback_synth.config import load_run_config  # noqa: E402
 from feedback_synth.evaluate import summary  # noqa: E402
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="benchmarks/results/digits_groups.md")
     args = p.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    cfg = load_run_config(base=_preset("digits-groups"), overrides=["tracking.enabled=false", *args.set])
+    cfg = load_run_config(base=preset("digits-groups"), overrides=["tracking.enabled=false", *args.set])
     work = args.work or tempfile.mkdtemp(prefix="fs-bench-groups-")
     t_start = time.time()
     data_url = io.join(work, "data")

@@ -36,9 +36,9 @@ COLUMNS = ("overall", "many", "medium", "few", "worst_class")
 
 
 def preset() -> RunConfig:
-    from feedback_synth.cli import _preset
+    from feedback_synth.config import preset as dataset_preset
 
-    return load_run_config(base=_preset("digits-lt"), overrides=["tracking.enabled=false"])
+    return load_run_config(base=dataset_preset("digits-lt"), overrides=["tracking.enabled=false"])
 
 
 def synthesis_row(name: str, work: str, data_url: str, base_url: str, cfg: RunConfig, gen_cfg: GenerateConfig,
@@ -123,9 +123,9 @@ def main(argv=None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     cfg = preset()
     if args.set:
-        from feedback_synth.cli import _preset
+        from feedback_synth.config import preset as dataset_preset
 
-        cfg = load_run_config(base=_preset("digits-lt"), overrides=["tracking.enabled=false", *args.set])
+        cfg = load_run_config(base=dataset_preset("digits-lt"), overrides=["tracking.enabled=false", *args.set])
     work = args.work or tempfile.mkdtemp(prefix="fs-bench-")
     t_start = time.time()
     data_url = io.join(work, "data")

@@ -12,34 +12,11 @@ import time
 from typing import Any, Optional
 
 from . import io
-from .config import RunConfig, load_run_config
+from .config import RunConfig, resolve_run_config
 from .errors import FeedbackSynthError
 
-PRESETS = {"digits-lt": "digits-lt.yaml", "digits-groups": "digits-groups.yaml"}
-
-
-def _preset(dataset: Optional[str]) -> dict[str, Any]:
-    """Built-in datasets come with a preset of sensible defaults (package data)."""
-    from importlib import resources
-
-    import yaml
-
-    name = PRESETS.get(dataset or "digits-lt")
-    if name is None:
-        return {}
-    path = resources.files("feedback_synth") / "presets" / name
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
-
-
 def _load_config(args) -> RunConfig:
-    dataset = getattr(args, "dataset", None)
-    sets = list(getattr(args, "set", None) or [])
-    if dataset:
-        sets.insert(0, f"data.dataset={dataset}")
-    preset_name = dataset
-    if not preset_name and args.config:
-        preset_name = (io.read_yaml(args.config) or {}).get("data", {}).get("dataset")
-    return load_run_config(args.config, sets, base=_preset(preset_name))
+    return resolve_run_config(getattr(args, "dataset", None), args.config, getattr(args, "set", None))
 
 
 def _default_output() -> str:

@@ -345,6 +345,42 @@ def load_run_config(file_url: Optional[str] = None, overrides: Optional[list[str
     return cfg
 
 
+PRESETS = {"digits-lt": "digits-lt.yaml", "digits-groups": "digits-groups.yaml"}
+
+
+def preset(dataset: Optional[str]) -> dict[str, Any]:
+    """The preset of a built-in dataset (package data: ``presets/<name>.yaml``); {} for a dataset URL.
+
+    ``None`` is the default dataset, digits-lt.
+    """
+    from importlib import resources
+
+    name = PRESETS.get(dataset or "digits-lt")
+    if name is None:
+        return {}
+    path = resources.files("feedback_synth") / "presets" / name
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def resolve_run_config(dataset: Optional[str] = None, file_url: Optional[str] = None,
+                       overrides: Optional[list[str]] = None) -> RunConfig:
+    """The run configuration the command line means: the dataset's preset < the YAML file <
+    ``--set`` overrides, with ``dataset`` (if given) as ``data.dataset``. Without ``dataset`` the
+    preset follows the file's ``data.dataset``."""
+    from . import io
+
+    sets = list(overrides or [])
+    if dataset:
+        sets.insert(0, f"data.dataset={dataset}")
+    preset_name = dataset
+    if not preset_name and file_url:
+        try:
+            preset_name = ((io.read_yaml(file_url) or {}).get("data") or {}).get("dataset")
+        except (FileNotFoundError, AttributeError, yaml.YAMLError):
+            preset_name = None  # load_run_config reports the file's problem
+    return load_run_config(file_url, sets, base=preset(preset_name))
+
+
 def stage_config(cls: type, data: dict[str, Any] | str | None, prefix: str) -> Any:
     """Build and validate one stage's config from a dict or a JSON/YAML string (KFP inputs)."""
     if isinstance(data, str):

@@ -2,10 +2,14 @@
 
     feedback-synth compile --output pipeline.yaml [--parallelism N]
     feedback-synth submit --host URL [--namespace NS] [--experiment NAME]
+                          [--dataset D] [--config FILE] [--set section.key=value ...]
                           [--run-name NAME | --run-name-prefix P] [--param key=value ...]
                           [--package FILE] [--recurring CRON --job-name NAME]
 
-``submit`` compiles the built-in pipeline unless ``--package`` names a compiled one, checks every
+``submit`` resolves the run configuration as ``run`` does (the dataset's preset, ``--config``,
+``--set``) and sends what differs from the pipeline's defaults as pipeline parameters, so a
+submitted run means the same as a local one; ``--param`` (infrastructure, or any parameter) wins
+over it. It compiles the built-in pipeline unless ``--package`` names a compiled one, checks every
 ``--param`` against the pipeline's parameters (and converts it to the parameter's type), checks
 that the KFP API answers (bounded by ``--timeout``), then creates a run, or with ``--recurring``
 a recurring run, through ``kfp.Client``. In a pod with ``KF_PIPELINES_SA_TOKEN_PATH`` set,
@@ -23,6 +27,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .config import resolve_run_config
 from .errors import ConfigError, FeedbackSynthError
 
 
@@ -129,6 +134,45 @@ def parse_params(pairs: list[str], params: dict[str, dict[str, Any]]) -> dict[st
     return out
 
 
+# where the cluster, not the run configuration, decides: the chart passes these with --param
+_INFRASTRUCTURE = ("workspace_url", "mlflow_tracking_uri")
+
+
+def config_parameters(cfg, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The pipeline parameters that carry ``cfg`` (a ``RunConfig``), less those equal to the
+    pipeline's defaults and the infrastructure ones. The laptop default ``device: cpu`` is not
+    sent: GPU tasks keep the pipeline's ``gpu_device``."""
+    from .kfp_runner import pipeline_arguments
+
+    out = {}
+    for key, value in pipeline_arguments(cfg).items():
+        if key in _INFRASTRUCTURE or key not in params or (key == "gpu_device" and value == "cpu"):
+            continue
+        default = params[key]["default"]
+        if key.endswith("_overrides"):
+            if json.loads(value) != json.loads(default or "{}"):
+                out[key] = value
+        elif value != default:
+            out[key] = value
+    return out
+
+
+def merge_parameters(derived: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """``explicit`` (--param) over ``derived``; a ``*_overrides`` JSON object is merged key by key."""
+    out = dict(derived)
+    for key, value in explicit.items():
+        if key.endswith("_overrides") and key in out:
+            try:
+                extra = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--param {key}: not a JSON object ({exc})") from None
+            if not isinstance(extra, dict):
+                raise ConfigError(f"--param {key}: expected a JSON object, got {type(extra).__name__}")
+            value = json.dumps({**json.loads(out[key]), **extra}, sort_keys=True)
+        out[key] = value
+    return out
+
+
 def cron_expression(cron: str) -> str:
     """KFP's cron has 6 fields (seconds first); a 5-field crontab line gets '0' seconds."""
     fields = cron.split()
@@ -221,7 +265,10 @@ def cmd_submit(args) -> int:
     run_name = args.run_name or f"{args.run_name_prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package or compile_to(os.path.join(tmp, "feedback_synth_pipeline.yaml"))
-        params = parse_params(args.param, pipeline_parameters(package))
+        spec = pipeline_parameters(package)
+        explicit = parse_params(args.param, spec)
+        cfg = resolve_run_config(args.dataset or explicit.get("dataset"), args.config, args.set)
+        params = merge_parameters(config_parameters(cfg, spec), explicit)
         result = submit(args.host, package, params, namespace=args.namespace, experiment=args.experiment,
                         run_name=run_name, recurring=args.recurring, job_name=args.job_name, timeout_s=args.timeout)
     what = "recurring run" if args.recurring else "run"
@@ -246,8 +293,13 @@ def add_kfp_commands(subparsers) -> None:
     names.add_argument("--run-name", help="the run's name")
     names.add_argument("--run-name-prefix", default="feedback-synth",
                        help="name the run PREFIX-YYYYmmdd-HHMMSS (default prefix: feedback-synth)")
+    p.add_argument("--dataset", help="digits-lt | digits-groups | a dataset URL (default: digits-lt); "
+                                      "a built-in dataset brings its preset, as with run")
+    p.add_argument("--config", help="YAML file with per-stage sections, as with run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set generate.strength=0.6 (repeatable)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a pipeline parameter (repeatable); dicts and lists as JSON, e.g. "
+                   help="a pipeline parameter, over the configuration (repeatable); dicts and lists as JSON, e.g. "
                         "--param 'gpu_node_selector={\"cloud.google.com/gke-accelerator\": \"nvidia-l4\"}'")
     p.add_argument("--package", help="a compiled pipeline YAML (default: compile the built-in pipeline)")
     p.add_argument("--recurring", metavar="CRON",

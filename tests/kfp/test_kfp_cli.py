@@ -152,7 +152,8 @@ def test_submit_creates_a_run_with_typed_parameters(fake_kfp, capsys):
     assert "nodeSelector" in executors["exec-generate-shard"]  # the GPU placement reaches the server
     assert run["runtime_config"]["parameters"] == {
         "scale": 0.01, "mlflow_tracking_uri": "http://mlflow:5000",
-        "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
+        "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        "generate_overrides": '{"strength": 0.6}', "shard_size": 128}  # the digits-lt preset, as `run` uses it
     (exp,) = [b for m, p, b in calls if m == "POST" and p.startswith("/apis/v2beta1/experiments")]
     assert exp["display_name"] == "exp" and exp["namespace"] == "team-a"
 
@@ -166,7 +167,8 @@ def test_submit_recurring_run(fake_kfp, capsys, compiled):
     assert job["display_name"] == "weekly"
     assert job["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 0"
     assert job["max_concurrency"] in ("1", 1) and job["no_catchup"] is True
-    assert job["runtime_config"]["parameters"] == {"budget_fraction": 0.5}
+    assert job["runtime_config"]["parameters"] == {"budget_fraction": 0.5, "scale": 0.01,  # the digits-lt preset
+                                                  "shard_size": 128, "generate_overrides": '{"strength": 0.6}'}
 
 
 def test_run_name_prefix(fake_kfp, capsys):
@@ -174,3 +176,54 @@ def test_run_name_prefix(fake_kfp, capsys):
     assert main(["submit", "--host", host, "--run-name-prefix", "nightly"]) == 0, capsys.readouterr().err
     (run,) = [b for m, p, b in calls if m == "POST" and p.startswith("/apis/v2beta1/runs")]
     assert run["display_name"].startswith("nightly-20")
+
+
+def _submitted_parameters(host, calls, capsys, *args):
+    assert main(["submit", "--host", host, *args]) == 0, capsys.readouterr().err
+    (run,) = [b for m, p, b in calls if m == "POST" and p.startswith("/apis/v2beta1/runs")]
+    calls.clear()
+    return run["runtime_config"]["parameters"]
+
+
+def test_submit_means_what_run_means(fake_kfp, capsys, tmp_path):
+    """The configuration resolves as for `feedback-synth run` (preset < --config < --set), and only
+    what differs from the pipeline's defaults is sent; --param wins, and merges into *_overrides."""
+    from feedback_synth.config import preset, resolve_run_config
+    from feedback_synth.kfp_runner import pipeline_arguments
+
+    host, calls = fake_kfp
+    # digits-groups: its preset's values reach the run (and the laptop device 'cpu' does not)
+    params = _submitted_parameters(host, calls, capsys, "--dataset", "digits-groups")
+    assert params["dataset"] == "digits-groups" and "gpu_device" not in params
+    cfg = resolve_run_config("digits-groups")
+    assert cfg.promote.gate_metric == preset("digits-groups")["promote"]["gate_metric"] == params["gate_metric"]
+    sent_generate = json.loads(params.get("generate_overrides", "{}"))
+    expected = json.loads(pipeline_arguments(cfg)["generate_overrides"])
+    assert sent_generate == expected
+    # a dataset URL has no preset: nothing but the dataset differs from the defaults
+    assert _submitted_parameters(host, calls, capsys, "--param", "dataset=gs://bucket/data") == {
+        "dataset": "gs://bucket/data"}
+    # --config and --set, then --param over them; a --param *_overrides object merges key by key
+    config = tmp_path / "run.yaml"
+    config.write_text("generate:\n  num_inference_steps: 30\n  scale: 0.03\n")
+    params = _submitted_parameters(host, calls, capsys, "--config", str(config), "--set", "generate.cfg_scale=3.0",
+                                   "--param", "guide_every=2", "--param", 'generate_overrides={"batch_size": 8}')
+    assert params["scale"] == 0.03 and params["guide_every"] == 2
+    assert json.loads(params["generate_overrides"]) == {"strength": 0.6, "num_inference_steps": 30, "cfg_scale": 3.0,
+                                                        "batch_size": 8}
+    # a bad override is named, before any run is created
+    assert main(["submit", "--host", host, "--set", "generate.scale=7"]) == 2
+    assert "generate.scale" in capsys.readouterr().err
+    assert not [c for c in calls if c[0] == "POST"]
+
+
+def test_pipeline_defaults_are_the_library_defaults(compiled):
+    """One source of truth: a parameter left at its default means the library's default config
+    (except the GPU tasks' device, 'cuda' in the pipeline and 'cpu' on a laptop)."""
+    from feedback_synth.config import RunConfig
+    from feedback_synth.kfp_runner import pipeline_arguments
+
+    spec = pipeline_parameters(str(compiled))
+    differ = {k: (spec[k]["default"], v) for k, v in pipeline_arguments(RunConfig()).items()
+              if k in spec and spec[k]["default"] != v and k != "gpu_device"}
+    assert not differ, differ

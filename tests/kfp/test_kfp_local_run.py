@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from feedback_synth.cli import _preset
+from feedback_synth.config import preset
 from feedback_synth.config import load_run_config
 
 
@@ -50,7 +50,7 @@ def test_pipeline_through_the_kfp_local_runner(tmp_path, generator):
     cfg = load_run_config(None, [
         "train.model=test_resnet", "train.epochs=2", "retrain.epochs=2", "feedback.budget_fraction=0.1",
         "feedback.shard_size=24", "generate.num_inference_steps=4", f"generate.generator={generator}",
-        "filter.filters=[degenerate]", "promote.min_gain=0.0"], base=_preset("digits-lt"))
+        "filter.filters=[degenerate]", "promote.min_gain=0.0"], base=preset("digits-lt"))
     output = tmp_path / "run"
     report = run_kfp_local(cfg, str(output), parallelism=2)
 
