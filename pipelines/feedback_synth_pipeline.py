@@ -6,6 +6,7 @@ compile-time settings (generation parallelism, resources, GPU type, retries). Ev
 changes per run is a pipeline parameter.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -14,6 +15,7 @@ from kfp import dsl, kubernetes
 from feedback_synth_kfp.components.evaluate import evaluate
 from feedback_synth_kfp.components.extract_feedback import extract_feedback
 from feedback_synth_kfp.components.filter_synthetic import filter_synthetic
+from feedback_synth_kfp.components.finish_tracking import finish_tracking
 from feedback_synth_kfp.components.generate_shard import generate_shard
 from feedback_synth_kfp.components.prepare_data import prepare_data
 from feedback_synth_kfp.components.promote import promote
@@ -54,6 +56,10 @@ class PipelineSettings:
     small: Resources = field(default_factory=lambda: Resources("250m", "1", "1Gi", "2Gi"))  # tracking, promote
     cpu: Resources = field(default_factory=lambda: Resources("2", "4", "8Gi", "16Gi"))  # data, training, filter
     gpu: Resources = field(default_factory=lambda: Resources("4", "8", "16Gi", "32Gi"))  # generation, retraining
+    # Wrap the stages in an exit handler that closes the MLflow runs of a failed run. KFP allows no
+    # pipeline outputs from inside one, so without it (the local runner, which reads the outputs)
+    # the pipeline returns PipelineOutputs instead.
+    exit_handler: bool = True
 
     def __post_init__(self) -> None:
         if self.parallelism < 1:
@@ -81,8 +87,6 @@ def _on_gpu(task: dsl.PipelineTask, settings: PipelineSettings, node_selector, t
 def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
     """The pipeline function, compiled with ``settings``."""
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Fix an imbalanced image classifier with feedback-guided "
-                                                   "diffusion synthesis: train, generate, filter, retrain, promote.")
     def feedback_synth_pipeline(
         dataset: str = "digits-lt",
         classifier_model: str = "resnet10t",
@@ -109,10 +113,11 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
         filter_overrides: str = "{}",
         retrain_overrides: str = "{}",
         promote_overrides: str = "{}",
-    ) -> PipelineOutputs:
+    ):
         """Feedback-guided synthesis for an imbalanced classifier, stage by stage.
 
-        Steps: start_tracking (MLflow parent run) -> prepare_data -> train_baseline ->
+        Steps (inside an exit handler, finish_tracking, that closes the MLflow runs a failed run left
+        open; see PipelineSettings.exit_handler): start_tracking (MLflow parent run) -> prepare_data -> train_baseline ->
         extract_feedback (plan: shard ids) -> generate_shard x N (ParallelFor, GPU) ->
         filter_synthetic (dsl.Collected shards) -> retrain (GPU) -> evaluate -> promote.
 
@@ -148,62 +153,76 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
         where = dict(workspace_url=workspace_url, run_id=run_id)
         data_args = dict(dataset=dataset, data_overrides=data_overrides)
 
-        track = _sized(start_tracking(
-            mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
-            registered_model=registered_model, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_run_id=run_id,
-            parameters=(f'{{"dataset": "{dataset}", "classifier_model": "{classifier_model}", '
-                        f'"generator": "{generator}", "criterion": "{criterion}", "scale": {scale}, '
-                        f'"guide_every": {guide_every}, "budget_fraction": {budget_fraction}, '
-                        f'"shard_size": {shard_size}, "workspace_url": "{workspace_url}", '
-                        f'"data_overrides": {data_overrides}, "train_overrides": {train_overrides}, '
-                        f'"feedback_overrides": {feedback_overrides}, "generate_overrides": {generate_overrides}, '
-                        f'"filter_overrides": {filter_overrides}, "retrain_overrides": {retrain_overrides}, '
-                        f'"promote_overrides": {promote_overrides}}}')),
-            "Start MLflow run", settings.small)
-        track.set_caching_options(False)  # opens a new MLflow run every time
-        tracking = track.outputs["tracking"]
+        stages = contextlib.nullcontext()
+        if settings.exit_handler:  # runs whatever happens inside it: a failed run's MLflow runs get closed
+            finish = _sized(finish_tracking(mlflow_tracking_uri=mlflow_tracking_uri,
+                                            mlflow_experiment=mlflow_experiment, kfp_run_id=run_id),
+                            "Close MLflow runs", settings.small)
+            finish.set_caching_options(False)
+            stages = dsl.ExitHandler(finish, name="stages")
+        with stages:
+            track = _sized(start_tracking(
+                mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
+                registered_model=registered_model, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_run_id=run_id,
+                parameters=(f'{{"dataset": "{dataset}", "classifier_model": "{classifier_model}", '
+                            f'"generator": "{generator}", "criterion": "{criterion}", "scale": {scale}, '
+                            f'"guide_every": {guide_every}, "budget_fraction": {budget_fraction}, '
+                            f'"shard_size": {shard_size}, "workspace_url": "{workspace_url}", '
+                            f'"data_overrides": {data_overrides}, "train_overrides": {train_overrides}, '
+                            f'"feedback_overrides": {feedback_overrides}, "generate_overrides": {generate_overrides}, '
+                            f'"filter_overrides": {filter_overrides}, "retrain_overrides": {retrain_overrides}, '
+                            f'"promote_overrides": {promote_overrides}}}')),
+                "Start MLflow run", settings.small)
+            track.set_caching_options(False)  # opens a new MLflow run every time
+            tracking = track.outputs["tracking"]
 
-        data = _sized(prepare_data(**data_args, tracking=tracking, **where), "Prepare data", settings.cpu)
-        base = _sized(train_baseline(data=data.outputs["data"], **data_args, classifier_model=classifier_model,
-                                     train_overrides=train_overrides, tracking=tracking, **where),
-                      "Train baseline", settings.cpu)
-        fb = _sized(extract_feedback(data=data.outputs["data"], baseline=base.outputs["baseline"],
-                                     budget_fraction=budget_fraction, shard_size=shard_size,
-                                     feedback_overrides=feedback_overrides, tracking=tracking, **where),
-                    "Extract feedback and plan", settings.cpu)
+            data = _sized(prepare_data(**data_args, tracking=tracking, **where), "Prepare data", settings.cpu)
+            base = _sized(train_baseline(data=data.outputs["data"], **data_args, classifier_model=classifier_model,
+                                         train_overrides=train_overrides, tracking=tracking, **where),
+                          "Train baseline", settings.cpu)
+            fb = _sized(extract_feedback(data=data.outputs["data"], baseline=base.outputs["baseline"],
+                                         budget_fraction=budget_fraction, shard_size=shard_size,
+                                         feedback_overrides=feedback_overrides, tracking=tracking, **where),
+                        "Extract feedback and plan", settings.cpu)
 
-        with dsl.ParallelFor(items=fb.outputs["Output"], parallelism=settings.parallelism,
-                             name="generate-shards") as shard_id:
-            gen = generate_shard(data=data.outputs["data"], baseline=base.outputs["baseline"],
-                                 feedback=fb.outputs["feedback"], shard_id=shard_id, generator=generator,
-                                 criterion=criterion, scale=scale, guide_every=guide_every, device=gpu_device,
-                                 generate_overrides=generate_overrides, tracking=tracking, **where)
-            _on_gpu(_sized(gen, "Generate shard", settings.gpu), settings, gpu_node_selector, gpu_tolerations)
-            gen.set_caching_options(False)  # the cache does not check that shard files still exist
+            with dsl.ParallelFor(items=fb.outputs["Output"], parallelism=settings.parallelism,
+                                 name="generate-shards") as shard_id:
+                gen = generate_shard(data=data.outputs["data"], baseline=base.outputs["baseline"],
+                                     feedback=fb.outputs["feedback"], shard_id=shard_id, generator=generator,
+                                     criterion=criterion, scale=scale, guide_every=guide_every, device=gpu_device,
+                                     generate_overrides=generate_overrides, tracking=tracking, **where)
+                _on_gpu(_sized(gen, "Generate shard", settings.gpu), settings, gpu_node_selector, gpu_tolerations)
+                gen.set_caching_options(False)  # the cache does not check that shard files still exist
 
-        flt = _sized(filter_synthetic(data=data.outputs["data"], baseline=base.outputs["baseline"],
-                                      feedback=fb.outputs["feedback"], shards=dsl.Collected(gen.outputs["shard"]),
-                                      filter_overrides=filter_overrides, tracking=tracking, **where),
-                     "Filter synthetic images", settings.cpu)
-        flt.set_caching_options(False)
-        ret = retrain(data=data.outputs["data"], baseline=base.outputs["baseline"], filtered=flt.outputs["filtered"],
-                      **data_args, device=gpu_device, retrain_overrides=retrain_overrides, tracking=tracking, **where)
-        _on_gpu(_sized(ret, "Retrain on real + synthetic", settings.gpu), settings, gpu_node_selector,
-                gpu_tolerations)
-        ev = _sized(evaluate(data=data.outputs["data"], baseline=base.outputs["baseline"],
-                             retrained=ret.outputs["retrained"], filtered=flt.outputs["filtered"], **data_args,
-                             tracking=tracking, **where), "Evaluate", settings.cpu)
-        pro = _sized(promote(retrained=ret.outputs["retrained"], evaluation=ev.outputs["evaluation"],
-                             gate_metric=gate_metric, min_gain=min_gain, max_overall_drop=max_overall_drop,
-                             promote_overrides=promote_overrides, tracking=tracking), "Promote", settings.small)
-        pro.set_caching_options(False)  # the registry changes between runs
+            flt = _sized(filter_synthetic(data=data.outputs["data"], baseline=base.outputs["baseline"],
+                                          feedback=fb.outputs["feedback"], shards=dsl.Collected(gen.outputs["shard"]),
+                                          filter_overrides=filter_overrides, tracking=tracking, **where),
+                         "Filter synthetic images", settings.cpu)
+            flt.set_caching_options(False)
+            ret = retrain(data=data.outputs["data"], baseline=base.outputs["baseline"],
+                          filtered=flt.outputs["filtered"], **data_args, device=gpu_device,
+                          retrain_overrides=retrain_overrides, tracking=tracking, **where)
+            _on_gpu(_sized(ret, "Retrain on real + synthetic", settings.gpu), settings, gpu_node_selector,
+                    gpu_tolerations)
+            ev = _sized(evaluate(data=data.outputs["data"], baseline=base.outputs["baseline"],
+                                 retrained=ret.outputs["retrained"], filtered=flt.outputs["filtered"], **data_args,
+                                 tracking=tracking, **where), "Evaluate", settings.cpu)
+            pro = _sized(promote(retrained=ret.outputs["retrained"], evaluation=ev.outputs["evaluation"],
+                                 gate_metric=gate_metric, min_gain=min_gain, max_overall_drop=max_overall_drop,
+                                 promote_overrides=promote_overrides, tracking=tracking), "Promote", settings.small)
+            pro.set_caching_options(False)  # the registry changes between runs
 
+        if settings.exit_handler:
+            return None
         return PipelineOutputs(tracking=tracking, data=data.outputs["data"], baseline=base.outputs["baseline"],
-                       feedback=fb.outputs["feedback"], filtered=flt.outputs["filtered"],
-                       retrained=ret.outputs["retrained"], evaluation=ev.outputs["evaluation"],
-                       decision=pro.outputs["decision"])
+                               feedback=fb.outputs["feedback"], filtered=flt.outputs["filtered"],
+                               retrained=ret.outputs["retrained"], evaluation=ev.outputs["evaluation"],
+                               decision=pro.outputs["decision"])
 
-    return feedback_synth_pipeline
+    feedback_synth_pipeline.__annotations__["return"] = None if settings.exit_handler else PipelineOutputs
+    return dsl.pipeline(name=PIPELINE_NAME, description="Fix an imbalanced image classifier with feedback-guided "
+                                                        "diffusion synthesis: train, generate, filter, retrain, "
+                                                        "promote.")(feedback_synth_pipeline)
 
 
 feedback_synth_pipeline = build_pipeline()

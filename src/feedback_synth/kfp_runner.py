@@ -121,7 +121,7 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
         root, workspace = tempfile.mkdtemp(prefix="feedback-synth-kfp-"), output_url
     parallelism = parallelism or max(1, (os.cpu_count() or 2) // 2)
     # no retries here: a failure on this machine is not a preempted node
-    pipeline = build_pipeline(PipelineSettings(parallelism=parallelism, gpu_retries=0))
+    pipeline = build_pipeline(PipelineSettings(parallelism=parallelism, gpu_retries=0, exit_handler=False))
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
     t0 = time.time()
     try:

@@ -35,6 +35,8 @@ from .promote import CHALLENGER, CHAMPION, TEST_SET_TAG, make_lock, metrics_from
 
 KFP_RUN_ID_ENV = "KFP_RUN_ID"  # set it (e.g. from dsl.PIPELINE_JOB_ID_PLACEHOLDER) to tag the parent run
 STAGE_TAG = "feedback_synth.stage"
+PIPELINE_STATE_TAG = "feedback_synth.pipeline_state"  # set by the KFP exit handler
+PIPELINE_ERROR_TAG = "feedback_synth.pipeline_error"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 _TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED",
                     "ABORTED"}
@@ -385,13 +387,8 @@ class MLflowTracker:
     def start(self, run_name: str, config: dict[str, Any], tags: Optional[dict[str, str]] = None) -> None:
         """Open (or attach to) the parent run; log the resolved config as params and config.yaml."""
         import yaml
-        from mlflow import MlflowClient
 
-        _configure_mlflow_env(self.cfg)
-        check_reachable(self.tracking_uri, self.cfg.retries)  # before any long work
-        hint = f" The run's outputs are kept in {self.output_url}."
-        self._client = RetryingClient(MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri),
-                                      self.cfg.retries, self.tracking_uri, hint)
+        self._connect()
         tags = dict(tags or {})
         if "kfp.run_id" in tags and not self.kfp_run_id:
             self.kfp_run_id = tags["kfp.run_id"]
@@ -418,6 +415,47 @@ class MLflowTracker:
         if where.startswith("sqlite:///"):
             where += f"  (see it: mlflow ui --backend-store-uri {where}; feedback-synth compare --tracking-uri {where})"
         _say(f"MLflow run {self.run_id} at {where}")
+
+    def _connect(self) -> None:
+        from mlflow import MlflowClient
+
+        _configure_mlflow_env(self.cfg)
+        check_reachable(self.tracking_uri, self.cfg.retries)  # before any long work
+        hint = f" The run's outputs are kept in {self.output_url}." if self.output_url else ""
+        self._client = RetryingClient(MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri),
+                                      self.cfg.retries, self.tracking_uri, hint)
+
+    def close_pipeline_runs(self, kfp_run_id: str, succeeded: bool, message: str = "") -> dict[str, Any]:
+        """Close what one KFP run left open (its exit handler calls this, whatever happened).
+
+        The parent run, still RUNNING when a stage failed before ``promote`` closed it, ends FAILED
+        (or FINISHED if the pipeline succeeded), tagged with the pipeline's state and error. A stage
+        run still RUNNING belonged to a pod that died without closing it (OOM-killed, preempted,
+        retried): it ends KILLED. Returns what was closed.
+        """
+        self._connect()
+        closed: dict[str, Any] = {"parent": None, "killed_stages": []}
+        with _wrap_mlflow_errors("close the runs of the pipeline run"):
+            exp = self.client.get_experiment_by_name(self.cfg.experiment)
+            if exp is None:
+                return closed
+            runs = self.client.raw.search_runs(
+                [exp.experiment_id], max_results=1000,
+                filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and attributes.status = 'RUNNING'")
+            for run in runs:
+                run_id = run.info.run_id
+                if "mlflow.parentRunId" in run.data.tags:
+                    self.client.set_terminated(run_id, "KILLED")
+                    closed["killed_stages"].append(run.data.tags.get(STAGE_TAG, run.info.run_name))
+                    continue
+                status = "FINISHED" if succeeded else "FAILED"
+                tags = {PIPELINE_STATE_TAG: "SUCCEEDED" if succeeded else "FAILED"}
+                if message:
+                    tags[PIPELINE_ERROR_TAG] = message[:4900]
+                self._set_tags(run_id, tags)
+                self.client.set_terminated(run_id, status)
+                closed["parent"] = {"run_id": run_id, "status": status}
+        return closed
 
     def _experiment_id(self) -> str:
         from mlflow.exceptions import MlflowException

@@ -27,7 +27,9 @@ def test_compile_writes_the_pipeline(tmp_path, capsys):
     assert main(["compile", "--output", str(out), "--parallelism", "3"]) == 0
     spec = next(yaml.safe_load_all(out.read_text()))
     assert spec["pipelineInfo"]["name"] == "feedback-synth"
-    assert spec["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 3
+    (loop,) = [t for c in spec["components"].values() for n, t in c.get("dag", {}).get("tasks", {}).items()
+               if n.startswith("for-loop-")]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 3
     assert main(["compile", "--output", str(tmp_path / "nope" / "p.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

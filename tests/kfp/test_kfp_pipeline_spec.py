@@ -19,7 +19,7 @@ COMMITTED = REPO / "pipelines" / "feedback_synth_pipeline.yaml"
 STAGES = ["prepare_data", "train_baseline", "extract_feedback", "generate_shard", "filter_synthetic", "retrain",
           "evaluate", "promote"]
 GPU_TASKS = {"generate-shard", "retrain"}
-UNCACHED = {"generate-shard", "filter-synthetic", "promote", "start-tracking"}
+UNCACHED = {"generate-shard", "filter-synthetic", "promote", "start-tracking", "finish-tracking"}
 
 
 def _images() -> dict[str, str]:
@@ -36,6 +36,17 @@ def _tasks(spec) -> dict[str, dict]:
     return out
 
 
+def _groups(spec) -> set[str]:
+    """The control-flow tasks (the ParallelFor loop, the exit handler): DAGs, not containers."""
+    comps = spec["pipeline"]["components"]
+    return {name for name, t in _tasks(spec).items() if "dag" in comps[t["componentRef"]["name"]]}
+
+
+def _loop(spec) -> str:
+    (name,) = [n for n in _groups(spec) if n.startswith("for-loop-")]
+    return name
+
+
 def _executor(spec, task_name: str) -> dict:
     p = spec["pipeline"]
     comp = p["components"][_tasks(spec)[task_name]["componentRef"]["name"]]
@@ -49,28 +60,24 @@ def test_every_stage_is_a_task_in_order(spec):
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
     assert "prepare-data" in deps["train-baseline"]
     assert {"train-baseline", "prepare-data"} <= deps["extract-feedback"]
-    assert "for-loop-1" in deps["filter-synthetic"]  # joins the fan-out
+    assert _loop(spec) in deps["filter-synthetic"]  # joins the fan-out
     assert "filter-synthetic" in deps["retrain"]
     assert {"retrain", "filter-synthetic"} <= deps["evaluate"]
     assert {"evaluate", "retrain"} <= deps["promote"]
     for name, task in tasks.items():
-        if name != "for-loop-1":
+        if name not in _groups(spec):
             assert task["taskInfo"]["name"] != name, f"{name}: set_display_name"
 
 
 def test_images_come_from_images_yaml(spec):
     images = _images()
-    for name in _tasks(spec):
-        if name == "for-loop-1":
-            continue
+    for name in set(_tasks(spec)) - _groups(spec):
         expected = images["gpu"] if name in GPU_TASKS else images["cpu"]
         assert _executor(spec, name)["image"] == expected, name
 
 
 def test_lightweight_components_install_nothing(spec):
-    for name in _tasks(spec):
-        if name == "for-loop-1":
-            continue
+    for name in set(_tasks(spec)) - _groups(spec):
         c = _executor(spec, name)
         text = " ".join(c["command"] + c.get("args", []))
         assert "pip install" not in text, f"{name} installs packages at start (install_kfp_package=False?)"
@@ -84,19 +91,19 @@ def test_gpu_tasks_request_gpus_and_retry(spec):
         assert res["accelerator"]["resourceCount"] == "1", name
         retry = _tasks(spec)[name]["retryPolicy"]
         assert retry["maxRetryCount"] == 3 and retry["backoffDuration"] == "60s", name
-    for name in set(_tasks(spec)) - GPU_TASKS - {"for-loop-1"}:
+    for name in set(_tasks(spec)) - GPU_TASKS - _groups(spec):
         assert "accelerator" not in _executor(spec, name)["resources"], name
 
 
 def test_every_task_has_cpu_and_memory_requests_and_limits(spec):
-    for name in set(_tasks(spec)) - {"for-loop-1"}:
+    for name in set(_tasks(spec)) - _groups(spec):
         res = _executor(spec, name)["resources"]
         for key in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"):
             assert res.get(key), f"{name}: {key}"
 
 
 def test_generation_fans_out_over_the_plan_with_parallelism(spec):
-    loop = spec["pipeline"]["root"]["dag"]["tasks"]["for-loop-1"]
+    loop = _tasks(spec)[_loop(spec)]
     assert loop["iteratorPolicy"]["parallelismLimit"] == 8
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--extract-feedback-Output"
     body = spec["pipeline"]["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
@@ -104,12 +111,27 @@ def test_generation_fans_out_over_the_plan_with_parallelism(spec):
     shard_id = body["generate-shard"]["inputs"]["parameters"]["shard_id"]
     assert shard_id["componentInputParameter"] == loop["parameterIterator"]["itemInput"]
     # the join: filter_synthetic takes the collected outputs of every shard task
-    shards = spec["pipeline"]["root"]["dag"]["tasks"]["filter-synthetic"]["inputs"]["artifacts"]["shards"]
+    shards = _tasks(spec)["filter-synthetic"]["inputs"]["artifacts"]["shards"]
     assert shards["taskOutputArtifact"] == {"outputArtifactKey": "pipelinechannel--generate-shard-shard",
-                                            "producerTask": "for-loop-1"}
+                                            "producerTask": _loop(spec)}
     # extract_feedback returns the shard ids as a list
     outputs = spec["pipeline"]["components"]["comp-extract-feedback"]["outputDefinitions"]["parameters"]
     assert outputs["Output"]["parameterType"] == "LIST"
+
+
+def test_an_exit_handler_closes_the_mlflow_runs_of_a_failed_run(spec):
+    root = spec["pipeline"]["root"]["dag"]["tasks"]
+    (handler,) = [n for n in root if n.startswith("exit-handler-")]
+    assert set(root) == {handler, "finish-tracking"}  # every stage runs inside the handler
+    inside = spec["pipeline"]["components"][root[handler]["componentRef"]["name"]]["dag"]["tasks"]
+    assert {n.replace("_", "-") for n in STAGES if n != "generate_shard"} | {"start-tracking"} <= set(inside)
+    finish = root["finish-tracking"]
+    assert finish["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # also after a failure
+    assert finish["dependentTasks"] == [handler]
+    params = finish["inputs"]["parameters"]
+    assert params["status"]["taskFinalStatus"]["producerTask"] == handler
+    assert params["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert params["mlflow_tracking_uri"]["componentInputParameter"] == "mlflow_tracking_uri"
 
 
 def test_caching_is_off_where_the_cache_would_lie(spec):
@@ -177,8 +199,14 @@ def test_settings_change_what_is_compiled(tmp_path):
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, compile_pipeline
 
     path = compile_pipeline(str(tmp_path / "p.yaml"), PipelineSettings(parallelism=2, gpu_retries=0))
+    compiled = {"pipeline": next(yaml.safe_load_all(open(path)))}
+    assert _tasks(compiled)[_loop(compiled)]["iteratorPolicy"]["parallelismLimit"] == 2
+    assert "retryPolicy" not in _tasks(compiled)["retrain"]
+    # without the exit handler (the local runner): the stages at the top level, and pipeline outputs
+    path = compile_pipeline(str(tmp_path / "local.yaml"), PipelineSettings(exit_handler=False))
     p = next(yaml.safe_load_all(open(path)))
-    assert p["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 2
-    assert "retryPolicy" not in p["root"]["dag"]["tasks"]["retrain"]
+    assert "finish-tracking" not in p["root"]["dag"]["tasks"] and "promote" in p["root"]["dag"]["tasks"]
+    assert set(p["root"]["outputDefinitions"]["artifacts"]) == {"tracking", "data", "baseline", "feedback", "filtered",
+                                                                "retrained", "evaluation", "decision"}
     with pytest.raises(ValueError, match="parallelism"):
         PipelineSettings(parallelism=0)

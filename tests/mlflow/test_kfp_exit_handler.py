@@ -1,0 +1,64 @@
+"""The compiled pipeline's exit handler against a real MLflow server: a run that fails mid-way does
+not leave its MLflow parent run RUNNING forever."""
+from __future__ import annotations
+
+import pytest
+
+from feedback_synth import kfp_support
+from feedback_synth.mlflow_tracking import PIPELINE_ERROR_TAG, PIPELINE_STATE_TAG, STAGE_TAG
+
+
+def _runs(client, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_failed_pipeline_run_closes_its_mlflow_runs(mlflow_server, tmp_path):
+    import kfp.local
+    from mlflow import MlflowClient
+
+    from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, build_pipeline
+
+    pipeline = build_pipeline(PipelineSettings(gpu_retries=0))  # the compiled one: with the exit handler
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
+                   raise_on_error=True)
+    with pytest.raises(RuntimeError, match="exit-handler"):
+        # an unknown timm model: train_baseline fails, after start_tracking and prepare_data
+        pipeline(classifier_model="no-such-model", mlflow_tracking_uri=mlflow_server.url,
+                 mlflow_experiment="exit-handler", gpu_device="cpu")
+    client = MlflowClient(mlflow_server.url)
+    runs = _runs(client, "exit-handler")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[PIPELINE_STATE_TAG] == "FAILED" and parent.data.tags[PIPELINE_ERROR_TAG]
+    stages = {r.data.tags[STAGE_TAG]: r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert stages["prepare_data"] == "FINISHED"
+    assert all(status != "RUNNING" for status in stages.values()), stages
+    assert "evaluate" not in stages and "promote" not in stages
+
+
+def test_finish_tracking_kills_stage_runs_of_dead_pods(mlflow_server):
+    """A pod killed mid-stage (OOM, preemption) never closes its nested run; the exit handler does."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.url)
+    exp_id = client.create_experiment("dead-pods")
+    tags = {"kfp.run_id": "run-dead-pod"}
+    parent = client.create_run(exp_id, run_name="pipeline", tags=tags)
+    done = client.create_run(exp_id, run_name="prepare_data",
+                             tags={**tags, "mlflow.parentRunId": parent.info.run_id, STAGE_TAG: "prepare_data"})
+    client.set_terminated(done.info.run_id, "FINISHED")
+    client.create_run(exp_id, run_name="generate_shard_3",
+                      tags={**tags, "mlflow.parentRunId": parent.info.run_id, STAGE_TAG: "generate_shard_3"})
+    other = client.create_run(exp_id, run_name="another pipeline run", tags={"kfp.run_id": "run-other"})
+
+    closed = kfp_support.finish_tracking(mlflow_server.url, "dead-pods", "run-dead-pod", "SUCCEEDED")
+    assert closed == {"parent": {"run_id": parent.info.run_id, "status": "FINISHED"},
+                      "killed_stages": ["generate_shard_3"]}
+    status = {r.info.run_name: r.info.status for r in _runs(client, "dead-pods")}
+    assert status == {"pipeline": "FINISHED", "prepare_data": "FINISHED", "generate_shard_3": "KILLED",
+                      "another pipeline run": "RUNNING"}  # another KFP run's runs are not touched
+    assert client.get_run(parent.info.run_id).data.tags[PIPELINE_STATE_TAG] == "SUCCEEDED"
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"
+    # tracking off: nothing to do
+    assert kfp_support.finish_tracking("", "dead-pods", "run-dead-pod", "FAILED") is None
