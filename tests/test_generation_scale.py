@@ -335,3 +335,35 @@ def test_fake_mode_memory_estimate_equals_the_real_run(tiny_unclip_model, small_
     assert abs(estimate() - tracker.peak) <= 0.01 * tracker.peak
     assert estimate(chunk=1) < estimate(chunk=2) < tracker.peak
     assert estimate(checkpointing=True) < tracker.peak
+
+
+def test_latents_and_scheduler_stay_float32_with_a_bfloat16_unet(tiny_generator, tiny_unclip_model, small_classifier,
+                                                                  digits, monkeypatch, tmp_path):
+    """bf16 weights speed up the UNet; the scheduler's update of the latents stays in float32 in
+    every pipeline (a bf16 latent loses the small DDIM increments of late steps)."""
+    from feedback_synth.generators import load_generator
+    from test_latent_pipeline import build_tiny_text_model
+
+    train = digits["train"]
+    labels, real = torch.tensor(train.labels[:2]), train.to_tensor()[:2]
+    build_tiny_text_model(str(tmp_path / "text"))
+    pixel = load_generator(tiny_generator, dtype=torch.bfloat16)
+    text = load_generator(str(tmp_path / "text"), dtype=torch.bfloat16)
+    unclip = load_generator(tiny_unclip_model, dtype=torch.bfloat16)
+    assert pixel.unet.dtype == text.unet.dtype == unclip.unet.dtype == torch.bfloat16
+    seen = []
+    step = type(pixel.scheduler).step
+
+    def recording_step(self, model_output, timestep, sample, *args, **kwargs):
+        seen.append(sample.dtype)
+        return step(self, model_output, timestep, sample, *args, **kwargs)
+
+    monkeypatch.setattr(type(pixel.scheduler), "step", recording_step)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    feedback = FeedbackGuidance(small_classifier[0], "entropy", 0.1)
+    common = dict(generators=gens, num_inference_steps=3, feedback=feedback, guide_steps=[1])
+    outputs = [pixel(class_labels=labels, images=real, strength=0.8, **common).images,
+               text(prompts=["a 0", "a 1"], criterion_labels=labels, images=real, strength=0.8, **common).images,
+               unclip(prompts=["a 0", "a 1"], criterion_labels=labels, condition_images=real, **common).images]
+    assert seen and set(seen) == {torch.float32}, seen
+    assert all(torch.isfinite(out).all() and out.dtype == torch.float32 for out in outputs)

@@ -164,11 +164,12 @@ class ClassConditionalFeedbackPipeline(DiffusionPipeline):
         clf_labels = (criterion_labels if criterion_labels is not None else class_labels).to(device)
         size = self.unet.config.sample_size
         shape = (self.unet.config.in_channels, size, size)
-        # 2. timesteps and starting latents (SDEdit when images are given)
+        # 2. timesteps and starting latents (SDEdit when images are given); float32 whatever the
+        # UNet's dtype, so that the scheduler's maths stays exact (the UNet gets its dtype in eps_fn)
         timesteps = sdedit_timesteps(self.scheduler, num_inference_steps, strength if images is not None else 1.0, device)
-        noise = _per_sample_randn(shape, generators, device, dtype)
+        noise = _per_sample_randn(shape, generators, device, torch.float32)
         if images is not None:
-            x0 = images.to(device, dtype) * 2 - 1
+            x0 = images.to(device, torch.float32) * 2 - 1
             latents = self.scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))
         else:
             latents = noise * self.scheduler.init_noise_sigma
@@ -254,17 +255,17 @@ class TextFeedbackPipeline(DiffusionPipeline):
         masks = _dropout_masks(tuple(cond.shape[1:]), cond_dropout, generators)
         if masks is not None:
             cond = cond * masks.to(device, dtype)
-        # 3. timesteps and starting latents
+        # 3. timesteps and starting latents (float32: the scheduler's maths stays exact in any UNet dtype)
         timesteps = sdedit_timesteps(self.scheduler, num_inference_steps, strength if images is not None else 1.0, device)
         shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        noise = _per_sample_randn(shape, generators, device, dtype)
+        noise = _per_sample_randn(shape, generators, device, torch.float32)
         if images is not None:
             x = torch.nn.functional.interpolate(images.to(device, self.vae.dtype) * 2 - 1, size=(height, width),
                                                 mode="bilinear", align_corners=False)
             if x.shape[1] != self.vae.config.in_channels:
                 x = x.expand(-1, self.vae.config.in_channels, -1, -1)
-            z0 = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
-            latents = self.scheduler.add_noise(z0.to(dtype), noise, timesteps[:1].repeat(len(z0)))
+            z0 = self.vae.encode(x).latent_dist.mean.float() * self.vae.config.scaling_factor
+            latents = self.scheduler.add_noise(z0, noise, timesteps[:1].repeat(len(z0)))
         else:
             latents = noise * self.scheduler.init_noise_sigma
 
