@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from . import io
 from .config import RunConfig, resolve_run_config

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import asdict
 from typing import Any, Optional
@@ -19,7 +20,8 @@ from typing import Any, Optional
 from . import io
 from .config import RunConfig
 from .errors import FeedbackSynthError
-from .kfp_support import artifact_url, tracking_context
+from .kfp_support import artifact_url, finish_tracking, tracking_context
+from .tracking import LAUNCH_ENV
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +126,31 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
     pipeline = build_pipeline(PipelineSettings(parallelism=parallelism, gpu_retries=0, exit_handler=False))
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
     t0 = time.time()
+    tracking_uri = _tracking_uri(cfg, output_url)
+    # compiled without the exit handler (its outputs are read below): a failed run's MLflow runs
+    # are closed here instead, found by a launch id that start_tracking tags on the parent run
+    launch_id = uuid.uuid4().hex
+    before = os.environ.get(LAUNCH_ENV)
+    os.environ[LAUNCH_ENV] = launch_id  # the task processes inherit it
     try:
         with warnings.catch_warnings():
             # expected here: our images' components run in this environment, and the local runner
             # ignores the Kubernetes settings (resources, accelerators, display names)
             warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-            task = pipeline(**pipeline_arguments(cfg, _tracking_uri(cfg, output_url), workspace))
+            task = pipeline(**pipeline_arguments(cfg, tracking_uri, workspace))
     except RuntimeError as exc:
-        raise KFPRunError(f"the pipeline failed in the KFP local runner: {exc} (task logs above; "
-                          f"outputs under {root})") from None
+        message = f"the pipeline failed in the KFP local runner: {exc} (task logs above; outputs under {root})"
+        try:
+            finish_tracking(tracking_uri, cfg.tracking.experiment, f"launch:{launch_id}", "FAILED", message)
+        except FeedbackSynthError as close_error:  # the pipeline's own error matters more
+            log.warning("could not close the MLflow runs of the failed run: %s", close_error)
+        raise KFPRunError(message) from None
+    finally:
+        if before is None:
+            os.environ.pop(LAUNCH_ENV, None)
+        else:
+            os.environ[LAUNCH_ENV] = before
     out = task.outputs
     urls = {name: artifact_url(out[name]) for name in ("data", "baseline", "feedback", "filtered", "retrained",
                                                         "evaluation")}

@@ -17,6 +17,7 @@ import contextlib
 import html
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from typing import Any, Iterator, Optional
@@ -26,7 +27,7 @@ import yaml
 from . import io
 from .config import PromoteConfig, TrackingConfig
 from .errors import ConfigError
-from .tracking import NullTracker
+from .tracking import LAUNCH_ENV, LAUNCH_TAG, NullTracker
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def start_tracking(mlflow_tracking_uri: str, experiment: str, registered_model: 
     cfg = TrackingConfig(tracking_uri=mlflow_tracking_uri, experiment=experiment, registered_model=registered_model)
     cfg.validate()
     tracker = cls(cfg, output_url, kfp_run_id=kfp_run_id or None)
-    tracker.start(run_name, config)
+    launch = os.environ.get(LAUNCH_ENV)  # set by the local runner, to find this run if the pipeline fails
+    tracker.start(run_name, config, tags={LAUNCH_TAG: launch} if launch else None)
     return json.dumps({"tracking": asdict(cfg), "parent_run_id": tracker.run_id, "kfp_run_id": kfp_run_id})
 
 

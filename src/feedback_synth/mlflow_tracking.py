@@ -32,6 +32,7 @@ from . import io
 from .config import PromoteConfig, TrackingConfig
 from .errors import ConfigError, DataError, TrackingError
 from .promote import CHALLENGER, CHAMPION, TEST_SET_TAG, make_lock, metrics_from_tags, promote_model_version
+from .tracking import LAUNCH_TAG
 
 KFP_RUN_ID_ENV = "KFP_RUN_ID"  # set it (e.g. from dsl.PIPELINE_JOB_ID_PLACEHOLDER) to tag the parent run
 STAGE_TAG = "feedback_synth.stage"
@@ -427,6 +428,7 @@ class MLflowTracker:
 
     def close_pipeline_runs(self, kfp_run_id: str, succeeded: bool, message: str = "") -> dict[str, Any]:
         """Close what one KFP run left open (its exit handler calls this, whatever happened).
+        ``kfp_run_id`` may be ``launch:<id>``: the run whose parent carries that launch tag.
 
         The parent run, still RUNNING when a stage failed before ``promote`` closed it, ends FAILED
         (or FINISHED if the pipeline succeeded), tagged with the pipeline's state and error. A stage
@@ -439,6 +441,12 @@ class MLflowTracker:
             exp = self.client.get_experiment_by_name(self.cfg.experiment)
             if exp is None:
                 return closed
+            if kfp_run_id.startswith("launch:"):  # a local run: its id is on the parent's launch tag
+                parents = self.client.raw.search_runs(
+                    [exp.experiment_id], filter_string=f"tags.`{LAUNCH_TAG}` = '{kfp_run_id[len('launch:'):]}'")
+                if not parents or "kfp.run_id" not in parents[0].data.tags:
+                    return closed
+                kfp_run_id = parents[0].data.tags["kfp.run_id"]
             runs = self.client.raw.search_runs(
                 [exp.experiment_id], max_results=1000,
                 filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and attributes.status = 'RUNNING'")

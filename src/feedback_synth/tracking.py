@@ -8,6 +8,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator, Optional
 
+# A local KFP run (``run --runner kfp-local``) sets this in the environment of its task processes;
+# start_tracking tags the parent run with it, so that the runner finds the run if the pipeline fails.
+LAUNCH_ENV, LAUNCH_TAG = "FEEDBACK_SYNTH_LAUNCH_ID", "feedback_synth.launch_id"
+
 
 class NullTracker:
     """The tracker interface; every method is a no-op."""

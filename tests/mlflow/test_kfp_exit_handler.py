@@ -62,3 +62,29 @@ def test_finish_tracking_kills_stage_runs_of_dead_pods(mlflow_server):
     assert client.get_run(other.info.run_id).info.status == "RUNNING"
     # tracking off: nothing to do
     assert kfp_support.finish_tracking("", "dead-pods", "run-dead-pod", "FAILED") is None
+
+
+def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, tiny_generator):
+    """`run --runner kfp-local` compiles the pipeline without the exit handler (it reads the
+    pipeline outputs), so the runner itself closes a failed run's MLflow runs."""
+    from mlflow import MlflowClient
+
+    from feedback_synth.config import load_run_config
+    from feedback_synth.kfp_runner import KFPRunError, run_kfp_local
+    from feedback_synth.tracking import LAUNCH_ENV, LAUNCH_TAG
+
+    empty = tmp_path / "empty-dataset"  # passes the pre-flight check (it exists), fails in prepare_data
+    empty.mkdir()
+    cfg = load_run_config(overrides=[f"data.dataset={empty}", f"generate.generator={tiny_generator}",
+                                     f"tracking.tracking_uri={mlflow_server.url}",
+                                     "tracking.experiment=local-failure"])
+    with pytest.raises(KFPRunError, match="prepare-data"):
+        run_kfp_local(cfg, str(tmp_path / "run"), parallelism=1)
+    runs = _runs(MlflowClient(mlflow_server.url), "local-failure")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED" and LAUNCH_TAG in parent.data.tags
+    assert "prepare-data" in parent.data.tags[PIPELINE_ERROR_TAG]
+    assert all(r.info.status != "RUNNING" for r in runs)
+    import os
+
+    assert LAUNCH_ENV not in os.environ  # restored
