@@ -76,26 +76,28 @@ def generation_settings(cfg: RunConfig) -> dict[str, GenerateConfig]:
     return out
 
 
-def tune(work: str, data_url: str, cfg: RunConfig, scales, everys, strengths, criterion: str) -> tuple[dict, list[str]]:
+def tune(work: str, data_url: str, cfg: RunConfig, scales, everys, strengths, criterion: str,
+         metric: str = "few", columns: tuple[str, ...] = ("overall", "few", "worst_class")) -> tuple[dict, list[str]]:
     """Grid over (strength, scale, guide_every) for one criterion, scored on the validation split
-    (few-shot accuracy, then overall), seed 0. Returns the best setting and the table's lines."""
+    (``metric``, then overall), seed 0. Returns the best setting and the table's lines."""
     base = io.join(work, "tune-baseline")
     stages.train_baseline(data_url, base, replace(cfg.train, seed=0), cfg.data)
-    lines = ["| strength | scale | guide_every | val overall | val few | val worst | kept | fidelity |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| strength | scale | guide_every | " + " | ".join(f"val {c}" for c in columns) + " | kept | fidelity |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|"]
     b = summary(evaluate(load_classifier(stages.model_url(base)), load_split(data_url, "val"), cfg.data))
-    lines.append(f"| baseline (no synthesis) | - | - | {b['overall']:.3f} | {b['few']:.3f} | {b['worst_class']:.3f} | - | - |")
+    lines.append("| baseline (no synthesis) | - | - | " + " | ".join(f"{b[c]:.3f}" for c in columns) + " | - | - |")
     best, best_key = None, None
     for st in strengths:
         for s in scales:
             for k in everys:
                 name = f"tune-{criterion}-t{st}-s{s}-k{k}"
                 g = replace(cfg.generate, criterion=criterion, scale=s, guide_every=k, strength=st)
-                m = synthesis_row(name, work, data_url, base, cfg, g, 1.0, 0, eval_split="val")
-                lines.append(f"| {st} | {s} | {k} | {m['overall']:.3f} | {m['few']:.3f} | {m['worst_class']:.3f} | "
-                             f"{m['kept']} | {fmt([m['fidelity']])} |")
+                m = synthesis_row(name, work, data_url, base, cfg, g, cfg.feedback.budget_fraction, 0,
+                                  eval_split="val")
+                lines.append(f"| {st} | {s} | {k} | " + " | ".join(f"{m[c]:.3f}" for c in columns)
+                             + f" | {m['kept']} | {fmt([m['fidelity']])} |")
                 print(lines[-1], flush=True)
-                key = (m["few"], m["overall"])
+                key = (m[metric], m["overall"])
                 if best_key is None or key > best_key:
                     best, best_key = {"scale": s, "guide_every": k, "strength": st}, key
     return best, lines

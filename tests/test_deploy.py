@@ -13,6 +13,7 @@ its tests, or fails them when the environment variable CI is set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -320,12 +321,10 @@ def test_overlays_log_to_the_argocd_mlflow(rendered):
 # --- Argo CD --------------------------------------------------------------------------------------
 
 
-def _shared_dir() -> Path:
-    for path in (ROOT.parent / "shared", Path(os.environ.get("FEEDBACK_SYNTH_SHARED", "/nonexistent"))):
-        if (path / "schemas" / "argocd-application-crd.yaml").is_file():
-            return path
-    _missing("shared/schemas/argocd-application-crd.yaml not found beside the repo or in "
-             "$FEEDBACK_SYNTH_SHARED")
+# Argo CD's Application CRD, vendored unmodified (tests/schemas/SOURCES.md: tag, commit, sha256)
+# so that a clean clone validates on its own
+ARGOCD_CRD = Path(__file__).parent / "schemas" / "argocd-application-crd.yaml"
+ARGOCD_CRD_SHA256 = "5dde0e229249b6b707beb98674c1deae3949d5c319a6c45b9f5a80c99618e40c"
 
 
 def _closed(schema):
@@ -343,7 +342,8 @@ def _closed(schema):
 
 @pytest.fixture(scope="module")
 def application_schema() -> dict:
-    crd = load_one(_shared_dir() / "schemas" / "argocd-application-crd.yaml")
+    assert hashlib.sha256(ARGOCD_CRD.read_bytes()).hexdigest() == ARGOCD_CRD_SHA256, "the vendored CRD changed"
+    crd = load_one(ARGOCD_CRD)
     assert crd["spec"]["names"]["kind"] == "Application"
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
     schema = _closed(version["schema"]["openAPIV3Schema"])
