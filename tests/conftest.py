@@ -17,6 +17,12 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The oracle cache (stages.cache_dir) of this test session only: never the user's ~/.cache."""
+    os.environ["FEEDBACK_SYNTH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def digits():
     from feedback_synth.data import make_digits_lt

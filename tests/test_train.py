@@ -70,3 +70,25 @@ def test_logit_adjustment_and_synthetic_mix_train(digits):
                                    synthetic_fraction=0.5)
     m = evaluate(clf2, digits["test"], DataConfig())
     assert 0 <= m["overall"] <= 1
+
+
+def test_fidelity_oracle_is_trained_once_and_cached(prepared, digits, tmp_path, monkeypatch):
+    """The oracle depends only on the oracle split, model and config: later runs load it."""
+    from feedback_synth import io, stages
+
+    monkeypatch.setenv("FEEDBACK_SYNTH_CACHE", str(tmp_path / "cache"))
+    synthetic = digits["val"]
+    trained = []
+    real_train = stages.train_classifier
+    monkeypatch.setattr(stages, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    first = stages.fidelity(prepared, synthetic, "resnet10t", oracle_url=str(tmp_path / "run1" / "oracle"))
+    second = stages.fidelity(prepared, synthetic, "resnet10t", oracle_url=str(tmp_path / "run2" / "oracle"))
+    assert trained == [1] and first == second and 0.5 < first <= 1
+    assert io.exists(str(tmp_path / "run2" / "oracle" / "config.json"))  # each run keeps its copy
+    # another split, model or config is another oracle
+    split = digits["oracle"]
+    key = stages.oracle_cache_key(split, "resnet10t", RetrainConfig(seed=0))
+    assert key != stages.oracle_cache_key(split, "resnet18", RetrainConfig(seed=0))
+    assert key != stages.oracle_cache_key(split, "resnet10t", RetrainConfig(seed=1))
+    fewer = ImageSet(split.images[1:], split.labels[1:], split.groups[1:], split.ids[1:], split.class_names)
+    assert key != stages.oracle_cache_key(fewer, "resnet10t", RetrainConfig(seed=0))
