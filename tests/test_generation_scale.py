@@ -367,3 +367,37 @@ def test_latents_and_scheduler_stay_float32_with_a_bfloat16_unet(tiny_generator,
                unclip(prompts=["a 0", "a 1"], criterion_labels=labels, condition_images=real, **common).images]
     assert seen and set(seen) == {torch.float32}, seen
     assert all(torch.isfinite(out).all() and out.dtype == torch.float32 for out in outputs)
+
+
+def test_estimate_generation_memory_from_configs_only(tiny_unclip_model, memory_url, capsys):
+    """`feedback-synth estimate-memory`: the generator built from its configs (no weight file is
+    even copied from a bucket), sized under fake tensors, agrees with the same batch run for real."""
+    import os
+
+    from feedback_synth import io
+    from feedback_synth.cli import main
+    from feedback_synth.generate import estimate_generation_memory
+    from feedback_synth.generators import WEIGHT_SUFFIXES, _local_copy
+
+    fs, _ = io.fs_and_path(memory_url)
+    fs.put(tiny_unclip_model + "/", memory_url.replace("memory://", "/") + "/model/", recursive=True)
+    url = memory_url + "/model"
+    configs = _local_copy(url, weights=False)
+    copied = [f for _, _, files in os.walk(configs) for f in files]
+    assert "config.json" in copied and not [f for f in copied if f.endswith(WEIGHT_SUFFIXES)]
+
+    cfg = GenerateConfig(generator=url, batch_size=3, guidance_chunk_size=2, num_inference_steps=4)
+    args = dict(classifier_model="resnet10t", num_classes=10, image_size=16, in_chans=3, height=32, width=32)
+    fake = estimate_generation_memory(cfg, **args)
+    real = estimate_generation_memory(cfg, **args, fake=False)
+    assert fake.weights == real.weights > 0 and (fake.batch_size, fake.height, fake.width) == (3, 32, 32)
+    for a, b in ((fake.unguided, real.unguided), (fake.guided, real.guided)):
+        assert abs(a - b) <= 0.01 * b, (a, b)
+    assert fake.guided > fake.unguided
+    whole = estimate_generation_memory(GenerateConfig(generator=url, batch_size=3), **args)
+    assert whole.guided > fake.guided  # chunks of 2 hold less than the whole batch
+
+    assert main(["estimate-memory", "--set", f"generate.generator={tiny_unclip_model}", "--num-classes", "10",
+                 "--batch-size", "2", "--set", "generate.criterion=none"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 2" in out and "peak, unguided batch" in out and "peak, guided batch" not in out

@@ -103,6 +103,29 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_estimate_memory(args) -> int:
+    from .data import BUILTIN
+    from .generate import estimate_generation_memory
+
+    cfg = _load_config(args)
+    g = cfg.generate
+    num_classes, image_size, in_chans = args.num_classes, args.image_size, args.in_chans
+    if cfg.data.dataset in BUILTIN:  # the classifier's shape follows the built-in data
+        train = BUILTIN[cfg.data.dataset]()["train"]
+        num_classes = num_classes or len(train.class_names)
+        image_size, in_chans = image_size or train.images.shape[1], in_chans or train.images.shape[3]
+    if num_classes is None:
+        raise FeedbackSynthError("--num-classes is needed for a dataset URL (the classifier's output size)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise FeedbackSynthError(f"--batch-size must be >= 1, got {args.batch_size}")
+    estimate = estimate_generation_memory(g, args.classifier_model or cfg.train.model, num_classes, image_size or 224,
+                                          in_chans or 3, args.batch_size, args.height, args.width, cfg.data.dataset)
+    print(estimate.table(g))
+    print("estimated without running a kernel (FakeTensorMode); add room for the CUDA context, kernel "
+          "workspaces and allocator fragmentation (the benchmark's rule: 4 GiB on a 24 GB card)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="feedback-synth", description=__doc__.splitlines()[0].strip("`"))
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="pretrain.KEY=VALUE")
     p.add_argument("--output", help="where to write it (default: the package's weights folder)")
     p.set_defaults(func=cmd_pretrain_generator)
+
+    p = sub.add_parser("estimate-memory",
+                       help="estimate the GPU memory of one generation batch with this config (no GPU, no weights)")
+    p.add_argument("--dataset", help="digits-lt | digits-groups | a dataset URL (default: digits-lt)")
+    p.add_argument("--config", help="YAML file with per-stage sections, as with run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set generate.guidance_chunk_size=1 (repeatable)")
+    p.add_argument("--batch-size", type=int, help="default: generate.batch_size")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the generator's native size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the generator's native size)")
+    p.add_argument("--classifier-model", help="timm model of the baseline classifier (default: train.model)")
+    p.add_argument("--num-classes", type=int, help="classes of the classifier (built-in data: its classes)")
+    p.add_argument("--image-size", type=int, help="classifier input size (built-in data: its size; else 224)")
+    p.add_argument("--in-chans", type=int, help="classifier input channels (built-in data: its channels; else 3)")
+    p.set_defaults(func=cmd_estimate_memory)
 
     stage_args = {
         "prepare-data": [],

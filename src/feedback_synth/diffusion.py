@@ -71,6 +71,12 @@ def sdedit_timesteps(scheduler, num_inference_steps: int, strength: float, devic
     return scheduler.timesteps[num_inference_steps - n:]
 
 
+def start_timesteps(timesteps, n: int, device) -> torch.Tensor:
+    """The first timestep, once per sample (``add_noise`` of an SDEdit start). ``timesteps`` may be
+    a tensor or a list of ints (``performance.with_int_timesteps``)."""
+    return torch.full((n,), int(timesteps[0]), dtype=torch.long, device=device)
+
+
 def denoise_with_feedback(
     latents: torch.Tensor,
     timesteps: torch.Tensor,
@@ -170,7 +176,7 @@ class ClassConditionalFeedbackPipeline(DiffusionPipeline):
         noise = _per_sample_randn(shape, generators, device, torch.float32)
         if images is not None:
             x0 = images.to(device, torch.float32) * 2 - 1
-            latents = self.scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))
+            latents = self.scheduler.add_noise(x0, noise, start_timesteps(timesteps, len(x0), device))
         else:
             latents = noise * self.scheduler.init_noise_sigma
         # 3. dropout on the class embedding (a hook keeps the stock UNet)
@@ -265,7 +271,7 @@ class TextFeedbackPipeline(DiffusionPipeline):
             if x.shape[1] != self.vae.config.in_channels:
                 x = x.expand(-1, self.vae.config.in_channels, -1, -1)
             z0 = self.vae.encode(x).latent_dist.mean.float() * self.vae.config.scaling_factor
-            latents = self.scheduler.add_noise(z0, noise, timesteps[:1].repeat(len(z0)))
+            latents = self.scheduler.add_noise(z0, noise, start_timesteps(timesteps, len(z0), device))
         else:
             latents = noise * self.scheduler.init_noise_sigma
 

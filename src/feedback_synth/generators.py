@@ -124,25 +124,57 @@ def builtin_generator_path(name: str = "digits-lt") -> str:
     return str(resources.files("feedback_synth") / "weights" / f"{name}-generator")
 
 
-def _local_copy(url: str) -> str:
-    """diffusers loads local folders: copy a remote (gs://, memory://) model folder to a temp dir."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
+
+
+def _local_copy(url: str, weights: bool = True) -> str:
+    """diffusers loads local folders: copy a remote (gs://, memory://) model folder to a temp dir
+    (without its weight files when ``weights`` is False: configs and tokenizers only)."""
     from fsspec.implementations.local import LocalFileSystem
 
     fs, path = io.fs_and_path(url)
     if isinstance(fs, LocalFileSystem):
         return path
     tmp = tempfile.mkdtemp(prefix="feedback-synth-model-")
-    fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+    if weights:
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        return tmp
+    root = path.rstrip("/")
+    for remote in fs.find(root):
+        if not remote.endswith(WEIGHT_SUFFIXES):
+            local = os.path.join(tmp, os.path.relpath(remote, root))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get(remote, local)
     return tmp
 
 
+def load_part(cls, path: str, subfolder: str, dtype: torch.dtype = torch.float32, weights: bool = True):
+    """One model component of a diffusers folder, in ``dtype``: from its weights, or with
+    ``weights=False`` from its config alone (random weights; for sizing under FakeTensorMode)."""
+    from diffusers import ModelMixin
+
+    diffusers_model = issubclass(cls, ModelMixin)
+    if weights:
+        return cls.from_pretrained(path, subfolder=subfolder, **{"torch_dtype" if diffusers_model else "dtype": dtype})
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # weights made in dtype: no .to() afterwards (FakeTensorMode cannot swap)
+    try:
+        if diffusers_model:
+            return cls.from_config(cls.load_config(path, subfolder=subfolder))
+        return cls(cls.config_class.from_pretrained(path, subfolder=subfolder))
+    finally:
+        torch.set_default_dtype(before)
+
+
 def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> Union[ClassConditionalFeedbackPipeline, TextFeedbackPipeline]:
+                   dtype: torch.dtype = torch.float32,
+                   weights: bool = True) -> Union[ClassConditionalFeedbackPipeline, TextFeedbackPipeline]:
     """Load the bundled generator (``builtin``) or a diffusers model folder from any fsspec URL.
 
     A folder with ``image_encoder/`` (and ``vae/``) is a stable unCLIP image-conditioned model; one
     with ``vae/`` and ``text_encoder/`` is a latent text-conditioned model; one with only ``unet/``
-    and ``scheduler/`` is a pixel class-conditional model.
+    and ``scheduler/`` is a pixel class-conditional model. ``weights=False`` builds the same
+    pipeline from the configs only (``performance.estimate_generation_memory``).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch from a hub unless the user set it up
     if spec == BUILTIN_GENERATOR:
@@ -153,31 +185,31 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
     else:
         if not io.exists(spec):
             raise DataError(f"generator model folder not found: {spec}")
-        path = _local_copy(spec)
+        path = _local_copy(spec, weights)
     from .unclip import is_unclip_folder, load_unclip_pipeline
 
     if is_unclip_folder(path):
-        pipe = load_unclip_pipeline(path, device, dtype)
+        pipe = load_unclip_pipeline(path, device, dtype, weights)
     elif os.path.isdir(os.path.join(path, "vae")):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         pipe = TextFeedbackPipeline(
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            vae=load_part(AutoencoderKL, path, "vae", torch.float32, weights),  # in the gradient path: float32
+            text_encoder=load_part(CLIPTextModel, path, "text_encoder", dtype, weights),
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype),
+            unet=load_part(UNet2DConditionModel, path, "unet", dtype, weights),
             scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"))
-        pipe.vae.to(device, torch.float32)  # the decode is in the gradient path: keep it float32
-        pipe.text_encoder.to(device, dtype)
-        pipe.unet.to(device)
+        if device != "cpu":
+            pipe.to(device)
     else:
         if not os.path.isdir(os.path.join(path, "unet")):
             raise DataError(f"not a diffusers model folder (no unet/): {spec}")
         pipe = ClassConditionalFeedbackPipeline(
-            unet=UNet2DModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype),
+            unet=load_part(UNet2DModel, path, "unet", dtype, weights),
             scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"))
-        pipe.unet.to(device)
+        if device != "cpu":
+            pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

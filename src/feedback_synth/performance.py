@@ -12,6 +12,7 @@ generation runs on the CPU in float32 unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Sequence
 
@@ -153,18 +154,18 @@ def with_int_timesteps(scheduler):
     return IntTimesteps.from_config(scheduler.config)
 
 
-def estimate_peak_bytes(build, run) -> tuple[int, int]:
+def estimate_peak_bytes(build, run, fake: bool = True) -> tuple[int, int]:
     """Size a workload without running it: ``build()`` returns the modules (weights are made but
     not filled), ``run(modules)`` does the work; both run under ``FakeTensorMode``, on the CPU
     device, so no kernel runs and no memory is taken. Give diffusers pipelines a scheduler from
-    ``with_int_timesteps``.
+    ``with_int_timesteps``. ``fake=False`` runs it for real, with the same count.
 
     Returns (weight bytes, peak bytes of all live tensors including the weights). What it leaves
     out on a GPU: allocator rounding and fragmentation, kernel workspaces, the CUDA context.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         modules = build()
         tracker = LiveTensorBytes()
         weights = [t for m in modules for t in (*m.parameters(), *m.buffers())]

@@ -29,7 +29,8 @@ from diffusers import DiffusionPipeline
 from diffusers.models.embeddings import get_timestep_embedding
 
 from .diffusion import (FeedbackPipelineOutput, TextFeedbackPipeline, _dropout_masks, _per_sample_randn,
-                        check_batch_inputs, check_scheduler, denoise_with_feedback, sdedit_timesteps)
+                        check_batch_inputs, check_scheduler, denoise_with_feedback, sdedit_timesteps,
+                        start_timesteps)
 from .guidance import FeedbackGuidance
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -185,7 +186,7 @@ class UnCLIPFeedbackPipeline(TextFeedbackPipeline):
             if x.shape[1] != self.vae.config.in_channels:
                 x = x.expand(-1, self.vae.config.in_channels, -1, -1)
             z0 = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float() * self.vae.config.scaling_factor
-            latents = scheduler.add_noise(z0, noise, timesteps[:1].repeat(len(z0)))
+            latents = scheduler.add_noise(z0, noise, start_timesteps(timesteps, len(z0), device))
         else:
             latents = noise * scheduler.init_noise_sigma
         v_prediction = self.scheduler.config.prediction_type == "v_prediction"
@@ -219,28 +220,29 @@ def is_unclip_folder(path: str) -> bool:
     return all(os.path.isdir(os.path.join(path, sub)) for sub in ("image_encoder", "unet", "vae"))
 
 
-def load_unclip_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> UnCLIPFeedbackPipeline:
+def load_unclip_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                         weights: bool = True) -> UnCLIPFeedbackPipeline:
     """Load a stable unCLIP folder from local disk (``generators.load_generator`` copies remote ones).
 
     The UNet and both CLIP encoders take ``dtype``; the VAE (in the gradient path), the image
-    normalizer and the schedulers stay float32.
+    normalizer and the schedulers stay float32. ``weights=False``: from the configs only.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
     from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+    from .generators import load_part
+
     pipe = UnCLIPFeedbackPipeline(
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
+        vae=load_part(AutoencoderKL, path, "vae", torch.float32, weights),
+        text_encoder=load_part(CLIPTextModel, path, "text_encoder", dtype, weights),
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype),
+        unet=load_part(UNet2DConditionModel, path, "unet", dtype, weights),
         scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
-        image_encoder=CLIPVisionModelWithProjection.from_pretrained(path, subfolder="image_encoder", dtype=dtype),
+        image_encoder=load_part(CLIPVisionModelWithProjection, path, "image_encoder", dtype, weights),
         feature_extractor=CLIPImageProcessor.from_pretrained(path, subfolder="feature_extractor"),
-        image_normalizer=StableUnCLIPImageNormalizer.from_pretrained(path, subfolder="image_normalizer"),
+        image_normalizer=load_part(StableUnCLIPImageNormalizer, path, "image_normalizer", torch.float32, weights),
         image_noising_scheduler=DDPMScheduler.from_pretrained(path, subfolder="image_noising_scheduler"))
-    pipe.vae.to(device, torch.float32)  # the decode is in the gradient path: keep it float32
-    for part in (pipe.text_encoder, pipe.image_encoder, pipe.unet):
-        part.to(device)
-    pipe.image_normalizer.to(device, torch.float32)
+    if device != "cpu":
+        pipe.to(device)
     return pipe
