@@ -30,6 +30,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -411,49 +412,51 @@ class MemoryRow:
     peak_gib: float
 
 
-def estimate_memory(kind: str, batch: int, resolution: int, through_unet: Optional[bool],
-                    guidance_precision: torch.dtype = torch.float32, checkpointing: bool = False,
-                    chunk: int = 0) -> tuple[float, float]:
+def config_folder(kind: str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """A model folder with the configs of the SD-sized components and no weights: what
+    ``feedback-synth estimate-memory`` reads (its models are built on the meta device here)."""
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    folder = tempfile.mkdtemp(prefix=f"sd21-{kind}-configs-")
+    pipe = build_latent_pipeline(kind, torch.device("meta"), dtype, smoke=False)
+    for name, part in pipe.components.items():
+        where = os.path.join(folder, name)
+        if isinstance(part, ModelMixin):
+            part.save_config(where)
+        elif isinstance(part, PreTrainedModel):
+            part.config.save_pretrained(where)
+        else:  # tokenizer, schedulers, image processor
+            part.save_pretrained(where)
+    return folder
+
+
+def estimate_memory(folder: str, batch: int, resolution: int, through_unet: Optional[bool],
+                    guidance_dtype: str = "float32", checkpointing: bool = False, chunk: int = 0) -> tuple[float, float]:
     """Weights and peak GiB of one SD-sized batch (bf16 UNet and encoders, float32 VAE, ResNet-50
-    classifier), from FakeTensorMode: the real pipeline code runs, no kernel does.
-    ``through_unet=None``: unguided."""
-    from feedback_synth.classifier import build_classifier
+    classifier at 224 px), by ``feedback_synth.generate.estimate_generation_memory`` (what
+    ``feedback-synth estimate-memory`` prints). ``through_unet=None``: unguided."""
     from feedback_synth.config import GenerateConfig
-    from feedback_synth.performance import apply_performance_options, estimate_peak_bytes, with_int_timesteps
+    from feedback_synth.generate import estimate_generation_memory
 
-    state = {}
-
-    def build():
-        pipe = build_latent_pipeline(kind, torch.device("cpu"), torch.bfloat16, smoke=False)
-        pipe.scheduler = with_int_timesteps(pipe.scheduler)
-        if checkpointing:
-            apply_performance_options(pipe, GenerateConfig(gradient_checkpointing=True))
-        clf = build_classifier("resnet50", 1000, 3, 224).eval()
-        state.update(pipe=pipe, clf=clf)
-        return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)] + [clf]
-
-    def run(_):
-        fb = FeedbackGuidance(state["clf"], "entropy", 0.03, precision=guidance_precision, chunk_size=chunk)
-        extra = dict(condition_images=torch.rand(batch, 3, 256, 256), noise_level=0) if kind == "unclip" else {}
-        # 2 steps, the first guided: the peak of a guided step, then the final decode and scoring
-        state["pipe"](prompts=["a photo of a goldfish"] * batch, criterion_labels=torch.full((batch,), 1),
-                      generators=[torch.Generator().manual_seed(i) for i in range(batch)], height=resolution,
-                      width=resolution, num_inference_steps=2, cfg_scale=5.0, cond_dropout=0.1, feedback=fb,
-                      guide_steps=[] if through_unet is None else [0], grad_through_unet=bool(through_unet), **extra)
-
-    weights, peak = estimate_peak_bytes(build, run)
-    return weights / 2**30, peak / 2**30
+    cfg = GenerateConfig(generator=folder, dtype="bfloat16", criterion="none" if through_unet is None else "entropy",
+                         scale=0.03, grad_through_unet=bool(through_unet), strength=1.0, cfg_scale=5.0,
+                         cond_dropout=0.1, batch_size=batch, guidance_dtype=guidance_dtype,
+                         gradient_checkpointing=checkpointing, guidance_chunk_size=chunk)
+    est = estimate_generation_memory(cfg, "resnet50", 1000, 224, height=resolution, width=resolution)
+    return est.weights / 2**30, (est.unguided if est.guided is None else est.guided) / 2**30
 
 
 def memory_rows(batch: int, resolution: int) -> list[MemoryRow]:
     rows = []
     for kind, name in (("text", "SD 2.1 (text)"), ("unclip", "SD 2.1 unCLIP (image)")):
-        w, p = estimate_memory(kind, batch, resolution, None)
+        folder = config_folder(kind)
+        w, p = estimate_memory(folder, batch, resolution, None)
         rows.append(MemoryRow(name, "unguided", None, "-", "-", w, p))
         for through in (True, False):
-            for precision, pname in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
+            for pname in ("float32", "bfloat16"):
                 for lever, kw in LEVERS:
-                    w, p = estimate_memory(kind, batch, resolution, through, precision, **kw)
+                    w, p = estimate_memory(folder, batch, resolution, through, pname, **kw)
                     rows.append(MemoryRow(name, "guided", through, pname, lever, w, p))
                     print(f"  {name:<24} guided unet-grad {str(through):<5} {pname:<8} {lever:<28} peak {p:6.2f} GiB",
                           flush=True)
@@ -474,8 +477,9 @@ def memory_table(rows: list[MemoryRow]) -> str:
 
 def memory_section(rows: list[MemoryRow], batch: int, resolution: int) -> str:
     return (f"## Estimated GPU memory: SD-sized, batch {batch}, {resolution} px\n\n"
-            "Not measured on a GPU: estimated with `feedback_synth.performance.estimate_peak_bytes`, which runs the "
-            "real pipeline code under PyTorch's FakeTensorMode (shapes, dtypes and autograd graphs, no kernels) and "
+            "Not measured on a GPU: estimated by `feedback-synth estimate-memory` "
+            "(`feedback_synth.generate.estimate_generation_memory`) on folders holding the configs above and no "
+            "weights. It runs the real pipeline code under PyTorch's FakeTensorMode (shapes, dtypes and autograd graphs, no kernels) and "
             "counts the bytes of every tensor alive, weights included: what `torch.cuda.max_memory_allocated` "
             "reports, less allocator rounding and kernel workspaces. A test checks it against a real CPU run of a "
             "tiny unCLIP model (within 1%). bf16 UNet and encoders, float32 VAE weights, ResNet-50 classifier at "
