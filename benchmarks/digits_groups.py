@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dataclasses import replace  # noqa: E402
 
-from digits_lt import fmt, generation_settings, plain_row, synthesis_row, tune  # noqa: E402
+from digits_lt import (add_tuning_arguments, fmt, generation_settings, plain_row, synthesis_row,  # noqa: E402
+                       tune)
 
 from feedback_synth import io, stages  # noqa: E402
 from feedback_synth.config import preset  # noqa: E402
@@ -39,11 +40,7 @@ COLUMNS = ("overall", "average_group", "worst_group", "worst_class")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--tune", action="store_true", help="choose strength and scale on the validation split first")
-    p.add_argument("--tune-criterion", default="entropy")
-    p.add_argument("--scales", type=float, nargs="+", default=[0.01, 0.02, 0.05])
-    p.add_argument("--everys", type=int, nargs="+", default=[5])
-    p.add_argument("--strengths", type=float, nargs="+", default=[0.6, 0.8])
+    add_tuning_arguments(p, scales=[0.01, 0.02, 0.05], strengths=[0.6, 0.8], what="strength and scale")
     p.add_argument("--set", action="append", default=[], help="config override for every row")
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
     p.add_argument("--output", default="benchmarks/results/digits_groups.md")

@@ -103,6 +103,16 @@ def tune(work: str, data_url: str, cfg: RunConfig, scales, everys, strengths, cr
     return best, lines
 
 
+def add_tuning_arguments(p: argparse.ArgumentParser, scales: list[float], strengths: list[float],
+                         what: str) -> None:
+    """--tune and its grid (both benchmarks)."""
+    p.add_argument("--tune", action="store_true", help=f"choose {what} on the validation split first")
+    p.add_argument("--tune-criterion", default="entropy")
+    p.add_argument("--scales", type=float, nargs="+", default=scales)
+    p.add_argument("--everys", type=int, nargs="+", default=[5])
+    p.add_argument("--strengths", type=float, nargs="+", default=strengths)
+
+
 def fmt(values: list[float]) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -113,11 +123,7 @@ def fmt(values: list[float]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--tune", action="store_true", help="choose scale and schedule on the validation split first")
-    p.add_argument("--tune-criterion", default="entropy")
-    p.add_argument("--scales", type=float, nargs="+", default=[0.01, 0.03, 0.1])
-    p.add_argument("--everys", type=int, nargs="+", default=[5])
-    p.add_argument("--strengths", type=float, nargs="+", default=[0.6])
+    add_tuning_arguments(p, scales=[0.01, 0.03, 0.1], strengths=[0.6], what="scale and schedule")
     p.add_argument("--set", action="append", default=[], help="config override for every row, e.g. retrain.epochs=20")
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
     p.add_argument("--output", default="benchmarks/results/digits_lt.md")

@@ -282,17 +282,6 @@ def _char_tokenizer(max_length: int):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def built_in(dtype: torch.dtype, cls, *args, **kwargs):
-    """``cls(*args, **kwargs)`` with its weights created in ``dtype``: no float32 copy first, and no
-    ``.to()`` afterwards (which FakeTensorMode cannot swap)."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        return cls(*args, **kwargs)
-    finally:
-        torch.set_default_dtype(before)
-
-
 def build_latent_pipeline(kind: str, device: torch.device, dtype: torch.dtype, smoke: bool):
     """Random-weight SD 2.1 (``text``) or SD 2.1 unCLIP (``unclip``) pipeline from the configs above."""
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -301,6 +290,7 @@ def build_latent_pipeline(kind: str, device: torch.device, dtype: torch.dtype, s
         CLIPVisionModelWithProjection
 
     from feedback_synth.diffusion import TextFeedbackPipeline
+    from feedback_synth.generators import default_dtype
     from feedback_synth.unclip import UnCLIPFeedbackPipeline
 
     def cfg(base, key):
@@ -313,17 +303,20 @@ def build_latent_pipeline(kind: str, device: torch.device, dtype: torch.dtype, s
         if kind == "unclip" and smoke:
             unet_cfg.update(SMOKE["unclip_unet"])
         unet_cfg["cross_attention_dim"] = text_cfg["hidden_size"]
-        parts = dict(
-            vae=built_in(torch.float32, AutoencoderKL, **cfg(SD2_VAE, "vae")),
-            text_encoder=built_in(dtype, CLIPTextModel, CLIPTextConfig(**text_cfg)),
-            tokenizer=_char_tokenizer(text_cfg["max_position_embeddings"]),
-            unet=built_in(dtype, UNet2DConditionModel, **unet_cfg),
-            scheduler=DDIMScheduler(**(SD21_UNCLIP_SCHEDULER if kind == "unclip" else SD21_SCHEDULER)),
-        )
+        with default_dtype(torch.float32):  # the VAE is in the gradient path
+            vae = AutoencoderKL(**cfg(SD2_VAE, "vae"))
+        with default_dtype(dtype):
+            text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+            unet = UNet2DConditionModel(**unet_cfg)
+        scheduler = DDIMScheduler(**(SD21_UNCLIP_SCHEDULER if kind == "unclip" else SD21_SCHEDULER))
+        parts = dict(vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler,
+                     tokenizer=_char_tokenizer(text_cfg["max_position_embeddings"]))
         if kind == "unclip":
             image_cfg = cfg(SD21_UNCLIP_IMAGE_ENCODER, "image")
+            with default_dtype(dtype):
+                image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**image_cfg))
             parts.update(
-                image_encoder=built_in(dtype, CLIPVisionModelWithProjection, CLIPVisionConfig(**image_cfg)),
+                image_encoder=image_encoder,
                 feature_extractor=CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
                 image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=image_cfg["projection_dim"]),
                 image_noising_scheduler=DDPMScheduler(**SD21_UNCLIP_NOISING))

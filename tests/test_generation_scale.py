@@ -401,3 +401,14 @@ def test_estimate_generation_memory_from_configs_only(tiny_unclip_model, memory_
                  "--batch-size", "2", "--set", "generate.criterion=none"]) == 0
     out = capsys.readouterr().out
     assert "batch 2" in out and "peak, unguided batch" in out and "peak, guided batch" not in out
+
+
+def test_a_broken_generator_folder_is_named(tmp_path, capsys):
+    """A component folder without its config: a clear error naming the model folder, no traceback."""
+    from feedback_synth.cli import main
+
+    (tmp_path / "model" / "unet").mkdir(parents=True)
+    (tmp_path / "model" / "scheduler").mkdir()
+    assert main(["estimate-memory", "--set", f"generate.generator={tmp_path / 'model'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"generator model folder {tmp_path / 'model'}" in err and "config.json" in err, err

@@ -318,6 +318,6 @@ def estimate_generation_memory(cfg: GenerateConfig, classifier_model: str, num_c
                          noise_level=cfg.noise_level)
         return pipe(**extra, **common)
 
-    weights, unguided = estimate_peak_bytes(build, lambda _: sample(False), fake)
-    guided = estimate_peak_bytes(build, lambda _: sample(True), fake)[1] if cfg.criterion != "none" else None
-    return MemoryEstimate(weights, unguided, guided, batch, *state["size"])
+    runs = [lambda _: sample(False)] + ([lambda _: sample(True)] if cfg.criterion != "none" else [])
+    weights, unguided, *guided = estimate_peak_bytes(build, *runs, fake=fake)
+    return MemoryEstimate(weights, unguided, guided[0] if guided else None, batch, *state["size"])

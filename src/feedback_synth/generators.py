@@ -1,11 +1,12 @@
 """Generators: the bundled digits generator (pretraining, loading) and diffusers models from URLs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import numpy as np
 import torch
@@ -148,6 +149,18 @@ def _local_copy(url: str, weights: bool = True) -> str:
     return tmp
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside get their weights in ``dtype`` directly: no float32 copy first, and no
+    ``.to()`` afterwards (which FakeTensorMode cannot do to a module)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def load_part(cls, path: str, subfolder: str, dtype: torch.dtype = torch.float32, weights: bool = True):
     """One model component of a diffusers folder, in ``dtype``: from its weights, or with
     ``weights=False`` from its config alone (random weights; for sizing under FakeTensorMode)."""
@@ -156,14 +169,10 @@ def load_part(cls, path: str, subfolder: str, dtype: torch.dtype = torch.float32
     diffusers_model = issubclass(cls, ModelMixin)
     if weights:
         return cls.from_pretrained(path, subfolder=subfolder, **{"torch_dtype" if diffusers_model else "dtype": dtype})
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # weights made in dtype: no .to() afterwards (FakeTensorMode cannot swap)
-    try:
+    with default_dtype(dtype):
         if diffusers_model:
             return cls.from_config(cls.load_config(path, subfolder=subfolder))
         return cls(cls.config_class.from_pretrained(path, subfolder=subfolder))
-    finally:
-        torch.set_default_dtype(before)
 
 
 def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cpu",
@@ -174,7 +183,7 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
     A folder with ``image_encoder/`` (and ``vae/``) is a stable unCLIP image-conditioned model; one
     with ``vae/`` and ``text_encoder/`` is a latent text-conditioned model; one with only ``unet/``
     and ``scheduler/`` is a pixel class-conditional model. ``weights=False`` builds the same
-    pipeline from the configs only (``performance.estimate_generation_memory``).
+    pipeline from the configs only (``generate.estimate_generation_memory``).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch from a hub unless the user set it up
     if spec == BUILTIN_GENERATOR:
@@ -186,32 +195,38 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
         if not io.exists(spec):
             raise DataError(f"generator model folder not found: {spec}")
         path = _local_copy(spec, weights)
+    try:
+        pipe = _assemble(path, spec, dtype, weights)
+    except OSError as exc:  # diffusers/transformers: a config or weight file missing or unreadable
+        raise DataError(f"generator model folder {spec}: {exc}") from None
+    if device != "cpu":
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _assemble(path: str, spec: str, dtype: torch.dtype,
+              weights: bool) -> Union[ClassConditionalFeedbackPipeline, TextFeedbackPipeline]:
+    """The pipeline of a local model folder, on the CPU, by the folder's layout (``load_generator``)."""
     from .unclip import is_unclip_folder, load_unclip_pipeline
 
     if is_unclip_folder(path):
-        pipe = load_unclip_pipeline(path, device, dtype, weights)
-    elif os.path.isdir(os.path.join(path, "vae")):
+        return load_unclip_pipeline(path, "cpu", dtype, weights)
+    if os.path.isdir(os.path.join(path, "vae")):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        pipe = TextFeedbackPipeline(
+        return TextFeedbackPipeline(
             vae=load_part(AutoencoderKL, path, "vae", torch.float32, weights),  # in the gradient path: float32
             text_encoder=load_part(CLIPTextModel, path, "text_encoder", dtype, weights),
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
             unet=load_part(UNet2DConditionModel, path, "unet", dtype, weights),
             scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"))
-        if device != "cpu":
-            pipe.to(device)
-    else:
-        if not os.path.isdir(os.path.join(path, "unet")):
-            raise DataError(f"not a diffusers model folder (no unet/): {spec}")
-        pipe = ClassConditionalFeedbackPipeline(
-            unet=load_part(UNet2DModel, path, "unet", dtype, weights),
-            scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"))
-        if device != "cpu":
-            pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    if not os.path.isdir(os.path.join(path, "unet")):
+        raise DataError(f"not a diffusers model folder (no unet/): {spec}")
+    return ClassConditionalFeedbackPipeline(
+        unet=load_part(UNet2DModel, path, "unet", dtype, weights),
+        scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"))
 
 
 def generator_meta(spec: str, dataset_name: str = "digits-lt") -> dict[str, Any]:

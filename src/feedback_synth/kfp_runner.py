@@ -142,7 +142,7 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
     except RuntimeError as exc:
         message = f"the pipeline failed in the KFP local runner: {exc} (task logs above; outputs under {root})"
         try:
-            finish_tracking(tracking_uri, cfg.tracking.experiment, f"launch:{launch_id}", "FAILED", message)
+            finish_tracking(tracking_uri, cfg.tracking.experiment, None, "FAILED", message, launch_id=launch_id)
         except FeedbackSynthError as close_error:  # the pipeline's own error matters more
             log.warning("could not close the MLflow runs of the failed run: %s", close_error)
         raise KFPRunError(message) from None

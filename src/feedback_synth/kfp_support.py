@@ -104,11 +104,12 @@ def start_tracking(mlflow_tracking_uri: str, experiment: str, registered_model: 
     return json.dumps({"tracking": asdict(cfg), "parent_run_id": tracker.run_id, "kfp_run_id": kfp_run_id})
 
 
-def finish_tracking(mlflow_tracking_uri: str, experiment: str, kfp_run_id: str, state: str,
-                    error_message: str = "") -> Optional[dict[str, Any]]:
+def finish_tracking(mlflow_tracking_uri: str, experiment: str, kfp_run_id: Optional[str], state: str,
+                    error_message: str = "", launch_id: Optional[str] = None) -> Optional[dict[str, Any]]:
     """The pipeline's exit handler: close the MLflow runs this KFP run left open (see
-    ``MLflowTracker.close_pipeline_runs``). ``state`` is KFP's final state of the pipeline
-    (``SUCCEEDED``, ``FAILED``, ``CANCELED``...). None when tracking is off."""
+    ``MLflowTracker.close_pipeline_runs``; ``launch_id`` finds a local run instead). ``state`` is
+    KFP's final state of the pipeline (``SUCCEEDED``, ``FAILED``, ``CANCELED``...). None when
+    tracking is off."""
     if not mlflow_tracking_uri:
         return None
     cls = _tracker_class()
@@ -116,7 +117,7 @@ def finish_tracking(mlflow_tracking_uri: str, experiment: str, kfp_run_id: str, 
         return None
     cfg = TrackingConfig(tracking_uri=mlflow_tracking_uri, experiment=experiment)
     cfg.validate()
-    return cls(cfg, "").close_pipeline_runs(kfp_run_id, state == "SUCCEEDED", error_message)
+    return cls(cfg, "").close_pipeline_runs(kfp_run_id, state == "SUCCEEDED", error_message, launch_id)
 
 
 TRACKING_KEY = "context"  # metadata key of start_tracking's artifact: the tracking context (JSON, '' = off)

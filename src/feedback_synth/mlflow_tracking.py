@@ -426,9 +426,11 @@ class MLflowTracker:
         self._client = RetryingClient(MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri),
                                       self.cfg.retries, self.tracking_uri, hint)
 
-    def close_pipeline_runs(self, kfp_run_id: str, succeeded: bool, message: str = "") -> dict[str, Any]:
-        """Close what one KFP run left open (its exit handler calls this, whatever happened).
-        ``kfp_run_id`` may be ``launch:<id>``: the run whose parent carries that launch tag.
+    def close_pipeline_runs(self, kfp_run_id: Optional[str], succeeded: bool, message: str = "",
+                            launch_id: Optional[str] = None) -> dict[str, Any]:
+        """Close what one KFP run left open (its exit handler calls this, whatever happened). The
+        run is ``kfp_run_id``, or (a local run, whose id the runner does not know) the one whose
+        parent run carries the ``launch_id`` tag.
 
         The parent run, still RUNNING when a stage failed before ``promote`` closed it, ends FAILED
         (or FINISHED if the pipeline succeeded), tagged with the pipeline's state and error. A stage
@@ -441,12 +443,12 @@ class MLflowTracker:
             exp = self.client.get_experiment_by_name(self.cfg.experiment)
             if exp is None:
                 return closed
-            if kfp_run_id.startswith("launch:"):  # a local run: its id is on the parent's launch tag
-                parents = self.client.raw.search_runs(
-                    [exp.experiment_id], filter_string=f"tags.`{LAUNCH_TAG}` = '{kfp_run_id[len('launch:'):]}'")
-                if not parents or "kfp.run_id" not in parents[0].data.tags:
-                    return closed
-                kfp_run_id = parents[0].data.tags["kfp.run_id"]
+            if launch_id:
+                parents = self.client.raw.search_runs([exp.experiment_id],
+                                                      filter_string=f"tags.`{LAUNCH_TAG}` = '{launch_id}'")
+                kfp_run_id = parents[0].data.tags.get("kfp.run_id") if parents else None
+            if not kfp_run_id:
+                return closed
             runs = self.client.raw.search_runs(
                 [exp.experiment_id], max_results=1000,
                 filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and attributes.status = 'RUNNING'")

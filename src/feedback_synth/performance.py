@@ -154,23 +154,29 @@ def with_int_timesteps(scheduler):
     return IntTimesteps.from_config(scheduler.config)
 
 
-def estimate_peak_bytes(build, run, fake: bool = True) -> tuple[int, int]:
+def estimate_peak_bytes(build, *runs, fake: bool = True) -> tuple[int, ...]:
     """Size a workload without running it: ``build()`` returns the modules (weights are made but
-    not filled), ``run(modules)`` does the work; both run under ``FakeTensorMode``, on the CPU
-    device, so no kernel runs and no memory is taken. Give diffusers pipelines a scheduler from
-    ``with_int_timesteps``. ``fake=False`` runs it for real, with the same count.
+    not filled), each of ``runs`` (called with the modules) does one piece of work; all run under
+    ``FakeTensorMode``, on the CPU device, so no kernel runs and no memory is taken. Give diffusers
+    pipelines a scheduler from ``with_int_timesteps``. ``fake=False`` runs it for real, with the
+    same count.
 
-    Returns (weight bytes, peak bytes of all live tensors including the weights). What it leaves
-    out on a GPU: allocator rounding and fragmentation, kernel workspaces, the CUDA context.
+    Returns (weight bytes, then the peak bytes of all live tensors, weights included, during each
+    run). What it leaves out on a GPU: allocator rounding and fragmentation, kernel workspaces, the
+    CUDA context.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         modules = build()
-        tracker = LiveTensorBytes()
         weights = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-        tracker.count(*weights)
-        weight_bytes = tracker.live
-        with tracker:
-            run(modules)
-        return weight_bytes, tracker.peak
+        weight_bytes = LiveTensorBytes()
+        weight_bytes.count(*weights)
+        peaks = []
+        for run in runs:
+            tracker = LiveTensorBytes()
+            tracker.count(*weights)
+            with tracker:
+                run(modules)
+            peaks.append(tracker.peak)
+        return (weight_bytes.live, *peaks)

@@ -169,8 +169,8 @@ def oracle_cache_key(split: ImageSet, model: str, cfg: RetrainConfig) -> str:
     return h.hexdigest()[:32]
 
 
-def fidelity(dataset_url: str, synthetic: ImageSet, model: str, seed: int = 0, oracle_url: Optional[str] = None,
-             use_cache: bool = True) -> Optional[float]:
+def fidelity(dataset_url: str, synthetic: ImageSet, model: str, seed: int = 0,
+             oracle_url: Optional[str] = None) -> Optional[float]:
     """Share of synthetic images that an oracle (trained on balanced real task data, the dataset's
     ``oracle`` split) labels as their intended class; None when the dataset has no oracle split.
 
@@ -183,16 +183,15 @@ def fidelity(dataset_url: str, synthetic: ImageSet, model: str, seed: int = 0, o
         oracle = load_classifier(oracle_url)
     else:
         split, cfg = load_split(dataset_url, "oracle"), RetrainConfig(seed=seed)
-        cached = io.join(cache_dir(), "oracles", oracle_cache_key(split, model, cfg)) if use_cache else None
-        if cached and io.exists(io.join(cached, "config.json")):
+        cached = io.join(cache_dir(), "oracles", oracle_cache_key(split, model, cfg))
+        if io.exists(io.join(cached, "config.json")):
             oracle = load_classifier(cached)
         else:
             oracle, _ = train_classifier(split, cfg, model, desc="oracle")
-            if cached:
-                try:
-                    save_classifier(oracle, cached)
-                except OSError as exc:  # a read-only home in a pod: the run goes on without the cache
-                    log.warning("could not cache the fidelity oracle in %s: %s", cached, exc)
+            try:
+                save_classifier(oracle, cached)
+            except OSError as exc:  # a read-only home in a pod: the run goes on without the cache
+                log.warning("could not cache the fidelity oracle in %s: %s", cached, exc)
         if oracle_url:
             save_classifier(oracle, oracle_url)
     preds = predict_logits(oracle, synthetic).argmax(1)

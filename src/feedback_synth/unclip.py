@@ -102,7 +102,9 @@ class UnCLIPFeedbackPipeline(TextFeedbackPipeline):
         if masks is not None:
             embeds = embeds * masks.to(device)
         levels = torch.full((batch_size,), noise_level, device=device, dtype=torch.long)
-        if self.image_normalizer.mean.device != device:  # not moved by pipe.to() in older diffusers
+        # as diffusers' stock pipeline does (the normalizer is kept out of CPU offload); only when it
+        # is elsewhere: a no-op .to() of a module fails under FakeTensorMode (memory estimates)
+        if self.image_normalizer.mean.device != device:
             self.image_normalizer.to(device)
         embeds = self.image_normalizer.scale(embeds)
         embeds = self.image_noising_scheduler.add_noise(embeds, noise, levels)
