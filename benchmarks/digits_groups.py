@@ -26,13 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dataclasses import replace  # noqa: E402
 
-from digits_lt import (add_tuning_arguments, fmt, generation_settings, plain_row, synthesis_row,  # noqa: E402
-                       tune)
+from digits_lt import add_tuning_arguments, fmt, generation_settings, plain_row, synthesis_row, tune  # noqa: E402
 
-from feedback_synth import io, stages  # noqa: E402
-from feedback_synth.config import preset  # noqa: E402
-from feedback_synth.config import load_run_config  # noqa: E402
-from feedback_synth.evaluate import summary  # noqa: E402
+from feedback_synth import storage
+from feedback_synth.config import (
+    load_run_config,  # noqa: E402
+    preset,  # noqa: E402
+)
+from feedback_synth.pipeline import stages  # noqa: E402
+from feedback_synth.training.evaluate import summary  # noqa: E402
 
 COLUMNS = ("overall", "average_group", "worst_group", "worst_class")
 
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     cfg = load_run_config(base=preset("digits-groups"), overrides=["tracking.enabled=false", *args.set])
     work = args.work or tempfile.mkdtemp(prefix="fs-bench-groups-")
     t_start = time.time()
-    data_url = io.join(work, "data")
+    data_url = storage.join(work, "data")
     stages.prepare_data(cfg.data, data_url)
     tune_lines: list[str] = []
     if args.tune:
@@ -66,9 +68,9 @@ def main(argv=None) -> int:
 
     full = cfg.feedback.budget_fraction
     for seed in args.seeds:
-        base = io.join(work, f"seed{seed}", "baseline")
+        base = storage.join(work, f"seed{seed}", "baseline")
         stages.train_baseline(data_url, base, cfg.train.__class__(**{**cfg.train.__dict__, "seed": seed}), cfg.data)
-        add("baseline (cross-entropy)", summary(io.read_json(io.join(base, "metrics.json"))))
+        add("baseline (cross-entropy)", summary(storage.read_json(storage.join(base, "metrics.json"))))
         add("group reweighting (no generation)", plain_row(data_url, "train", cfg, seed, loss="group_reweighted"))
         for name, g in generation_settings(cfg).items():
             for budget, label in ((full, "full"), (full / 2, "half")):
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print("\n" + table)
     g = cfg.generate
-    io.write_text(args.output, "\n".join([
+    storage.write_text(args.output, "\n".join([
         "# digits-groups benchmark\n", f"Command: `{command}`  ",
         f"Seeds: {args.seeds}; wall time {(time.time() - t_start) / 60:.1f} min ({os.cpu_count()} CPUs).  ",
         f"Plan per (class, colour) cell, full budget = budget_fraction {full}; generation: strength {g.strength}, "

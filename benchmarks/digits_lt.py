@@ -23,14 +23,14 @@ import numpy as np
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from feedback_synth import io, stages  # noqa: E402
-from feedback_synth.classifier import load_classifier  # noqa: E402
-from feedback_synth.config import (DataConfig, GenerateConfig,  # noqa: E402
-                                   RunConfig, load_run_config)
-from feedback_synth.data import ImageSet, load_split  # noqa: E402
-from feedback_synth.evaluate import evaluate, summary  # noqa: E402
-from feedback_synth.generate import generate  # noqa: E402
-from feedback_synth.train import train_classifier  # noqa: E402
+from feedback_synth import storage
+from feedback_synth.config import DataConfig, GenerateConfig, RunConfig, load_run_config
+from feedback_synth.data.imageset import ImageSet, load_split  # noqa: E402
+from feedback_synth.generation.shards import generate  # noqa: E402
+from feedback_synth.pipeline import stages  # noqa: E402
+from feedback_synth.training.classifier import load_classifier  # noqa: E402
+from feedback_synth.training.evaluate import evaluate, summary  # noqa: E402
+from feedback_synth.training.train import train_classifier  # noqa: E402
 
 COLUMNS = ("overall", "many", "medium", "few", "worst_class")
 
@@ -44,20 +44,20 @@ def preset() -> RunConfig:
 def synthesis_row(name: str, work: str, data_url: str, base_url: str, cfg: RunConfig, gen_cfg: GenerateConfig,
                   budget: float, seed: int, eval_split: str = "test") -> dict:
     """Plan, generate, filter and retrain with one generation setting; evaluate on ``eval_split``."""
-    fb, gen, flt, ret = (io.join(work, name, d) for d in ("feedback", "generated", "filtered", "retrained"))
+    fb, gen, flt, ret = (storage.join(work, name, d) for d in ("feedback", "generated", "filtered", "retrained"))
     model = stages.model_url(base_url)
     plan = stages.extract_feedback(data_url, model, fb, replace(cfg.feedback, budget_fraction=budget))
     t0 = time.time()
     generate(stages.plan_url(fb), data_url, model, fb, gen, replace(gen_cfg, seed=seed))
     seconds = time.time() - t0
     report = stages.filter_synthetic(data_url, model, fb, gen, flt, cfg.filter)
-    synthetic = ImageSet.load(io.join(flt, "synthetic.npz"))
+    synthetic = ImageSet.load(storage.join(flt, "synthetic.npz"))
     retrain_cfg = replace(cfg.retrain, seed=seed)
     clf, _ = train_classifier(load_split(data_url, "train"), retrain_cfg, cfg.train.model, synthetic=synthetic,
                               synthetic_fraction=retrain_cfg.synthetic_fraction, desc=name)
     m = summary(evaluate(clf, load_split(data_url, eval_split), cfg.data))
     m.update(generated=plan["num_images"], kept=report["kept"], gen_seconds=seconds,
-             fidelity=stages.fidelity(data_url, synthetic, cfg.train.model, oracle_url=io.join(work, "oracle")))
+             fidelity=stages.fidelity(data_url, synthetic, cfg.train.model, oracle_url=storage.join(work, "oracle")))
     return m
 
 
@@ -80,7 +80,7 @@ def tune(work: str, data_url: str, cfg: RunConfig, scales, everys, strengths, cr
          metric: str = "few", columns: tuple[str, ...] = ("overall", "few", "worst_class")) -> tuple[dict, list[str]]:
     """Grid over (strength, scale, guide_every) for one criterion, scored on the validation split
     (``metric``, then overall), seed 0. Returns the best setting and the table's lines."""
-    base = io.join(work, "tune-baseline")
+    base = storage.join(work, "tune-baseline")
     stages.train_baseline(data_url, base, replace(cfg.train, seed=0), cfg.data)
     lines = ["| strength | scale | guide_every | " + " | ".join(f"val {c}" for c in columns) + " | kept | fidelity |",
              "|---|---|---|" + "---|" * len(columns) + "---|---|"]
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         cfg = load_run_config(base=dataset_preset("digits-lt"), overrides=["tracking.enabled=false", *args.set])
     work = args.work or tempfile.mkdtemp(prefix="fs-bench-")
     t_start = time.time()
-    data_url = io.join(work, "data")
+    data_url = storage.join(work, "data")
     stages.prepare_data(DataConfig(), data_url)
     tune_lines: list[str] = []
     if args.tune:
@@ -152,9 +152,9 @@ def main(argv=None) -> int:
                                                                     for k, v in m.items()}), flush=True)
 
     for seed in args.seeds:
-        base = io.join(work, f"seed{seed}", "baseline")
+        base = storage.join(work, f"seed{seed}", "baseline")
         stages.train_baseline(data_url, base, replace(cfg.train, seed=seed), cfg.data)
-        add("baseline (cross-entropy)", summary(io.read_json(io.join(base, "metrics.json"))))
+        add("baseline (cross-entropy)", summary(storage.read_json(storage.join(base, "metrics.json"))))
         add("logit adjustment (no generation)", plain_row(data_url, "train", cfg, seed, loss="logit_adjusted"))
         for name, g in generation_settings(cfg).items():
             for budget, label in ((1.0, "full"), (0.5, "half")):
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
           "intended, images generated and kept (mean per seed), generation seconds (mean per seed).\n", table, ""]
     if tune_lines:
         md += [f"\n## Tuning on the validation split ({args.tune_criterion}, seed 0, full budget)\n", *tune_lines, ""]
-    io.write_text(args.output, "\n".join(md))
+    storage.write_text(args.output, "\n".join(md))
     print(f"\nwritten to {args.output}")
     return 0
 

@@ -41,8 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from feedback_synth.guidance import FeedbackGuidance, guided_step_indices  # noqa: E402
-from feedback_synth.performance import ensure_sdpa  # noqa: E402
+from feedback_synth.generation.performance import ensure_sdpa  # noqa: E402
+from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices  # noqa: E402
 
 IMAGENET_LT_IMAGES = 1_184_154  # the reference rule's full plan on ImageNet-LT (DESIGN: how many to generate)
 SCHEDULES = ((None, None), (1, True), (1, False), (5, True), (5, False), (10, True), (10, False))
@@ -233,9 +233,10 @@ def run_rows(model: str, device: torch.device, precision: str, batch: int, steps
 def cpu_rows(batch_sizes: list[int], steps: int, repeats: int) -> tuple[list[Row], str]:
     from diffusers import DDIMScheduler, UNet2DModel
 
-    from feedback_synth.classifier import build_classifier
-    from feedback_synth.diffusion import ClassConditionalFeedbackPipeline
-    from feedback_synth.generators import builtin_generator_path, load_generator, training_scheduler, unet_config
+    from feedback_synth.generation.bundled import training_scheduler, unet_config
+    from feedback_synth.generation.loading import builtin_generator_path, load_generator
+    from feedback_synth.generation.pipelines import ClassConditionalFeedbackPipeline
+    from feedback_synth.training.classifier import build_classifier
 
     device = torch.device("cpu")
     path = builtin_generator_path("digits-lt")
@@ -286,12 +287,17 @@ def build_latent_pipeline(kind: str, device: torch.device, dtype: torch.dtype, s
     """Random-weight SD 2.1 (``text``) or SD 2.1 unCLIP (``unclip``) pipeline from the configs above."""
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, \
-        CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
-    from feedback_synth.diffusion import TextFeedbackPipeline
-    from feedback_synth.generators import default_dtype
-    from feedback_synth.unclip import UnCLIPFeedbackPipeline
+    from feedback_synth.generation.loading import default_dtype
+    from feedback_synth.generation.pipelines import TextFeedbackPipeline
+    from feedback_synth.generation.unclip import UnCLIPFeedbackPipeline
 
     def cfg(base, key):
         return dict(base, **SMOKE[key]) if smoke else dict(base)
@@ -340,9 +346,9 @@ def count_params(kind: str) -> dict[str, float]:
 
 
 def gpu_rows(device: torch.device, batch: int, resolution: int, steps: int, repeats: int, smoke: bool) -> tuple[list[Row], list[str]]:
-    from feedback_synth.classifier import build_classifier
-    from feedback_synth.performance import apply_performance_options
     from feedback_synth.config import GenerateConfig
+    from feedback_synth.generation.performance import apply_performance_options
+    from feedback_synth.training.classifier import build_classifier
 
     dtype = torch.bfloat16
     torch.manual_seed(0)
@@ -430,7 +436,7 @@ def estimate_memory(folder: str, batch: int, resolution: int, through_unet: Opti
     classifier at 224 px), by ``feedback_synth.generate.estimate_generation_memory`` (what
     ``feedback-synth estimate-memory`` prints). ``through_unet=None``: unguided."""
     from feedback_synth.config import GenerateConfig
-    from feedback_synth.generate import estimate_generation_memory
+    from feedback_synth.generation.memory import estimate_generation_memory
 
     cfg = GenerateConfig(generator=folder, dtype="bfloat16", criterion="none" if through_unet is None else "entropy",
                          scale=0.03, grad_through_unet=bool(through_unet), strength=1.0, cfg_scale=5.0,

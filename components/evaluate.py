@@ -1,4 +1,4 @@
-"""evaluate: baseline vs retrained, fidelity, per-class plot and report (feedback_synth.stages.evaluate_run)."""
+"""evaluate: baseline vs retrained, fidelity, per-class plot and report (feedback_synth.pipeline.stages.evaluate_run)."""
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
@@ -27,26 +27,22 @@ def evaluate(data: Input[Dataset], baseline: Input[Model], retrained: Input[Mode
         workspace_url (str): when set, write under ``<workspace_url>/<run_id>/report`` instead.
         run_id (str): the KFP run id.
     """
-    from feedback_synth import io
-    from feedback_synth import kfp_support as k
-    from feedback_synth import stages
-    from feedback_synth.config import DataConfig, stage_config
+    from feedback_synth import storage
+    from feedback_synth.pipeline import stages
+    from feedback_synth_kfp import artifacts
+    from feedback_synth_kfp.parameters import section_config
+    from feedback_synth_kfp.tracking import stage_run
 
-    data_cfg = stage_config(DataConfig, k.stage_params(data_overrides, dataset=dataset), "data")
-    url = k.stage_output_url(evaluation, workspace_url, run_id, "report")
-    with k.stage_run(tracking, "evaluate", {}, url) as run:
-        result = stages.evaluate_run(k.artifact_url(data), k.artifact_url(baseline), k.artifact_url(retrained),
-                                     k.artifact_url(filtered), url, data_cfg)
-        for name in ("report.md", "per_class_accuracy.png", "confusion_baseline.png", "confusion_retrained.png"):
-            run.log.log_artifact_url(io.join(url, name))
-        run.log_metrics({**k.scalars(result["baseline"], "baseline_"), **k.scalars(result["retrained"], "retrained_"),
-                         "fidelity": result["fidelity"], "generated": result["generated"], "kept": result["kept"]})
-    k.publish(evaluation, url, started=run.t0, seconds=run.seconds, fidelity=result["fidelity"])
-    k.log_kfp_metrics(metrics, {**k.scalars(result["baseline"], "baseline_"),
-                                **k.scalars(result["retrained"], "retrained_"),
-                                **k.scalars(result["delta"], "delta_"), "fidelity": result["fidelity"]})
+    data_cfg = section_config("data", data_overrides, dataset=dataset)
+    url = artifacts.stage_output_url(evaluation, workspace_url, run_id, "report")
+    with stage_run(tracking, "evaluate", {}, url) as run:
+        result = stages.evaluate_run(artifacts.artifact_url(data), artifacts.artifact_url(baseline),
+                                     artifacts.artifact_url(retrained), artifacts.artifact_url(filtered), url, data_cfg)
+        run.log_result(result)
+    artifacts.publish(evaluation, url, started=run.t0, seconds=run.seconds, fidelity=result.summary["fidelity"])
+    artifacts.log_kfp_metrics(metrics, result.metrics)
     with open(report.path, "w") as f:
-        f.write(io.read_text(io.join(url, "report.md")))
+        f.write(storage.read_text(storage.join(url, "report.md")))
     with open(per_class.path, "w") as f:
-        f.write(k.png_html(io.read_bytes(io.join(url, "per_class_accuracy.png")), "Per-class test accuracy",
-                           "baseline vs retrained, classes ordered by training count"))
+        f.write(artifacts.png_html(storage.read_bytes(storage.join(url, "per_class_accuracy.png")),
+                                   "Per-class test accuracy", "baseline vs retrained, classes ordered by training count"))

@@ -1,5 +1,5 @@
 """extract_feedback: class statistics of the frozen classifier and the generation plan
-(feedback_synth.stages.extract_feedback)."""
+(feedback_synth.pipeline.stages.extract_feedback)."""
 from typing import List
 
 from kfp import dsl
@@ -30,18 +30,17 @@ def extract_feedback(data: Input[Dataset], baseline: Input[Model], budget_fracti
     """
     from dataclasses import asdict
 
-    from feedback_synth import kfp_support as k
-    from feedback_synth import stages
-    from feedback_synth.config import FeedbackConfig, stage_config
-    from feedback_synth.feedback import GenerationPlan
+    from feedback_synth.pipeline import stages
+    from feedback_synth_kfp import artifacts
+    from feedback_synth_kfp.parameters import section_config
+    from feedback_synth_kfp.tracking import stage_run
 
-    cfg = stage_config(FeedbackConfig, k.stage_params(feedback_overrides, budget_fraction=budget_fraction,
-                                                      shard_size=shard_size), "feedback")
-    url = k.stage_output_url(feedback, workspace_url, run_id, "feedback")
-    with k.stage_run(tracking, "extract_feedback", asdict(cfg), url) as run:
-        result = stages.extract_feedback(k.artifact_url(data), stages.model_url(k.artifact_url(baseline)), url, cfg)
-        run.log_metrics({"planned_images": result["num_images"], "shards": result["num_shards"],
-                         "shrinkage": result["shrinkage"]})
-    k.publish(feedback, url, started=run.t0, seconds=run.seconds, planned_images=result["num_images"],
-              shards=result["num_shards"])
-    return [s.shard_id for s in GenerationPlan.load(stages.plan_url(url)).shards]
+    cfg = section_config("feedback", feedback_overrides, budget_fraction=budget_fraction, shard_size=shard_size)
+    url = artifacts.stage_output_url(feedback, workspace_url, run_id, "feedback")
+    with stage_run(tracking, "extract_feedback", asdict(cfg), url) as run:
+        result = stages.extract_feedback(artifacts.artifact_url(data),
+                                         stages.model_url(artifacts.artifact_url(baseline)), url, cfg)
+        run.log_result(result)
+    artifacts.publish(feedback, url, started=run.t0, seconds=run.seconds, planned_images=result.summary["num_images"],
+                      shards=result.summary["num_shards"])
+    return list(range(result.summary["num_shards"]))

@@ -1,5 +1,5 @@
 """filter_synthetic: drop degenerate, duplicate and off-support synthetic images
-(feedback_synth.stages.filter_synthetic)."""
+(feedback_synth.pipeline.stages.filter_synthetic)."""
 from typing import List
 
 from kfp import dsl
@@ -30,26 +30,25 @@ def filter_synthetic(data: Input[Dataset], baseline: Input[Model], feedback: Inp
     """
     from dataclasses import asdict
 
-    from feedback_synth import io
-    from feedback_synth import kfp_support as k
-    from feedback_synth import stages
-    from feedback_synth.config import FilterConfig, stage_config
+    from feedback_synth import storage
+    from feedback_synth.pipeline import stages
+    from feedback_synth_kfp import artifacts
+    from feedback_synth_kfp.parameters import section_config
+    from feedback_synth_kfp.tracking import stage_run
 
-    cfg = stage_config(FilterConfig, k.stage_params(filter_overrides), "filter")
-    url = k.stage_output_url(filtered, workspace_url, run_id, "filtered")
-    generated = k.unique([k.artifact_url(s) for s in shards])
-    with k.stage_run(tracking, "filter", asdict(cfg), url) as run:
-        report = stages.filter_synthetic(k.artifact_url(data), stages.model_url(k.artifact_url(baseline)),
-                                         k.artifact_url(feedback), generated, url, cfg)
-        run.log_metrics({"generated": report["generated"], "kept": report["kept"],
-                         "mean_criterion_value": report.get("mean_criterion_value")})
-        run.log.log_artifact_url(io.join(url, "filter_report.json"))
-        run.log.log_artifact_url(io.join(url, "samples.png"))
-    generation = k.generation_summary([dict(s.metadata) for s in shards])
-    k.publish(filtered, url, started=run.t0, seconds=run.seconds, generated=report["generated"],
-              kept=report["kept"], generation=generation)
-    k.log_kfp_metrics(metrics, {"generated": report["generated"], "kept": report["kept"],
-                                "mean_criterion_value": report.get("mean_criterion_value")})
+    cfg = section_config("filter", filter_overrides)
+    url = artifacts.stage_output_url(filtered, workspace_url, run_id, "filtered")
+    generated = artifacts.unique([artifacts.artifact_url(s) for s in shards])
+    with stage_run(tracking, "filter", asdict(cfg), url) as run:
+        result = stages.filter_synthetic(artifacts.artifact_url(data),
+                                         stages.model_url(artifacts.artifact_url(baseline)),
+                                         artifacts.artifact_url(feedback), generated, url, cfg)
+        run.log_result(result)
+    report = result.summary
+    artifacts.publish(filtered, url, started=run.t0, seconds=run.seconds, generated=report["generated"],
+                      kept=report["kept"], generation=artifacts.generation_summary([dict(s.metadata) for s in shards]))
+    artifacts.log_kfp_metrics(metrics, result.metrics)
     with open(samples.path, "w") as f:
-        f.write(k.png_html(io.read_bytes(io.join(url, "samples.png")), "Real and kept synthetic images",
-                           f"{report['kept']} of {report['generated']} generated images kept"))
+        f.write(artifacts.png_html(storage.read_bytes(storage.join(url, "samples.png")),
+                                   "Real and kept synthetic images",
+                                   f"{report['kept']} of {report['generated']} generated images kept"))

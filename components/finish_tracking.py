@@ -1,5 +1,5 @@
 """finish_tracking: the pipeline's exit handler; closes the MLflow runs a KFP run left open
-(feedback_synth.kfp_support.finish_tracking)."""
+(feedback_synth_kfp.tracking.finish_tracking)."""
 from kfp import dsl
 
 from . import CPU_IMAGE
@@ -26,9 +26,9 @@ def finish_tracking(mlflow_tracking_uri: str, mlflow_experiment: str, kfp_run_id
     """
     import json
 
-    from feedback_synth import kfp_support as k
+    from feedback_synth_kfp.tracking import finish_tracking as close_runs
 
-    closed = k.finish_tracking(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, status.state,
+    closed = close_runs(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, status.state,
                                status.error_message or "")
     print(f"pipeline {status.state}; closed: {json.dumps(closed)}")
     return json.dumps(closed)

@@ -1,4 +1,4 @@
-"""generate_shard: one shard of feedback-guided synthesis (feedback_synth.generate.generate_shard)."""
+"""generate_shard: one shard of feedback-guided synthesis (feedback_synth.generation.shards.generate_shard)."""
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
@@ -33,21 +33,18 @@ def generate_shard(data: Input[Dataset], baseline: Input[Model], feedback: Input
     """
     from dataclasses import asdict
 
-    from feedback_synth import kfp_support as k
-    from feedback_synth import stages
-    from feedback_synth.config import GenerateConfig, stage_config
-    from feedback_synth.feedback import GenerationPlan
-    from feedback_synth.generate import generate_shard as generate_one
+    from feedback_synth.pipeline import stages
+    from feedback_synth_kfp import artifacts
+    from feedback_synth_kfp.parameters import section_config
+    from feedback_synth_kfp.tracking import stage_run
 
-    cfg = stage_config(GenerateConfig, k.stage_params(
-        generate_overrides, generator=generator, criterion=criterion, scale=scale, guide_every=guide_every,
-        device=device), "generate")
-    feedback_url = k.artifact_url(feedback)
-    url = k.stage_output_url(shard, workspace_url, run_id, "generated")
-    with k.stage_run(tracking, f"generate_shard_{shard_id}", {**asdict(cfg), "shard_id": shard_id}, url) as run:
-        result = generate_one(GenerationPlan.load(stages.plan_url(feedback_url)), shard_id, k.artifact_url(data),
-                              stages.model_url(k.artifact_url(baseline)), feedback_url, url, cfg)
-        run.log_metrics({"generated_images": result["num_images"], "generation_seconds": result["seconds"],
-                         "mean_criterion_value": result["mean_criterion_value"]})
-    k.publish(shard, url, started=run.t0, seconds=run.seconds, shard_id=shard_id, num_images=result["num_images"],
-              generation_seconds=result["seconds"], skipped=result["skipped"], criterion=result["criterion"])
+    cfg = section_config("generate", generate_overrides, generator=generator, criterion=criterion, scale=scale,
+                         guide_every=guide_every, device=device)
+    url = artifacts.stage_output_url(shard, workspace_url, run_id, "generated")
+    with stage_run(tracking, f"generate_shard_{shard_id}", {**asdict(cfg), "shard_id": shard_id}, url) as run:
+        result = stages.generate(artifacts.artifact_url(data), stages.model_url(artifacts.artifact_url(baseline)),
+                                 artifacts.artifact_url(feedback), url, cfg, shard_ids=[shard_id])
+        run.log_result(result)
+    s = result.summary
+    artifacts.publish(shard, url, started=run.t0, seconds=run.seconds, shard_id=shard_id, num_images=s["num_images"],
+                      generation_seconds=s["seconds"], skipped=bool(s["skipped"]), criterion=s["criterion"])

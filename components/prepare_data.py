@@ -1,4 +1,4 @@
-"""prepare_data: load and check the dataset, write its splits (feedback_synth.stages.prepare_data)."""
+"""prepare_data: load and check the dataset, write its splits (feedback_synth.pipeline.stages.prepare_data)."""
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Output
 
@@ -20,13 +20,16 @@ def prepare_data(dataset: str, data_overrides: str, data: Output[Dataset], track
     """
     from dataclasses import asdict
 
-    from feedback_synth import kfp_support as k
-    from feedback_synth import stages
-    from feedback_synth.config import DataConfig, stage_config
+    from feedback_synth.pipeline import stages
+    from feedback_synth_kfp import artifacts
+    from feedback_synth_kfp.parameters import section_config
+    from feedback_synth_kfp.tracking import stage_run
 
-    cfg = stage_config(DataConfig, k.stage_params(data_overrides, dataset=dataset), "data")
-    url = k.stage_output_url(data, workspace_url, run_id, "data")
-    with k.stage_run(tracking, "prepare_data", asdict(cfg), url) as run:
-        info = stages.prepare_data(cfg, url)
-    k.publish(data, url, started=run.t0, seconds=run.seconds, dataset=info["name"],
-              num_classes=len(info["class_names"]), train_images=sum(info["train_class_counts"]))
+    cfg = section_config("data", data_overrides, dataset=dataset)
+    url = artifacts.stage_output_url(data, workspace_url, run_id, "data")
+    with stage_run(tracking, "prepare_data", asdict(cfg), url) as run:
+        result = stages.prepare_data(cfg, url)
+        run.log_result(result)
+    info = result.summary
+    artifacts.publish(data, url, started=run.t0, seconds=run.seconds, dataset=info["name"],
+                      num_classes=len(info["class_names"]), train_images=sum(info["train_class_counts"]))

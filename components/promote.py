@@ -1,5 +1,5 @@
 """promote: register the retrained model and move `champion` if it passes the gate
-(MLflowTracker.register_and_promote, through feedback_synth.kfp_support.promote)."""
+(feedback_synth.registry.register.register_and_promote, through feedback_synth_kfp.tracking.promote)."""
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Model, Output
 
@@ -26,18 +26,19 @@ def promote(retrained: Input[Model], evaluation: Input[Artifact], gate_metric: s
     import json
     import time
 
-    from feedback_synth import io
-    from feedback_synth import kfp_support as k
-    from feedback_synth import stages
-    from feedback_synth.config import PromoteConfig, stage_config
+    from feedback_synth import storage
+    from feedback_synth.pipeline import stages
+    from feedback_synth_kfp import artifacts
+    from feedback_synth_kfp.parameters import section_config
+    from feedback_synth_kfp.tracking import promote as promote_in_registry
 
-    cfg = stage_config(PromoteConfig, k.stage_params(promote_overrides, gate_metric=gate_metric, min_gain=min_gain,
-                                                     max_overall_drop=max_overall_drop), "promote")
-    evaluation_url = k.artifact_url(evaluation)
+    cfg = section_config("promote", promote_overrides, gate_metric=gate_metric, min_gain=min_gain,
+                         max_overall_drop=max_overall_drop)
+    evaluation_url = artifacts.artifact_url(evaluation)
     t0 = time.time()
-    result = k.promote(tracking, stages.model_url(k.artifact_url(retrained)),
-                       io.read_json(io.join(evaluation_url, "report.json")), cfg, evaluation_url)
-    k.publish(decision, decision.path, started=t0, seconds=round(time.time() - t0, 2),
-              promotion=json.dumps(result, default=str))
+    result = promote_in_registry(tracking, stages.model_url(artifacts.artifact_url(retrained)),
+                                 storage.read_json(storage.join(evaluation_url, "report.json")), cfg, evaluation_url)
+    artifacts.publish(decision, decision.path, started=t0, seconds=round(time.time() - t0, 2),
+                      promotion=json.dumps(result, default=str))
     with open(decision.path, "w") as f:
-        f.write(k.promotion_markdown(result))
+        f.write(artifacts.promotion_markdown(result))

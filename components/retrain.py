@@ -1,4 +1,4 @@
-"""retrain: train the baseline's architecture on real + kept synthetic images (feedback_synth.stages.retrain)."""
+"""retrain: train the baseline's architecture on real + kept synthetic images (feedback_synth.pipeline.stages.retrain)."""
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
@@ -29,20 +29,19 @@ def retrain(data: Input[Dataset], baseline: Input[Model], filtered: Input[Datase
     """
     from dataclasses import asdict
 
-    from feedback_synth import kfp_support as k
-    from feedback_synth import stages
-    from feedback_synth.config import DataConfig, RetrainConfig, stage_config
-    from feedback_synth.data import load_info
+    from feedback_synth.pipeline import stages
+    from feedback_synth_kfp import artifacts
+    from feedback_synth_kfp.parameters import section_config
+    from feedback_synth_kfp.tracking import stage_run
 
-    cfg = stage_config(RetrainConfig, k.stage_params(retrain_overrides, device=device), "retrain")
-    data_cfg = stage_config(DataConfig, k.stage_params(data_overrides, dataset=dataset), "data")
-    data_url = k.artifact_url(data)
-    url = k.stage_output_url(retrained, workspace_url, run_id, "retrained")
-    with k.stage_run(tracking, "retrain", asdict(cfg), url) as run:
-        result = stages.retrain(data_url, stages.model_url(k.artifact_url(baseline)), k.artifact_url(filtered), url,
-                                cfg, data_cfg, on_epoch=run.on_epoch)
-        run.log_metrics(result, prefix="test_")
-    k.publish(retrained, url, started=run.t0, seconds=run.seconds, num_synthetic=result["num_synthetic"],
-              framework="timm")
-    k.log_kfp_metrics(metrics, result, prefix="test_")
-    confusion.log_confusion_matrix(load_info(data_url).class_names, result["confusion_matrix"])
+    cfg = section_config("retrain", retrain_overrides, device=device)
+    data_cfg = section_config("data", data_overrides, dataset=dataset)
+    url = artifacts.stage_output_url(retrained, workspace_url, run_id, "retrained")
+    with stage_run(tracking, "retrain", asdict(cfg), url) as run:
+        result = stages.retrain(artifacts.artifact_url(data), stages.model_url(artifacts.artifact_url(baseline)),
+                                artifacts.artifact_url(filtered), url, cfg, data_cfg, on_epoch=run.on_epoch)
+        run.log_result(result)
+    artifacts.publish(retrained, url, started=run.t0, seconds=run.seconds,
+                      num_synthetic=result.summary["num_synthetic"], framework="timm")
+    artifacts.log_kfp_metrics(metrics, result.metrics)
+    confusion.log_confusion_matrix(artifacts.class_names(data), result.summary["confusion_matrix"])

@@ -1,4 +1,4 @@
-"""train_baseline: train the classifier on the real, imbalanced data (feedback_synth.stages.train_baseline)."""
+"""train_baseline: train the classifier on the real, imbalanced data (feedback_synth.pipeline.stages.train_baseline)."""
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
@@ -27,18 +27,17 @@ def train_baseline(data: Input[Dataset], dataset: str, data_overrides: str, clas
     """
     from dataclasses import asdict
 
-    from feedback_synth import kfp_support as k
-    from feedback_synth import stages
-    from feedback_synth.config import DataConfig, TrainConfig, stage_config
-    from feedback_synth.data import load_info
+    from feedback_synth.pipeline import stages
+    from feedback_synth_kfp import artifacts
+    from feedback_synth_kfp.parameters import section_config
+    from feedback_synth_kfp.tracking import stage_run
 
-    cfg = stage_config(TrainConfig, k.stage_params(train_overrides, model=classifier_model), "train")
-    data_cfg = stage_config(DataConfig, k.stage_params(data_overrides, dataset=dataset), "data")
-    data_url = k.artifact_url(data)
-    url = k.stage_output_url(baseline, workspace_url, run_id, "baseline")
-    with k.stage_run(tracking, "train_baseline", asdict(cfg), url) as run:
-        result = stages.train_baseline(data_url, url, cfg, data_cfg, on_epoch=run.on_epoch)
-        run.log_metrics(result, prefix="test_")
-    k.publish(baseline, url, started=run.t0, seconds=run.seconds, model=cfg.model, framework="timm")
-    k.log_kfp_metrics(metrics, result, prefix="test_")
-    confusion.log_confusion_matrix(load_info(data_url).class_names, result["confusion_matrix"])
+    cfg = section_config("train", train_overrides, model=classifier_model)
+    data_cfg = section_config("data", data_overrides, dataset=dataset)
+    url = artifacts.stage_output_url(baseline, workspace_url, run_id, "baseline")
+    with stage_run(tracking, "train_baseline", asdict(cfg), url) as run:
+        result = stages.train_baseline(artifacts.artifact_url(data), url, cfg, data_cfg, on_epoch=run.on_epoch)
+        run.log_result(result)
+    artifacts.publish(baseline, url, started=run.t0, seconds=run.seconds, model=cfg.model, framework="timm")
+    artifacts.log_kfp_metrics(metrics, result.metrics)
+    confusion.log_confusion_matrix(artifacts.class_names(data), result.summary["confusion_matrix"])

@@ -161,17 +161,17 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
             finish.set_caching_options(False)
             stages = dsl.ExitHandler(finish, name="stages")
         with stages:
+            config_parameters = dict(
+                dataset=dataset, classifier_model=classifier_model, generator=generator, criterion=criterion,
+                scale=scale, guide_every=guide_every, budget_fraction=budget_fraction, shard_size=shard_size,
+                gate_metric=gate_metric, min_gain=min_gain, max_overall_drop=max_overall_drop, gpu_device=gpu_device,
+                data_overrides=data_overrides, train_overrides=train_overrides, feedback_overrides=feedback_overrides,
+                generate_overrides=generate_overrides, filter_overrides=filter_overrides,
+                retrain_overrides=retrain_overrides, promote_overrides=promote_overrides)
             track = _sized(start_tracking(
                 mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
                 registered_model=registered_model, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_run_id=run_id,
-                parameters=(f'{{"dataset": "{dataset}", "classifier_model": "{classifier_model}", '
-                            f'"generator": "{generator}", "criterion": "{criterion}", "scale": {scale}, '
-                            f'"guide_every": {guide_every}, "budget_fraction": {budget_fraction}, '
-                            f'"shard_size": {shard_size}, "workspace_url": "{workspace_url}", '
-                            f'"data_overrides": {data_overrides}, "train_overrides": {train_overrides}, '
-                            f'"feedback_overrides": {feedback_overrides}, "generate_overrides": {generate_overrides}, '
-                            f'"filter_overrides": {filter_overrides}, "retrain_overrides": {retrain_overrides}, '
-                            f'"promote_overrides": {promote_overrides}}}')),
+                **config_parameters),
                 "Start MLflow run", settings.small)
             track.set_caching_options(False)  # opens a new MLflow run every time
             tracking = track.outputs["tracking"]

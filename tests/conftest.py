@@ -25,7 +25,7 @@ def _private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits():
-    from feedback_synth.data import make_digits_lt
+    from feedback_synth.data.digits import make_digits_lt
 
     return make_digits_lt()
 
@@ -34,7 +34,7 @@ def digits():
 def prepared(tmp_path_factory):
     """digits-lt prepared once on the local disk."""
     from feedback_synth.config import DataConfig
-    from feedback_synth.data import prepare_dataset
+    from feedback_synth.data.prepare import prepare_dataset
 
     url = str(tmp_path_factory.mktemp("data"))
     prepare_dataset(DataConfig(), url)
@@ -44,9 +44,9 @@ def prepared(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_classifier(digits, tmp_path_factory):
     """A small timm classifier trained briefly on digits-lt, saved as a checkpoint folder."""
-    from feedback_synth.classifier import save_classifier
     from feedback_synth.config import RetrainConfig
-    from feedback_synth.train import train_classifier
+    from feedback_synth.training.classifier import save_classifier
+    from feedback_synth.training.train import train_classifier
 
     clf, _ = train_classifier(digits["train"], RetrainConfig(epochs=8, seed=0), "test_resnet")
     url = str(tmp_path_factory.mktemp("clf"))
@@ -59,7 +59,7 @@ def tiny_generator(tmp_path_factory):
     """A random-weight class-conditional pixel generator folder (tiny UNet built from config)."""
     from diffusers import UNet2DModel
 
-    from feedback_synth.generators import save_generator, unet_config
+    from feedback_synth.generation.bundled import save_generator, unet_config
 
     url = str(tmp_path_factory.mktemp("gen"))
     torch.manual_seed(0)

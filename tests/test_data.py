@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from feedback_synth import io
+from feedback_synth import storage
 from feedback_synth.config import DataConfig
-from feedback_synth.data import (DIGITS_POOL_PER_CLASS, DIGITS_TEST_PER_CLASS, digits_lt_counts, load_info,
-                                 load_split, prepare_dataset, shot_groups)
+from feedback_synth.data.digits import DIGITS_POOL_PER_CLASS, DIGITS_TEST_PER_CLASS, digits_lt_counts
+from feedback_synth.data.imageset import load_info, load_split, shot_groups
+from feedback_synth.data.prepare import prepare_dataset
 from feedback_synth.errors import DataError
 
 
@@ -36,7 +37,7 @@ def test_digits_lt_parts_are_disjoint_and_sized(digits):
 
 
 def test_digits_lt_split_is_fixed(digits):
-    from feedback_synth.data import make_digits_lt
+    from feedback_synth.data.digits import make_digits_lt
 
     again = make_digits_lt()
     assert again["train"].ids.tolist() == digits["train"].ids.tolist()
@@ -45,7 +46,7 @@ def test_digits_lt_split_is_fixed(digits):
 
 def test_task_style_differs_from_generator_pool(digits):
     """The domain gap: train/test are sheared and thicker, the pool is not."""
-    from feedback_synth.data import task_style
+    from feedback_synth.data.digits import task_style
 
     pool = digits["pool"].images[..., 0] / 255.0
     styled = task_style(pool)
@@ -74,7 +75,7 @@ def _write_class_folders(root: str, counts: dict[str, dict[str, int]]) -> None:
     for split, per_class in counts.items():
         for cls, n in per_class.items():
             for i in range(n):
-                io.write_bytes(io.join(root, split, cls, f"{i}.png"), _png(10 * i + len(cls)))
+                storage.write_bytes(storage.join(root, split, cls, f"{i}.png"), _png(10 * i + len(cls)))
 
 
 def test_class_folder_dataset_on_memory(memory_url):
@@ -93,10 +94,10 @@ def test_split_file_dataset_with_groups_on_memory(memory_url):
     for split, n in (("train", 6), ("test", 4)):
         for i in range(n):
             path = f"images/{split}_{i}.png"
-            io.write_bytes(io.join(src, path), _png(20 * i))
+            storage.write_bytes(storage.join(src, path), _png(20 * i))
             lines[split].append(f"{path} {i % 3} {'water' if i % 2 else 'land'}")
-        io.write_text(io.join(src, f"{split}.txt"), "\n".join(lines[split]) + "\n")
-    io.write_text(io.join(src, "classes.txt"), "a\nb\nc\n")
+        storage.write_text(storage.join(src, f"{split}.txt"), "\n".join(lines[split]) + "\n")
+    storage.write_text(storage.join(src, "classes.txt"), "a\nb\nc\n")
     prepare_dataset(DataConfig(dataset=src, image_size=8, channels=3), out)
     train = load_split(out, "train")
     assert train.class_names == ["a", "b", "c"] and train.group_names == ["land", "water"]
@@ -116,7 +117,7 @@ def test_class_folder_dataset_on_gcs_emulator(gcs_bucket):
 
 
 def _assert_no_output(url: str) -> None:
-    assert not io.exists(url) or not io.fs_and_path(url)[0].ls(io.fs_and_path(url)[1]), "half-written output left"
+    assert not storage.exists(url) or not storage.fs_and_path(url)[0].ls(storage.fs_and_path(url)[1]), "half-written output left"
 
 
 def test_missing_dataset_path(memory_url):
@@ -133,7 +134,7 @@ def test_unknown_builtin_name(memory_url):
 def test_empty_class_folder_is_named(memory_url):
     src = memory_url + "/src"
     _write_class_folders(src, {"train": {"a": 2}, "test": {"a": 1}})
-    io.write_text(io.join(src, "train", "empty", "README.txt"), "no images here")
+    storage.write_text(storage.join(src, "train", "empty", "README.txt"), "no images here")
     with pytest.raises(DataError, match="empty class 'empty'"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
     _assert_no_output(memory_url + "/out")
@@ -149,10 +150,10 @@ def test_test_class_outside_class_list_is_named(memory_url):
 
 def test_label_outside_class_list_in_split_file(memory_url):
     src = memory_url + "/src"
-    io.write_bytes(io.join(src, "x.png"), _png(1))
-    io.write_text(io.join(src, "classes.txt"), "a\nb\n")
-    io.write_text(io.join(src, "train.txt"), "x.png 0\nx.png 1\n")
-    io.write_text(io.join(src, "test.txt"), "x.png 7\n")
+    storage.write_bytes(storage.join(src, "x.png"), _png(1))
+    storage.write_text(storage.join(src, "classes.txt"), "a\nb\n")
+    storage.write_text(storage.join(src, "train.txt"), "x.png 0\nx.png 1\n")
+    storage.write_text(storage.join(src, "test.txt"), "x.png 7\n")
     with pytest.raises(DataError, match=r"test.txt: label 7 of .*x.png is outside the class list"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
     _assert_no_output(memory_url + "/out")
@@ -160,10 +161,10 @@ def test_label_outside_class_list_in_split_file(memory_url):
 
 def test_empty_class_in_split_file(memory_url):
     src = memory_url + "/src"
-    io.write_bytes(io.join(src, "x.png"), _png(1))
-    io.write_text(io.join(src, "classes.txt"), "a\nb\nc\n")
-    io.write_text(io.join(src, "train.txt"), "x.png 0\nx.png 2\n")
-    io.write_text(io.join(src, "test.txt"), "x.png 0\n")
+    storage.write_bytes(storage.join(src, "x.png"), _png(1))
+    storage.write_text(storage.join(src, "classes.txt"), "a\nb\nc\n")
+    storage.write_text(storage.join(src, "train.txt"), "x.png 0\nx.png 2\n")
+    storage.write_text(storage.join(src, "test.txt"), "x.png 0\n")
     with pytest.raises(DataError, match="empty class 'b'"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
 
@@ -171,7 +172,7 @@ def test_empty_class_in_split_file(memory_url):
 def test_corrupt_image_is_named(memory_url):
     src = memory_url + "/src"
     _write_class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
-    io.write_bytes(io.join(src, "train", "b", "broken.png"), b"\x89PNG not really")
+    storage.write_bytes(storage.join(src, "train", "b", "broken.png"), b"\x89PNG not really")
     with pytest.raises(DataError, match=r"corrupt or unreadable image: .*train/b/broken.png"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
     _assert_no_output(memory_url + "/out")
@@ -179,9 +180,9 @@ def test_corrupt_image_is_named(memory_url):
 
 def test_missing_image_in_split_file(memory_url):
     src = memory_url + "/src"
-    io.write_bytes(io.join(src, "x.png"), _png(1))
-    io.write_text(io.join(src, "train.txt"), "x.png 0\nmissing.png 0\n")
-    io.write_text(io.join(src, "test.txt"), "x.png 0\n")
+    storage.write_bytes(storage.join(src, "x.png"), _png(1))
+    storage.write_text(storage.join(src, "train.txt"), "x.png 0\nmissing.png 0\n")
+    storage.write_text(storage.join(src, "test.txt"), "x.png 0\n")
     with pytest.raises(DataError, match=r"image not found or unreadable: .*missing.png"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
 

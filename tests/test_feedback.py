@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from feedback_synth.config import FeedbackConfig
-from feedback_synth.feedback import (GenerationPlan, extract_features, fit_class_stats, image_seed,
-                                     images_to_generate, load_class_stats, make_plan, save_class_stats)
+from feedback_synth.synthesis.feedback import extract_features, fit_class_stats, load_class_stats, save_class_stats
+from feedback_synth.synthesis.plan import GenerationPlan, image_seed, images_to_generate, make_plan
 
 
 def test_reference_rule_on_digits_lt(digits):
@@ -76,7 +76,7 @@ def test_class_stats_shrinkage_and_roundtrip(small_classifier, digits, memory_ur
 
 
 def test_per_group_plan():
-    from feedback_synth.data import ImageSet
+    from feedback_synth.data.imageset import ImageSet
 
     labels = np.array([0] * 6 + [1] * 3)
     groups = np.array([0, 0, 0, 0, 1, 1, 0, 0, 1])
@@ -85,4 +85,4 @@ def test_per_group_plan():
     plan = make_plan(data, FeedbackConfig(per_group=True))
     assert plan.counts == {"a/land": 1, "a/water": 2, "b/land": 2, "b/water": 3}
     with pytest.raises(Exception):
-        FeedbackConfig(shard_size=0).validate()
+        FeedbackConfig(shard_size=0)

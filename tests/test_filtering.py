@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from feedback_synth.config import FilterConfig
-from feedback_synth.criteria import ClassStats
-from feedback_synth.filtering import FILTERS, FilterInputs, apply_filters
+from feedback_synth.errors import ConfigError
+from feedback_synth.guidance.criteria import ClassStats
+from feedback_synth.synthesis.filtering import FILTERS, FilterInputs, apply_filters
 
 
 def _inputs(n=6, d=4):
@@ -68,5 +69,5 @@ def test_filters_run_in_order_and_counts_add_up():
 
 
 def test_unknown_filter_is_named():
-    with pytest.raises(ValueError, match="unknown filter 'confidence'"):
-        FilterConfig(filters=["confidence"]).validate()
+    with pytest.raises(ConfigError, match="config field 'filter.filters': unknown filter 'confidence'; known: degenerate"):
+        apply_filters(_inputs(), FilterConfig(filters=["confidence"]), ["a", "b"])

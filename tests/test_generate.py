@@ -10,10 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from feedback_synth import io, stages
+from feedback_synth import storage
 from feedback_synth.config import FeedbackConfig, GenerateConfig
-from feedback_synth.feedback import GenerationPlan
-from feedback_synth.generate import generate, load_generated, shard_done, shard_url
+from feedback_synth.generation.shards import generate, load_generated, shard_done, shard_url
+from feedback_synth.pipeline import stages
+from feedback_synth.synthesis.plan import GenerationPlan
 
 FAST = dict(num_inference_steps=4, batch_size=16, criterion="entropy", scale=0.02, guide_every=2)
 
@@ -34,7 +35,7 @@ def test_generate_writes_shards_with_metadata(prepared, small_classifier, feedba
     summary = _generate(prepared, small_classifier, feedback_dir, tiny_generator, memory_url)
     plan = GenerationPlan.load(stages.plan_url(feedback_dir))
     assert summary["num_images"] == plan.total and summary["skipped"] == 0
-    from feedback_synth.data import load_split
+    from feedback_synth.data.imageset import load_split
 
     data, rows = load_generated(memory_url, plan, load_split(prepared, "train"))
     assert len(data) == plan.total and data.images.dtype == np.uint8
@@ -50,7 +51,7 @@ def test_half_written_shard_is_redone_identically(prepared, small_classifier, fe
     out = str(tmp_path / "gen")
     _generate(prepared, small_classifier, feedback_dir, tiny_generator, out)
     plan = GenerationPlan.load(stages.plan_url(feedback_dir))
-    from feedback_synth.data import load_split
+    from feedback_synth.data.imageset import load_split
 
     before, _ = load_generated(out, plan, load_split(prepared, "train"))
     # simulate a pod killed after writing images but before the commit marker
@@ -71,7 +72,7 @@ def test_generation_on_gcs_emulator(prepared, small_classifier, feedback_dir, ti
     out = gcs_bucket + "/generated"
     summary = _generate(prepared, small_classifier, feedback_dir, tiny_generator, out)
     assert summary["num_images"] > 0
-    assert io.exists(io.join(shard_url(out, 0), "_SUCCESS"))
+    assert storage.exists(storage.join(shard_url(out, 0), "_SUCCESS"))
 
 
 def test_killed_generation_resumes_without_duplicates(prepared, small_classifier, feedback_dir, tiny_generator,
@@ -94,7 +95,7 @@ def test_killed_generation_resumes_without_duplicates(prepared, small_classifier
     assert unfinished, "the process finished before it was killed; the test proves nothing"
     rerun = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
-    from feedback_synth.data import load_split
+    from feedback_synth.data.imageset import load_split
 
     data, rows = load_generated(out, plan, load_split(prepared, "train"))
     keys = [(r["class_index"], r["group_index"], r["image_index"]) for r in rows]
@@ -105,11 +106,11 @@ def test_killed_generation_resumes_without_duplicates(prepared, small_classifier
     # uninterrupted run of the resolved config
     from feedback_synth.config import from_dict
 
-    cfg = from_dict(GenerateConfig, io.read_json(io.join(out, "generate_config.json")))
+    cfg = from_dict(GenerateConfig, storage.read_json(storage.join(out, "generate_config.json")))
     ref = str(tmp_path / "uninterrupted")
     generate(stages.plan_url(feedback_dir), prepared, small_classifier[1], feedback_dir, ref, cfg,
              shard_ids=[unfinished[0]])
     got, want = shard_url(out, unfinished[0]), shard_url(ref, unfinished[0])
-    assert np.array_equal(io.read_npz(io.join(got, "images.npz"))["images"],
-                          io.read_npz(io.join(want, "images.npz"))["images"])
-    assert io.read_text(io.join(got, "metadata.csv")) == io.read_text(io.join(want, "metadata.csv"))
+    assert np.array_equal(storage.read_npz(storage.join(got, "images.npz"))["images"],
+                          storage.read_npz(storage.join(want, "images.npz"))["images"])
+    assert storage.read_text(storage.join(got, "metadata.csv")) == storage.read_text(storage.join(want, "metadata.csv"))

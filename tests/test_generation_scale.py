@@ -9,15 +9,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_unclip import build_tiny_unclip_model
 
-from feedback_synth import io, stages
+from feedback_synth import storage
 from feedback_synth.config import FeedbackConfig, GenerateConfig
 from feedback_synth.errors import ConfigError
-from feedback_synth.feedback import GenerationPlan
-from feedback_synth.generate import generate_shard, read_metadata, shard_url
-from feedback_synth.guidance import FeedbackGuidance, guided_step_indices
-from feedback_synth.performance import apply_performance_options, ensure_sdpa, pad_batch
-from test_unclip import build_tiny_unclip_model
+from feedback_synth.generation.performance import apply_performance_options, ensure_sdpa, pad_batch
+from feedback_synth.generation.shards import generate_shard, read_metadata, shard_url
+from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices
+from feedback_synth.pipeline import stages
+from feedback_synth.synthesis.plan import GenerationPlan
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 FAST = dict(num_inference_steps=4, criterion="entropy", scale=0.05, guide_every=2, strength=1.0)
@@ -42,15 +43,15 @@ def _shard(prepared, small_classifier, feedback_dir, out, **kw):
     plan = GenerationPlan.load(stages.plan_url(feedback_dir))
     generate_shard(plan, 0, prepared, small_classifier[1], feedback_dir, out, GenerateConfig(**{**FAST, **kw}))
     url = shard_url(out, 0)
-    return io.read_npz(io.join(url, "images.npz"))["images"], read_metadata(io.join(url, "metadata.csv"))
+    return storage.read_npz(storage.join(url, "images.npz"))["images"], read_metadata(storage.join(url, "metadata.csv"))
 
 
 def test_new_config_fields_are_validated():
-    GenerateConfig(autocast="bfloat16", guidance_dtype="bfloat16", compile_unet=True, noise_level=999).validate()
+    GenerateConfig(autocast="bfloat16", guidance_dtype="bfloat16", compile_unet=True, noise_level=999)
     for bad, match in ((dict(guidance_dtype="float16"), "overflow"), (dict(autocast="fp8"), "autocast"),
                        (dict(compile_mode="fast"), "compile_mode"), (dict(noise_level=1000), "noise_level")):
         with pytest.raises(ConfigError, match=match):
-            GenerateConfig(**bad).validate()
+            GenerateConfig(**bad)
     with pytest.raises(ValueError, match="float16 overflows"):
         FeedbackGuidance(torch.nn.Linear(1, 1), "entropy", 0.1, precision=torch.float16)
 
@@ -59,7 +60,7 @@ def test_padding_the_last_batch_does_not_change_the_real_items(prepared, small_c
                                                                tiny_generator, tmp_path):
     """Shard of 7, batches of 3: the last batch (1 item) is padded to 3 and the padding dropped."""
     seen = []
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
 
     pipe = load_generator(tiny_generator)
     hook = pipe.unet.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
@@ -71,8 +72,8 @@ def test_padding_the_last_batch_does_not_change_the_real_items(prepared, small_c
                    GenerateConfig(**FAST, generator=tiny_generator, batch_size=3, pad_last_batch=True), pipe=pipe)
     hook.remove()
     url = shard_url(str(tmp_path / "padded"), 0)
-    padded = io.read_npz(io.join(url, "images.npz"))["images"]
-    padded_rows = read_metadata(io.join(url, "metadata.csv"))
+    padded = storage.read_npz(storage.join(url, "images.npz"))["images"]
+    padded_rows = read_metadata(storage.join(url, "metadata.csv"))
     assert set(seen) == {3}  # every UNet call saw the fixed batch shape
     assert padded.shape == plain.shape
     # per-sample generators: a real item's image does not depend on its batch (up to one grey level
@@ -94,7 +95,7 @@ def test_bfloat16_on_cpu_gives_finite_images(prepared, small_classifier, feedbac
 
 
 def test_unclip_with_autocast_and_checkpointing_on_cpu(tiny_unclip_model, small_classifier, digits):
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
 
     pipe = load_generator(tiny_unclip_model)
     train = digits["train"]
@@ -119,7 +120,7 @@ def test_unclip_with_autocast_and_checkpointing_on_cpu(tiny_unclip_model, small_
 
 
 def test_autocast_covers_the_unet_but_not_the_gradient_path(tiny_unclip_model, small_classifier):
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
 
     pipe = apply_performance_options(load_generator(tiny_unclip_model), GenerateConfig(autocast="bfloat16"))
     z = torch.randn(2, 4, 16, 16)
@@ -139,7 +140,7 @@ def test_autocast_covers_the_unet_but_not_the_gradient_path(tiny_unclip_model, s
 def test_attention_goes_through_sdpa(tiny_generator, tiny_unclip_model):
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
 
     for spec in (tiny_generator, tiny_unclip_model):
         pipe = load_generator(spec)
@@ -178,8 +179,8 @@ def test_compile_option_compiles_the_unet_and_fixes_shapes(prepared, small_class
 @pytest.mark.parametrize("autocast", ["bfloat16", "float16"])
 def test_gpu_unclip_mixed_precision_keeps_the_gradient_path_finite(tiny_unclip_model, small_classifier, digits,
                                                                     autocast):
-    from feedback_synth.classifier import load_classifier
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
+    from feedback_synth.training.classifier import load_classifier
 
     clf = load_classifier(small_classifier[1], device="cuda")
     train = digits["train"]
@@ -221,8 +222,8 @@ def test_gpu_compiled_unet_matches_eager_and_does_not_recompile_per_batch(prepar
 @pytest.mark.gpu
 @gpu
 def test_gpu_gradient_checkpointing_lowers_peak_memory(tiny_unclip_model, small_classifier):
-    from feedback_synth.classifier import load_classifier
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
+    from feedback_synth.training.classifier import load_classifier
 
     clf = load_classifier(small_classifier[1], device="cuda")
     peaks = []
@@ -240,7 +241,7 @@ def test_gpu_gradient_checkpointing_lowers_peak_memory(tiny_unclip_model, small_
 
 
 def test_chunked_guidance_gives_the_same_gradient(tiny_unclip_model, small_classifier):
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
 
     pipe = load_generator(tiny_unclip_model)
     torch.manual_seed(0)
@@ -264,7 +265,7 @@ def test_chunked_guidance_gives_the_same_gradient(tiny_unclip_model, small_class
 
 
 def test_live_tensor_bytes_tracks_allocations_and_frees():
-    from feedback_synth.performance import LiveTensorBytes
+    from feedback_synth.generation.performance import LiveTensorBytes
 
     weight = torch.zeros(250)  # 1,000 bytes, alive before the block
     tracker = LiveTensorBytes()
@@ -287,10 +288,10 @@ def test_fake_mode_memory_estimate_equals_the_real_run(tiny_unclip_model, small_
     from diffusers import ModelMixin
     from transformers import PreTrainedModel
 
-    from feedback_synth.classifier import Classifier
-    from feedback_synth.generators import load_generator
-    from feedback_synth.performance import LiveTensorBytes, estimate_peak_bytes, with_int_timesteps
-    from feedback_synth.unclip import UnCLIPFeedbackPipeline
+    from feedback_synth.generation.loading import load_generator
+    from feedback_synth.generation.performance import LiveTensorBytes, estimate_peak_bytes, with_int_timesteps
+    from feedback_synth.generation.unclip import UnCLIPFeedbackPipeline
+    from feedback_synth.training.classifier import Classifier
 
     def rebuild(part):
         if isinstance(part, ModelMixin):
@@ -341,8 +342,9 @@ def test_latents_and_scheduler_stay_float32_with_a_bfloat16_unet(tiny_generator,
                                                                   digits, monkeypatch, tmp_path):
     """bf16 weights speed up the UNet; the scheduler's update of the latents stays in float32 in
     every pipeline (a bf16 latent loses the small DDIM increments of late steps)."""
-    from feedback_synth.generators import load_generator
     from test_latent_pipeline import build_tiny_text_model
+
+    from feedback_synth.generation.loading import load_generator
 
     train = digits["train"]
     labels, real = torch.tensor(train.labels[:2]), train.to_tensor()[:2]
@@ -374,12 +376,12 @@ def test_estimate_generation_memory_from_configs_only(tiny_unclip_model, memory_
     even copied from a bucket), sized under fake tensors, agrees with the same batch run for real."""
     import os
 
-    from feedback_synth import io
-    from feedback_synth.cli import main
-    from feedback_synth.generate import estimate_generation_memory
-    from feedback_synth.generators import WEIGHT_SUFFIXES, _local_copy
+    from feedback_synth import storage
+    from feedback_synth.cli.main import main
+    from feedback_synth.generation.loading import WEIGHT_SUFFIXES, _local_copy
+    from feedback_synth.generation.memory import estimate_generation_memory
 
-    fs, _ = io.fs_and_path(memory_url)
+    fs, _ = storage.fs_and_path(memory_url)
     fs.put(tiny_unclip_model + "/", memory_url.replace("memory://", "/") + "/model/", recursive=True)
     url = memory_url + "/model"
     configs = _local_copy(url, weights=False)
@@ -405,7 +407,7 @@ def test_estimate_generation_memory_from_configs_only(tiny_unclip_model, memory_
 
 def test_a_broken_generator_folder_is_named(tmp_path, capsys):
     """A component folder without its config: a clear error naming the model folder, no traceback."""
-    from feedback_synth.cli import main
+    from feedback_synth.cli.main import main
 
     (tmp_path / "model" / "unet").mkdir(parents=True)
     (tmp_path / "model" / "scheduler").mkdir()

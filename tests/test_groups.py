@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from feedback_synth import io
+from feedback_synth import storage
 from feedback_synth.config import DataConfig, FeedbackConfig
-from feedback_synth.data import load_split, make_digits_groups, prepare_dataset
+from feedback_synth.data.digits import make_digits_groups
+from feedback_synth.data.imageset import load_split
+from feedback_synth.data.prepare import prepare_dataset
 from feedback_synth.errors import DataError
-from feedback_synth.feedback import make_plan
+from feedback_synth.synthesis.plan import make_plan
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +64,9 @@ def test_metadata_csv_subpopbench_layout(memory_url):
     src = memory_url + "/src"
     lines = ["filename,y,a,split"]
     for i in range(12):
-        io.write_bytes(io.join(src, f"img/{i}.png"), _png(10 * i))
+        storage.write_bytes(storage.join(src, f"img/{i}.png"), _png(10 * i))
         lines.append(f"img/{i}.png,{i % 2},{i % 3},{[0, 0, 0, 1, 2, 2][i % 6]}")
-    io.write_text(io.join(src, "metadata.csv"), "\n".join(lines) + "\n")
+    storage.write_text(storage.join(src, "metadata.csv"), "\n".join(lines) + "\n")
     prepare_dataset(DataConfig(dataset=src, image_size=8), memory_url + "/out")
     train, test = load_split(memory_url + "/out", "train"), load_split(memory_url + "/out", "test")
     assert train.class_names == ["0", "1"] and train.group_names == ["0", "1", "2"]
@@ -73,10 +75,10 @@ def test_metadata_csv_subpopbench_layout(memory_url):
 
 def test_metadata_csv_errors_name_the_column_and_row(memory_url):
     src = memory_url + "/src"
-    io.write_text(io.join(src, "metadata.csv"), "filename,a,split\nx.png,0,0\n")
+    storage.write_text(storage.join(src, "metadata.csv"), "filename,a,split\nx.png,0,0\n")
     with pytest.raises(DataError, match="no label column"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
-    io.write_text(io.join(src, "metadata.csv"), "path,label,group,split\nx.png,cat,land,train\nx.png,dog,land,holdout\n")
+    storage.write_text(storage.join(src, "metadata.csv"), "path,label,group,split\nx.png,cat,land,train\nx.png,dog,land,holdout\n")
     with pytest.raises(DataError, match=r"metadata.csv:3: split 'holdout'"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
 
@@ -86,7 +88,7 @@ def test_nico_domain_class_folders(memory_url):
     for dom in ("grass", "water"):
         for cls in ("dog", "cat"):
             for i in range(10):
-                io.write_bytes(io.join(src, dom, cls, f"{i}.png"), _png(i * 20))
+                storage.write_bytes(storage.join(src, dom, cls, f"{i}.png"), _png(i * 20))
     prepare_dataset(DataConfig(dataset=src, image_size=8), memory_url + "/out")
     train, test = load_split(memory_url + "/out", "train"), load_split(memory_url + "/out", "test")
     assert train.class_names == ["cat", "dog"] and train.group_names == ["grass", "water"]
@@ -101,8 +103,8 @@ def test_digits_groups_run_end_to_end(tmp_path, capsys):
     import torch
     from diffusers import UNet2DModel
 
-    from feedback_synth.cli import main
-    from feedback_synth.generators import save_generator, unet_config
+    from feedback_synth.cli.main import main
+    from feedback_synth.generation.bundled import save_generator, unet_config
 
     torch.manual_seed(0)
     gen = str(tmp_path / "gen")
@@ -114,9 +116,9 @@ def test_digits_groups_run_end_to_end(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "worst_group" in printed and "average_group" in printed
-    summary = io.read_json(str(out / "report" / "run_summary.json"))
+    summary = storage.read_json(str(out / "report" / "run_summary.json"))
     assert "worst_group" in summary["baseline"] and "worst_group" in summary["retrained"]
-    from feedback_synth.generate import read_metadata
+    from feedback_synth.generation.shards import read_metadata
 
     rows = read_metadata(str(out / "generated" / "shards" / "shard-00000" / "metadata.csv"))
     cells = {(r["class_index"], r["group_index"]) for r in rows}

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from feedback_synth.criteria import CRITERIA, ClassStats
-from feedback_synth.feedback import extract_features, fit_class_stats
-from feedback_synth.guidance import FeedbackGuidance, guided_step_indices
+from feedback_synth.guidance.criteria import CRITERIA, ClassStats
+from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices
+from feedback_synth.synthesis.feedback import extract_features, fit_class_stats
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_guided_step_schedule():
 @pytest.mark.parametrize("criterion", ["loss", "entropy", "hardness"])
 def test_guidance_raises_the_criterion_versus_unguided(criterion, small_classifier, stats, tiny_generator, digits):
     """Same seeds and starting images, with and without feedback: guided samples score higher."""
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
 
     clf = small_classifier[0]
     pipe = load_generator(tiny_generator)

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from feedback_synth.diffusion import TextFeedbackPipeline
-from feedback_synth.guidance import FeedbackGuidance, guided_step_indices
+from feedback_synth.generation.pipelines import TextFeedbackPipeline
+from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices
 
 
 def build_tiny_text_model(path: str) -> None:
@@ -55,11 +55,11 @@ def _run(pipe, feedback, labels, images=None, strength=1.0):
 
 
 def test_latent_pipeline_loads_from_a_url_and_is_guided(tiny_text_model, small_classifier, memory_url):
-    from feedback_synth import io
-    from feedback_synth.generators import load_generator
+    from feedback_synth import storage
+    from feedback_synth.generation.loading import load_generator
 
     # copy the model folder to memory:// to load it the way a pod reads a bucket
-    fs, _ = io.fs_and_path(memory_url)
+    fs, _ = storage.fs_and_path(memory_url)
     fs.put(tiny_text_model + "/", memory_url.replace("memory://", "/") + "/model/", recursive=True)
     pipe = load_generator(memory_url + "/model")
     assert isinstance(pipe, TextFeedbackPipeline)
@@ -77,7 +77,7 @@ def test_latent_pipeline_loads_from_a_url_and_is_guided(tiny_text_model, small_c
 
 
 def test_gradient_flows_through_the_vae_decode(tiny_text_model, small_classifier):
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
 
     pipe = load_generator(tiny_text_model)
     guide = FeedbackGuidance(small_classifier[0], "loss", 0.1, decode=pipe.decode_latents)
@@ -87,7 +87,7 @@ def test_gradient_flows_through_the_vae_decode(tiny_text_model, small_classifier
 
 
 def test_sdedit_from_real_images(tiny_text_model, small_classifier, digits):
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
 
     pipe = load_generator(tiny_text_model)
     real = digits["train"].to_tensor()[:2]  # grey 16x16: resized and expanded to the VAE's RGB 32x32
@@ -99,7 +99,7 @@ def test_sdedit_from_real_images(tiny_text_model, small_classifier, digits):
 def test_unsupported_scheduler_raises(tiny_text_model):
     from diffusers import EulerDiscreteScheduler
 
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
 
     pipe = load_generator(tiny_text_model)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -110,7 +110,7 @@ def test_unsupported_scheduler_raises(tiny_text_model):
 def test_v_prediction_is_refused_rather_than_guided_wrongly(tiny_text_model):
     from diffusers import DDIMScheduler
 
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
 
     pipe = load_generator(tiny_text_model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from feedback_synth import io
-from feedback_synth.cli import main
+from feedback_synth import storage
+from feedback_synth.cli.main import main
 
 REDUCED = ["train.epochs=2", "retrain.epochs=2", "feedback.budget_fraction=0.1", "feedback.shard_size=16",
            "generate.num_inference_steps=4", "generate.guide_every=2", "tracking.enabled=false"]
@@ -35,14 +35,14 @@ def test_run_end_to_end_on_gcs(gcs_bucket, tiny_generator, capsys):
                 "filtered/synthetic.npz", "filtered/filter_report.json", "filtered/samples.png",
                 "retrained/model/model.safetensors", "report/report.md", "report/per_class_accuracy.png",
                 "report/run_summary.json"):
-        assert io.exists(io.join(out, rel)), rel
-    summary = io.read_json(io.join(out, "report/run_summary.json"))
+        assert storage.exists(storage.join(out, rel)), rel
+    summary = storage.read_json(storage.join(out, "report/run_summary.json"))
     assert summary["generated"] == 47 and 0 <= summary["kept"] <= 47
     assert set(summary["baseline"]) >= {"overall", "many", "medium", "few", "worst_class"}
     assert summary["fidelity"] is None or 0 <= summary["fidelity"] <= 1
-    history = io.read_json(io.join(out, "baseline/history.json"))
+    history = storage.read_json(storage.join(out, "baseline/history.json"))
     assert [h["epoch"] for h in history] == [1, 2] and "val_accuracy" in history[0]
-    assert io.read_yaml(io.join(out, "config.yaml"))["generate"]["criterion"] == "hardness"
+    assert storage.read_yaml(storage.join(out, "config.yaml"))["generate"]["criterion"] == "hardness"
 
 
 def test_each_stage_verb_runs_alone(tmp_path, tiny_generator):
@@ -66,8 +66,8 @@ def test_each_stage_verb_runs_alone(tmp_path, tiny_generator):
 @pytest.mark.parametrize("args, message", [
     (["--set", "generate.criterion=confidence"], "unknown criterion 'confidence'"),
     (["--set", "filter.filters=[degenerate,sharpness]"], "unknown filter 'sharpness'"),
-    (["--set", "train.epochs=-1"], "'train.epochs': must be >= 1"),
-    (["--set", "generate.scale=high"], "'generate.scale': expected a number"),
+    (["--set", "train.epochs=-1"], "'train.epochs': input should be greater than or equal to 1, got -1"),
+    (["--set", "generate.scale=high"], "'generate.scale': input should be a valid number, got 'high'"),
     (["--dataset", "memory://no/such/dataset"], "dataset not found: memory://no/such/dataset"),
     (["--set", "generate.generator=/no/such/model"], "generator model folder not found: /no/such/model"),
     (["--set", "train.model=resnet_nope"], "unknown timm model 'resnet_nope'"),

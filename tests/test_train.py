@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from feedback_synth.classifier import build_classifier, load_classifier, save_classifier
-from feedback_synth.config import DataConfig, RetrainConfig, TrainConfig
-from feedback_synth.data import ImageSet
-from feedback_synth.evaluate import accuracy_metrics, evaluate, predict_logits
+from feedback_synth.config import DataConfig, RetrainConfig
+from feedback_synth.data.imageset import ImageSet
 from feedback_synth.errors import ConfigError
-from feedback_synth.train import train_classifier
+from feedback_synth.training.classifier import build_classifier, load_classifier, save_classifier
+from feedback_synth.training.evaluate import accuracy_metrics, predict_logits
+from feedback_synth.training.train import train_classifier
 
 
 def test_training_is_seeded_and_records_epochs(digits):
@@ -26,9 +26,9 @@ def test_training_is_seeded_and_records_epochs(digits):
 def test_checkpoint_roundtrip_is_safetensors(small_classifier, digits, memory_url):
     clf, _ = small_classifier
     save_classifier(clf, memory_url + "/m")
-    from feedback_synth import io
+    from feedback_synth import storage
 
-    assert io.read_bytes(memory_url + "/m/model.safetensors")[8:9] == b"{"  # safetensors header, no pickle
+    assert storage.read_bytes(memory_url + "/m/model.safetensors")[8:9] == b"{"  # safetensors header, no pickle
     again = load_classifier(memory_url + "/m")
     assert np.allclose(predict_logits(again, digits["test"]), predict_logits(clf, digits["test"]), atol=1e-5)
     assert again.spec.train_class_counts == [60, 41, 28, 19, 13, 9, 6, 4, 2, 2]
@@ -61,34 +61,47 @@ def test_group_metrics():
     assert m["worst_group"] == 0.0 and m["average_group"] == 0.75
 
 
-def test_logit_adjustment_and_synthetic_mix_train(digits):
-    cfg = TrainConfig(model="test_resnet", epochs=1, loss="logit_adjusted")
-    clf, hist = train_classifier(digits["train"], cfg, cfg.model, loss=cfg.loss)
-    assert np.isfinite(hist[0]["loss"])
-    syn = digits["pool"].subset(np.arange(50))
-    clf2, hist2 = train_classifier(digits["train"], RetrainConfig(epochs=1), "test_resnet", synthetic=syn,
-                                   synthetic_fraction=0.5)
-    m = evaluate(clf2, digits["test"], DataConfig())
-    assert 0 <= m["overall"] <= 1
+def test_batches_mix_real_and_synthetic_at_the_fraction():
+    from feedback_synth.training.train import _batches
+
+    cfg = RetrainConfig(batch_size=10)
+    batches = list(_batches(40, 7, cfg, 0.3, np.random.default_rng(0), None))
+    assert len(batches) == 6  # ceil(40 / 7 real per batch): one epoch is one pass over the real data
+    assert all(len(real) <= 7 and len(syn) == 3 for real, syn in batches)
+    assert sorted(np.concatenate([r for r, _ in batches]).tolist()) == list(range(40))
+    assert set(np.concatenate([s for _, s in batches]).tolist()) == set(range(7))  # synthetic cycles
+
+
+def test_recipe_loss_changes_training_and_unknown_loss_is_named(digits):
+    from feedback_synth.errors import ConfigError
+    from feedback_synth.training.train import Recipe
+
+    cfg = RetrainConfig(epochs=1, seed=0)
+    _, ce = train_classifier(digits["train"], cfg, "test_resnet", recipe=Recipe("ce"))
+    _, bs = train_classifier(digits["train"], cfg, "test_resnet", recipe=Recipe("balanced_softmax"))
+    assert ce[0]["loss"] != pytest.approx(bs[0]["loss"])  # same seed and batches: only the loss differs
+    with pytest.raises(ConfigError, match="unknown loss 'focal'"):
+        train_classifier(digits["train"], cfg, "test_resnet", recipe=Recipe("focal"))
 
 
 def test_fidelity_oracle_is_trained_once_and_cached(prepared, digits, tmp_path, monkeypatch):
     """The oracle depends only on the oracle split, model and config: later runs load it."""
-    from feedback_synth import io, stages
+    from feedback_synth import storage
+    from feedback_synth.pipeline import oracle
 
     monkeypatch.setenv("FEEDBACK_SYNTH_CACHE", str(tmp_path / "cache"))
     synthetic = digits["val"]
     trained = []
-    real_train = stages.train_classifier
-    monkeypatch.setattr(stages, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
-    first = stages.fidelity(prepared, synthetic, "resnet10t", oracle_url=str(tmp_path / "run1" / "oracle"))
-    second = stages.fidelity(prepared, synthetic, "resnet10t", oracle_url=str(tmp_path / "run2" / "oracle"))
+    real_train = oracle.train_classifier
+    monkeypatch.setattr(oracle, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    first = oracle.fidelity(prepared, synthetic, "resnet10t", oracle_url=str(tmp_path / "run1" / "oracle"))
+    second = oracle.fidelity(prepared, synthetic, "resnet10t", oracle_url=str(tmp_path / "run2" / "oracle"))
     assert trained == [1] and first == second and 0.5 < first <= 1
-    assert io.exists(str(tmp_path / "run2" / "oracle" / "config.json"))  # each run keeps its copy
+    assert storage.exists(str(tmp_path / "run2" / "oracle" / "config.json"))  # each run keeps its copy
     # another split, model or config is another oracle
     split = digits["oracle"]
-    key = stages.oracle_cache_key(split, "resnet10t", RetrainConfig(seed=0))
-    assert key != stages.oracle_cache_key(split, "resnet18", RetrainConfig(seed=0))
-    assert key != stages.oracle_cache_key(split, "resnet10t", RetrainConfig(seed=1))
+    key = oracle.oracle_cache_key(split, "resnet10t", RetrainConfig(seed=0))
+    assert key != oracle.oracle_cache_key(split, "resnet18", RetrainConfig(seed=0))
+    assert key != oracle.oracle_cache_key(split, "resnet10t", RetrainConfig(seed=1))
     fewer = ImageSet(split.images[1:], split.labels[1:], split.groups[1:], split.ids[1:], split.class_names)
-    assert key != stages.oracle_cache_key(fewer, "resnet10t", RetrainConfig(seed=0))
+    assert key != oracle.oracle_cache_key(fewer, "resnet10t", RetrainConfig(seed=0))

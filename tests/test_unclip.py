@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from feedback_synth.guidance import FeedbackGuidance, guided_step_indices
-from feedback_synth.unclip import UnCLIPFeedbackPipeline
 from test_latent_pipeline import build_tiny_text_model
+
+from feedback_synth.generation.unclip import UnCLIPFeedbackPipeline
+from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices
 
 EMBED_DIM = 16
 
@@ -58,7 +58,7 @@ def tiny_unclip_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unclip_pipe(tiny_unclip_model):
-    from feedback_synth.generators import load_generator
+    from feedback_synth.generation.loading import load_generator
 
     return load_generator(tiny_unclip_model)
 
@@ -95,10 +95,10 @@ def test_matches_the_stock_stable_unclip_pipeline(unclip_pipe, digits):
 
 
 def test_loads_from_a_url_and_guidance_raises_the_criterion(tiny_unclip_model, small_classifier, digits, memory_url):
-    from feedback_synth import io
-    from feedback_synth.generators import load_generator
+    from feedback_synth import storage
+    from feedback_synth.generation.loading import load_generator
 
-    fs, _ = io.fs_and_path(memory_url)
+    fs, _ = storage.fs_and_path(memory_url)
     fs.put(tiny_unclip_model + "/", memory_url.replace("memory://", "/") + "/model/", recursive=True)
     pipe = load_generator(memory_url + "/model")
     assert isinstance(pipe, UnCLIPFeedbackPipeline)
@@ -153,10 +153,11 @@ def test_bad_inputs_raise(unclip_pipe, tiny_unclip_model, digits):
 
 def test_a_generation_shard_runs_with_an_unclip_generator(tiny_unclip_model, prepared, small_classifier,
                                                           tmp_path):
-    from feedback_synth import io, stages
+    from feedback_synth import storage
     from feedback_synth.config import FeedbackConfig, GenerateConfig
-    from feedback_synth.feedback import GenerationPlan
-    from feedback_synth.generate import generate_shard, read_metadata, shard_url
+    from feedback_synth.generation.shards import generate_shard, read_metadata, shard_url
+    from feedback_synth.pipeline import stages
+    from feedback_synth.synthesis.plan import GenerationPlan
 
     fb = str(tmp_path / "feedback")
     stages.extract_feedback(prepared, small_classifier[1], fb, FeedbackConfig(budget_fraction=0.1, shard_size=4))
@@ -166,8 +167,8 @@ def test_a_generation_shard_runs_with_an_unclip_generator(tiny_unclip_model, pre
     out = str(tmp_path / "gen")
     summary = generate_shard(plan, 0, prepared, small_classifier[1], fb, out, cfg)
     assert not summary["skipped"] and summary["num_images"] == plan.shards[0].num_images
-    images = io.read_npz(io.join(shard_url(out, 0), "images.npz"))["images"]
-    rows = read_metadata(io.join(shard_url(out, 0), "metadata.csv"))
+    images = storage.read_npz(storage.join(shard_url(out, 0), "images.npz"))["images"]
+    rows = read_metadata(storage.join(shard_url(out, 0), "metadata.csv"))
     assert images.shape == (plan.shards[0].num_images, 32, 32, 3) and images.dtype == np.uint8
     assert all(r["finite"] for r in rows) and all(r["condition"].startswith("digits:") for r in rows)
     assert images.std() > 0

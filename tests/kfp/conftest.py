@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory) -> Path:
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import compile_pipeline

@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from feedback_synth.cli import main
+from feedback_synth.cli.main import main
 from feedback_synth.errors import ConfigError
-from feedback_synth.kfp_cli import cron_expression, parse_params, pipeline_parameters
+from feedback_synth_kfp.submit import cron_expression, parse_params, pipeline_parameters
 
 
 def _free_port() -> int:
@@ -191,7 +191,7 @@ def test_submit_means_what_run_means(fake_kfp, capsys, tmp_path):
     """The configuration resolves as for `feedback-synth run` (preset < --config < --set), and only
     what differs from the pipeline's defaults is sent; --param wins, and merges into *_overrides."""
     from feedback_synth.config import preset, resolve_run_config
-    from feedback_synth.kfp_runner import pipeline_arguments
+    from feedback_synth_kfp.parameters import pipeline_arguments
 
     host, calls = fake_kfp
     # digits-groups: its preset's values reach the run (and the laptop device 'cpu' does not)
@@ -223,7 +223,7 @@ def test_pipeline_defaults_are_the_library_defaults(compiled):
     """One source of truth: a parameter left at its default means the library's default config
     (except the GPU tasks' device, 'cuda' in the pipeline and 'cpu' on a laptop)."""
     from feedback_synth.config import RunConfig
-    from feedback_synth.kfp_runner import pipeline_arguments
+    from feedback_synth_kfp.parameters import pipeline_arguments
 
     spec = pipeline_parameters(str(compiled))
     differ = {k: (spec[k]["default"], v) for k, v in pipeline_arguments(RunConfig()).items()

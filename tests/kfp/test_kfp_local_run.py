@@ -9,21 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from feedback_synth.config import preset
-from feedback_synth.config import load_run_config
+from feedback_synth.config import load_run_config, preset
 
 
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory) -> str:
     """The bundled generator when it exists, else a random-weight one of the same architecture."""
-    from feedback_synth.generators import builtin_generator_path
+    from feedback_synth.generation.loading import builtin_generator_path
 
     if os.path.isdir(os.path.join(builtin_generator_path("digits-lt"), "unet")):
         return "builtin"
     import torch
     from diffusers import UNet2DModel
 
-    from feedback_synth.generators import save_generator, unet_config
+    from feedback_synth.generation.bundled import save_generator, unet_config
 
     path = str(tmp_path_factory.mktemp("generator"))
     torch.manual_seed(0)
@@ -44,8 +43,8 @@ def _artifact(out: dict, name: str) -> dict:
 
 @pytest.mark.slow
 def test_pipeline_through_the_kfp_local_runner(tmp_path, generator):
-    from feedback_synth.kfp_runner import run_kfp_local
-    from feedback_synth.run import format_summary
+    from feedback_synth.reporting.tables import format_summary
+    from feedback_synth_kfp.local_runner import run_kfp_local
 
     cfg = load_run_config(None, [
         "train.model=test_resnet", "train.epochs=2", "retrain.epochs=2", "feedback.budget_fraction=0.1",

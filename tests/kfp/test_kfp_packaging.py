@@ -35,8 +35,9 @@ def test_wheel_carries_the_kfp_packages_and_compiles_without_a_checkout(tmp_path
         "filter_synthetic", "retrain", "evaluate", "promote")}
     assert components <= names
     assert {"feedback_synth_kfp/__init__.py", "feedback_synth_kfp/pipelines/__init__.py",
-            "feedback_synth_kfp/pipelines/feedback_synth_pipeline.py", "feedback_synth/kfp_cli.py",
-            "feedback_synth/kfp_runner.py", "feedback_synth/presets/digits-lt.yaml"} <= names
+            "feedback_synth_kfp/pipelines/feedback_synth_pipeline.py", "feedback_synth_kfp/submit.py",
+            "feedback_synth_kfp/local_runner.py", "feedback_synth/pipeline/stages.py",
+            "feedback_synth/presets/digits-lt.yaml"} <= names
     if (REPO / "src/feedback_synth/weights/digits-lt-generator/unet").is_dir():  # the bundled generator
         assert "feedback_synth/weights/digits-lt-generator/unet/diffusion_pytorch_model.safetensors" in names
     images = yaml.safe_load(zipfile.ZipFile(wheel).read("feedback_synth_kfp/components/images.yaml"))
@@ -50,7 +51,7 @@ def test_wheel_carries_the_kfp_packages_and_compiles_without_a_checkout(tmp_path
                    check=True, capture_output=True, timeout=300)
     out = tmp_path / "compiled.yaml"
     code = ("import feedback_synth_kfp.components as c, sys; print(c.__file__); "
-            "from feedback_synth.kfp_cli import compile_to; compile_to(sys.argv[1])")
+            "from feedback_synth_kfp.submit import compile_to; compile_to(sys.argv[1])")
     proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(site)}, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,4 @@
-"""The plumbing of the KFP components (feedback_synth.kfp_support) and of the kfp-local runner's
+"""The plumbing of the KFP components (feedback_synth_kfp: artifacts, parameters, tracking) and of the kfp-local runner's
 parameters, in process: locations, configs, MLflow parent/nested runs and promotion."""
 from __future__ import annotations
 
@@ -8,37 +8,54 @@ from dataclasses import asdict
 import pytest
 from kfp import dsl
 
-from feedback_synth import kfp_support as k
-from feedback_synth.config import (DataConfig, FeedbackConfig, FilterConfig, GenerateConfig, PromoteConfig,
-                                   RetrainConfig, RunConfig, TrainConfig, stage_config)
+from feedback_synth.config import (
+    DataConfig,
+    FeedbackConfig,
+    FilterConfig,
+    GenerateConfig,
+    PromoteConfig,
+    RetrainConfig,
+    RunConfig,
+    TrainConfig,
+)
 from feedback_synth.errors import ConfigError
-from feedback_synth.kfp_runner import NAMED_PARAMETERS, pipeline_arguments
+from feedback_synth_kfp import artifacts
+from feedback_synth_kfp import tracking as kfp_tracking
+from feedback_synth_kfp.parameters import (
+    NAMED_PARAMETERS,
+    pipeline_arguments,
+    run_config_from_parameters,
+    section_config,
+)
 
 
 def test_stage_output_url_workspace_or_artifact(tmp_path):
     art = dsl.Dataset(name="data", uri=str(tmp_path / "artifact"), metadata={})
-    assert k.stage_output_url(art, "", "run-1", "data") == str(tmp_path / "artifact")
-    assert k.stage_output_url(art, "gs://bucket/fs/", "run-1", "generated") == "gs://bucket/fs/run-1/generated"
+    assert artifacts.stage_output_url(art, "", "run-1", "data") == str(tmp_path / "artifact")
+    assert artifacts.stage_output_url(art, "gs://bucket/fs/", "run-1", "generated") == "gs://bucket/fs/run-1/generated"
     with pytest.raises(ConfigError, match="run id"):
-        k.stage_output_url(art, "gs://bucket/fs", "", "data")
+        artifacts.stage_output_url(art, "gs://bucket/fs", "", "data")
 
 
 def test_publish_records_the_real_location(tmp_path):
     art = dsl.Model(name="baseline", uri=str(tmp_path / "a"), metadata={})
-    k.publish(art, str(tmp_path / "a"), seconds=1.5, fidelity=None)
-    assert k.artifact_url(art) == str(tmp_path / "a") and art.metadata == {"seconds": 1.5}
-    k.publish(art, "gs://bucket/fs/run-1/baseline", model="resnet10t")
-    assert k.artifact_url(art) == "gs://bucket/fs/run-1/baseline"
-    assert k.unique(["a", "b", "a"]) == ["a", "b"]
+    artifacts.publish(art, str(tmp_path / "a"), seconds=1.5, fidelity=None)
+    assert artifacts.artifact_url(art) == str(tmp_path / "a") and art.metadata == {"seconds": 1.5}
+    artifacts.publish(art, "gs://bucket/fs/run-1/baseline", model="resnet10t")
+    assert artifacts.artifact_url(art) == "gs://bucket/fs/run-1/baseline"
+    assert artifacts.unique(["a", "b", "a"]) == ["a", "b"]
 
 
-def test_stage_params_overrides_apply_last():
-    assert k.stage_params('{"epochs": 3, "model": "test_resnet"}', model="resnet10t") == {"epochs": 3,
-                                                                                          "model": "test_resnet"}
-    assert k.stage_params("", scale=0.1) == {"scale": 0.1}
-    assert k.stage_params("epochs: 2", model="m") == {"model": "m", "epochs": 2}  # YAML is JSON's superset
-    with pytest.raises(ConfigError, match="JSON object"):
-        k.stage_params("[1, 2]")
+def test_section_config_overrides_apply_last():
+    assert section_config("train", '{"epochs": 3, "model": "test_resnet"}', model="resnet10t") == \
+        TrainConfig(epochs=3, model="test_resnet")
+    assert section_config("generate", "", scale=0.1) == GenerateConfig(scale=0.1)
+    with pytest.raises(ConfigError, match="'train_overrides': expected a JSON object"):
+        section_config("train", "[1, 2]")
+    with pytest.raises(ConfigError, match="'generate_overrides': not valid JSON"):
+        section_config("generate", '{"prompt_template": "a "quoted" digit"}')
+    with pytest.raises(ConfigError, match="config field 'train.epochs'"):
+        section_config("train", '{"epochs": 0}')
 
 
 def test_generation_summary_from_shard_metadata():
@@ -46,7 +63,7 @@ def test_generation_summary_from_shard_metadata():
                "criterion": "entropy"},
               {"started": 105.0, "seconds": 20.0, "generation_seconds": 9.0, "num_images": 16.0, "skipped": True,
                "criterion": "entropy"}]
-    assert k.generation_summary(shards) == {"shards": 2, "skipped": 1, "num_images": 32, "seconds": 8.0,
+    assert artifacts.generation_summary(shards) == {"shards": 2, "skipped": 1, "num_images": 32, "seconds": 8.0,
                                             "criterion": "entropy", "wall_seconds": 25.0}
 
 
@@ -67,19 +84,21 @@ def test_pipeline_arguments_reproduce_the_run_config():
                "filter": FilterConfig, "retrain": RetrainConfig, "promote": PromoteConfig}
     for section, cls in classes.items():  # what each component builds
         named = {field: args[param] for field, param in NAMED_PARAMETERS[section].items()}
-        rebuilt = stage_config(cls, k.stage_params(args[f"{section}_overrides"], **named), section)
-        assert rebuilt == getattr(cfg, section), section
+        rebuilt = section_config(section, args[f"{section}_overrides"], **named)
+        assert isinstance(rebuilt, cls) and rebuilt == getattr(cfg, section), section
+    args["mlflow_tracking_uri"] = ""  # the tracking URI is infrastructure, not part of the run config
+    assert run_config_from_parameters(args) == cfg  # what start_tracking logs: the same run config
 
 
 def test_tracking_off_is_a_no_op(tmp_path):
-    assert k.start_tracking("", "exp", "model", "run", "kfp-1", {}) == ""
+    assert kfp_tracking.start_tracking("", "exp", "model", "run", "kfp-1", {}) == ""
     art = dsl.Artifact(name="tracking", uri=str(tmp_path / "t"), metadata={"context": ""})
-    with k.stage_run(art, "prepare_data", {"a": 1}, str(tmp_path)) as run:
+    with kfp_tracking.stage_run(art, "prepare_data", {"a": 1}, str(tmp_path)) as run:
         run.log_metrics({"x": 1.0})
         run.on_epoch({"epoch": 1, "loss": 0.5})
     assert run.seconds is not None and run.seconds >= 0
-    assert k.promote(art, str(tmp_path / "model"), {}, PromoteConfig()) is None
-    assert "Skipped" in k.promotion_markdown(None)
+    assert kfp_tracking.promote(art, str(tmp_path / "model"), {}, PromoteConfig()) is None
+    assert "Skipped" in artifacts.promotion_markdown(None)
 
 
 def test_tracking_parent_nested_runs_and_promotion(tmp_path, small_classifier):
@@ -87,24 +106,24 @@ def test_tracking_parent_nested_runs_and_promotion(tmp_path, small_classifier):
     tracker, as in separate pods), promotion in the last one, which closes the parent run."""
     from mlflow import MlflowClient
 
-    from feedback_synth.mlflow_tracking import resolve_tracking_uri
+    from feedback_synth.tracking.client import resolve_tracking_uri
 
     _, model_url = small_classifier
     store = str(tmp_path / "mlflow")  # a folder: a SQLite store with its artifact folder
-    context = k.start_tracking(store, "kfp-test", "kfp-test-model", "feedback-synth-run", "kfp-run-42",
+    context = kfp_tracking.start_tracking(store, "kfp-test", "kfp-test-model", "feedback-synth-run", "kfp-run-42",
                                {"scale": 0.02})
     assert json.loads(context)["parent_run_id"]
-    tracking = dsl.Artifact(name="tracking", uri=str(tmp_path / "t"), metadata={k.TRACKING_KEY: context})
-    with k.stage_run(tracking, "train_baseline", asdict(TrainConfig(epochs=2)), str(tmp_path / "b")) as run:
+    tracking = dsl.Artifact(name="tracking", uri=str(tmp_path / "t"), metadata={kfp_tracking.TRACKING_KEY: context})
+    with kfp_tracking.stage_run(tracking, "train_baseline", asdict(TrainConfig(epochs=2)), str(tmp_path / "b")) as run:
         run.on_epoch({"epoch": 1, "train_loss": 0.7})
         run.log_metrics({"overall": 0.5}, prefix="test_")
     with pytest.raises(RuntimeError):
-        with k.stage_run(tracking, "retrain", {}, str(tmp_path / "r")):
+        with kfp_tracking.stage_run(tracking, "retrain", {}, str(tmp_path / "r")):
             raise RuntimeError("stage failed")
     report = {"baseline": {"overall": 0.5, "few": 0.1}, "retrained": {"overall": 0.52, "few": 0.3}}
-    result = k.promote(tracking, model_url, report, PromoteConfig(), str(tmp_path / "e"))
+    result = kfp_tracking.promote(tracking, model_url, report, PromoteConfig(), str(tmp_path / "e"))
     assert result["promoted"] and result["model_name"] == "kfp-test-model"
-    assert "champion" in k.promotion_markdown(result)
+    assert "champion" in artifacts.promotion_markdown(result)
 
     uri, _ = resolve_tracking_uri(type("C", (), {"tracking_uri": store})(), "")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -171,7 +171,7 @@ def pg_uri() -> str:
     uri = _require_pg()
     import psycopg2
 
-    from feedback_synth.promote import psycopg2_dsn
+    from feedback_synth.registry.locks import psycopg2_dsn
 
     try:
         psycopg2.connect(psycopg2_dsn(uri), connect_timeout=5).close()
@@ -203,10 +203,10 @@ def checkpoint(tmp_path_factory):
     """(classifier, checkpoint folder, test images (N,1,16,16) float32) from 1 epoch on digits-lt."""
     import torch
 
-    from feedback_synth.classifier import save_classifier
     from feedback_synth.config import RetrainConfig
-    from feedback_synth.data import make_digits_lt
-    from feedback_synth.train import train_classifier
+    from feedback_synth.data.digits import make_digits_lt
+    from feedback_synth.training.classifier import save_classifier
+    from feedback_synth.training.train import train_classifier
 
     torch.set_num_threads(2)
     ds = make_digits_lt()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from feedback_synth import kfp_support
-from feedback_synth.mlflow_tracking import PIPELINE_ERROR_TAG, PIPELINE_STATE_TAG, STAGE_TAG
+from feedback_synth.tracking.mlflow_tracker import PIPELINE_ERROR_TAG, PIPELINE_STATE_TAG, STAGE_TAG
+from feedback_synth_kfp import tracking as kfp_tracking
 
 
 def _runs(client, experiment: str) -> list:
@@ -52,7 +52,7 @@ def test_finish_tracking_kills_stage_runs_of_dead_pods(mlflow_server):
                       tags={**tags, "mlflow.parentRunId": parent.info.run_id, STAGE_TAG: "generate_shard_3"})
     other = client.create_run(exp_id, run_name="another pipeline run", tags={"kfp.run_id": "run-other"})
 
-    closed = kfp_support.finish_tracking(mlflow_server.url, "dead-pods", "run-dead-pod", "SUCCEEDED")
+    closed = kfp_tracking.finish_tracking(mlflow_server.url, "dead-pods", "run-dead-pod", "SUCCEEDED")
     assert closed == {"parent": {"run_id": parent.info.run_id, "status": "FINISHED"},
                       "killed_stages": ["generate_shard_3"]}
     status = {r.info.run_name: r.info.status for r in _runs(client, "dead-pods")}
@@ -61,7 +61,7 @@ def test_finish_tracking_kills_stage_runs_of_dead_pods(mlflow_server):
     assert client.get_run(parent.info.run_id).data.tags[PIPELINE_STATE_TAG] == "SUCCEEDED"
     assert client.get_run(other.info.run_id).info.status == "RUNNING"
     # tracking off: nothing to do
-    assert kfp_support.finish_tracking("", "dead-pods", "run-dead-pod", "FAILED") is None
+    assert kfp_tracking.finish_tracking("", "dead-pods", "run-dead-pod", "FAILED") is None
 
 
 def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, tiny_generator):
@@ -70,8 +70,8 @@ def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, ti
     from mlflow import MlflowClient
 
     from feedback_synth.config import load_run_config
-    from feedback_synth.kfp_runner import KFPRunError, run_kfp_local
-    from feedback_synth.tracking import LAUNCH_ENV, LAUNCH_TAG
+    from feedback_synth_kfp.local_runner import KFPRunError, run_kfp_local
+    from feedback_synth_kfp.tracking import LAUNCH_ENV, LAUNCH_TAG
 
     empty = tmp_path / "empty-dataset"  # passes the pre-flight check (it exists), fails in prepare_data
     empty.mkdir()

@@ -18,9 +18,17 @@ import pytest
 
 from feedback_synth.config import PromoteConfig, TrackingConfig
 from feedback_synth.errors import ConfigError
-from feedback_synth.promote import (CHALLENGER, CHAMPION, FileLock, K8sLeaseLock, LockTimeout, PostgresAdvisoryLock,
-                                    advisory_key, gate_decision, make_lock, metric_tags, metrics_from_tags,
-                                    promote_model_version, psycopg2_dsn)
+from feedback_synth.registry.gate import CHALLENGER, CHAMPION, gate_decision, metric_tags, metrics_from_tags
+from feedback_synth.registry.locks import (
+    FileLock,
+    K8sLeaseLock,
+    LockTimeout,
+    PostgresAdvisoryLock,
+    advisory_key,
+    make_lock,
+    psycopg2_dsn,
+)
+from feedback_synth.registry.promote import promote_model_version
 
 BASE = {"overall": 0.60, "few": 0.20}
 
@@ -72,12 +80,12 @@ def test_metric_tags_round_trip_full_precision():
 
 def test_config_validates_lock_uri_and_timeout():
     for ok in ("", "postgresql://u@h/db", "postgresql+psycopg2://u@h:5/db", "k8s-lease://ns/name", "file:///tmp/l"):
-        PromoteConfig(lock_uri=ok).validate()
+        PromoteConfig(lock_uri=ok)
     for bad in ("redis://h", "k8s-lease://only-ns", "k8s-lease://a/b/c", "/tmp/lock"):
         with pytest.raises(ConfigError, match="promote.lock_uri"):
-            PromoteConfig(lock_uri=bad).validate()
+            PromoteConfig(lock_uri=bad)
     with pytest.raises(ConfigError, match="tracking.request_timeout_s"):
-        TrackingConfig(request_timeout_s=0).validate()
+        TrackingConfig(request_timeout_s=0)
 
 
 def test_make_lock_choices(tmp_path, caplog):
@@ -111,7 +119,7 @@ def test_advisory_key_is_a_stable_signed_int64():
 def test_file_lock_serialises_processes(tmp_path):
     path = str(tmp_path / "promote.lock")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from feedback_synth.promote import FileLock\n"
+        [sys.executable, "-c", "import sys, time; from feedback_synth.registry.locks import FileLock\n"
                                f"l = FileLock({path!r}); l.acquire(10); print('held', flush=True); time.sleep(2.5); l.release()"],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -358,8 +366,8 @@ def test_lease_without_kubernetes_config_is_a_lock_failure(tmp_path, monkeypatch
 
 
 def test_make_tracker_follows_tracking_enabled(tmp_path, monkeypatch):
-    from feedback_synth.mlflow_tracking import MLflowTracker
-    from feedback_synth.tracking import NullTracker, make_tracker
+    from feedback_synth.tracking.base import NullTracker, make_tracker
+    from feedback_synth.tracking.mlflow_tracker import MLflowTracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert type(make_tracker(TrackingConfig(enabled=False), str(tmp_path))) is NullTracker

@@ -17,9 +17,11 @@ import torch
 
 from feedback_synth.config import PromoteConfig, TrackingConfig
 from feedback_synth.errors import TrackingError
-from feedback_synth.mlflow_tracking import MLflowTracker
-from feedback_synth.promote import (CHALLENGER, CHAMPION, LockTimeout, PostgresAdvisoryLock, make_lock,
-                                    promote_model_version)
+from feedback_synth.registry.gate import CHALLENGER, CHAMPION
+from feedback_synth.registry.locks import LockTimeout, PostgresAdvisoryLock, make_lock
+from feedback_synth.registry.promote import promote_model_version
+from feedback_synth.registry.register import register_and_promote
+from feedback_synth.tracking.mlflow_tracker import MLflowTracker
 
 pytestmark = [pytest.mark.postgres, pytest.mark.mlflow_server]
 
@@ -52,7 +54,8 @@ def test_first_then_better_then_worse(pg_mlflow_server, pg_uri, checkpoint, mode
     results = []
     for few, overall in ((0.30, 0.61), (0.40, 0.605), (0.45, 0.59)):  # first; better; few up but overall -0.015
         with tracker.stage("promote", {}) as log:
-            results.append(log.register_and_promote(url, make_report(few=few, overall=overall), cfg))
+            results.append(register_and_promote(tracker, url, make_report(few=few, overall=overall), cfg,
+                                                run_id=log.run_id))
     tracker.finish()
     first, better, worse = results
 
@@ -177,7 +180,7 @@ def test_without_the_lock_the_worse_model_can_win(pg_mlflow_server, pg_uri, chec
 def test_advisory_lock_holds_across_processes(pg_mlflow_server, pg_uri, model_name, tmp_path):
     key = f"feedback-synth/promote/{model_name}"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from feedback_synth.promote import PostgresAdvisoryLock\n"
+        [sys.executable, "-c", "import time; from feedback_synth.registry.locks import PostgresAdvisoryLock\n"
                                f"l = PostgresAdvisoryLock({pg_uri!r}, {key!r}); l.acquire(10)\n"
                                "print('held', flush=True); time.sleep(3); l.release()"],
         stdout=subprocess.PIPE, text=True)

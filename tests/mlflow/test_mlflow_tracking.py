@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from feedback_synth import cli
-from feedback_synth.classifier import load_classifier, save_classifier
 from feedback_synth.config import PromoteConfig, TrackingConfig
 from feedback_synth.errors import TrackingError
-from feedback_synth.mlflow_tracking import MLflowTracker, resolve_tracking_uri
+from feedback_synth.registry.register import register_and_promote
+from feedback_synth.tracking.client import resolve_tracking_uri
+from feedback_synth.tracking.mlflow_tracker import MLflowTracker
+from feedback_synth.training.classifier import load_classifier, save_classifier
 
 
 def _client(url):
@@ -154,7 +156,7 @@ def test_logged_model_loads_by_alias_without_pickle(mlflow_server, checkpoint, m
     tracker = MLflowTracker(_cfg(mlflow_server, registered_model=model_name), str(tmp_path))
     tracker.start("run", {})
     with tracker.stage("promote", {}) as log:
-        result = log.register_and_promote(url, make_report(few=0.3, overall=0.61), PromoteConfig())
+        result = register_and_promote(tracker, url, make_report(few=0.3, overall=0.61), PromoteConfig(), run_id=log.run_id)
     tracker.finish()
     assert result["promoted"] and result["version"] == "1" and result["model_name"] == model_name
 
@@ -231,7 +233,7 @@ def test_server_stopped_mid_run_fails_clearly_and_keeps_the_model(doomed_mlflow_
     t0 = time.monotonic()
     with pytest.raises(TrackingError) as err:
         with tracker.stage("promote", {}) as log:
-            log.register_and_promote(str(out / "retrained" / "model"), make_report(0.3, 0.6), PromoteConfig())
+            register_and_promote(tracker, str(out / "retrained" / "model"), make_report(0.3, 0.6), PromoteConfig(), run_id=log.run_id)
     assert time.monotonic() - t0 < 30
     msg = str(err.value)
     assert doomed_mlflow_server.url in msg and "2 times" in msg and f"outputs are kept in {out}" in msg

@@ -1,0 +1,5 @@
+import sys
+
+from feedback_synth.cli.main import main
+
+sys.exit(main())

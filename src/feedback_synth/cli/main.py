@@ -1,0 +1,211 @@
+"""`feedback-synth`: one verb per stage, plus `run` for the whole pipeline."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+from feedback_synth import storage
+from feedback_synth.cli.common import add_config_args, load_config
+from feedback_synth.cli.registry_verbs import add_registry_commands
+from feedback_synth.errors import FeedbackSynthError
+
+
+def _default_output() -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def cmd_run(args) -> int:
+    cfg = load_config(args)
+    output = args.output or _default_output()
+    t0 = time.time()
+    if args.runner == "kfp-local":
+        from feedback_synth_kfp.local_runner import run_kfp_local
+
+        report = run_kfp_local(cfg, output)
+    else:
+        from feedback_synth.pipeline.run import run_pipeline
+
+        report = run_pipeline(cfg, output)
+    from feedback_synth.reporting.tables import format_summary
+
+    print(format_summary(report))
+    print(f"\nfinished in {time.time() - t0:.1f} s; resolved config: {storage.join(output, 'config.yaml')}")
+    return 0
+
+
+def cmd_pretrain_generator(args) -> int:
+    from feedback_synth.config import DataConfig, from_dict, parse_overrides
+    from feedback_synth.data.prepare import BUILTIN
+    from feedback_synth.generation.bundled import PretrainConfig, pretrain_generator
+    from feedback_synth.generation.loading import builtin_generator_path
+
+    if args.dataset not in BUILTIN:
+        raise FeedbackSynthError(f"pretrain-generator trains the bundled generator of a built-in dataset "
+                                 f"({', '.join(BUILTIN)}), not '{args.dataset}'")
+    cfg = from_dict(PretrainConfig, parse_overrides(args.set).get("pretrain", {}))
+    if args.dataset == "digits-groups":
+        cfg.joint_groups = True
+    pool = BUILTIN[args.dataset](DataConfig().split_seed)["pool"]
+    output = args.output or builtin_generator_path(args.dataset)
+    print(pretrain_generator(pool, cfg, output))
+    from feedback_synth.generation.bundled import generator_fidelity
+
+    fid = generator_fidelity(output, pool)
+    meta = storage.read_json(storage.join(output, "generator.json"))
+    storage.write_json(storage.join(output, "generator.json"), {**meta, "fidelity": fid})
+    print(f"fidelity of unguided samples (pool-trained classifier): {fid['fidelity']:.3f}")
+    print(f"generator written to {output}")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from feedback_synth.pipeline import stages
+
+    cfg = load_config(args)
+    out = args.output
+    if args.command == "prepare-data":
+        result = stages.prepare_data(cfg.data, out)
+    elif args.command == "train-baseline":
+        result = stages.train_baseline(args.data, out, cfg.train, cfg.data)
+    elif args.command == "extract-feedback":
+        result = stages.extract_feedback(args.data, args.model, out, cfg.feedback)
+    elif args.command == "generate":
+        result = stages.generate(args.data, args.model, args.feedback, out, cfg.generate, shard_ids=args.shard or None)
+    elif args.command == "filter":
+        result = stages.filter_synthetic(args.data, args.model, args.feedback, args.generated, out, cfg.filter)
+    elif args.command == "retrain":
+        result = stages.retrain(args.data, args.model, args.filtered, out, cfg.retrain, cfg.data)
+    elif args.command == "evaluate":
+        from feedback_synth.reporting.tables import format_report
+
+        result = stages.evaluate_run(args.data, args.baseline, args.retrained, args.filtered, out, cfg.data)
+        print(format_report(result.summary))
+    else:  # pragma: no cover - argparse restricts the choices
+        raise AssertionError(args.command)
+    print(json.dumps({k: v for k, v in result.summary.items() if k not in ("per_class", "confusion_matrix")},
+                     indent=2, default=str))
+    return 0
+
+
+def cmd_estimate_memory(args) -> int:
+    from feedback_synth.data.prepare import BUILTIN
+    from feedback_synth.generation.memory import estimate_generation_memory
+
+    cfg = load_config(args)
+    g = cfg.generate
+    num_classes, image_size, in_chans = args.num_classes, args.image_size, args.in_chans
+    if cfg.data.dataset in BUILTIN:  # the classifier's shape follows the built-in data
+        train = BUILTIN[cfg.data.dataset]()["train"]
+        num_classes = num_classes or len(train.class_names)
+        image_size, in_chans = image_size or train.images.shape[1], in_chans or train.images.shape[3]
+    if num_classes is None:
+        raise FeedbackSynthError("--num-classes is needed for a dataset URL (the classifier's output size)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise FeedbackSynthError(f"--batch-size must be >= 1, got {args.batch_size}")
+    estimate = estimate_generation_memory(g, args.classifier_model or cfg.train.model, num_classes, image_size or 224,
+                                          in_chans or 3, args.batch_size, args.height, args.width, cfg.data.dataset)
+    print(estimate.table(g))
+    print("estimated without running a kernel (FakeTensorMode); add room for the CUDA context, kernel "
+          "workspaces and allocator fragmentation (the benchmark's rule: 4 GiB on a 24 GB card)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="feedback-synth", description="feedback-synth: fix imbalanced image classifiers with feedback-guided diffusion synthesis")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the whole pipeline (in process or through the KFP local runner)")
+    p.add_argument("--dataset", help="digits-lt | digits-groups | a dataset URL (default: digits-lt)")
+    add_config_args(p, "output folder URL (default: a fresh folder under ./runs/)")
+    p.add_argument("--runner", choices=("inprocess", "kfp-local"), default="inprocess")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("pretrain-generator", help="train the bundled generator on the generator pool")
+    p.add_argument("--dataset", default="digits-lt")
+    p.add_argument("--set", action="append", default=[], metavar="pretrain.KEY=VALUE")
+    p.add_argument("--output", help="where to write it (default: the package's weights folder)")
+    p.set_defaults(func=cmd_pretrain_generator)
+
+    p = sub.add_parser("estimate-memory",
+                       help="estimate the GPU memory of one generation batch with this config (no GPU, no weights)")
+    p.add_argument("--dataset", help="digits-lt | digits-groups | a dataset URL (default: digits-lt)")
+    p.add_argument("--config", help="YAML file with per-stage sections, as with run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set generate.guidance_chunk_size=1 (repeatable)")
+    p.add_argument("--batch-size", type=int, help="default: generate.batch_size")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the generator's native size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the generator's native size)")
+    p.add_argument("--classifier-model", help="timm model of the baseline classifier (default: train.model)")
+    p.add_argument("--num-classes", type=int, help="classes of the classifier (built-in data: its classes)")
+    p.add_argument("--image-size", type=int, help="classifier input size (built-in data: its size; else 224)")
+    p.add_argument("--in-chans", type=int, help="classifier input channels (built-in data: its channels; else 3)")
+    p.set_defaults(func=cmd_estimate_memory)
+
+    stage_args = {
+        "prepare-data": [],
+        "train-baseline": ["data"],
+        "extract-feedback": ["data", "model"],
+        "generate": ["data", "model", "feedback"],
+        "filter": ["data", "model", "feedback", "generated"],
+        "retrain": ["data", "model", "filtered"],
+        "evaluate": ["data", "baseline", "retrained", "filtered"],
+    }
+    helps = {"data": "prepared dataset URL (output of prepare-data)", "model": "baseline model folder URL",
+             "feedback": "output URL of extract-feedback", "generated": "output URL of generate",
+             "filtered": "output URL of filter", "baseline": "output URL of train-baseline",
+             "retrained": "output URL of retrain"}
+    for name, needs in stage_args.items():
+        p = sub.add_parser(name, help=f"run the {name} stage alone (as its KFP component does)")
+        if name == "prepare-data":
+            p.add_argument("--dataset", help="digits-lt | digits-groups | a dataset URL")
+        for arg in needs:
+            p.add_argument(f"--{arg}", required=True, help=helps[arg])
+        if name == "generate":
+            p.add_argument("--shard", type=int, action="append", help="only this shard (repeatable)")
+        add_config_args(p)
+        p.set_defaults(func=cmd_stage)
+        p.set_defaults(output_required=True)
+
+    add_registry_commands(sub)
+    _add_kfp_commands(sub)
+    return parser
+
+
+def _add_kfp_commands(sub) -> None:
+    """``compile`` and ``submit`` come from feedback_synth_kfp. Without kfp installed they still show
+    in ``--help`` and say what is missing when called; any other import error is a bug and is raised."""
+    try:
+        from feedback_synth_kfp.cli import add_kfp_commands
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in ("kfp", "kfp_server_api"):
+            raise
+        missing = exc.name
+
+        def unavailable(args) -> int:
+            raise FeedbackSynthError(f"'{args.command}' needs the Kubeflow Pipelines SDK: no module named "
+                                     f"'{missing}' (pip install 'kfp>=2.10' kfp-kubernetes)")
+
+        for verb in ("compile", "submit"):
+            p = sub.add_parser(verb, help=f"(unavailable: no module named '{missing}')")
+            p.set_defaults(func=unavailable)
+        return
+    add_kfp_commands(sub)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "output_required", False) and not args.output:
+        parser.error(f"{args.command}: --output is required")
+    try:
+        return args.func(args)
+    except FeedbackSynthError as exc:
+        print(f"feedback-synth: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"feedback-synth: error: file not found: {exc}", file=sys.stderr)
+        return 2

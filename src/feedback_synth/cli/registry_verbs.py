@@ -1,0 +1,105 @@
+"""`feedback-synth compare` and `feedback-synth promote`."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from feedback_synth import storage
+from feedback_synth.cli.common import load_config
+from feedback_synth.config import TrackingConfig
+from feedback_synth.errors import ConfigError, DataError
+from feedback_synth.registry.compare import compare_versions, format_comparison
+from feedback_synth.registry.register import register_and_promote
+from feedback_synth.tracking.client import registry_client, resolve_tracking_uri
+from feedback_synth.tracking.mlflow_tracker import KFP_RUN_ID_ENV, MLflowTracker
+
+
+def _tracking_uri_arg(args) -> str:
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri and getattr(args, "output", None):
+        uri, _ = resolve_tracking_uri(TrackingConfig(), args.output)
+    if not uri:
+        raise ConfigError("no tracking store: pass --tracking-uri URI (a run's local store is "
+                          "sqlite:///RUN_FOLDER/mlflow/mlflow.db), --output RUN_FOLDER, or set MLFLOW_TRACKING_URI")
+    return uri
+
+
+def cmd_compare(args) -> int:
+    uri = _tracking_uri_arg(args)
+    client = registry_client(uri)
+    cmp = compare_versions(client, args.model)
+    if args.json:
+        print(json.dumps(cmp, indent=2))
+    else:
+        print(f"tracking {uri}")
+        print(format_comparison(cmp))
+    return 0
+
+
+def _read_report(url: str) -> dict[str, Any]:
+    if not url.endswith(".json"):
+        url = storage.join(url, "report.json")
+    if not storage.exists(url):
+        raise DataError(f"evaluation report not found: {url}")
+    report = storage.read_json(url)
+    if not isinstance(report, dict) or "retrained" not in report:
+        raise DataError(f"{url} is not an evaluation report (no 'retrained' metrics)")
+    return report
+
+
+def cmd_promote(args) -> int:
+    from dataclasses import asdict
+
+
+    cfg = load_config(args)
+    if args.tracking_uri:
+        cfg.tracking.tracking_uri = args.tracking_uri
+    if args.registered_model:
+        cfg.tracking.registered_model = args.registered_model
+    report = _read_report(args.report)
+    output = args.output or "."
+    if not (cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or args.output):
+        raise ConfigError("promote: pass --tracking-uri (or tracking.tracking_uri / MLFLOW_TRACKING_URI), or "
+                          "--output RUN_FOLDER to use that run's local store")
+    tracker = MLflowTracker(cfg.tracking, output, parent_run_id=args.parent_run_id, kfp_run_id=args.kfp_run_id)
+    tracker.start(args.run_name or "promote", {"tracking": asdict(cfg.tracking), "promote": asdict(cfg.promote)})
+    status = "FAILED"
+    try:
+        with tracker.stage("promote", asdict(cfg.promote)) as log:
+            result = register_and_promote(tracker, args.model, report, cfg.promote, run_id=log.run_id)
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+    print(json.dumps(result, indent=2))
+    if args.result:
+        storage.write_json(args.result, result)
+    return 0
+
+
+def add_registry_commands(subparsers) -> None:
+    """``feedback-synth compare`` and ``feedback-synth promote`` (called by cli.build_parser)."""
+    default_name = TrackingConfig().registered_model
+    p = subparsers.add_parser("compare", help="print champion vs challenger of a registered model, from the registry")
+    p.add_argument("--model", default=default_name, help=f"registered model name (default: {default_name})")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--output", help="a run folder: use its local store (<RUN>/mlflow/mlflow.db)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_compare)
+
+    p = subparsers.add_parser("promote", help="register a model folder with its metrics and apply the "
+                                              "champion/challenger gate (the promote stage alone)")
+    p.add_argument("--model", required=True, help="checkpoint folder URL (model.safetensors + config.json)")
+    p.add_argument("--report", required=True,
+                   help="evaluation report: report.json or the evaluate stage's output folder URL")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.tracking_uri, $MLFLOW_TRACKING_URI)")
+    p.add_argument("--registered-model", help="registered model name (default: tracking.registered_model)")
+    p.add_argument("--parent-run-id", help="attach to this MLflow parent run (a KFP component)")
+    p.add_argument("--kfp-run-id", help=f"tag the run with this KFP run id (default: ${KFP_RUN_ID_ENV})")
+    p.add_argument("--run-name", help="name of a new parent run (without --parent-run-id)")
+    p.add_argument("--result", help="also write the decision as JSON to this URL")
+    p.add_argument("--config", help="YAML file (its tracking and promote sections are used)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --set promote.min_gain=0.02 (repeatable)")
+    p.add_argument("--output", help="run folder whose local store to use when no tracking URI is set")
+    p.set_defaults(func=cmd_promote)

@@ -1,0 +1,157 @@
+"""The built-in datasets: long-tailed digits (digits-lt) and group-imbalanced digits (digits-groups)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from feedback_synth.data.imageset import ImageSet
+
+DIGITS_TEST_PER_CLASS = 50
+
+DIGITS_POOL_PER_CLASS = 60
+
+
+DIGITS_VAL_PER_CLASS = 8  # what is left of the smallest class after test, pool and train
+
+
+def digits_lt_counts(num_classes: int = 10, n_max: int = 60, ratio: float = 1 / 30) -> list[int]:
+    """n(c) = floor(n_max * ratio^(c / (C - 1))): 60, 41, 28, 19, 13, 9, 6, 4, 2, 2."""
+    # round before floor so that 60 * (1/30)^1 = 1.9999999 is not floored to 1
+    return [int(math.floor(round(n_max * ratio ** (c / (num_classes - 1)), 9))) for c in range(num_classes)]
+
+
+def task_style(images: np.ndarray) -> np.ndarray:
+    """The built-in task's fixed style, which the generator pool lacks (DESIGN: the domain gap).
+
+    Exact transform (our choice) on float images in [0, 1], shape (N, H, W):
+      1. thicker strokes: x <- max(x, 0.8 * maxpool_3x3(x)) (a soft grey dilation);
+      2. italic shear: x'(u, v) = x(u + 0.35 * v_c, v) where v_c is the row's offset from the
+         centre (top rows move right, bottom rows left), bilinear, zero padding.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(images).float().unsqueeze(1)
+    x = torch.maximum(x, 0.8 * F.max_pool2d(x, 3, stride=1, padding=1))
+    n = x.shape[0]
+    theta = torch.tensor([[1.0, 0.35, 0.0], [0.0, 1.0, 0.0]]).expand(n, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return x.squeeze(1).clamp(0, 1).numpy()
+
+
+def _upsample_digits(images_8x8: np.ndarray) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(images_8x8 / 16.0).float().unsqueeze(1)
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    return x.squeeze(1).clamp(0, 1).numpy()
+
+
+def make_digits_lt(split_seed: int = 0) -> dict[str, ImageSet]:
+    """The built-in long-tailed digits dataset (DESIGN: Datasets).
+
+    scikit-learn's 1,797 8x8 digits, upsampled to 16x16, split once per class with ``split_seed``
+    into a balanced test set (50/class), a disjoint balanced generator pool (60/class), a
+    long-tailed train set (60, 41, ..., 2) and a balanced validation set (8/class) from the rest.
+    Train, val and test carry the task style; the pool does not. ``oracle`` is the pool with the
+    task style: balanced real task data for the oracle that measures fidelity (never for training
+    the classifier under test).
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = _upsample_digits(digits.images)
+    labels = digits.target.astype(np.int64)
+    rng = np.random.RandomState(split_seed)
+    counts = digits_lt_counts()
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in ("train", "val", "test", "pool")}
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        t, p, n = DIGITS_TEST_PER_CLASS, DIGITS_POOL_PER_CLASS, counts[c]
+        parts["test"].append(idx[:t])
+        parts["pool"].append(idx[t:t + p])
+        parts["train"].append(idx[t + p:t + p + n])
+        parts["val"].append(idx[t + p + n:t + p + n + DIGITS_VAL_PER_CLASS])
+    class_names = [str(c) for c in range(10)]
+    out = {}
+    for split, chunks in parts.items():
+        idx = np.concatenate(chunks)
+        x = images[idx]
+        if split != "pool":
+            x = task_style(x)
+        out[split] = ImageSet(
+            images=np.round(x * 255).astype(np.uint8)[..., None],
+            labels=labels[idx], groups=np.zeros(len(idx), dtype=np.int64),
+            ids=np.array([f"digits:{i}" for i in idx]), class_names=class_names)
+    pool = out["pool"]
+    styled = np.round(task_style(pool.images[..., 0] / 255.0) * 255).astype(np.uint8)[..., None]
+    out["oracle"] = ImageSet(styled, pool.labels, pool.groups, pool.ids, class_names)
+    return out
+
+
+GROUP_COLOURS = {"red": (1.0, 0.25, 0.2), "green": (0.25, 1.0, 0.3), "blue": (0.3, 0.45, 1.0)}
+
+GROUPS_TEST_PER_CELL = 16  # test: 16 per (class, colour) = 48 per class, balanced
+
+
+GROUPS_POOL_PER_CELL = 20  # generator pool: 20 per (class, colour), balanced, unstyled
+
+GROUPS_VAL_PER_CELL = 4  # validation: 4 per (class, colour), balanced
+
+
+GROUPS_TRAIN_MAJORITY = 36  # train: per class 36 in its majority colour ...
+
+GROUPS_TRAIN_MINORITY = 2  # ... and 2 in each of the two rare colours
+
+
+def colourise(grey: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Grey images in [0, 1] (N, H, W) -> RGB (N, H, W, 3): strokes in the group's colour on black."""
+    colours = np.array(list(GROUP_COLOURS.values()))[groups]  # (N, 3)
+    return grey[..., None] * colours[:, None, None, :]
+
+
+def make_digits_groups(split_seed: int = 0) -> dict[str, ImageSet]:
+    """The built-in group-imbalanced digits (NICO++ in miniature): the group is the stroke colour.
+
+    scikit-learn's digits, 16x16, split per class with ``split_seed``. Train: each class c has a
+    majority colour (colour c mod 3: 36 images) and two rare colours (2 images each), so colour is
+    a spurious cue of the class. Test (16 per (class, colour)), validation (4 per cell) and the
+    generator pool (20 per cell) are balanced over (class, colour). As in digits-lt, train, val and
+    test carry the task style (shear, thicker strokes); the pool does not. ``oracle`` is the pool
+    with the task style: group-balanced real task data.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = _upsample_digits(digits.images)
+    labels = digits.target.astype(np.int64)
+    rng = np.random.RandomState(split_seed)
+    names = list(GROUP_COLOURS)
+    parts: dict[str, tuple[list, list]] = {s: ([], []) for s in ("train", "val", "test", "pool")}
+    for c in range(10):
+        idx = list(rng.permutation(np.flatnonzero(labels == c)))
+        major = c % 3
+        sizes = {"test": [GROUPS_TEST_PER_CELL] * 3, "pool": [GROUPS_POOL_PER_CELL] * 3,
+                 "train": [GROUPS_TRAIN_MAJORITY if g == major else GROUPS_TRAIN_MINORITY for g in range(3)],
+                 "val": [GROUPS_VAL_PER_CELL] * 3}
+        for split in ("test", "pool", "train", "val"):
+            for g, n in enumerate(sizes[split]):
+                parts[split][0].extend(idx[:n])
+                parts[split][1].extend([g] * n)
+                idx = idx[n:]
+    out = {}
+    for split, (idx, groups) in parts.items():
+        idx, groups = np.array(idx), np.array(groups)
+        x = images[idx]
+        if split != "pool":
+            x = task_style(x)
+        out[split] = ImageSet(np.round(colourise(x, groups) * 255).astype(np.uint8), labels[idx], groups,
+                              np.array([f"digits:{i}" for i in idx]), [str(c) for c in range(10)], names)
+    pool = out["pool"]
+    grey = images[np.array([int(i.split(":")[1]) for i in pool.ids])]
+    out["oracle"] = ImageSet(np.round(colourise(task_style(grey), pool.groups) * 255).astype(np.uint8), pool.labels,
+                             pool.groups, pool.ids, pool.class_names, names)
+    return out

@@ -1,0 +1,78 @@
+"""Loading generators: the bundled one or a diffusers model folder from any fsspec URL."""
+from __future__ import annotations
+
+import os
+import tempfile
+from importlib import resources
+
+import torch
+from diffusers import DiffusionPipeline
+
+from feedback_synth import storage
+from feedback_synth.errors import ConfigError, DataError
+from feedback_synth.generation.adapters import GENERATOR_ADAPTERS, adapter_for_folder
+
+BUILTIN_GENERATOR = "builtin"
+
+
+def builtin_generator_path(name: str = "digits-lt") -> str:
+    """The folder of a generator shipped inside the package."""
+    return str(resources.files("feedback_synth") / "weights" / f"{name}-generator")
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
+
+
+def _local_copy(url: str, weights: bool = True) -> str:
+    """diffusers loads local folders: copy a remote (gs://, memory://) model folder to a temp dir
+    (without its weight files when ``weights`` is False: configs and tokenizers only)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = storage.fs_and_path(url)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    tmp = tempfile.mkdtemp(prefix="feedback-synth-model-")
+    if weights:
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        return tmp
+    root = path.rstrip("/")
+    for remote in fs.find(root):
+        if not remote.endswith(WEIGHT_SUFFIXES):
+            local = os.path.join(tmp, os.path.relpath(remote, root))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get(remote, local)
+    return tmp
+
+
+def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cpu",
+                   dtype: torch.dtype = torch.float32,
+                   weights: bool = True) -> DiffusionPipeline:
+    """Load the bundled generator (``builtin``) or a diffusers model folder from any fsspec URL.
+
+    The folder's kind (unCLIP, text, pixel) is decided by the generator adapters
+    (``generation.adapters``). ``weights=False`` builds the same pipeline from the configs only
+    (``generation.memory.estimate_generation_memory``).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch from a hub unless the user set it up
+    if spec == BUILTIN_GENERATOR:
+        path = builtin_generator_path(dataset_name)
+        if not os.path.isdir(path):
+            raise ConfigError(f"config field 'generate.generator': no bundled generator for dataset "
+                              f"'{dataset_name}' (looked in {path}); train one with `feedback-synth pretrain-generator`")
+    else:
+        if not storage.exists(spec):
+            raise DataError(f"generator model folder not found: {spec}")
+        path = _local_copy(spec, weights)
+    adapter = adapter_for_folder(path)
+    if adapter is None:
+        raise DataError(f"not a diffusers model folder this project knows: {spec} (expected unet/ and scheduler/, "
+                        f"with vae/ for a latent model and image_encoder/ for unCLIP; kinds: "
+                        f"{', '.join(GENERATOR_ADAPTERS)})")
+    try:
+        pipe = adapter.load(path, dtype, weights)
+    except OSError as exc:  # diffusers/transformers: a config or weight file missing or unreadable
+        raise DataError(f"generator model folder {spec}: {exc}") from None
+    if device != "cpu":
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,230 @@
+"""Guided generation, shard by shard, resumable and idempotent.
+
+A shard's outputs live in ``<output>/shards/shard-NNNNN/``: ``images.npz`` and ``metadata.csv``,
+then a ``_SUCCESS`` marker written last. A shard with the marker is finished and is skipped on a
+re-run; one without it (killed mid-batch, a preempted pod) is wiped and redone from scratch. Images
+depend only on (seed, class, group, index), so a redone shard reproduces the same images.
+"""
+from __future__ import annotations
+
+import csv
+import io as _io
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from feedback_synth import storage
+from feedback_synth.config import GenerateConfig
+from feedback_synth.data.imageset import ImageSet, load_info, load_split
+from feedback_synth.generation.adapters import BatchConditions, adapter_of
+from feedback_synth.generation.loading import load_generator
+from feedback_synth.generation.performance import DTYPES, GUIDANCE_DTYPES, apply_performance_options, pad_batch
+from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices
+from feedback_synth.synthesis.feedback import load_class_stats
+from feedback_synth.synthesis.plan import GenerationPlan, Shard, image_seed
+from feedback_synth.training.classifier import load_classifier
+
+METADATA_COLUMNS = ("index", "class_index", "class_name", "group_index", "group_name", "image_index", "seed",
+                    "criterion", "criterion_value", "condition", "finite")
+
+
+def shard_url(output_url: str, shard_id: int) -> str:
+    return storage.join(output_url, "shards", f"shard-{shard_id:05d}")
+
+
+def shard_done(output_url: str, shard_id: int) -> bool:
+    return storage.exists(storage.join(shard_url(output_url, shard_id), "_SUCCESS"))
+
+
+@dataclass
+class ShardItem:
+    class_index: int
+    group_index: int
+    image_index: int
+    seed: int
+    source: int  # index into the train split of the real image we start from (-1 = none)
+
+
+def shard_items(shard: Shard, train: ImageSet, run_seed: int, condition_on_real: bool, per_group: bool) -> list[ShardItem]:
+    """Expand a shard into items, each with its seed and the real image it is conditioned on.
+
+    The real image of item i of (class, group) is the (i mod n)-th of a permutation of that cell's
+    training images, seeded by (seed, class, group): each sample starts from a different real image
+    as long as there are enough, and shards agree on the assignment without talking to each other.
+    """
+    items = []
+    for e in shard.entries:
+        mask = train.labels == e.class_index
+        if per_group:
+            mask &= train.groups == e.group_index
+        pool = np.flatnonzero(mask)
+        if len(pool) == 0:  # a (class, group) cell with no real image: use the class's images
+            pool = np.flatnonzero(train.labels == e.class_index)
+        perm = np.random.default_rng(image_seed(run_seed, e.class_index, e.group_index, -1 % 2**31)).permutation(pool)
+        for i in range(e.start, e.start + e.count):
+            items.append(ShardItem(e.class_index, e.group_index, i, image_seed(run_seed, e.class_index, e.group_index, i),
+                                   int(perm[i % len(perm)]) if condition_on_real else -1))
+    return items
+
+
+def _images_to_uint8(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    finite = torch.isfinite(x).flatten(1).all(dim=1)
+    x = torch.nan_to_num(x, nan=0.0).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), finite.numpy()
+
+
+def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_url: str, feedback_url: str,
+                   output_url: str, cfg: GenerateConfig, pipe=None, progress: Optional[tqdm] = None) -> dict[str, Any]:
+    """Generate one shard of the plan; skip it if it is already committed.
+
+    Args:
+        plan: the generation plan of the feedback stage.
+        shard_id: which shard.
+        dataset_url: prepared dataset (real images to condition on).
+        model_url: the frozen baseline classifier (feedback).
+        feedback_url: the feedback stage's output (class statistics).
+        output_url: where ``shards/`` go.
+        cfg: generation settings.
+        pipe: an already loaded generator pipeline (reused across shards in-process).
+    """
+    url = shard_url(output_url, shard_id)
+    if shard_done(output_url, shard_id):
+        return {"shard_id": shard_id, "skipped": True, **storage.read_json(storage.join(url, "_SUCCESS"))}
+    storage.remove(url)  # a half-written shard from a killed run: redo it from scratch
+    shard = next((s for s in plan.shards if s.shard_id == shard_id), None)
+    if shard is None:
+        raise ValueError(f"shard {shard_id} is not in the plan (shards 0..{len(plan.shards) - 1})")
+    info = load_info(dataset_url)
+    train = load_split(dataset_url, "train")
+    device = torch.device(cfg.device)
+    clf = load_classifier(model_url, device=cfg.device)
+    if pipe is None:
+        pipe = load_generator(cfg.generator, info.name, cfg.device, DTYPES[cfg.dtype])
+    pipe = apply_performance_options(pipe, cfg)
+    precision = GUIDANCE_DTYPES[cfg.guidance_dtype]
+    stats = load_class_stats(feedback_url) if cfg.criterion != "none" else None
+    feedback = FeedbackGuidance(clf, cfg.criterion, cfg.scale, stats, precision=precision,
+                                chunk_size=cfg.guidance_chunk_size) \
+        if cfg.criterion != "none" else None
+    # an independent scorer records every image's criterion, guided or not (for comparisons)
+    record = cfg.criterion if cfg.criterion != "none" else "entropy"
+    scorer = FeedbackGuidance(clf, record, 0.0, stats if record == "hardness" else None, precision=precision)
+    items = shard_items(shard, train, cfg.seed, cfg.condition_on_real, plan.per_group)
+    real = train.to_tensor()
+    adapter = adapter_of(pipe)
+    images, rows, t0 = [], [], time.time()
+    for b in range(0, len(items), cfg.batch_size):
+        batch = items[b:b + cfg.batch_size]
+        n_real = len(batch)
+        if cfg.pad_last_batch or cfg.compile_unet:  # fixed shapes: the padding's outputs are dropped below
+            batch = pad_batch(batch, cfg.batch_size)
+        labels = torch.tensor([it.class_index for it in batch])
+        generators = [torch.Generator().manual_seed(it.seed) for it in batch]
+        init = real[[it.source for it in batch]] if cfg.condition_on_real else None
+        steps_run = max(1, int(round(cfg.num_inference_steps * (cfg.strength if init is not None else 1.0))))
+        guide = guided_step_indices(steps_run, cfg.guide_every, cfg.guide_from)
+        conditions = BatchConditions(
+            [it.class_index for it in batch], [it.group_index for it in batch], train.class_names, train.group_names,
+            plan.per_group, init, cfg.strength, cfg.prompt_template, cfg.group_prompt_template, cfg.noise_level)
+        kwargs = dict(generators=generators, images=init, strength=cfg.strength,
+                      num_inference_steps=cfg.num_inference_steps, cfg_scale=cfg.cfg_scale, cond_dropout=cfg.cond_dropout,
+                      feedback=feedback, guide_steps=guide, grad_through_unet=cfg.grad_through_unet,
+                      criterion_labels=labels)
+        out = pipe(**{**kwargs, **adapter.conditioning(pipe, conditions)})
+        batch, labels, out_images = batch[:n_real], labels[:n_real], out.images[:n_real]
+        values = scorer.score_images(out_images.to(device), labels.to(device)).detach().cpu()
+        arr, finite = _images_to_uint8(out_images)
+        images.append(arr)
+        for it, v, ok in zip(batch, values.tolist(), finite.tolist()):
+            rows.append({"index": len(rows), "class_index": it.class_index, "class_name": train.class_names[it.class_index],
+                         "group_index": it.group_index, "group_name": train.group_names[it.group_index],
+                         "image_index": it.image_index, "seed": it.seed, "criterion": record,
+                         "criterion_value": round(float(v), 6),
+                         "condition": str(train.ids[it.source]) if it.source >= 0 else "none", "finite": bool(ok)})
+        if progress is not None:
+            progress.update(len(batch))
+    seconds = time.time() - t0
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METADATA_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_npz(storage.join(url, "images.npz"), images=np.concatenate(images))
+    storage.write_text(storage.join(url, "metadata.csv"), buf.getvalue())
+    summary = {"num_images": len(rows), "seconds": round(seconds, 3), "criterion": cfg.criterion,
+               "mean_criterion_value": float(np.mean([r["criterion_value"] for r in rows]))}
+    storage.write_json(storage.join(url, "_SUCCESS"), summary)  # the commit: written last
+    return {"shard_id": shard_id, "skipped": False, **summary}
+
+
+def generate(plan_url: str, dataset_url: str, model_url: str, feedback_url: str, output_url: str,
+             cfg: GenerateConfig, shard_ids: Optional[list[int]] = None) -> dict[str, Any]:
+    """Generate every shard of the plan (or ``shard_ids``) in this process; finished ones are skipped."""
+    plan = GenerationPlan.load(plan_url)
+    ids = [s.shard_id for s in plan.shards] if shard_ids is None else list(shard_ids)
+    info = load_info(dataset_url)
+    todo = [i for i in ids if not shard_done(output_url, i)]
+    pipe = load_generator(cfg.generator, info.name, cfg.device, DTYPES[cfg.dtype]) if todo else None
+    total = sum(s.num_images for s in plan.shards if s.shard_id in ids)
+    results = []
+    with tqdm(total=total, desc=f"generate ({cfg.criterion})", unit="img") as bar:
+        for i in ids:
+            r = generate_shard(plan, i, dataset_url, model_url, feedback_url, output_url, cfg, pipe=pipe, progress=bar)
+            if r["skipped"]:
+                bar.update(r["num_images"])
+            results.append(r)
+    summary = {"shards": len(results), "skipped": sum(r["skipped"] for r in results),
+               "num_images": sum(r["num_images"] for r in results),
+               "seconds": round(sum(r["seconds"] for r in results if not r["skipped"]), 3), "criterion": cfg.criterion}
+    storage.write_json(storage.join(output_url, "generate_config.json"), asdict(cfg))
+    return summary
+
+
+def read_metadata(url: str) -> list[dict[str, Any]]:
+    rows = list(csv.DictReader(_io.StringIO(storage.read_text(url))))
+    for r in rows:
+        for k in ("index", "class_index", "group_index", "image_index", "seed"):
+            r[k] = int(r[k])
+        r["criterion_value"] = float(r["criterion_value"])
+        r["finite"] = r["finite"] == "True"
+    return rows
+
+
+def find_shard(output_urls: Union[str, list[str]], shard_id: int) -> Optional[str]:
+    """The committed folder of ``shard_id`` in any of ``output_urls`` (KFP: one output per shard task)."""
+    for url in [output_urls] if isinstance(output_urls, str) else output_urls:
+        if shard_done(url, shard_id):
+            return shard_url(url, shard_id)
+    return None
+
+
+def load_generated(output_urls: Union[str, list[str]], plan: GenerationPlan, train: ImageSet,
+                   require_all: bool = True) -> tuple[ImageSet, list[dict[str, Any]]]:
+    """All committed shards as one ImageSet plus their metadata rows (in shard order).
+
+    ``output_urls``: the generate stage's output folder, or a list of them (one per shard task).
+    """
+    found = {s.shard_id: find_shard(output_urls, s.shard_id) for s in plan.shards}
+    missing = [i for i, url in found.items() if url is None]
+    if missing and require_all:
+        raise FileNotFoundError(f"{len(missing)} shard(s) of the plan are not finished in {output_urls}: "
+                                f"{missing[:10]} (re-run generation: finished shards are skipped)")
+    imgs, rows = [], []
+    for s in plan.shards:
+        url = found[s.shard_id]
+        if url is None:
+            continue
+        imgs.append(storage.read_npz(storage.join(url, "images.npz"))["images"])
+        for r in read_metadata(storage.join(url, "metadata.csv")):
+            r["shard_id"] = s.shard_id
+            rows.append(r)
+    h, w, c = train.images.shape[1:]
+    images = np.concatenate(imgs) if imgs else np.zeros((0, h, w, c), np.uint8)
+    data = ImageSet(images, np.array([r["class_index"] for r in rows], np.int64),
+                    np.array([r["group_index"] for r in rows], np.int64),
+                    np.array([f"shard-{r['shard_id']:05d}:{r['index']}" for r in rows]),
+                    list(train.class_names), list(train.group_names))
+    return data, rows

@@ -1,0 +1,69 @@
+"""Fidelity: does an oracle trained on balanced real task data agree with the intended class?"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict
+from typing import Optional
+
+import numpy as np
+
+from feedback_synth import storage
+from feedback_synth.config import RetrainConfig
+from feedback_synth.data.imageset import ImageSet, load_info, load_split
+from feedback_synth.training.classifier import load_classifier, save_classifier
+from feedback_synth.training.evaluate import predict_logits
+from feedback_synth.training.train import train_classifier
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> str:
+    """Where work that does not depend on the run is kept between runs: ``$FEEDBACK_SYNTH_CACHE``,
+    else ``$XDG_CACHE_HOME/feedback-synth`` (``~/.cache/feedback-synth``). Any fsspec URL."""
+    if os.environ.get("FEEDBACK_SYNTH_CACHE"):
+        return os.environ["FEEDBACK_SYNTH_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "feedback-synth")
+
+
+def oracle_cache_key(split: ImageSet, model: str, cfg: RetrainConfig) -> str:
+    """The oracle is a function of its training data, model and config (and this code's version)."""
+    from feedback_synth import __version__
+
+    h = hashlib.sha256()
+    for part in (split.images, split.labels, split.groups):
+        h.update(np.ascontiguousarray(part).tobytes())
+    h.update(json.dumps({"model": model, "train": asdict(cfg), "version": __version__}, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def fidelity(dataset_url: str, synthetic: ImageSet, model: str, seed: int = 0,
+             oracle_url: Optional[str] = None) -> Optional[float]:
+    """Share of synthetic images that an oracle (trained on balanced real task data, the dataset's
+    ``oracle`` split) labels as their intended class; None when the dataset has no oracle split.
+
+    The oracle is trained once per (oracle split, model, config) and kept in ``cache_dir()``; a copy
+    goes to ``oracle_url``."""
+    info = load_info(dataset_url)
+    if "oracle" not in info.splits or len(synthetic) == 0:
+        return None
+    if oracle_url and storage.exists(storage.join(oracle_url, "config.json")):
+        oracle = load_classifier(oracle_url)
+    else:
+        split, cfg = load_split(dataset_url, "oracle"), RetrainConfig(seed=seed)
+        cached = storage.join(cache_dir(), "oracles", oracle_cache_key(split, model, cfg))
+        if storage.exists(storage.join(cached, "config.json")):
+            oracle = load_classifier(cached)
+        else:
+            oracle, _ = train_classifier(split, cfg, model, desc="oracle")
+            try:
+                save_classifier(oracle, cached)
+            except OSError as exc:  # a read-only home in a pod: the run goes on without the cache
+                log.warning("could not cache the fidelity oracle in %s: %s", cached, exc)
+        if oracle_url:
+            save_classifier(oracle, oracle_url)
+    preds = predict_logits(oracle, synthetic).argmax(1)
+    return float((preds == synthetic.labels).mean())

@@ -1,0 +1,48 @@
+"""What every stage returns, and the one function that logs it.
+
+The in-process runner (``pipeline.run``), the stage verbs of the CLI and the KFP components all call
+a stage function, get a ``StageResult`` back and hand it to ``log_stage_result``: per-stage logging
+is written once.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class StageResult:
+    """One stage's outcome.
+
+    Attributes:
+        stage: the stage's name (``train_baseline``, ``generate``, ...), also its MLflow run's name.
+        summary: JSON-able facts for the caller (what the CLI prints, what later stages read).
+        metrics: scalar metrics for the stage's MLflow run and the KFP UI.
+        artifacts: URLs of files worth seeing in MLflow (plots, reports), logged as run artifacts.
+    """
+
+    stage: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StageResult":
+        return cls(d["stage"], dict(d.get("summary") or {}), dict(d.get("metrics") or {}), list(d.get("artifacts") or []))
+
+
+def scalar_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric entries of ``values`` (None, bools, strings, lists and dicts dropped)."""
+    return {f"{prefix}{k}": float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def log_stage_result(log: Any, result: StageResult) -> None:
+    """Log a stage's metrics and artifacts to its run (``log``: the tracker interface of a stage run)."""
+    if result.metrics:
+        log.log_metrics(result.metrics)
+    for url in result.artifacts:
+        log.log_artifact_url(url)

@@ -1,0 +1,133 @@
+"""Champion/challenger promotion: the gate, the lock that serialises it, and the alias moves.
+
+Every new model version gets the alias ``challenger``. The alias ``champion`` moves to it only if
+it passes the gate against the current champion (or, when there is none, the baseline of the same
+run), both measured on the same test set. The metrics are stored on each model version as tags
+(``metric.<name>``), so the champion's numbers are read back from the registry, not remembered.
+
+MLflow aliases are last-writer-wins, not compare-and-set (mlflow #10336): two runs finishing at
+once could each read the old champion, each pass the gate and each move the alias, leaving the
+worse one as champion. So read-compare-move-read back runs inside a lock that holds across pods:
+
+    ''                         a file lock (fcntl) beside a local store (sqlite:/file: tracking URI);
+                               the tracking database itself for a postgresql tracking URI
+    postgresql://... (also postgresql+psycopg2://, postgres://)
+                               pg_advisory_lock on that database (the lock dies with the session,
+                               so a killed pod never leaves it held)
+    k8s-lease://NAMESPACE/NAME a coordination.k8s.io Lease (holder, renew time, duration), taken
+                               with resourceVersion-checked updates and renewed while held
+    file:///path/to/lockfile   an explicit file lock (pods sharing a volume)
+
+The functions here (and in ``registry.gate`` and ``registry.locks``) take an ``MlflowClient``-like object and plain dicts, so the gate is a pure
+function and the promotion can be tested against any client.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional
+
+from feedback_synth.config import PromoteConfig
+from feedback_synth.errors import TrackingError
+from feedback_synth.registry.gate import (
+    CHALLENGER,
+    CHAMPION,
+    DECISION_TAGS,
+    TEST_SET_TAG,
+    gate_decision,
+    metric_tags,
+    metrics_from_tags,
+)
+from feedback_synth.registry.locks import LockTimeout, held, make_lock, utcnow
+
+
+def _aliases(client, name: str) -> dict[str, str]:
+    return {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
+
+
+def _set_challenger(client, name: str, version: str) -> None:
+    """``challenger`` = the newest version that asked for promotion (never moves backwards)."""
+    current = _aliases(client, name).get(CHALLENGER)
+    if current is None or int(current) < int(version):
+        client.set_registered_model_alias(name, CHALLENGER, version)
+
+
+def promote_model_version(client, name: str, version: str | int, metrics: dict[str, Any], cfg: PromoteConfig,
+                          lock=None, baseline_metrics: Optional[dict[str, Any]] = None,
+                          run_ids: tuple[str, ...] | list[str] = (), test_set: Optional[str] = None,
+                          tracking_uri: str = "") -> dict[str, Any]:
+    """Apply the gate to model version ``name``/``version`` and move ``champion`` if it passes.
+
+    1. tag the version with its metrics (and test set), so that later gates can read them back;
+    2. under the lock: move ``challenger`` to it, re-read ``champion``, compare against the
+       champion's tags (or ``baseline_metrics`` when there is no champion), move ``champion`` if
+       the gate passes and read the alias back;
+    3. write the decision and reason as tags on the version and on every run in ``run_ids``.
+    A lock timeout leaves the version as challenger with the reason. Returns
+    ``{model_name, version, promoted, reason, champion_version, decision, reference}``.
+    """
+    version = str(version)
+    lock = lock if lock is not None else make_lock(cfg.lock_uri, tracking_uri, name)
+    # 1. the metrics travel with the version
+    tags = metric_tags(metrics)
+    if test_set:
+        tags[TEST_SET_TAG] = test_set
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+    reference_desc = ""
+    try:
+        with held(lock, cfg.lock_timeout_s):
+            # 2. inside the lock: read, compare, move, read back
+            _set_challenger(client, name, version)
+            champion = _aliases(client, name).get(CHAMPION)
+            if champion == version:
+                promoted, reason, reference_desc = True, "already champion", f"champion v{version}"
+            else:
+                reference = None
+                if champion is not None:
+                    reference_desc = f"champion v{champion}"
+                    champ = client.get_model_version(name, champion)
+                    reference = metrics_from_tags(champ.tags or {})
+                    champ_set = (champ.tags or {}).get(TEST_SET_TAG)
+                    if test_set and champ_set and champ_set != test_set:
+                        reference = None
+                        promoted, reason = False, (f"champion v{champion} was measured on a different test set "
+                                                   f"({champ_set}, this model: {test_set}); not comparable")
+                elif baseline_metrics is not None:
+                    reference_desc, reference = "baseline of the same run", baseline_metrics
+                else:
+                    reference_desc = "nothing"
+                if reference is not None or (champion is None and baseline_metrics is None):
+                    promoted, reason = gate_decision(metrics, reference, cfg)
+                if promoted:
+                    client.set_registered_model_alias(name, CHAMPION, version)
+                    now = _aliases(client, name).get(CHAMPION)
+                    if now != version:
+                        raise TrackingError(f"registry read-back: alias '{CHAMPION}' of '{name}' is v{now} right "
+                                            f"after moving it to v{version} under the {lock}")
+            decision = "promoted" if promoted else "rejected"
+            reason = f"vs {reference_desc}: {reason}"
+            champion_version = version if promoted else champion
+            _write_decision(client, name, version, run_ids, decision, reason, reference_desc, lock)
+    except LockTimeout as exc:
+        decision, promoted = "lock_timeout", False
+        reason = f"stays challenger: promotion lock not acquired: {exc}"
+        with contextlib.suppress(Exception):  # best effort: outside the lock the alias may race
+            _set_challenger(client, name, version)
+        champion_version = _aliases(client, name).get(CHAMPION)
+        _write_decision(client, name, version, run_ids, decision, reason, "", lock)
+    return {"model_name": name, "version": version, "promoted": promoted, "reason": reason,
+            "champion_version": champion_version, "decision": decision, "reference": reference_desc}
+
+
+def _write_decision(client, name: str, version: str, run_ids, decision: str, reason: str, reference: str,
+                    lock) -> None:
+    values = dict(zip(DECISION_TAGS, (decision, reason, reference, str(lock))))
+    values["promotion.decided_at"] = utcnow().isoformat(timespec="seconds")
+    for key, value in values.items():
+        client.set_model_version_tag(name, version, key, value[:5000])
+    run_values = {**values, "promotion.model": f"{name}/{version}"}
+    for run_id in run_ids:
+        if run_id:
+            for key, value in run_values.items():
+                client.set_tag(run_id, key, value[:5000])

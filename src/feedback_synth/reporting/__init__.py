@@ -1,0 +1,1 @@
+"""What a person reads or looks at: tables and plots."""

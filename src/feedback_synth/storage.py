@@ -1,0 +1,122 @@
+"""fsspec helpers: every stage reads and writes URLs (file://, gs://, memory://, or plain paths).
+
+Writes are atomic where the store allows it: write to a temporary sibling, then move into place,
+so that a reader never sees a half-written file.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any, Optional
+
+import fsspec
+import numpy as np
+import yaml
+
+
+def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Resolve ``url`` into its filesystem and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def local_path(url: str) -> Optional[str]:
+    """The local path of a ``file://`` URL or a plain path, else None (a remote URL)."""
+    if "://" not in url:
+        return os.path.abspath(url)
+    if url.startswith("file://"):
+        return os.path.abspath(url[len("file://"):])
+    return None
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL parts with '/', whatever the protocol."""
+    out = url.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def exists(url: str) -> bool:
+    fs, path = fs_and_path(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = fs_and_path(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def remove(url: str, recursive: bool = True) -> None:
+    """Remove a file or folder if it exists."""
+    fs, path = fs_and_path(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` atomically (temporary sibling, then move)."""
+    fs, path = fs_and_path(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        fs.mv(tmp, path)
+    except Exception:
+        fs.rm(tmp)
+        raise
+    fs.invalidate_cache()
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = fs_and_path(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def write_json(url: str, obj: Any) -> None:
+    write_text(url, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_text(url))
+
+
+def write_yaml(url: str, obj: Any) -> None:
+    write_text(url, yaml.safe_dump(obj, sort_keys=False))
+
+
+def read_yaml(url: str) -> Any:
+    return yaml.safe_load(read_text(url))
+
+
+def write_npz(url: str, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_bytes(url, buf.getvalue())
+
+
+def read_npz(url: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(read_bytes(url)), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,1 @@
+"""Experiment tracking: the tracker interface, the MLflow tracker and client, the pyfunc model."""

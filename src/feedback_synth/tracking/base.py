@@ -1,0 +1,43 @@
+"""The tracker interface the runners log through; NullTracker when tracking is off."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+
+class NullTracker:
+    """The tracker interface; every method is a no-op."""
+
+    run_id: Optional[str] = None
+
+    def start(self, run_name: str, config: dict[str, Any], tags: Optional[dict[str, str]] = None) -> None:
+        """Open the parent run of one pipeline run and log the resolved config."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str, params: Optional[dict[str, Any]] = None) -> Iterator["NullTracker"]:
+        """A nested run for one stage; metrics and artifacts logged inside go to it."""
+        yield self
+
+    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None, prefix: str = "") -> None:
+        """Log scalar metrics (non-scalars and None are skipped)."""
+
+    def log_artifact_url(self, url: str, artifact_path: Optional[str] = None) -> None:
+        """Copy a file (any fsspec URL) into the current run's artifacts."""
+
+    def log_text(self, text: str, name: str) -> None:
+        """Write ``text`` as an artifact file ``name`` of the current run."""
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tag the current run."""
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the parent run."""
+
+
+def make_tracker(cfg, output_url: str):
+    """The tracker for a run: MLflow when ``cfg.enabled``, else the null tracker."""
+    if not cfg.enabled:
+        return NullTracker()
+    from feedback_synth.tracking.mlflow_tracker import MLflowTracker
+
+    return MLflowTracker(cfg, output_url)

@@ -1,0 +1,106 @@
+"""The classifier: a timm model behind a fixed preprocessing contract.
+
+``Classifier`` takes images in [0, 1] at any size and applies its own resize and mean/std
+normalisation, so that guidance (which decodes to [0, 1]) and training share one contract.
+Checkpoints are a folder: ``model.safetensors`` (weights, no pickle) + ``config.json``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from feedback_synth import storage
+from feedback_synth.errors import ConfigError, DataError
+
+
+@dataclass
+class ClassifierSpec:
+    """Everything needed to rebuild a classifier, saved as ``config.json`` beside the weights."""
+
+    model: str
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    class_names: list[str] = field(default_factory=list)
+    group_names: list[str] = field(default_factory=lambda: ["all"])
+    train_class_counts: list[int] = field(default_factory=list)
+
+
+class Classifier(nn.Module):
+    def __init__(self, spec: ClassifierSpec):
+        super().__init__()
+        self.spec = spec
+        try:
+            self.backbone = timm.create_model(spec.model, pretrained=False, num_classes=spec.num_classes,
+                                              in_chans=spec.in_chans)
+        except RuntimeError as exc:  # timm: "Unknown model (...)"
+            raise ConfigError(f"config field 'train.model': {exc}") from None
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images -> the backbone's input (size, channels, mean/std)."""
+        if x.shape[1] != self.spec.in_chans:
+            if self.spec.in_chans == 1:
+                x = x.mean(dim=1, keepdim=True)
+            elif x.shape[1] == 1:
+                x = x.expand(-1, self.spec.in_chans, -1, -1)
+        if x.shape[-1] != self.spec.image_size or x.shape[-2] != self.spec.image_size:
+            x = F.interpolate(x, size=(self.spec.image_size,) * 2, mode="bilinear", align_corners=False,
+                              antialias=x.shape[-1] > self.spec.image_size)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate features (the ``hardness`` embedding) and logits."""
+        h = self.backbone.forward_features(self.preprocess(x))
+        feats = self.backbone.forward_head(h, pre_logits=True)
+        return feats, self.backbone.get_classifier()(feats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.preprocess(x))
+
+
+def build_classifier(model: str, num_classes: int, in_chans: int, image_size: int, **meta) -> Classifier:
+    """``timm.create_model`` plus the preprocessing that timm's data config prescribes."""
+    probe = timm.create_model(model, pretrained=False, num_classes=num_classes, in_chans=in_chans) \
+        if model in timm.list_models() else None
+    if probe is None:
+        raise ConfigError(f"config field 'train.model': unknown timm model '{model}'")
+    data_cfg = timm.data.resolve_data_config(model=probe)
+    mean, std = list(data_cfg["mean"]), list(data_cfg["std"])
+    if in_chans != len(mean):  # grey inputs: one mean/std, the average of the RGB ones
+        mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
+    spec = ClassifierSpec(model=model, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+                          mean=mean, std=std, **meta)
+    clf = Classifier(spec)
+    clf.backbone.load_state_dict(probe.state_dict())
+    return clf
+
+
+def save_classifier(clf: Classifier, url: str, extra_files: Optional[dict[str, str]] = None) -> None:
+    """Write ``model.safetensors`` + ``config.json`` (+ extra text files) under ``url``."""
+    state = {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}
+    storage.write_bytes(storage.join(url, "model.safetensors"), save_safetensors_bytes(state))
+    storage.write_json(storage.join(url, "config.json"), asdict(clf.spec))
+    for name, text in (extra_files or {}).items():
+        storage.write_text(storage.join(url, name), text)
+
+
+def load_classifier(url: str, device: str = "cpu") -> Classifier:
+    """Rebuild a saved classifier in eval mode."""
+    cfg_url = storage.join(url, "config.json")
+    if not storage.exists(cfg_url):
+        raise DataError(f"not a classifier checkpoint (no config.json): {url}")
+    spec = ClassifierSpec(**storage.read_json(cfg_url))
+    clf = Classifier(spec)
+    clf.load_state_dict(load_safetensors_bytes(storage.read_bytes(storage.join(url, "model.safetensors"))))
+    return clf.to(device).eval()

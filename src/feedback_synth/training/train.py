@@ -1,0 +1,162 @@
+"""Training of the timm classifier: baseline (real data) and retraining (real + synthetic)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from feedback_synth.config import OptimConfig
+from feedback_synth.data.imageset import ImageSet
+from feedback_synth.training.classifier import Classifier, build_classifier
+from feedback_synth.training.losses import LOSSES, LossInputs, cell_weights, class_prior
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) in one place: accelerate's ``set_seed``."""
+    from accelerate.utils import set_seed as accelerate_set_seed
+
+    accelerate_set_seed(seed)
+
+
+def random_translate(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to ``max_shift`` pixels (zero padding): the only augmentation."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+@dataclass
+class Recipe:
+    """How to train: the loss and how real samples are drawn (docs/method.md, "Balanced retraining").
+
+    Attributes:
+        loss: a name in ``training.losses.LOSSES``.
+        tau: logit_adjusted's temperature.
+        balanced_sampler: draw real samples uniformly over classes (or (class, group) cells).
+        prior: the adjusted losses' class prior once synthetic images are mixed in: ``real`` (the
+            real counts) or ``batch`` (the expected class mix of a batch, real + synthetic).
+    """
+
+    loss: str = "ce"
+    tau: float = 1.0
+    balanced_sampler: bool = False
+    prior: str = "real"
+
+
+def _batches(n_real: int, n_syn: int, cfg: OptimConfig, synthetic_fraction: float,
+             rng: np.random.Generator, sample_probs: Optional[np.ndarray]):
+    """Index batches for one epoch: each batch mixes real and synthetic at ``synthetic_fraction``.
+
+    An epoch is one pass over the real data; synthetic indices cycle through a permutation.
+    """
+    n_syn_per_batch = int(round(cfg.batch_size * synthetic_fraction)) if n_syn else 0
+    n_real_per_batch = max(1, cfg.batch_size - n_syn_per_batch)
+    if sample_probs is not None:
+        real_order = rng.choice(n_real, size=n_real, p=sample_probs)
+    else:
+        real_order = rng.permutation(n_real)
+    steps = math.ceil(n_real / n_real_per_batch)
+    syn_order = np.concatenate([rng.permutation(n_syn) for _ in range(
+        math.ceil(steps * n_syn_per_batch / n_syn))]) if n_syn_per_batch else np.zeros(0, np.int64)
+    for s in range(steps):
+        real = real_order[s * n_real_per_batch:(s + 1) * n_real_per_batch]
+        syn = syn_order[s * n_syn_per_batch:(s + 1) * n_syn_per_batch]
+        yield real, syn
+
+
+def sampling_probabilities(train: ImageSet) -> np.ndarray:
+    """Per-sample probabilities of a balanced sampler: uniform over (class, group) cells."""
+    cell = train.labels * train.num_groups + train.groups
+    probs = 1.0 / np.bincount(cell)[cell]
+    return probs / probs.sum()
+
+
+def train_classifier(
+    train: ImageSet,
+    cfg: OptimConfig,
+    model: str,
+    synthetic: Optional[ImageSet] = None,
+    synthetic_fraction: float = 0.0,
+    recipe: Recipe = Recipe(),
+    on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
+    eval_fn: Optional[Callable[[Classifier], dict[str, float]]] = None,
+    desc: str = "train",
+) -> tuple[Classifier, list[dict[str, Any]]]:
+    """Train ``model`` from scratch with SGD + cosine decay; returns the model and per-epoch metrics.
+
+    Args:
+        train: the real training images.
+        cfg: optimiser settings (epochs, batch size, lr, seed, device, ...).
+        model: a timm model name.
+        synthetic: optional synthetic images, mixed into each batch at ``synthetic_fraction``.
+        recipe: the loss, its prior and the sampler of real images.
+        on_epoch: called with each epoch's metrics (MLflow logging hooks in here).
+        eval_fn: returns extra metrics (e.g. validation accuracy) after each epoch.
+    """
+    loss_fn = LOSSES[LOSSES.check(recipe.loss, "train.loss")]
+    set_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    h, w, c = train.images.shape[1:]
+    counts = train.class_counts()
+    clf = build_classifier(model, train.num_classes, c, h, class_names=train.class_names,
+                           group_names=train.group_names, train_class_counts=counts.tolist()).to(device)
+    x_real, y_real = train.to_tensor(), torch.from_numpy(train.labels)
+    w_real = cell_weights(train.labels, train.groups, train.num_classes, train.num_groups)
+    if synthetic is not None and len(synthetic):
+        x_syn, y_syn = synthetic.to_tensor(), torch.from_numpy(synthetic.labels)
+    else:
+        x_syn, y_syn = x_real[:0], y_real[:0]
+    sample_probs = sampling_probabilities(train) if recipe.balanced_sampler else None
+    drawn = None if sample_probs is None else np.bincount(train.labels, weights=sample_probs, minlength=train.num_classes)
+    prior = class_prior(counts, np.bincount(y_syn.numpy(), minlength=train.num_classes) if len(y_syn) else None,
+                        synthetic_fraction if len(y_syn) else 0.0, recipe.prior, drawn)
+    log_prior = torch.log(torch.from_numpy(prior).float().clamp_min(1e-12)).to(device)
+
+    opt = torch.optim.SGD(clf.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=True)
+    steps_per_epoch = sum(1 for _ in _batches(len(x_real), len(x_syn), cfg, synthetic_fraction,
+                                              np.random.default_rng(0), None))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=0.1, anneal_strategy="cos")
+    max_shift = max(1, h // 8) if cfg.augment else 0
+    history: list[dict[str, Any]] = []
+    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", leave=False)
+    for epoch in bar:
+        clf.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        for real_idx, syn_idx in _batches(len(x_real), len(x_syn), cfg, synthetic_fraction, rng, sample_probs):
+            x = torch.cat([x_real[real_idx], x_syn[syn_idx]])
+            y = torch.cat([y_real[real_idx], y_syn[syn_idx]]).to(device)
+            x = random_translate(x, max_shift, gen).to(device)
+            logits = clf(x)
+            weights = torch.cat([w_real[real_idx], torch.ones(len(syn_idx))]).to(device)
+            batch_loss = loss_fn(LossInputs(logits, y, log_prior, weights, recipe.tau)).mean()
+            opt.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            opt.step()
+            sched.step()
+            total += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += float(batch_loss.detach()) * len(y)
+        record = {"epoch": epoch + 1, "loss": loss_sum / total, "train_accuracy": correct / total,
+                  "lr": opt.param_groups[0]["lr"]}
+        if eval_fn is not None:
+            record.update(eval_fn(clf))
+            clf.train()
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
+        if on_epoch is not None:
+            on_epoch(record)
+    clf.eval()
+    return clf, history

@@ -1,0 +1,131 @@
+"""``feedback-synth run --runner kfp-local``: the KFP pipeline itself, through the KFP local runner.
+
+Every stage runs as its KFP component, each in its own Python process (``SubprocessRunner`` with
+``use_venv=False``: this environment, where feedback_synth is installed), with artifacts passed as
+KFP passes them. The result has the same keys as the in-process runner's (``feedback_synth.pipeline.run.run_pipeline``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import asdict
+from typing import Any, Optional
+
+from feedback_synth import storage
+from feedback_synth.config import RunConfig
+from feedback_synth.errors import FeedbackSynthError
+from feedback_synth_kfp.artifacts import artifact_url
+from feedback_synth_kfp.parameters import pipeline_arguments
+from feedback_synth_kfp.tracking import LAUNCH_ENV, finish_tracking, tracking_context
+
+log = logging.getLogger(__name__)
+
+
+class KFPRunError(FeedbackSynthError, RuntimeError):
+    """A task of the pipeline failed in the KFP local runner (its log is printed above)."""
+
+
+# pipeline output -> the in-process runner's stage name (``timings`` keys)
+_TIMED = (("data", "prepare_data"), ("baseline", "train_baseline"), ("feedback", "extract_feedback"),
+          ("filtered", "filter"), ("retrained", "retrain"), ("evaluation", "evaluate"), ("decision", "promote"))
+
+
+def _tracking_uri(cfg: RunConfig, output_url: str) -> str:
+    """The MLflow URI the pipeline gets; '' when tracking is off.
+
+    As in process: ``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store
+    in the run's folder, passed as that folder (``<output>/mlflow``: every task then finds the
+    store and its artifact folder there).
+    """
+    if not cfg.tracking.enabled:
+        return ""
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    local = storage.local_path(output_url)
+    return os.path.join(local, "mlflow") if local else os.path.abspath("mlruns")
+
+
+def _num(v: Any) -> Any:
+    """Artifact metadata comes back as floats: integral ones become ints again."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = None) -> dict[str, Any]:
+    """Run the pipeline through the KFP local runner; returns the report of ``run.run_pipeline``.
+
+    Args:
+        cfg: the resolved run config (every stage's config is passed as pipeline parameters).
+        output_url: the run's folder. A local folder holds the KFP pipeline root (``kfp/``) and the
+            stages write into their artifacts there; for a remote URL (gs://...) the stages write
+            under ``<output_url>/<run id>/`` (the pipeline's ``workspace_url``) and the pipeline root is
+            a temporary local folder.
+        parallelism: generation shards running at once (default: half the CPU cores, at least 1).
+    """
+    import kfp.local
+
+    from feedback_synth.pipeline.preflight import preflight
+    from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, build_pipeline
+
+    preflight(cfg)
+    storage.write_yaml(storage.join(output_url, "config.yaml"), asdict(cfg))
+    if storage.local_path(output_url):
+        root, workspace = os.path.join(storage.local_path(output_url), "kfp"), ""
+    else:
+        root, workspace = tempfile.mkdtemp(prefix="feedback-synth-kfp-"), output_url
+    parallelism = parallelism or max(1, (os.cpu_count() or 2) // 2)
+    # no retries here: a failure on this machine is not a preempted node
+    pipeline = build_pipeline(PipelineSettings(parallelism=parallelism, gpu_retries=0, exit_handler=False))
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
+    t0 = time.time()
+    tracking_uri = _tracking_uri(cfg, output_url)
+    # compiled without the exit handler (its outputs are read below): a failed run's MLflow runs
+    # are closed here instead, found by a launch id that start_tracking tags on the parent run
+    launch_id = uuid.uuid4().hex
+    before = os.environ.get(LAUNCH_ENV)
+    os.environ[LAUNCH_ENV] = launch_id  # the task processes inherit it
+    try:
+        with warnings.catch_warnings():
+            # expected here: our images' components run in this environment, and the local runner
+            # ignores the Kubernetes settings (resources, accelerators, display names)
+            warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+            task = pipeline(**pipeline_arguments(cfg, tracking_uri, workspace))
+    except RuntimeError as exc:
+        message = f"the pipeline failed in the KFP local runner: {exc} (task logs above; outputs under {root})"
+        try:
+            finish_tracking(tracking_uri, cfg.tracking.experiment, None, "FAILED", message, launch_id=launch_id)
+        except FeedbackSynthError as close_error:  # the pipeline's own error matters more
+            log.warning("could not close the MLflow runs of the failed run: %s", close_error)
+        raise KFPRunError(message) from None
+    finally:
+        if before is None:
+            os.environ.pop(LAUNCH_ENV, None)
+        else:
+            os.environ[LAUNCH_ENV] = before
+    out = task.outputs
+    urls = {name: artifact_url(out[name]) for name in ("data", "baseline", "feedback", "filtered", "retrained",
+                                                        "evaluation")}
+    report = storage.read_json(storage.join(urls["evaluation"], "report.json"))
+    generation = {k: _num(v) for k, v in dict(out["filtered"].metadata.get("generation", {})).items()}
+    timings = {stage: round(float(out[name].metadata["seconds"]), 2) for name, stage in _TIMED
+               if "seconds" in out[name].metadata}
+    if generation.get("wall_seconds") is not None:
+        timings = {**{k: v for k, v in timings.items() if k in ("prepare_data", "train_baseline", "extract_feedback")},
+                   "generate": generation["wall_seconds"],
+                   **{k: v for k, v in timings.items() if k not in ("prepare_data", "train_baseline", "extract_feedback")}}
+    promotion = json.loads(out["decision"].metadata.get("promotion") or "null")
+    tracking = tracking_context(out["tracking"])
+    report.update({
+        "timings": timings, "pipeline_seconds": round(time.time() - t0, 2), "generation": generation,
+        "outputs": {"data": urls["data"], "baseline": urls["baseline"], "feedback": urls["feedback"],
+                    "filtered": urls["filtered"], "retrained": urls["retrained"],
+                    "report": urls["evaluation"], "kfp_pipeline_root": root},
+        "promotion": promotion, "mlflow_run_id": json.loads(tracking)["parent_run_id"] if tracking else None})
+    storage.write_json(storage.join(urls["evaluation"], "run_summary.json"), {k: v for k, v in report.items() if k != "per_class"})
+    return report

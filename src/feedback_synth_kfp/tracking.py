@@ -1,0 +1,179 @@
+"""MLflow from KFP tasks: the parent run of a pipeline run, a nested run per task, the exit handler."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from typing import Any, Iterator, Optional
+
+from feedback_synth.config import PromoteConfig, TrackingConfig
+from feedback_synth.pipeline.result import StageResult, log_stage_result
+from feedback_synth.registry.register import register_and_promote
+from feedback_synth.tracking.base import NullTracker
+from feedback_synth.tracking.client import mlflow_errors
+from feedback_synth.tracking.mlflow_tracker import PIPELINE_ERROR_TAG, PIPELINE_STATE_TAG, STAGE_TAG, MLflowTracker
+
+log = logging.getLogger(__name__)
+
+
+# A local KFP run (``run --runner kfp-local``) sets this in the environment of its task processes;
+# start_tracking tags the parent run with it, so that the runner finds the run if the pipeline fails.
+LAUNCH_ENV, LAUNCH_TAG = "FEEDBACK_SYNTH_LAUNCH_ID", "feedback_synth.launch_id"
+
+
+def start_tracking(mlflow_tracking_uri: str, experiment: str, registered_model: str, run_name: str,
+                   kfp_run_id: str, config: dict[str, Any], output_url: str = "") -> str:
+    """Open the MLflow parent run of one pipeline run (left open: ``promote`` closes it); returns
+    the tracking context the stage tasks take (JSON with ``parent_run_id``), or '' when tracking is
+    off (empty URI)."""
+    if not mlflow_tracking_uri:
+        return ""
+    cfg = TrackingConfig(tracking_uri=mlflow_tracking_uri, experiment=experiment, registered_model=registered_model)
+    tracker = MLflowTracker(cfg, output_url, kfp_run_id=kfp_run_id or None)
+    launch = os.environ.get(LAUNCH_ENV)  # set by the local runner, to find this run if the pipeline fails
+    tracker.start(run_name, config, tags={LAUNCH_TAG: launch} if launch else None)
+    return json.dumps({"tracking": asdict(cfg), "parent_run_id": tracker.run_id, "kfp_run_id": kfp_run_id})
+
+
+def finish_tracking(mlflow_tracking_uri: str, experiment: str, kfp_run_id: Optional[str], state: str,
+                    error_message: str = "", launch_id: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """The pipeline's exit handler: close the MLflow runs this KFP run left open (see
+    ``close_pipeline_runs``; ``launch_id`` finds a local run instead). ``state`` is
+    KFP's final state of the pipeline (``SUCCEEDED``, ``FAILED``, ``CANCELED``...). None when
+    tracking is off."""
+    if not mlflow_tracking_uri:
+        return None
+    cfg = TrackingConfig(tracking_uri=mlflow_tracking_uri, experiment=experiment)
+    return close_pipeline_runs(MLflowTracker(cfg, ""), kfp_run_id, state == "SUCCEEDED", error_message, launch_id)
+
+
+TRACKING_KEY = "context"  # metadata key of start_tracking's artifact: the tracking context (JSON, '' = off)
+
+
+def tracking_context(tracking: Any) -> str:
+    """The tracking context: start_tracking's output artifact (its metadata), or the JSON itself.
+
+    An artifact, not a string parameter, because the KFP local runner (2.17) hands the loop item
+    to every task-output parameter inside a ParallelFor: a string would not reach the shard tasks.
+    """
+    if hasattr(tracking, "metadata"):
+        return (tracking.metadata or {}).get(TRACKING_KEY, "")
+    return tracking or ""
+
+
+def _attach(tracking: Any, name: str, output_url: str):
+    """A tracker attached to the pipeline's parent run (None when tracking is off)."""
+    context = tracking_context(tracking)
+    if not context:
+        return None
+    ctx = json.loads(context)
+    tracker = MLflowTracker(TrackingConfig(**ctx["tracking"]), output_url, parent_run_id=ctx["parent_run_id"],
+                  kfp_run_id=ctx.get("kfp_run_id") or None)
+    tracker.start(name, {})
+    return tracker
+
+
+class StageRun:
+    """One stage task: its tracker (a nested MLflow run, or a no-op) and its wall time."""
+
+    def __init__(self, log_to: Any):
+        self.log = log_to
+        self.t0 = time.time()
+        self.seconds: Optional[float] = None
+
+    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None, prefix: str = "") -> None:
+        self.log.log_metrics(metrics, step=step, prefix=prefix)
+
+    def log_result(self, result: StageResult) -> None:
+        """The stage's metrics and artifacts, logged as the in-process runner logs them."""
+        log_stage_result(self.log, result)
+
+    def on_epoch(self, record: dict[str, Any]) -> None:
+        """Per-epoch training metrics (the ``on_epoch`` hook of the training stages)."""
+        self.log.log_metrics(record, step=record.get("epoch"))
+
+
+@contextlib.contextmanager
+def stage_run(tracking: Any, name: str, params: dict[str, Any], output_url: str) -> Iterator[StageRun]:
+    """A nested MLflow run named ``name`` under the pipeline's parent run (a no-op when tracking
+    is off); logs ``params`` and the stage's wall time (``seconds``)."""
+    tracker = _attach(tracking, name, output_url)
+    if tracker is None:
+        run = StageRun(NullTracker())
+        yield run
+        run.seconds = round(time.time() - run.t0, 2)
+        return
+    status = "FAILED"
+    try:
+        with tracker.stage(name, params) as logger:
+            run = StageRun(logger)
+            yield run
+            run.seconds = round(time.time() - run.t0, 2)
+            logger.log_metrics({"seconds": run.seconds})
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)  # attached: the parent run stays open
+
+
+def promote(tracking: Any, model_url: str, report: dict[str, Any], cfg: PromoteConfig,
+            output_url: str = "") -> Optional[dict[str, Any]]:
+    """Register the retrained model (alias ``challenger``) and move ``champion`` to it if it passes
+    the gate, in a nested ``promote`` run; then close the parent run, the pipeline's last step.
+    None when tracking is off (there is no registry to promote in)."""
+    tracker = _attach(tracking, "promote", output_url)
+    if tracker is None:
+        return None
+    status = "FAILED"
+    try:
+        with tracker.stage("promote", asdict(cfg)) as logger:
+            result = register_and_promote(tracker, model_url, report, cfg, run_id=logger.run_id)
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+        tracker.client.set_terminated(tracker.run_id, status)
+    return result
+
+
+def close_pipeline_runs(tracker, kfp_run_id: Optional[str], succeeded: bool, message: str = "",
+                        launch_id: Optional[str] = None) -> dict[str, Any]:
+    """Close what one KFP run left open (its exit handler calls this, whatever happened). The
+    run is ``kfp_run_id``, or (a local run, whose id the runner does not know) the one whose
+    parent run carries the ``launch_id`` tag.
+
+    The parent run, still RUNNING when a stage failed before ``promote`` closed it, ends FAILED
+    (or FINISHED if the pipeline succeeded), tagged with the pipeline's state and error. A stage
+    run still RUNNING belonged to a pod that died without closing it (OOM-killed, preempted,
+    retried): it ends KILLED. Returns what was closed.
+    """
+    tracker.connect()
+    closed: dict[str, Any] = {"parent": None, "killed_stages": []}
+    with mlflow_errors("close the runs of the pipeline run"):
+        exp = tracker.client.get_experiment_by_name(tracker.cfg.experiment)
+        if exp is None:
+            return closed
+        if launch_id:
+            parents = tracker.client.raw.search_runs([exp.experiment_id],
+                                                  filter_string=f"tags.`{LAUNCH_TAG}` = '{launch_id}'")
+            kfp_run_id = parents[0].data.tags.get("kfp.run_id") if parents else None
+        if not kfp_run_id:
+            return closed
+        runs = tracker.client.raw.search_runs(
+            [exp.experiment_id], max_results=1000,
+            filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and attributes.status = 'RUNNING'")
+        for run in runs:
+            run_id = run.info.run_id
+            if "mlflow.parentRunId" in run.data.tags:
+                tracker.client.set_terminated(run_id, "KILLED")
+                closed["killed_stages"].append(run.data.tags.get(STAGE_TAG, run.info.run_name))
+                continue
+            status = "FINISHED" if succeeded else "FAILED"
+            tags = {PIPELINE_STATE_TAG: "SUCCEEDED" if succeeded else "FAILED"}
+            if message:
+                tags[PIPELINE_ERROR_TAG] = message[:4900]
+            tracker.set_run_tags(run_id, tags)
+            tracker.client.set_terminated(run_id, status)
+            closed["parent"] = {"run_id": run_id, "status": status}
+    return closed
