@@ -12,12 +12,13 @@ from . import CPU_IMAGE
 def filter_synthetic(data: Input[Dataset], baseline: Input[Model], feedback: Input[Artifact],
                      shards: Input[List[Dataset]], filter_overrides: str, filtered: Output[Dataset],
                      samples: Output[HTML], metrics: Output[Metrics], tracking: Input[Artifact],
-                     workspace_url: str = "", run_id: str = ""):
+                     workspace_url: str = "", run_id: str = "", round_index: int = 1, rounds: int = 1,
+                     previous_filtered: Input[Dataset] = None):
     """Join the generated shards and filter them; every shard of the plan must be committed.
 
     Args:
         data (Input[Dataset]): the prepared dataset.
-        baseline (Input[Model]): the baseline classifier (features of the filters).
+        baseline (Input[Model]): the latest classifier (features of the filters): the baseline in round 1.
         feedback (Input[Artifact]): extract_feedback's output (plan, class statistics).
         shards (Input[List[Dataset]]): the outputs of all generate_shard tasks (dsl.Collected).
         filter_overrides (str): JSON object of FilterConfig fields (filters, thresholds), applied last.
@@ -27,6 +28,9 @@ def filter_synthetic(data: Input[Dataset], baseline: Input[Model], feedback: Inp
         tracking (Input[Artifact]): start_tracking's output (the MLflow parent run, if any).
         workspace_url (str): when set, write under ``<workspace_url>/<run_id>/filtered`` instead.
         run_id (str): the KFP run id.
+        round_index (int): this round (1-based).
+        rounds (int): the rounds the pipeline was compiled with.
+        previous_filtered (Input[Dataset]): the previous round's output (its kept images carry over).
     """
     from dataclasses import asdict
 
@@ -37,12 +41,14 @@ def filter_synthetic(data: Input[Dataset], baseline: Input[Model], feedback: Inp
     from feedback_synth_kfp.tracking import stage_run
 
     cfg = section_config("filter", filter_overrides)
-    url = artifacts.stage_output_url(filtered, workspace_url, run_id, "filtered")
+    url = artifacts.stage_output_url(filtered, workspace_url, run_id, artifacts.round_folder("filtered", round_index,
+                                                                                            rounds))
     generated = artifacts.unique([artifacts.artifact_url(s) for s in shards])
-    with stage_run(tracking, "filter", asdict(cfg), url) as run:
+    previous = artifacts.artifact_url(previous_filtered) if previous_filtered is not None else None
+    with stage_run(tracking, artifacts.round_name("filter", round_index, rounds), asdict(cfg), url) as run:
         result = stages.filter_synthetic(artifacts.artifact_url(data),
                                          stages.model_url(artifacts.artifact_url(baseline)),
-                                         artifacts.artifact_url(feedback), generated, url, cfg)
+                                         artifacts.artifact_url(feedback), generated, url, cfg, previous)
         run.log_result(result)
     report = result.summary
     artifacts.publish(filtered, url, started=run.t0, seconds=run.seconds, generated=report["generated"],

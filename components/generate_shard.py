@@ -9,7 +9,7 @@ from . import GPU_IMAGE
 def generate_shard(data: Input[Dataset], baseline: Input[Model], feedback: Input[Artifact], shard_id: int,
                    generator: str, criterion: str, scale: float, guide_every: int, device: str,
                    generate_overrides: str, shard: Output[Dataset], tracking: Input[Artifact],
-                   workspace_url: str = "", run_id: str = ""):
+                   workspace_url: str = "", run_id: str = "", round_index: int = 1, rounds: int = 1):
     """Generate one shard of the plan with feedback guidance; a committed shard is skipped.
 
     Idempotent: with a ``workspace_url`` every shard task of a run writes to the same stable folder,
@@ -17,7 +17,7 @@ def generate_shard(data: Input[Dataset], baseline: Input[Model], feedback: Input
 
     Args:
         data (Input[Dataset]): the prepared dataset (real images to condition on).
-        baseline (Input[Model]): the frozen baseline classifier (the feedback).
+        baseline (Input[Model]): the frozen latest classifier (the feedback): the baseline in round 1.
         feedback (Input[Artifact]): extract_feedback's output (plan, class statistics).
         shard_id (int): which shard of the plan.
         generator (str): 'builtin' (bundled digits generator) or a diffusers model folder URL.
@@ -30,6 +30,8 @@ def generate_shard(data: Input[Dataset], baseline: Input[Model], feedback: Input
         tracking (Input[Artifact]): start_tracking's output (the MLflow parent run, if any).
         workspace_url (str): when set, write under ``<workspace_url>/<run_id>/generated`` instead.
         run_id (str): the KFP run id.
+        round_index (int): this round (1-based).
+        rounds (int): the rounds the pipeline was compiled with.
     """
     from dataclasses import asdict
 
@@ -40,8 +42,9 @@ def generate_shard(data: Input[Dataset], baseline: Input[Model], feedback: Input
 
     cfg = section_config("generate", generate_overrides, generator=generator, criterion=criterion, scale=scale,
                          guide_every=guide_every, device=device)
-    url = artifacts.stage_output_url(shard, workspace_url, run_id, "generated")
-    with stage_run(tracking, f"generate_shard_{shard_id}", {**asdict(cfg), "shard_id": shard_id}, url) as run:
+    url = artifacts.stage_output_url(shard, workspace_url, run_id, artifacts.round_folder("generated", round_index, rounds))
+    name = artifacts.round_name(f"generate_shard_{shard_id}", round_index, rounds)
+    with stage_run(tracking, name, {**asdict(cfg), "shard_id": shard_id}, url) as run:
         result = stages.generate(artifacts.artifact_url(data), stages.model_url(artifacts.artifact_url(baseline)),
                                  artifacts.artifact_url(feedback), url, cfg, shard_ids=[shard_id])
         run.log_result(result)

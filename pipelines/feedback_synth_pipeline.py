@@ -52,6 +52,7 @@ class PipelineSettings:
     gpu_type: str = "nvidia.com/gpu"  # the accelerator resource of generate_shard and retrain
     gpus: int = 1  # per GPU task
     gpu_retries: int = 3  # preemptible GPU nodes: retry a GPU task this many times
+    rounds: int = 1  # feedback rounds, unrolled (feedback.rounds must match: extract_feedback checks)
     retry_backoff: str = "60s"  # first wait before a retry (doubles each time)
     small: Resources = field(default_factory=lambda: Resources("250m", "1", "1Gi", "2Gi"))  # tracking, promote
     cpu: Resources = field(default_factory=lambda: Resources("2", "4", "8Gi", "16Gi"))  # data, training, filter
@@ -68,6 +69,8 @@ class PipelineSettings:
             raise ValueError(f"gpus must be >= 1, got {self.gpus}")
         if self.gpu_retries < 0:
             raise ValueError(f"gpu_retries must be >= 0, got {self.gpu_retries}")
+        if not 1 <= self.rounds <= 10:
+            raise ValueError(f"rounds must be in [1, 10], got {self.rounds}")
 
 
 def _sized(task: dsl.PipelineTask, name: str, res: Resources) -> dsl.PipelineTask:
@@ -118,8 +121,8 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
 
         Steps (inside an exit handler, finish_tracking, that closes the MLflow runs a failed run left
         open; see PipelineSettings.exit_handler): start_tracking (MLflow parent run) -> prepare_data -> train_baseline ->
-        extract_feedback (plan: shard ids) -> generate_shard x N (ParallelFor, GPU) ->
-        filter_synthetic (dsl.Collected shards) -> retrain (GPU) -> evaluate -> promote.
+        [extract_feedback (plan: shard ids) -> generate_shard x N (ParallelFor, GPU) ->
+        filter_synthetic (dsl.Collected shards) -> retrain (GPU)] x PipelineSettings.rounds -> evaluate -> promote.
 
         Args:
             dataset (str): built-in dataset (digits-lt, digits-groups) or a dataset URL.
@@ -180,30 +183,45 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
             base = _sized(train_baseline(data=data.outputs["data"], **data_args, classifier_model=classifier_model,
                                          train_overrides=train_overrides, tracking=tracking, **where),
                           "Train baseline", settings.cpu)
-            fb = _sized(extract_feedback(data=data.outputs["data"], baseline=base.outputs["baseline"],
-                                         budget_fraction=budget_fraction, shard_size=shard_size,
-                                         feedback_overrides=feedback_overrides, tracking=tracking, **where),
-                        "Extract feedback and plan", settings.cpu)
-
-            with dsl.ParallelFor(items=fb.outputs["Output"], parallelism=settings.parallelism,
-                                 name="generate-shards") as shard_id:
-                gen = generate_shard(data=data.outputs["data"], baseline=base.outputs["baseline"],
-                                     feedback=fb.outputs["feedback"], shard_id=shard_id, generator=generator,
-                                     criterion=criterion, scale=scale, guide_every=guide_every, device=gpu_device,
-                                     generate_overrides=generate_overrides, tracking=tracking, **where)
-                _on_gpu(_sized(gen, "Generate shard", settings.gpu), settings, gpu_node_selector, gpu_tolerations)
-                gen.set_caching_options(False)  # the cache does not check that shard files still exist
-
-            flt = _sized(filter_synthetic(data=data.outputs["data"], baseline=base.outputs["baseline"],
-                                          feedback=fb.outputs["feedback"], shards=dsl.Collected(gen.outputs["shard"]),
-                                          filter_overrides=filter_overrides, tracking=tracking, **where),
-                         "Filter synthetic images", settings.cpu)
-            flt.set_caching_options(False)
-            ret = retrain(data=data.outputs["data"], baseline=base.outputs["baseline"],
-                          filtered=flt.outputs["filtered"], **data_args, device=gpu_device,
-                          retrain_overrides=retrain_overrides, tracking=tracking, **where)
-            _on_gpu(_sized(ret, "Retrain on real + synthetic", settings.gpu), settings, gpu_node_selector,
-                    gpu_tolerations)
+            # feedback in rounds, unrolled at compile time (KFP v2 has no dynamic loops): round r
+            # takes its feedback from the latest model and carries the previous round's outputs on
+            latest, previous = base.outputs["baseline"], None
+            for r in range(1, settings.rounds + 1):
+                tag = "" if settings.rounds == 1 else f" (round {r})"
+                chain = {} if previous is None else {"previous_feedback": previous["feedback"]}
+                fb = _sized(extract_feedback(data=data.outputs["data"], baseline=latest,
+                                             budget_fraction=budget_fraction, shard_size=shard_size,
+                                             feedback_overrides=feedback_overrides, tracking=tracking,
+                                             round_index=r, rounds=settings.rounds, **chain, **where),
+                            f"Extract feedback and plan{tag}", settings.cpu)
+                with dsl.ParallelFor(items=fb.outputs["Output"], parallelism=settings.parallelism,
+                                     name="generate-shards" if settings.rounds == 1 else f"generate-shards-round-{r}") \
+                        as shard_id:
+                    gen = generate_shard(data=data.outputs["data"], baseline=latest, feedback=fb.outputs["feedback"],
+                                         shard_id=shard_id, generator=generator, criterion=criterion, scale=scale,
+                                         guide_every=guide_every, device=gpu_device,
+                                         generate_overrides=generate_overrides, tracking=tracking, round_index=r,
+                                         rounds=settings.rounds, **where)
+                    _on_gpu(_sized(gen, f"Generate shard{tag}", settings.gpu), settings, gpu_node_selector,
+                            gpu_tolerations)
+                    gen.set_caching_options(False)  # the cache does not check that shard files still exist
+                chain = {} if previous is None else {"previous_filtered": previous["filtered"]}
+                flt = _sized(filter_synthetic(data=data.outputs["data"], baseline=latest, feedback=fb.outputs["feedback"],
+                                              shards=dsl.Collected(gen.outputs["shard"]),
+                                              filter_overrides=filter_overrides, tracking=tracking, round_index=r,
+                                              rounds=settings.rounds, **chain, **where),
+                             f"Filter synthetic images{tag}", settings.cpu)
+                flt.set_caching_options(False)
+                chain = {} if previous is None else {"previous_retrained": previous["retrained"]}
+                ret = retrain(data=data.outputs["data"], baseline=base.outputs["baseline"],
+                              filtered=flt.outputs["filtered"], **data_args, device=gpu_device,
+                              retrain_overrides=retrain_overrides, tracking=tracking, round_index=r,
+                              rounds=settings.rounds, **chain, **where)
+                _on_gpu(_sized(ret, f"Retrain on real + synthetic{tag}", settings.gpu), settings, gpu_node_selector,
+                        gpu_tolerations)
+                latest = ret.outputs["retrained"]
+                previous = {"feedback": fb.outputs["feedback"], "filtered": flt.outputs["filtered"],
+                            "retrained": ret.outputs["retrained"]}
             ev = _sized(evaluate(data=data.outputs["data"], baseline=base.outputs["baseline"],
                                  retrained=ret.outputs["retrained"], filtered=flt.outputs["filtered"], **data_args,
                                  tracking=tracking, **where), "Evaluate", settings.cpu)

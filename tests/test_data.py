@@ -28,12 +28,24 @@ def test_digits_lt_parts_are_disjoint_and_sized(digits):
     assert digits["test"].class_counts().tolist() == [DIGITS_TEST_PER_CLASS] * 10
     assert digits["pool"].class_counts().tolist() == [DIGITS_POOL_PER_CLASS] * 10
     assert digits["train"].class_counts().tolist() == digits_lt_counts()
-    assert digits["val"].class_counts().min() == digits["val"].class_counts().max() == 8
+    assert digits["val"].class_counts().tolist() == [8] + [30] * 9  # class 0's 60 train images leave 8
     assert sum(len(p) for n, p in digits.items() if n != "oracle") <= 1797
     assert digits["train"].images.shape[1:] == (16, 16, 1)
     # the oracle is the pool in the task style: same samples, different pixels
     assert digits["oracle"].ids.tolist() == digits["pool"].ids.tolist()
     assert not np.array_equal(digits["oracle"].images, digits["pool"].images)
+
+
+def test_split_seed_changes_train_val_test_but_never_the_generator_pool(digits):
+    from feedback_synth.data.digits import make_digits_lt
+
+    other = make_digits_lt(split_seed=3)
+    assert other["pool"].ids.tolist() == digits["pool"].ids.tolist()  # the bundled generator's pretraining data
+    assert set(other["test"].ids) != set(digits["test"].ids)
+    seen = set(digits["pool"].ids)
+    for split in ("train", "val", "test"):
+        assert not set(other[split].ids) & seen, split
+    assert other["train"].class_counts().tolist() == digits_lt_counts()
 
 
 def test_digits_lt_split_is_fixed(digits):
@@ -154,7 +166,7 @@ def test_label_outside_class_list_in_split_file(memory_url):
     storage.write_text(storage.join(src, "classes.txt"), "a\nb\n")
     storage.write_text(storage.join(src, "train.txt"), "x.png 0\nx.png 1\n")
     storage.write_text(storage.join(src, "test.txt"), "x.png 7\n")
-    with pytest.raises(DataError, match=r"test.txt: label 7 of .*x.png is outside the class list"):
+    with pytest.raises(DataError, match=r"test.txt:1: label 7 of .*x.png is outside the class list"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
     _assert_no_output(memory_url + "/out")
 
@@ -181,7 +193,7 @@ def test_corrupt_image_is_named(memory_url):
 def test_missing_image_in_split_file(memory_url):
     src = memory_url + "/src"
     storage.write_bytes(storage.join(src, "x.png"), _png(1))
-    storage.write_text(storage.join(src, "train.txt"), "x.png 0\nmissing.png 0\n")
+    storage.write_text(storage.join(src, "train.txt"), "x.png 0\nx.png 1\nmissing.png 0\n")
     storage.write_text(storage.join(src, "test.txt"), "x.png 0\n")
     with pytest.raises(DataError, match=r"image not found or unreadable: .*missing.png"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")

@@ -8,7 +8,7 @@ import torch
 from feedback_synth.config import FilterConfig
 from feedback_synth.errors import ConfigError
 from feedback_synth.guidance.criteria import ClassStats
-from feedback_synth.synthesis.filtering import FILTERS, FilterInputs, apply_filters
+from feedback_synth.synthesis.filtering import FILTERS, FilterInputs, apply_filters, filter_table, support_limits
 
 
 def _inputs(n=6, d=4):
@@ -19,7 +19,8 @@ def _inputs(n=6, d=4):
     real_feats = rng.normal(size=(10, d))
     real_labels = np.array([0] * 5 + [1] * 5)
     means = torch.tensor(np.stack([real_feats[real_labels == c].mean(0) for c in range(2)])).float()
-    stats = ClassStats(means, torch.eye(d), 0.1, {0: np.array([1.0, 2.0, 3.0, 4.0]), 1: np.array([1.0, 2.0, 3.0, 4.0])})
+    stats = ClassStats(means, torch.eye(d), 0.1, {0: np.array([1.0, 2.0, 3.0, 4.0]), 1: np.array([1.0, 2.0, 3.0, 4.0])},
+                       train_counts=[5, 5])
     return FilterInputs(images, labels, np.ones(n, bool), feats, real_feats, real_labels, stats)
 
 
@@ -71,3 +72,43 @@ def test_filters_run_in_order_and_counts_add_up():
 def test_unknown_filter_is_named():
     with pytest.raises(ConfigError, match="config field 'filter.filters': unknown filter 'confidence'; known: degenerate"):
         apply_filters(_inputs(), FilterConfig(filters=["confidence"]), ["a", "b"])
+
+
+def test_support_limits_allow_for_a_mean_of_few_images():
+    """The yardstick is pooled, corrected by (1 + 1/n) for a class mean of n images (a mean of 2
+    images lies farther from a new image than a mean of 60 does)."""
+    stats = ClassStats(torch.zeros(2, 3), torch.eye(3), 0.1, {0: np.array([1.2, 2.4]), 1: np.array([3.0, 4.5])},
+                       train_counts=[5, 2])
+    cfg = FilterConfig(support_quantile=1.0, support_margin=2.0)
+    normalised_max = max(2.4 / 1.2, 4.5 / 1.5)  # d_ref / (1 + 1/n_ref): 2.0 (class 0), 3.0 (class 1)
+    assert support_limits(stats, cfg).tolist() == pytest.approx([2.0 * normalised_max * 1.2, 2.0 * normalised_max * 1.5])
+
+
+def test_off_support_is_skipped_without_held_out_images():
+    inp = _inputs()
+    inp.stats.held_out = False
+    inp.features[2] = inp.stats.means[0].numpy() + 100.0
+    mask, report = apply_filters(inp, FilterConfig(filters=["off_support"]), ["a", "b"])
+    assert mask.all() and "skipped: no validation split" in report["filters"][0]["reason"]
+
+
+def test_starved_class_gets_its_closest_drops_back_but_never_degenerate_ones():
+    inp = _inputs()
+    far = inp.stats.means[0].numpy()
+    inp.features[0], inp.features[1], inp.features[2] = far + 50.0, far + 20.0, far + 80.0  # all of class a far
+    inp.images[3] = 0  # class b: one black image
+    cfg = FilterConfig(filters=["degenerate", "off_support"], support_quantile=1.0, support_margin=1.0,
+                       min_kept_fraction=0.5)
+    mask, report = apply_filters(inp, cfg, ["a", "b"])
+    a = report["per_class"]["a"]
+    assert a["dropped"]["off_support"] == 3 and a["readmitted"] == 2 and a["kept"] == 2
+    assert mask[:3].tolist() == [True, True, False]  # the two closest back, the farthest stays out
+    assert not mask[3] and report["per_class"]["b"]["kept"] == 2  # black is never re-admitted: b's others are
+    assert report["starved"] == []
+    inp.images[4] = inp.images[5] = 0  # now all of class b is black: nothing to re-admit, it stays starved
+    assert apply_filters(inp, cfg, ["a", "b"])[1]["starved"] == ["b"]
+    without = apply_filters(inp, FilterConfig(filters=cfg.filters, support_quantile=1.0, support_margin=1.0,
+                                              min_kept_fraction=0.0), ["a", "b"])[1]
+    assert without["per_class"]["a"]["kept"] == 0
+    table = filter_table(report)
+    assert "| a | 3 | 2 | 0 | 3 | 2 |" in table and "dropped: off_support" in table

@@ -12,6 +12,7 @@ import pytest
 
 from feedback_synth import storage
 from feedback_synth.config import FeedbackConfig, GenerateConfig
+from feedback_synth.errors import DataError
 from feedback_synth.generation.shards import generate, load_generated, shard_done, shard_url
 from feedback_synth.pipeline import stages
 from feedback_synth.synthesis.plan import GenerationPlan
@@ -60,7 +61,7 @@ def test_half_written_shard_is_redone_identically(prepared, small_classifier, fe
     with open(os.path.join(victim, "images.npz"), "wb") as f:
         f.write(b"truncated")
     assert not shard_done(out, 1)
-    with pytest.raises(FileNotFoundError, match=r"shard\(s\) of the plan are not finished"):
+    with pytest.raises(DataError, match=r"shard\(s\) of the plan are not finished"):
         load_generated(out, plan, load_split(prepared, "train"))
     summary = _generate(prepared, small_classifier, feedback_dir, tiny_generator, out)
     assert summary["skipped"] == len(plan.shards) - 1

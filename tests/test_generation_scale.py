@@ -378,13 +378,13 @@ def test_estimate_generation_memory_from_configs_only(tiny_unclip_model, memory_
 
     from feedback_synth import storage
     from feedback_synth.cli.main import main
-    from feedback_synth.generation.loading import WEIGHT_SUFFIXES, _local_copy
+    from feedback_synth.generation.loading import WEIGHT_SUFFIXES, local_copy
     from feedback_synth.generation.memory import estimate_generation_memory
 
     fs, _ = storage.fs_and_path(memory_url)
     fs.put(tiny_unclip_model + "/", memory_url.replace("memory://", "/") + "/model/", recursive=True)
     url = memory_url + "/model"
-    configs = _local_copy(url, weights=False)
+    configs = local_copy(url, weights=False)
     copied = [f for _, _, files in os.walk(configs) for f in files]
     assert "config.json" in copied and not [f for f in copied if f.endswith(WEIGHT_SUFFIXES)]
 

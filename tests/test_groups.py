@@ -31,7 +31,7 @@ def test_digits_groups_counts_and_disjointness(groups_data):
     train = _cells(d["train"])
     for c in range(10):
         assert train[c, c % 3] == 36 and sorted(train[c].tolist()) == [2, 2, 36]
-    assert (_cells(d["test"]) == 16).all() and (_cells(d["pool"]) == 20).all() and (_cells(d["val"]) == 4).all()
+    assert (_cells(d["test"]) == 16).all() and (_cells(d["pool"]) == 20).all() and (_cells(d["val"]) == 6).all()
     ids = {k: set(v.ids.tolist()) for k, v in d.items() if k != "oracle"}
     keys = list(ids)
     for i, a in enumerate(keys):

@@ -35,10 +35,13 @@ def cmd_submit(args) -> int:
         raise ConfigError(f"--timeout must be > 0, got {args.timeout}")
     run_name = args.run_name or f"{args.run_name_prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:
-        package = args.package or compile_to(os.path.join(tmp, "feedback_synth_pipeline.yaml"))
+        dataset = args.dataset or next((p.split("=", 1)[1] for p in args.param if p.startswith("dataset=")), None)
+        cfg = resolve_run_config(dataset, args.config, args.set)
+        # the built-in pipeline, compiled with the rounds the config asks for (KFP unrolls them)
+        package = args.package or compile_to(os.path.join(tmp, "feedback_synth_pipeline.yaml"),
+                                             rounds=cfg.feedback.rounds)
         spec = pipeline_parameters(package)
         explicit = parse_params(args.param, spec)
-        cfg = resolve_run_config(args.dataset or explicit.get("dataset"), args.config, args.set)
         params = merge_parameters(config_parameters(cfg, spec), explicit)
         result = submit(args.host, package, params, namespace=args.namespace, experiment=args.experiment,
                         run_name=run_name, recurring=args.recurring, job_name=args.job_name, timeout_s=args.timeout)
@@ -52,6 +55,8 @@ def add_kfp_commands(subparsers) -> None:
     p = subparsers.add_parser("compile", help="compile the KFP pipeline to a YAML file")
     p.add_argument("--output", required=True, help="where to write the compiled pipeline (YAML)")
     p.add_argument("--parallelism", type=int, help="generation shards running at once (default: 8)")
+    p.add_argument("--rounds", type=int, help="feedback rounds, unrolled in the pipeline (default: 1; runs must "
+                                              "set the same feedback.rounds)")
     p.add_argument("--gpu-type", help="accelerator resource of the GPU tasks (default: nvidia.com/gpu)")
     p.add_argument("--gpu-retries", type=int, help="retries of a GPU task, for preemptible nodes (default: 3)")
     p.set_defaults(func=cmd_compile)

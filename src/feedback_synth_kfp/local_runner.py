@@ -56,7 +56,8 @@ def _num(v: Any) -> Any:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = None) -> dict[str, Any]:
+def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = None,
+                  overwrite: bool = False) -> dict[str, Any]:
     """Run the pipeline through the KFP local runner; returns the report of ``run.run_pipeline``.
 
     Args:
@@ -66,13 +67,16 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
             under ``<output_url>/<run id>/`` (the pipeline's ``workspace_url``) and the pipeline root is
             a temporary local folder.
         parallelism: generation shards running at once (default: half the CPU cores, at least 1).
+        overwrite: start over in a folder that holds a run with another config.
     """
     import kfp.local
 
     from feedback_synth.pipeline.preflight import preflight
+    from feedback_synth.pipeline.run import claim_output
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, build_pipeline
 
-    preflight(cfg)
+    preflight(cfg, output_url)
+    claim_output(cfg, output_url, overwrite)
     storage.write_yaml(storage.join(output_url, "config.yaml"), asdict(cfg))
     if storage.local_path(output_url):
         root, workspace = os.path.join(storage.local_path(output_url), "kfp"), ""
@@ -80,7 +84,8 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
         root, workspace = tempfile.mkdtemp(prefix="feedback-synth-kfp-"), output_url
     parallelism = parallelism or max(1, (os.cpu_count() or 2) // 2)
     # no retries here: a failure on this machine is not a preempted node
-    pipeline = build_pipeline(PipelineSettings(parallelism=parallelism, gpu_retries=0, exit_handler=False))
+    pipeline = build_pipeline(PipelineSettings(parallelism=parallelism, gpu_retries=0, exit_handler=False,
+                                               rounds=cfg.feedback.rounds))
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
     t0 = time.time()
     tracking_uri = _tracking_uri(cfg, output_url)

@@ -42,18 +42,23 @@ def _settings(args) -> Any:
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings
 
     kwargs = {k: v for k, v in (("parallelism", args.parallelism), ("gpu_type", args.gpu_type),
-                                ("gpu_retries", args.gpu_retries)) if v is not None}
+                                ("gpu_retries", args.gpu_retries), ("rounds", getattr(args, "rounds", None)))
+              if v is not None}
     try:
         return PipelineSettings(**kwargs)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
-def compile_to(path: str, args: Optional[argparse.Namespace] = None) -> str:
-    """Compile the built-in pipeline (compile-time settings from ``args``) to ``path``."""
+def compile_to(path: str, args: Optional[argparse.Namespace] = None, rounds: Optional[int] = None) -> str:
+    """Compile the built-in pipeline (compile-time settings from ``args``, or ``rounds``) to ``path``."""
+    from dataclasses import replace
+
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, compile_pipeline
 
     settings = _settings(args) if args is not None else PipelineSettings()
+    if rounds is not None:
+        settings = replace(settings, rounds=rounds)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ConfigError(f"--output: folder {folder} does not exist")

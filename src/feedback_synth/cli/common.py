@@ -16,3 +16,5 @@ def add_config_args(p: argparse.ArgumentParser, output_help: str = "output folde
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set generate.scale=0.01 (repeatable)")
     p.add_argument("--output", help=output_help)
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo outputs made with another config or from other inputs, instead of refusing")

@@ -25,11 +25,11 @@ def cmd_run(args) -> int:
     if args.runner == "kfp-local":
         from feedback_synth_kfp.local_runner import run_kfp_local
 
-        report = run_kfp_local(cfg, output)
+        report = run_kfp_local(cfg, output, overwrite=args.overwrite)
     else:
         from feedback_synth.pipeline.run import run_pipeline
 
-        report = run_pipeline(cfg, output)
+        report = run_pipeline(cfg, output, overwrite=args.overwrite)
     from feedback_synth.reporting.tables import format_summary
 
     print(format_summary(report))
@@ -66,23 +66,26 @@ def cmd_stage(args) -> int:
     from feedback_synth.pipeline import stages
 
     cfg = load_config(args)
-    out = args.output
+    out, again = args.output, args.overwrite
     if args.command == "prepare-data":
-        result = stages.prepare_data(cfg.data, out)
+        result = stages.prepare_data(cfg.data, out, overwrite=again)
     elif args.command == "train-baseline":
-        result = stages.train_baseline(args.data, out, cfg.train, cfg.data)
+        result = stages.train_baseline(args.data, out, cfg.train, cfg.data, overwrite=again)
     elif args.command == "extract-feedback":
-        result = stages.extract_feedback(args.data, args.model, out, cfg.feedback)
+        result = stages.extract_feedback(args.data, args.model, out, cfg.feedback, overwrite=again)
     elif args.command == "generate":
-        result = stages.generate(args.data, args.model, args.feedback, out, cfg.generate, shard_ids=args.shard or None)
+        result = stages.generate(args.data, args.model, args.feedback, out, cfg.generate, shard_ids=args.shard or None,
+                                 overwrite=again)
     elif args.command == "filter":
-        result = stages.filter_synthetic(args.data, args.model, args.feedback, args.generated, out, cfg.filter)
+        result = stages.filter_synthetic(args.data, args.model, args.feedback, args.generated, out, cfg.filter,
+                                         overwrite=again)
     elif args.command == "retrain":
-        result = stages.retrain(args.data, args.model, args.filtered, out, cfg.retrain, cfg.data)
+        result = stages.retrain(args.data, args.model, args.filtered, out, cfg.retrain, cfg.data, overwrite=again)
     elif args.command == "evaluate":
         from feedback_synth.reporting.tables import format_report
 
-        result = stages.evaluate_run(args.data, args.baseline, args.retrained, args.filtered, out, cfg.data)
+        result = stages.evaluate_run(args.data, args.baseline, args.retrained, args.filtered, out, cfg.data,
+                                     overwrite=again)
         print(format_report(result.summary))
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(args.command)
@@ -196,11 +199,26 @@ def _add_kfp_commands(sub) -> None:
     add_kfp_commands(sub)
 
 
+class Terminated(Exception):
+    """SIGTERM, raised where the process is, so that every ``finally`` closes what it opened
+    (MLflow runs end FAILED, not RUNNING forever)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """The command line. Exit codes: 0 done; 2 a one-line error (bad config, data, tracking server,
+    output); 130 interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM). A re-run of an interrupted
+    ``run`` with the same arguments resumes it."""
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "output_required", False) and not args.output:
         parser.error(f"{args.command}: --output is required")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except FeedbackSynthError as exc:
@@ -209,3 +227,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     except FileNotFoundError as exc:
         print(f"feedback-synth: error: file not found: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:
+        print(f"feedback-synth: error: permission denied: {exc.filename or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("feedback-synth: interrupted (SIGINT): open MLflow runs were closed FAILED; run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("feedback-synth: terminated (SIGTERM): open MLflow runs were closed FAILED; run the same command "
+              "again to resume", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,11 +8,13 @@ import numpy as np
 from feedback_synth.data.imageset import ImageSet
 
 DIGITS_TEST_PER_CLASS = 50
-
 DIGITS_POOL_PER_CLASS = 60
-
-
-DIGITS_VAL_PER_CLASS = 8  # what is left of the smallest class after test, pool and train
+# validation: up to 30 per class from what is left after test, pool and train (class 0, whose 60
+# train images leave 8, has 8): big enough to tell tuning settings apart on the few-shot classes
+DIGITS_VAL_PER_CLASS = 30
+# The generator pool is drawn with this seed whatever data.split_seed is: the bundled generator
+# was pretrained on it, so it must never overlap another split's train, val or test images.
+POOL_SEED = 0
 
 
 def digits_lt_counts(num_classes: int = 10, n_max: int = 60, ratio: float = 1 / 30) -> list[int]:
@@ -50,31 +52,47 @@ def _upsample_digits(images_8x8: np.ndarray) -> np.ndarray:
     return x.squeeze(1).clamp(0, 1).numpy()
 
 
-def make_digits_lt(split_seed: int = 0) -> dict[str, ImageSet]:
-    """The built-in long-tailed digits dataset (DESIGN: Datasets).
+def _pool_and_rest(labels: np.ndarray, n_test: int, n_pool: int, split_seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per class: (its generator pool, the rest in split order).
 
-    scikit-learn's 1,797 8x8 digits, upsampled to 16x16, split once per class with ``split_seed``
-    into a balanced test set (50/class), a disjoint balanced generator pool (60/class), a
-    long-tailed train set (60, 41, ..., 2) and a balanced validation set (8/class) from the rest.
-    Train, val and test carry the task style; the pool does not. ``oracle`` is the pool with the
-    task style: balanced real task data for the oracle that measures fidelity (never for training
-    the classifier under test).
+    The pool is fixed by ``POOL_SEED`` (positions ``n_test .. n_test + n_pool`` of the seed-0
+    permutation, as the original split placed it); the rest is shuffled by ``split_seed``
+    (``split_seed`` 0 keeps the seed-0 order, so the seed-0 split is unchanged).
+    """
+    rng = np.random.RandomState(POOL_SEED)
+    out = []
+    for c in range(int(labels.max()) + 1):
+        perm = rng.permutation(np.flatnonzero(labels == c))
+        rest = np.concatenate([perm[:n_test], perm[n_test + n_pool:]])
+        if split_seed != POOL_SEED:
+            rest = np.random.RandomState([split_seed, c]).permutation(rest)
+        out.append((perm[n_test:n_test + n_pool], rest))
+    return out
+
+
+def make_digits_lt(split_seed: int = 0) -> dict[str, ImageSet]:
+    """The built-in long-tailed digits dataset (docs/method.md: Datasets).
+
+    scikit-learn's 1,797 8x8 digits, upsampled to 16x16. Per class: a balanced generator pool
+    (60/class, the same for every ``split_seed``: the bundled generator's pretraining data), then,
+    from the rest, shuffled by ``split_seed``, a balanced test set (50/class), a long-tailed train
+    set (60, 41, ..., 2) and a validation set (up to 30/class). Train, val and test carry the task
+    style; the pool does not. ``oracle`` is the pool with the task style: balanced real task data
+    for the oracle that measures fidelity (never for training the classifier under test).
     """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = _upsample_digits(digits.images)
     labels = digits.target.astype(np.int64)
-    rng = np.random.RandomState(split_seed)
     counts = digits_lt_counts()
     parts: dict[str, list[np.ndarray]] = {s: [] for s in ("train", "val", "test", "pool")}
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        t, p, n = DIGITS_TEST_PER_CLASS, DIGITS_POOL_PER_CLASS, counts[c]
-        parts["test"].append(idx[:t])
-        parts["pool"].append(idx[t:t + p])
-        parts["train"].append(idx[t + p:t + p + n])
-        parts["val"].append(idx[t + p + n:t + p + n + DIGITS_VAL_PER_CLASS])
+    for c, (pool, rest) in enumerate(_pool_and_rest(labels, DIGITS_TEST_PER_CLASS, DIGITS_POOL_PER_CLASS, split_seed)):
+        t, n = DIGITS_TEST_PER_CLASS, counts[c]
+        parts["pool"].append(pool)
+        parts["test"].append(rest[:t])
+        parts["train"].append(rest[t:t + n])
+        parts["val"].append(rest[t + n:t + n + DIGITS_VAL_PER_CLASS])
     class_names = [str(c) for c in range(10)]
     out = {}
     for split, chunks in parts.items():
@@ -99,7 +117,7 @@ GROUPS_TEST_PER_CELL = 16  # test: 16 per (class, colour) = 48 per class, balanc
 
 GROUPS_POOL_PER_CELL = 20  # generator pool: 20 per (class, colour), balanced, unstyled
 
-GROUPS_VAL_PER_CELL = 4  # validation: 4 per (class, colour), balanced
+GROUPS_VAL_PER_CELL = 6  # validation: 6 per (class, colour), balanced (what the smallest class has left)
 
 
 GROUPS_TRAIN_MAJORITY = 36  # train: per class 36 in its majority colour ...
@@ -116,9 +134,10 @@ def colourise(grey: np.ndarray, groups: np.ndarray) -> np.ndarray:
 def make_digits_groups(split_seed: int = 0) -> dict[str, ImageSet]:
     """The built-in group-imbalanced digits (NICO++ in miniature): the group is the stroke colour.
 
-    scikit-learn's digits, 16x16, split per class with ``split_seed``. Train: each class c has a
+    scikit-learn's digits, 16x16. Per class, the generator pool (20 per (class, colour)) is the same
+    for every ``split_seed``; the rest is shuffled by ``split_seed``. Train: each class c has a
     majority colour (colour c mod 3: 36 images) and two rare colours (2 images each), so colour is
-    a spurious cue of the class. Test (16 per (class, colour)), validation (4 per cell) and the
+    a spurious cue of the class. Test (16 per (class, colour)), validation (6 per cell) and the
     generator pool (20 per cell) are balanced over (class, colour). As in digits-lt, train, val and
     test carry the task style (shear, thicker strokes); the pool does not. ``oracle`` is the pool
     with the task style: group-balanced real task data.
@@ -128,16 +147,19 @@ def make_digits_groups(split_seed: int = 0) -> dict[str, ImageSet]:
     digits = load_digits()
     images = _upsample_digits(digits.images)
     labels = digits.target.astype(np.int64)
-    rng = np.random.RandomState(split_seed)
     names = list(GROUP_COLOURS)
     parts: dict[str, tuple[list, list]] = {s: ([], []) for s in ("train", "val", "test", "pool")}
-    for c in range(10):
-        idx = list(rng.permutation(np.flatnonzero(labels == c)))
+    n_test, n_pool = 3 * GROUPS_TEST_PER_CELL, 3 * GROUPS_POOL_PER_CELL
+    for c, (pool, rest) in enumerate(_pool_and_rest(labels, n_test, n_pool, split_seed)):
         major = c % 3
-        sizes = {"test": [GROUPS_TEST_PER_CELL] * 3, "pool": [GROUPS_POOL_PER_CELL] * 3,
+        sizes = {"test": [GROUPS_TEST_PER_CELL] * 3,
                  "train": [GROUPS_TRAIN_MAJORITY if g == major else GROUPS_TRAIN_MINORITY for g in range(3)],
                  "val": [GROUPS_VAL_PER_CELL] * 3}
-        for split in ("test", "pool", "train", "val"):
+        for g in range(3):  # the pool: 20 per colour, in the order the original split drew them
+            parts["pool"][0].extend(pool[g * GROUPS_POOL_PER_CELL:(g + 1) * GROUPS_POOL_PER_CELL])
+            parts["pool"][1].extend([g] * GROUPS_POOL_PER_CELL)
+        idx = list(rest)
+        for split in ("test", "train", "val"):
             for g, n in enumerate(sizes[split]):
                 parts[split][0].extend(idx[:n])
                 parts[split][1].extend([g] * n)

@@ -1,16 +1,50 @@
-"""The prepare-data stage's work: load a dataset (built-in or URL), check it, write its splits."""
-from __future__ import annotations
+"""The prepare-data stage's work: load a dataset (built-in or URL), check it, write its splits.
 
-import numpy as np
+:func:`scan_dataset` is the same load without the images, for the pre-flight check.
+"""
+from __future__ import annotations
 
 from feedback_synth import storage
 from feedback_synth.config import DataConfig
 from feedback_synth.data.digits import make_digits_groups, make_digits_lt
-from feedback_synth.data.imageset import DatasetInfo
-from feedback_synth.data.sources import load_url_dataset
+from feedback_synth.data.imageset import DatasetInfo, ImageSet
+from feedback_synth.data.sources import REACH_TIMEOUT_S, check_classes, check_scan, load_url_dataset, scan_url
 from feedback_synth.errors import DataError
 
 BUILTIN = {"digits-lt": make_digits_lt, "digits-groups": make_digits_groups}
+
+
+def _is_url(dataset: str) -> bool:
+    """True for a dataset URL or path, False for a built-in name; an unknown name is a DataError."""
+    if dataset in BUILTIN:
+        return False
+    if "://" in dataset or "/" in dataset or storage.exists(dataset):
+        return True
+    raise DataError(f"unknown dataset '{dataset}': not a built-in ({', '.join(BUILTIN)}) and not a path or URL")
+
+
+def scan_dataset(url: str, cfg: DataConfig, timeout_s: float = REACH_TIMEOUT_S) -> dict:
+    """Check a dataset's structure without reading its images, for the pre-flight check.
+
+    Runs the layout scan and every check that needs no pixels (a missing test split, unknown
+    labels, empty classes, fewer than 2 classes, paths leaving the dataset root, unreadable split
+    or metadata files, an unreachable store) and raises the same DataError that
+    :func:`prepare_dataset` would. A built-in dataset is simply built (it takes a second).
+
+    Args:
+        url: a built-in name or a dataset URL (usually ``cfg.dataset``).
+        cfg: the data config (split seed).
+        timeout_s: how long the first request to a dataset URL may take.
+
+    Returns:
+        ``{"dataset", "layout", "splits", "num_classes", "images": {split: count}, "groups"}``.
+    """
+    if _is_url(url):
+        return check_scan(scan_url(url, cfg, timeout_s)).summary()
+    splits = BUILTIN[url](cfg.split_seed)
+    train = splits["train"]
+    return {"dataset": url, "layout": "built-in", "splits": list(splits), "num_classes": train.num_classes,
+            "images": {s: len(d) for s, d in splits.items()}, "groups": list(train.group_names)}
 
 
 def prepare_dataset(cfg: DataConfig, output_url: str) -> DatasetInfo:
@@ -18,17 +52,12 @@ def prepare_dataset(cfg: DataConfig, output_url: str) -> DatasetInfo:
 
     Every check runs before anything is written: a bad dataset leaves no output behind.
     """
-    if cfg.dataset in BUILTIN:
-        splits = BUILTIN[cfg.dataset](cfg.split_seed)
-    elif "://" in cfg.dataset or "/" in cfg.dataset or storage.exists(cfg.dataset):
+    if _is_url(cfg.dataset):
         splits = load_url_dataset(cfg.dataset, cfg)
     else:
-        raise DataError(f"unknown dataset '{cfg.dataset}': not a built-in ({', '.join(BUILTIN)}) "
-                        "and not a path or URL")
-    train = splits["train"]
-    empty = np.flatnonzero(train.class_counts() == 0)
-    if len(empty):
-        raise DataError(f"dataset {cfg.dataset}: empty class '{train.class_names[empty[0]]}' in the train split")
+        splits = BUILTIN[cfg.dataset](cfg.split_seed)
+    train: ImageSet = splits["train"]
+    check_classes(cfg.dataset, train.class_names, train.class_counts(), "the train split")
     for split, data in splits.items():
         data.save(storage.join(output_url, f"{split}.npz"))
     info = DatasetInfo(name=cfg.dataset, class_names=train.class_names, group_names=train.group_names,

@@ -1,7 +1,24 @@
-"""Image datasets from any fsspec URL: class folders, split files, metadata.csv, domain folders."""
+"""Image datasets from any fsspec URL: class folders, split files, metadata.csv, domain folders.
+
+Three steps, the first two of which read no image:
+
+1. :func:`scan_url` finds the layout and *scans* it: per split, rows of (image path relative to the
+   dataset root, label name or index, group name, where the row came from). Each layout is one
+   ``_scan_*`` function that only lists folders or parses its split or metadata files.
+2. :func:`check_scan` turns the rows of any layout into a :class:`CheckedDataset`: paths stay inside
+   the dataset root, labels are in the class list, no class is empty, there are at least 2 classes,
+   train and test are not empty. It is all the pre-flight check needs (``prepare.scan_dataset``).
+3. :func:`read_dataset` decides the channels from the whole train split and reads the images.
+"""
 from __future__ import annotations
 
 import io as _io
+import logging
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -10,81 +27,60 @@ from feedback_synth.config import DataConfig
 from feedback_synth.data.imageset import IMAGE_SUFFIXES, ImageSet
 from feedback_synth.errors import DataError
 
+logger = logging.getLogger(__name__)
 
-def _decode_image(data: bytes, where: str, size: int, channels: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+# How long the first request to a dataset URL may take before we call the store unreachable: gcsfs
+# otherwise retries an offline gs:// URL for about a minute and ends in a long aiohttp traceback.
+REACH_TIMEOUT_S = 15.0
 
-    try:
-        with Image.open(_io.BytesIO(data)) as img:
-            img.load()
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BICUBIC)
-            arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"corrupt or unreadable image: {where} ({exc})") from None
-    return arr[..., None] if arr.ndim == 2 else arr
+# PIL modes with one colour band (alpha, if any, is dropped): such an image is grey.
+GREY_MODES = ("1", "L", "LA", "La", "I", "F")
 
 
-def _read_images(urls: list[str], size: int, channels: int) -> np.ndarray:
-    from tqdm.auto import tqdm
+class Row(NamedTuple):
+    """One image of a split, as a layout scan found it (nothing checked yet)."""
 
-    out = []
-    for url in tqdm(urls, desc="reading images", unit="img", leave=False, disable=len(urls) < 200):
-        try:
-            data = storage.read_bytes(url)
-        except (FileNotFoundError, OSError) as exc:
-            raise DataError(f"image not found or unreadable: {url} ({exc})") from None
-        out.append(_decode_image(data, url, size, channels))
-    return np.stack(out) if out else np.zeros((0, size, size, channels), np.uint8)
+    path: str  # relative to the dataset root, as the split file, metadata.csv or listing gave it
+    label: str  # class name, or the class index as text when the layout gives indices (split files)
+    group: str  # group name; "all" when the layout has no groups
+    where: str  # where the row came from, for messages: "URL/train.txt:3" or a class folder URL
 
 
-def _guess_channels(url: str) -> int:
-    from PIL import Image
+@dataclass
+class Scan:
+    """What a layout scan found at a dataset URL."""
 
-    with Image.open(_io.BytesIO(storage.read_bytes(url))) as img:
-        return 1 if img.mode in ("L", "1", "I", "I;16", "F") else 3
-
-
-def _scan_folder_split(root: str, split: str) -> tuple[list[str], list[str]]:
-    """``root/split/<class>/<image>`` -> (file URLs, class names)."""
-    fs, path = storage.fs_and_path(root)
-    split_path = f"{path.rstrip('/')}/{split}"
-    files, classes = [], []
-    for entry in sorted(fs.ls(split_path, detail=True), key=lambda e: e["name"]):
-        if entry["type"] != "directory":
-            continue
-        cls = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        images = sorted(f for f in fs.find(entry["name"]) if f.lower().endswith(IMAGE_SUFFIXES))
-        if not images:
-            raise DataError(f"empty class '{cls}': no images in {storage.join(root, split, cls)}")
-        for f in images:
-            files.append(fs.unstrip_protocol(f))
-            classes.append(cls)
-    return files, classes
+    url: str
+    layout: str  # class-folders, split-files, metadata-csv or domain-folders
+    rows: dict[str, list[Row]]  # per split found: train, test and maybe val
+    sources: dict[str, str]  # per split: the file or folder its rows came from (for messages)
+    class_names: list[str] | None = None  # the declared class list (classes.txt, class folders), else from train
+    indexed: bool = False  # labels are indices into the class list (split files), not class names
 
 
-def _parse_split_file(root: str, split: str) -> tuple[list[str], list[int], list[str]]:
-    """ImageNet-LT style ``relative/path label [group]`` lines -> (URLs, labels, groups)."""
-    url = storage.join(root, f"{split}.txt")
-    files, labels, groups = [], [], []
-    for lineno, line in enumerate(storage.read_text(url).splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) not in (2, 3):
-            raise DataError(f"{url}:{lineno}: expected 'relative/path label [group]', got {line!r}")
-        try:
-            label = int(parts[1])
-        except ValueError:
-            raise DataError(f"{url}:{lineno}: label '{parts[1]}' is not an integer") from None
-        files.append(storage.join(root, parts[0]))
-        labels.append(label)
-        groups.append(parts[2] if len(parts) == 3 else "all")
-    return files, labels, groups
+@dataclass
+class CheckedDataset:
+    """A scanned dataset that passed every check that needs no pixels."""
+
+    url: str
+    layout: str
+    class_names: list[str]
+    group_names: list[str]
+    files: dict[str, list[str]] = field(default_factory=dict)  # per split: image URLs
+    labels: dict[str, np.ndarray] = field(default_factory=dict)  # per split: class indices
+    groups: dict[str, np.ndarray] = field(default_factory=dict)  # per split: group indices
+
+    def summary(self) -> dict:
+        """A small description for the pre-flight check and logs."""
+        return {"dataset": self.url, "layout": self.layout, "splits": list(self.files),
+                "num_classes": len(self.class_names), "images": {s: len(f) for s, f in self.files.items()},
+                "groups": list(self.group_names)}
 
 
-def load_url_dataset(url: str, cfg: DataConfig) -> dict[str, ImageSet]:
+# --------------------------------------------------------------------------- step 1: scan
+
+
+def load_url_dataset(url: str, cfg: DataConfig, timeout_s: float = REACH_TIMEOUT_S) -> dict[str, ImageSet]:
     """Read a dataset from any fsspec URL, checking everything before returning.
 
     Layouts:
@@ -96,20 +92,83 @@ def load_url_dataset(url: str, cfg: DataConfig) -> dict[str, ImageSet]:
         ``path,label,group,split`` with split train/val/test);
       - NICO++'s own ``url/<domain>/<class>/<image>`` folders: the domain is the group, and the
         split is drawn once per (class, domain) cell with ``cfg.split_seed`` (20% test, 10% val).
+
+    Args:
+        url: the dataset root (any fsspec URL or a local path).
+        cfg: image size, channels (0 = decided from the train split) and split seed.
+        timeout_s: how long the first request to ``url`` may take before the store counts as unreachable.
     """
-    if not storage.exists(url):
+    return read_dataset(check_scan(scan_url(url, cfg, timeout_s)), cfg)
+
+
+def scan_url(url: str, cfg: DataConfig, timeout_s: float = REACH_TIMEOUT_S) -> Scan:
+    """Find the layout of the dataset at ``url`` and scan it into rows (reads no image).
+
+    Args:
+        url: the dataset root.
+        cfg: only ``split_seed`` is used (the split of domain folders).
+        timeout_s: how long the first request to ``url`` may take.
+    """
+    if not _exists_within(url, timeout_s):
         raise DataError(f"dataset not found: {url}")
     if storage.exists(storage.join(url, "train.txt")):
-        return _load_split_files(url, cfg)
+        return _scan_split_files(url)
     if storage.exists(storage.join(url, "metadata.csv")):
-        return _load_metadata_csv(url, cfg)
+        return _scan_metadata_csv(url)
     if storage.exists(storage.join(url, "train")):
-        return _load_class_folders(url, cfg)
+        return _scan_class_folders(url)
     fs, path = storage.fs_and_path(url)
     if any(e["type"] == "directory" for e in fs.ls(path, detail=True)):
-        return _load_domain_folders(url, cfg)
+        return _scan_domain_folders(url, cfg.split_seed)
     raise DataError(f"dataset {url}: expected class folders under {storage.join(url, 'train')}/, a split file "
-                    f"{storage.join(url, 'train.txt')}, a {storage.join(url, 'metadata.csv')} or <domain>/<class>/ folders")
+                    f"{storage.join(url, 'train.txt')}, a {storage.join(url, 'metadata.csv')} "
+                    "or <domain>/<class>/ folders")
+
+
+def _exists_within(url: str, timeout_s: float) -> bool:
+    """Whether ``url`` exists, asked with a deadline: an unreachable store is a one-line DataError.
+
+    Runs in a daemon thread so that a store that never answers cannot hold the caller (or the
+    interpreter's exit); on an async filesystem (gs://, s3://, http://) the request itself is
+    cancelled at the deadline, so no retries keep running (and logging) behind the error.
+    """
+    import fsspec.asyn
+
+    result: dict = {}
+
+    def probe() -> None:
+        try:
+            fs, path = storage.fs_and_path(url)
+            if getattr(fs, "async_impl", False):
+                result["exists"] = fsspec.asyn.sync(fs.loop, fs._exists, path, timeout=timeout_s)
+            else:
+                result["exists"] = fs.exists(path)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+            result["error"] = exc
+
+    thread = threading.Thread(target=probe, name=f"probe {url}", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 1)  # the async request gives up at timeout_s itself; 1 s for it to say so
+    error = result.get("error")
+    if thread.is_alive() or isinstance(error, (fsspec.asyn.FSTimeoutError, TimeoutError)):
+        raise DataError(f"dataset {url} cannot be reached (no answer; check the network and credentials) "
+                        f"after {timeout_s:g} s")
+    if error is not None:
+        raise DataError(f"dataset {url} cannot be reached ({_one_line(error)})")
+    return bool(result["exists"])
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _read_text(url: str) -> str:
+    """A split, class or metadata file as text; unreadable is a DataError naming the file."""
+    try:
+        return storage.read_bytes(url).decode("utf-8-sig")  # -sig: spreadsheets often write a BOM
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{url}: cannot read ({_one_line(exc)})") from None
 
 
 def _splits_present(url: str, suffix: str) -> list[str]:
@@ -119,52 +178,61 @@ def _splits_present(url: str, suffix: str) -> list[str]:
     return present
 
 
-def _load_class_folders(url: str, cfg: DataConfig) -> dict[str, ImageSet]:
-    scanned = {s: _scan_folder_split(url, s) for s in _splits_present(url, "")}
-    class_names = sorted(set(scanned["train"][1]))
-    if not class_names:
-        raise DataError(f"dataset {url}: no class folders in {storage.join(url, 'train')}/")
-    index = {c: i for i, c in enumerate(class_names)}
-    channels = cfg.channels or _guess_channels(scanned["train"][0][0])
-    out = {}
-    for split, (files, classes) in scanned.items():
-        unknown = sorted(set(classes) - set(index))
-        if unknown:
-            raise DataError(f"dataset {url}: class '{unknown[0]}' in split '{split}' is not in the "
-                            f"class list of the train split ({', '.join(class_names)})")
-        labels = np.array([index[c] for c in classes], dtype=np.int64)
-        out[split] = ImageSet(_read_images(files, cfg.image_size, channels), labels,
-                              np.zeros(len(files), np.int64), np.array(files), class_names)
-    return out
+def _relative(fs_path: str, root_path: str) -> str:
+    """A listed file's path relative to the listed root (both as the filesystem spells them)."""
+    return fs_path.removeprefix(root_path.rstrip("/") + "/")
 
 
-def _load_split_files(url: str, cfg: DataConfig) -> dict[str, ImageSet]:
-    parsed = {s: _parse_split_file(url, s) for s in _splits_present(url, ".txt")}
+def _scan_class_folders(url: str) -> Scan:
+    """``url/split/<class>/<image>`` -> rows; the class list is the train split's folders."""
+    fs, root = storage.fs_and_path(url)
+    rows, sources = {}, {}
+    for split in _splits_present(url, ""):
+        rows[split], sources[split] = [], storage.join(url, split)
+        for entry in sorted(fs.ls(f"{root.rstrip('/')}/{split}", detail=True), key=lambda e: e["name"]):
+            if entry["type"] != "directory":
+                continue
+            cls = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            where = storage.join(url, split, cls)
+            images = sorted(f for f in fs.find(entry["name"]) if f.lower().endswith(IMAGE_SUFFIXES))
+            if not images:
+                raise DataError(f"empty class '{cls}': no images in {where}")
+            rows[split].extend(Row(_relative(f, root), cls, "all", where) for f in images)
+    class_names = sorted({r.label for r in rows["train"]})
+    return Scan(url, "class-folders", rows, sources, class_names=class_names)
+
+
+def _scan_split_files(url: str) -> Scan:
+    """ImageNet-LT style ``relative/path label [group]`` lines (and ``classes.txt``) -> rows."""
+    rows, sources = {}, {}
+    for split in _splits_present(url, ".txt"):
+        split_url = storage.join(url, f"{split}.txt")
+        rows[split], sources[split] = [], split_url
+        for lineno, line in enumerate(_read_text(split_url).splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            where = f"{split_url}:{lineno}"
+            if len(parts) not in (2, 3):
+                raise DataError(f"{where}: expected 'relative/path label [group]', got {line!r}")
+            try:
+                label = int(parts[1])
+            except ValueError:
+                raise DataError(f"{where}: label '{parts[1]}' is not an integer") from None
+            rows[split].append(Row(parts[0], str(label), parts[2] if len(parts) == 3 else "all", where))
     classes_url = storage.join(url, "classes.txt")
+    class_names = None
     if storage.exists(classes_url):
-        class_names = [c.strip() for c in storage.read_text(classes_url).splitlines() if c.strip()]
-    else:
-        class_names = [str(c) for c in range(max(parsed["train"][1], default=-1) + 1)]
-    group_names = sorted({g for _, _, groups in parsed.values() for g in groups})
-    gindex = {g: i for i, g in enumerate(group_names)}
-    out = {}
-    for split, (files, labels, groups) in parsed.items():
-        for f, y in zip(files, labels):
-            if not 0 <= y < len(class_names):
-                raise DataError(f"{storage.join(url, split + '.txt')}: label {y} of {f} is outside the class "
-                                f"list (0..{len(class_names) - 1})")
-        if split == "train":
-            counts = np.bincount(labels, minlength=len(class_names))
-            empty = np.flatnonzero(counts == 0)
-            if len(empty):
-                raise DataError(f"dataset {url}: empty class '{class_names[empty[0]]}' (label {empty[0]}) "
-                                f"has no training images in {storage.join(url, 'train.txt')}")
-    channels = cfg.channels or _guess_channels(parsed["train"][0][0])
-    for split, (files, labels, groups) in parsed.items():
-        out[split] = ImageSet(_read_images(files, cfg.image_size, channels), np.array(labels, np.int64),
-                              np.array([gindex[g] for g in groups], np.int64), np.array(files),
-                              class_names, group_names)
-    return out
+        class_names, seen = [], {}
+        for lineno, line in enumerate(_read_text(classes_url).splitlines(), 1):
+            name = line.strip()
+            if not name:
+                continue
+            if name in seen:
+                raise DataError(f"{classes_url}:{lineno}: class '{name}' repeats line {seen[name]}")
+            seen[name] = lineno
+            class_names.append(name)
+    return Scan(url, "split-files", rows, sources, class_names=class_names, indexed=True)
 
 
 _CSV_COLUMNS = {"path": ("path", "filename", "img_filename", "image"), "label": ("label", "y", "class"),
@@ -174,74 +242,267 @@ _CSV_COLUMNS = {"path": ("path", "filename", "img_filename", "image"), "label": 
 _SPLIT_NAMES = {"0": "train", "1": "val", "2": "test", "train": "train", "val": "val", "test": "test"}
 
 
-def _load_metadata_csv(url: str, cfg: DataConfig) -> dict[str, ImageSet]:
+def _scan_metadata_csv(url: str) -> Scan:
+    """``url/metadata.csv`` with path, label, group and split columns -> rows."""
     import csv
-    import io as _sio
 
     csv_url = storage.join(url, "metadata.csv")
-    reader = csv.DictReader(_sio.StringIO(storage.read_text(csv_url)))
-    header = reader.fieldnames or []
-    cols = {}
-    for key, names in _CSV_COLUMNS.items():
-        found = [n for n in names if n in header]
-        if not found and key != "group":
-            raise DataError(f"{csv_url}: no {key} column (one of {', '.join(names)}); columns: {', '.join(header)}")
-        cols[key] = found[0] if found else None
-    rows: dict[str, list[tuple[str, str, str]]] = {"train": [], "val": [], "test": []}
-    for lineno, row in enumerate(reader, 2):
-        split = _SPLIT_NAMES.get(str(row[cols["split"]]).strip())
-        if split is None:
-            raise DataError(f"{csv_url}:{lineno}: split '{row[cols['split']]}' is not one of 0/1/2 or train/val/test")
-        group = row[cols["group"]].strip() if cols["group"] else "all"
-        rows[split].append((storage.join(url, row[cols["path"]].strip()), row[cols["label"]].strip(), group))
-    if not rows["train"] or not rows["test"]:
-        raise DataError(f"{csv_url}: needs train and test rows (split 0 and 2)")
-    return _assemble(url, cfg, rows, csv_url)
+    reader = csv.DictReader(_io.StringIO(_read_text(csv_url)))
+    rows: dict[str, list[Row]] = {"train": [], "val": [], "test": []}
+    try:
+        header = reader.fieldnames or []
+        cols = {}
+        for key, names in _CSV_COLUMNS.items():
+            found = [n for n in names if n in header]
+            if not found and key != "group":
+                raise DataError(f"{csv_url}: no {key} column (one of {', '.join(names)}); columns: {', '.join(header)}")
+            cols[key] = found[0] if found else None
+        for row in reader:
+            where = f"{csv_url}:{reader.line_num}"
+            values = {key: row[col] for key, col in cols.items() if col}
+            if any(v is None for v in values.values()):  # a short row: DictReader fills in None
+                got = sum(v is not None for k, v in row.items() if k is not None)
+                raise DataError(f"{where}: expected {len(header)} fields ({', '.join(header)}), got {got}")
+            split = _SPLIT_NAMES.get(values["split"].strip())
+            if split is None:
+                raise DataError(f"{where}: split '{values['split']}' is not one of 0/1/2 or train/val/test")
+            rows[split].append(Row(values["path"].strip(), values["label"].strip(),
+                                   values["group"].strip() if cols["group"] else "all", where))
+    except csv.Error as exc:
+        raise DataError(f"{csv_url}:{reader.line_num}: not valid CSV ({exc})") from None
+    if not rows["val"]:
+        del rows["val"]
+    return Scan(url, "metadata-csv", rows, {split: csv_url for split in rows})
 
 
-def _load_domain_folders(url: str, cfg: DataConfig) -> dict[str, ImageSet]:
-    fs, path = storage.fs_and_path(url)
+def _scan_domain_folders(url: str, split_seed: int) -> Scan:
+    """NICO++'s ``url/<domain>/<class>/<image>`` -> rows, split once per (class, domain) cell."""
+    fs, root = storage.fs_and_path(url)
     cells: dict[tuple[str, str], list[str]] = {}
-    for dom in sorted(e["name"] for e in fs.ls(path, detail=True) if e["type"] == "directory"):
+    where: dict[tuple[str, str], str] = {}
+    for dom in sorted(e["name"] for e in fs.ls(root, detail=True) if e["type"] == "directory"):
         for cls in sorted(e["name"] for e in fs.ls(dom, detail=True) if e["type"] == "directory"):
             images = sorted(f for f in fs.find(cls) if f.lower().endswith(IMAGE_SUFFIXES))
             d, c = dom.rstrip("/").rsplit("/", 1)[-1], cls.rstrip("/").rsplit("/", 1)[-1]
             if not images:
-                raise DataError(f"empty class '{c}' in domain '{d}': no images in {fs.unstrip_protocol(cls)}")
-            cells[(c, d)] = [fs.unstrip_protocol(f) for f in images]
+                raise DataError(f"empty class '{c}' in domain '{d}': no images in {storage.join(url, d, c)}")
+            cells[(c, d)] = [_relative(f, root) for f in images]
+            where[(c, d)] = storage.join(url, d, c)
     if not cells:
         raise DataError(f"dataset {url}: no <domain>/<class>/ image folders")
-    rng = np.random.RandomState(cfg.split_seed)
-    rows: dict[str, list[tuple[str, str, str]]] = {"train": [], "val": [], "test": []}
+    rng = np.random.RandomState(split_seed)
+    rows: dict[str, list[Row]] = {"train": [], "val": [], "test": []}
     for (c, d), files in sorted(cells.items()):
         perm = [files[i] for i in rng.permutation(len(files))]
-        n_test, n_val = int(round(0.2 * len(perm))), int(round(0.1 * len(perm)))
+        n_test, n_val = round(0.2 * len(perm)), round(0.1 * len(perm))
         for split, chunk in (("test", perm[:n_test]), ("val", perm[n_test:n_test + n_val]),
                              ("train", perm[n_test + n_val:])):
-            rows[split].extend((f, c, d) for f in chunk)
-    return _assemble(url, cfg, rows, url)
+            rows[split].extend(Row(f, c, d, where[(c, d)]) for f in chunk)
+    if not rows["val"]:
+        del rows["val"]
+    return Scan(url, "domain-folders", rows, {split: url for split in rows})
 
 
-def _assemble(url: str, cfg: DataConfig, rows: dict[str, list[tuple[str, str, str]]], where: str) -> dict[str, ImageSet]:
-    """(file URL, label name or index, group name) rows per split -> checked ImageSets."""
-    train_labels = sorted({lab for _, lab, _ in rows["train"]}, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
-    class_names = train_labels
-    index = {c: i for i, c in enumerate(class_names)}
-    group_names = sorted({g for split in rows.values() for _, _, g in split})
-    gindex = {g: i for i, g in enumerate(group_names)}
-    for split, items in rows.items():
-        for f, lab, _ in items:
-            if lab not in index:
-                raise DataError(f"{where}: label '{lab}' of {f} (split {split}) is outside the class list of the "
-                                f"train split ({', '.join(class_names[:20])})")
-    channels = cfg.channels or _guess_channels(rows["train"][0][0])
-    out = {}
-    for split, items in rows.items():
-        if not items:
+# --------------------------------------------------------------------------- step 2: check
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def resolve_inside(root: str, path: str, where: str) -> str:
+    """The URL of ``path`` under the dataset root ``root``, refusing any path that leaves it.
+
+    ``a/../b.png`` is normalised to ``b.png``; ``..`` that climbs above the root, an absolute
+    path and a URL (``gs://...``, ``file:///...``) are refused, naming ``where`` (file and line).
+    """
+    if "://" in path or "::" in path or path.startswith(("/", "\\")) or _DRIVE.match(path):  # "::" chains URLs
+        raise DataError(f"{where}: path '{path}' is absolute or a URL; image paths must be relative "
+                        f"to the dataset root {root}")
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
             continue
-        files = [f for f, _, _ in items]
-        out[split] = ImageSet(_read_images(files, cfg.image_size, channels),
-                              np.array([index[lab] for _, lab, _ in items], np.int64),
-                              np.array([gindex[g] for _, _, g in items], np.int64), np.array(files),
-                              class_names, group_names)
+        if part == "..":
+            if not parts:
+                raise DataError(f"{where}: path '{path}' leaves the dataset root {root}")
+            parts.pop()
+        else:
+            parts.append(part)
+    if not parts:
+        raise DataError(f"{where}: path '{path}' names no file under the dataset root {root}")
+    return storage.join(root, "/".join(parts))
+
+
+def _label_order(label: str) -> tuple:
+    """Class names in order: integers by value first (0, 1, 2, 10), then the others by name."""
+    return (not label.isdigit(), int(label) if label.isdigit() else 0, label)
+
+
+def check_classes(dataset: str, class_names: list[str], counts: np.ndarray, source: str) -> None:
+    """Every class has training images and there are at least 2: else a DataError naming them.
+
+    Args:
+        dataset: the dataset name or URL, for the message.
+        class_names: the class list.
+        counts: training images per class (same order).
+        source: the file or folder the train split came from, for the message.
+    """
+    empty = np.flatnonzero(np.asarray(counts) == 0)
+    if len(empty):
+        raise DataError(f"dataset {dataset}: empty class '{class_names[empty[0]]}' (label {empty[0]}) "
+                        f"has no training images in {source}")
+    if len(class_names) < 2:
+        only = f"only one class ('{class_names[0]}')" if class_names else "no class"
+        raise DataError(f"dataset {dataset}: {only} in {source}; a classifier needs at least 2 classes")
+
+
+def check_scan(scan: Scan) -> CheckedDataset:
+    """Check the rows of any layout and index them: the one path from rows to a dataset.
+
+    Refuses (one-line DataError naming the file, line, class or folder): a path that leaves the
+    dataset root, an empty train or test split, a label outside the class list, an empty class,
+    fewer than 2 classes. Reads no image.
+    """
+    url = scan.url
+    for split in ("train", "test"):
+        if not scan.rows.get(split):
+            raise DataError(f"dataset {url}: no {split} images in {scan.sources.get(split, url)}")
+    train = scan.rows["train"]
+    for rows in scan.rows.values():
+        for row in rows:
+            if not row.label:
+                raise DataError(f"{row.where}: empty label for '{row.path}'")
+    if scan.indexed:
+        class_names = scan.class_names or [str(c) for c in range(max(int(r.label) for r in train) + 1)]
+    else:
+        class_names = scan.class_names or sorted({r.label for r in train}, key=_label_order)
+    index = {c: i for i, c in enumerate(class_names)}
+    group_names = sorted({r.group for rows in scan.rows.values() for r in rows})
+    gindex = {g: i for i, g in enumerate(group_names)}
+    out = CheckedDataset(url, scan.layout, class_names, group_names)
+    for split, rows in scan.rows.items():
+        files, labels = [], []
+        for row in rows:
+            file_url = resolve_inside(url, row.path, row.where)
+            if scan.indexed:
+                y = int(row.label)
+                if not 0 <= y < len(class_names):
+                    raise DataError(f"{row.where}: label {y} of {file_url} is outside the class list "
+                                    f"(0..{len(class_names) - 1})")
+            elif row.label not in index:
+                shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
+                raise DataError(f"{row.where}: class '{row.label}' in split '{split}' is not in the class list "
+                                f"of the train split ({shown})")
+            else:
+                y = index[row.label]
+            files.append(file_url)
+            labels.append(y)
+        out.files[split] = files
+        out.labels[split] = np.array(labels, np.int64)
+        out.groups[split] = np.array([gindex[r.group] for r in rows], np.int64)
+    check_classes(url, class_names, np.bincount(out.labels["train"], minlength=len(class_names)),
+                  scan.sources["train"])
     return out
+
+
+# --------------------------------------------------------------------------- step 3: read
+
+
+def _is_grey_mode(mode: str) -> bool:
+    return mode in GREY_MODES or mode.startswith("I;")  # I;16, I;16B, ...
+
+
+def _bands_equal(img) -> bool:
+    """Whether an RGB image is grey in content (R = G = B everywhere)."""
+    from PIL import ImageChops
+
+    r, g, b = img.split()
+    return ImageChops.difference(r, g).getbbox() is None and ImageChops.difference(g, b).getbbox() is None
+
+
+def _decode_image(data: bytes, where: str, size: int, channels: int) -> tuple[np.ndarray, str]:
+    """Image bytes -> (uint8 ``(size, size, C)``, the file's PIL mode).
+
+    ``channels`` 1 or 3 converts to that; 0 keeps a grey image (a grey mode, or a colour mode with
+    equal bands) at 1 channel and makes any other RGB, for the caller to decide from the whole split.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(_io.BytesIO(data)) as img:
+            mode = img.mode
+            if channels == 1 or _is_grey_mode(mode):
+                img = img.convert("L")
+            else:
+                img = img.convert("RGB")
+                if channels == 0 and _bands_equal(img):
+                    img = img.getchannel(0)  # exactly what convert("L") gives when R = G = B
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BICUBIC)
+            arr = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"corrupt or unreadable image: {where} ({exc})") from None
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if channels == 3 and arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)  # what PIL's L -> RGB does, after the (per-band) resize
+    return arr, mode
+
+
+def _read_images(urls: list[str], size: int, channels: int, modes: Counter) -> list[np.ndarray]:
+    """Read and decode ``urls`` (see :func:`_decode_image`), counting their modes into ``modes``."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for url in tqdm(urls, desc="reading images", unit="img", leave=False, disable=len(urls) < 200):
+        try:
+            data = storage.read_bytes(url)
+        except (FileNotFoundError, OSError) as exc:
+            raise DataError(f"image not found or unreadable: {url} ({exc})") from None
+        arr, mode = _decode_image(data, url, size, channels)
+        modes[mode] += 1
+        out.append(arr)
+    return out
+
+
+def _stack(arrays: list[np.ndarray], size: int, channels: int) -> np.ndarray:
+    return np.stack(arrays) if arrays else np.zeros((0, size, size, channels), np.uint8)
+
+
+def read_dataset(checked: CheckedDataset, cfg: DataConfig) -> dict[str, ImageSet]:
+    """Read every image of a checked dataset into ImageSets, all with the same channel count.
+
+    The channels are ``cfg.channels`` when set, else decided from the whole train split: 1 when
+    every train image is grey (a grey mode, or a colour mode whose bands are equal), else 3. When
+    the images mix modes, one warning says how many of which modes were converted to what.
+    """
+    size, modes = cfg.image_size, Counter()
+    train = _read_images(checked.files["train"], size, cfg.channels, modes)
+    channels = cfg.channels or (1 if all(a.shape[-1] == 1 for a in train) else 3)
+    if not cfg.channels:
+        logger.info("dataset %s: %d channel%s (%s)", checked.url, channels, "" if channels == 1 else "s",
+                    "every train image is grey" if channels == 1 else "some train images are in colour")
+    if channels == 3:
+        train = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in train]
+    images = {"train": _stack(train, size, channels)}
+    del train
+    for split, files in checked.files.items():
+        if split != "train":
+            images[split] = _stack(_read_images(files, size, channels, modes), size, channels)
+    _warn_mixed_modes(checked.url, modes, channels)
+    return {split: ImageSet(images[split], checked.labels[split], checked.groups[split], np.array(files),
+                            list(checked.class_names), list(checked.group_names))
+            for split, files in checked.files.items()}
+
+
+def _warn_mixed_modes(url: str, modes: Counter, channels: int) -> None:
+    """One warning when the images are of more than one mode: which were converted, to what."""
+    if len(modes) < 2:
+        return
+    target = "L" if channels == 1 else "RGB"
+    converted = {m: n for m, n in sorted(modes.items(), key=lambda kv: (-kv[1], kv[0])) if m != target}
+    total = sum(converted.values())
+    logger.warning("dataset %s mixes image modes (%s): converted %d image%s (%s) to %d channel%s (%s)", url,
+                   ", ".join(f"{m}: {n}" for m, n in sorted(modes.items())), total, "" if total == 1 else "s",
+                   ", ".join(f"{n} {m}" for m, n in converted.items()), channels, "" if channels == 1 else "s",
+                   target)

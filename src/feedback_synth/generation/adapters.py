@@ -51,6 +51,7 @@ class GeneratorAdapter:
 
     name = ""
     pipeline_class: type = object
+    weighted_parts: tuple[str, ...] = ("unet",)  # the subfolders that hold a config.json and weights
 
     def matches(self, folder: str) -> bool:
         """Is the local diffusers model ``folder`` of this kind?"""
@@ -109,6 +110,7 @@ class UnCLIPAdapter(GeneratorAdapter):
     """Stable unCLIP: the real image conditions through its CLIP image embedding (support)."""
 
     name = "unclip"
+    weighted_parts = ("unet", "vae", "text_encoder", "image_encoder")
 
     @property
     def pipeline_class(self):  # type: ignore[override]
@@ -139,6 +141,7 @@ class TextAdapter(GeneratorAdapter):
     """A latent text-conditioned model (Stable Diffusion components): the prompt names the class."""
 
     name = "text"
+    weighted_parts = ("unet", "vae", "text_encoder")
 
     @property
     def pipeline_class(self):  # type: ignore[override]

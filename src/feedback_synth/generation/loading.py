@@ -20,10 +20,15 @@ def builtin_generator_path(name: str = "digits-lt") -> str:
     return str(resources.files("feedback_synth") / "weights" / f"{name}-generator")
 
 
+def generator_path(spec: str, dataset_name: str = "digits-lt") -> str:
+    """Where the generator ``spec`` lives: the bundled one's folder, or ``spec`` itself (a URL)."""
+    return builtin_generator_path(dataset_name) if spec == BUILTIN_GENERATOR else spec
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
 
 
-def _local_copy(url: str, weights: bool = True) -> str:
+def local_copy(url: str, weights: bool = True) -> str:
     """diffusers loads local folders: copy a remote (gs://, memory://) model folder to a temp dir
     (without its weight files when ``weights`` is False: configs and tokenizers only)."""
     from fsspec.implementations.local import LocalFileSystem
@@ -62,7 +67,7 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
     else:
         if not storage.exists(spec):
             raise DataError(f"generator model folder not found: {spec}")
-        path = _local_copy(spec, weights)
+        path = local_copy(spec, weights)
     adapter = adapter_for_folder(path)
     if adapter is None:
         raise DataError(f"not a diffusers model folder this project knows: {spec} (expected unet/ and scheduler/, "

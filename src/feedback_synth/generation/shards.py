@@ -20,8 +20,18 @@ from tqdm.auto import tqdm
 from feedback_synth import storage
 from feedback_synth.config import GenerateConfig
 from feedback_synth.data.imageset import ImageSet, load_info, load_split
+from feedback_synth.errors import DataError
+from feedback_synth.fingerprints import (
+    StaleOutputError,
+    digest_of,
+    explain_change,
+    fingerprint,
+    folder_digest,
+    input_digest,
+    read_marker,
+)
 from feedback_synth.generation.adapters import BatchConditions, adapter_of
-from feedback_synth.generation.loading import load_generator
+from feedback_synth.generation.loading import generator_path, load_generator
 from feedback_synth.generation.performance import DTYPES, GUIDANCE_DTYPES, apply_performance_options, pad_batch
 from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices
 from feedback_synth.synthesis.feedback import load_class_stats
@@ -38,6 +48,39 @@ def shard_url(output_url: str, shard_id: int) -> str:
 
 def shard_done(output_url: str, shard_id: int) -> bool:
     return storage.exists(storage.join(shard_url(output_url, shard_id), "_SUCCESS"))
+
+
+def shard_fingerprint(plan: GenerationPlan, shard: Shard, dataset_url: str, model_url: str, feedback_url: str,
+                      cfg: GenerateConfig, generator_folder: str) -> dict[str, Any]:
+    """What makes a shard's images: its plan entries, the generate config, and the digests of the
+    data, the classifier, the feedback (class statistics) and the generator."""
+    config = {"entries": [asdict(e) for e in shard.entries], "per_group": plan.per_group, "generate": asdict(cfg)}
+    inputs = {"data": input_digest(dataset_url), "model": input_digest(model_url),
+              "feedback": input_digest(feedback_url), "generator": folder_digest(generator_folder)}
+    return fingerprint("generate_shard", config, inputs)
+
+
+def check_plan_matches_data(feedback_url: str, dataset_url: str, train: ImageSet, plan: GenerationPlan) -> None:
+    """The plan must come from this dataset (another run's data would mix up classes and images)."""
+    marker = read_marker(feedback_url)
+    if marker is not None and marker["inputs"].get("data") not in (None, input_digest(dataset_url)):
+        raise DataError(f"the plan in {feedback_url} was made from another dataset than {dataset_url}; "
+                        f"pass the --data that extract-feedback read")
+    cells = set(plan.counts)
+    known = set(train.class_names) if not plan.per_group else {
+        f"{c}/{g}" for c in train.class_names for g in train.group_names}
+    if not cells <= known:
+        raise DataError(f"the plan in {feedback_url} names classes that {dataset_url} does not have: "
+                        f"{sorted(cells - known)[:5]}")
+
+
+def generated_digest(output_urls: Union[str, list[str]], plan: GenerationPlan) -> str:
+    """A digest of the committed shards of ``plan`` (their fingerprints, in plan order)."""
+    found = []
+    for s in plan.shards:
+        url = find_shard(output_urls, s.shard_id)
+        found.append(storage.read_json(storage.join(url, "_SUCCESS")).get("digest") if url else "missing")
+    return digest_of(found)
 
 
 @dataclass
@@ -78,8 +121,10 @@ def _images_to_uint8(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_url: str, feedback_url: str,
-                   output_url: str, cfg: GenerateConfig, pipe=None, progress: Optional[tqdm] = None) -> dict[str, Any]:
-    """Generate one shard of the plan; skip it if it is already committed.
+                   output_url: str, cfg: GenerateConfig, pipe=None, progress: Optional[tqdm] = None,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Generate one shard of the plan; skip it if it is already committed with the same fingerprint
+    (``shard_fingerprint``); refuse one committed with another unless ``overwrite``.
 
     Args:
         plan: the generation plan of the feedback stage.
@@ -90,16 +135,25 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
         output_url: where ``shards/`` go.
         cfg: generation settings.
         pipe: an already loaded generator pipeline (reused across shards in-process).
+        overwrite: redo a shard committed with another fingerprint instead of refusing.
     """
-    url = shard_url(output_url, shard_id)
-    if shard_done(output_url, shard_id):
-        return {"shard_id": shard_id, "skipped": True, **storage.read_json(storage.join(url, "_SUCCESS"))}
-    storage.remove(url)  # a half-written shard from a killed run: redo it from scratch
     shard = next((s for s in plan.shards if s.shard_id == shard_id), None)
     if shard is None:
-        raise ValueError(f"shard {shard_id} is not in the plan (shards 0..{len(plan.shards) - 1})")
+        raise DataError(f"shard {shard_id} is not in the plan (it has shards 0..{len(plan.shards) - 1})")
     info = load_info(dataset_url)
+    generator_folder = generator_path(cfg.generator, info.name)
+    fp = shard_fingerprint(plan, shard, dataset_url, model_url, feedback_url, cfg, generator_folder)
+    url = shard_url(output_url, shard_id)
+    if shard_done(output_url, shard_id):
+        done = storage.read_json(storage.join(url, "_SUCCESS"))
+        if done.get("digest") == fp["digest"]:
+            return {"shard_id": shard_id, "skipped": True, **done["summary"]}
+        if not overwrite:
+            raise StaleOutputError(f"{url} holds a shard made differently ({explain_change(done, fp)}); write "
+                                   f"elsewhere, or pass --overwrite to redo it")
+    storage.remove(url)  # a half-written shard from a killed run (or an overwritten one): redo it from scratch
     train = load_split(dataset_url, "train")
+    check_plan_matches_data(feedback_url, dataset_url, train, plan)
     device = torch.device(cfg.device)
     clf = load_classifier(model_url, device=cfg.device)
     if pipe is None:
@@ -156,15 +210,18 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
     storage.write_text(storage.join(url, "metadata.csv"), buf.getvalue())
     summary = {"num_images": len(rows), "seconds": round(seconds, 3), "criterion": cfg.criterion,
                "mean_criterion_value": float(np.mean([r["criterion_value"] for r in rows]))}
-    storage.write_json(storage.join(url, "_SUCCESS"), summary)  # the commit: written last
+    storage.write_json(storage.join(url, "_SUCCESS"), {**fp, "summary": summary})  # the commit: written last
     return {"shard_id": shard_id, "skipped": False, **summary}
 
 
 def generate(plan_url: str, dataset_url: str, model_url: str, feedback_url: str, output_url: str,
-             cfg: GenerateConfig, shard_ids: Optional[list[int]] = None) -> dict[str, Any]:
+             cfg: GenerateConfig, shard_ids: Optional[list[int]] = None, overwrite: bool = False) -> dict[str, Any]:
     """Generate every shard of the plan (or ``shard_ids``) in this process; finished ones are skipped."""
     plan = GenerationPlan.load(plan_url)
     ids = [s.shard_id for s in plan.shards] if shard_ids is None else list(shard_ids)
+    unknown = sorted(set(ids) - {s.shard_id for s in plan.shards})
+    if unknown:
+        raise DataError(f"shard {unknown[0]} is not in the plan {plan_url} (it has shards 0..{len(plan.shards) - 1})")
     info = load_info(dataset_url)
     todo = [i for i in ids if not shard_done(output_url, i)]
     pipe = load_generator(cfg.generator, info.name, cfg.device, DTYPES[cfg.dtype]) if todo else None
@@ -172,7 +229,8 @@ def generate(plan_url: str, dataset_url: str, model_url: str, feedback_url: str,
     results = []
     with tqdm(total=total, desc=f"generate ({cfg.criterion})", unit="img") as bar:
         for i in ids:
-            r = generate_shard(plan, i, dataset_url, model_url, feedback_url, output_url, cfg, pipe=pipe, progress=bar)
+            r = generate_shard(plan, i, dataset_url, model_url, feedback_url, output_url, cfg, pipe=pipe, progress=bar,
+                               overwrite=overwrite)
             if r["skipped"]:
                 bar.update(r["num_images"])
             results.append(r)
@@ -206,19 +264,31 @@ def load_generated(output_urls: Union[str, list[str]], plan: GenerationPlan, tra
     """All committed shards as one ImageSet plus their metadata rows (in shard order).
 
     ``output_urls``: the generate stage's output folder, or a list of them (one per shard task).
+    Every shard must be the plan's: its entries (classes, groups, image indices) and its image
+    count are checked against the plan, so that a shard of another plan is never used.
     """
     found = {s.shard_id: find_shard(output_urls, s.shard_id) for s in plan.shards}
     missing = [i for i, url in found.items() if url is None]
     if missing and require_all:
-        raise FileNotFoundError(f"{len(missing)} shard(s) of the plan are not finished in {output_urls}: "
-                                f"{missing[:10]} (re-run generation: finished shards are skipped)")
+        raise DataError(f"{len(missing)} shard(s) of the plan are not finished in {output_urls}: "
+                        f"{missing[:10]} (re-run generation: finished shards are skipped)")
     imgs, rows = [], []
     for s in plan.shards:
         url = found[s.shard_id]
         if url is None:
             continue
-        imgs.append(storage.read_npz(storage.join(url, "images.npz"))["images"])
-        for r in read_metadata(storage.join(url, "metadata.csv")):
+        done = storage.read_json(storage.join(url, "_SUCCESS"))
+        entries = (done.get("config") or {}).get("entries")
+        if entries is not None and entries != [asdict(e) for e in s.entries]:
+            raise DataError(f"{url} was generated for another plan (its classes or image indices differ from "
+                            f"shard {s.shard_id} of this plan); regenerate it (generate --overwrite)")
+        shard_images = storage.read_npz(storage.join(url, "images.npz"))["images"]
+        shard_rows = read_metadata(storage.join(url, "metadata.csv"))
+        if len(shard_images) != s.num_images or len(shard_rows) != s.num_images:
+            raise DataError(f"{url} holds {len(shard_images)} images and {len(shard_rows)} metadata rows; shard "
+                            f"{s.shard_id} of the plan has {s.num_images}")
+        imgs.append(shard_images)
+        for r in shard_rows:
             r["shard_id"] = s.shard_id
             rows.append(r)
     h, w, c = train.images.shape[1:]

@@ -5,7 +5,7 @@ A small registry in timm's ``@register_model`` style: adding a criterion is one 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -25,13 +25,16 @@ class ClassStats:
 
     ``means``: (C, D) per-class means; ``precision``: (D, D) inverse of the shared, shrunk
     covariance. ``real_distances``: per class, the sorted squared Mahalanobis distances of held-out
-    real images to their class mean (the yardstick of the ``off_support`` filter).
+    real images to their class mean (the yardstick of the ``off_support`` filter; the training
+    images' own when ``held_out`` is False).
     """
 
     means: torch.Tensor
     precision: torch.Tensor
     shrinkage: float
     real_distances: dict[int, np.ndarray]
+    train_counts: list[int] = field(default_factory=list)  # images per class behind each mean
+    held_out: bool = True  # real_distances come from held-out (validation) images, not the training ones
 
     def mahalanobis_sq(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         d = feats - self.means.to(feats)[labels.to(feats.device)]

@@ -1,11 +1,22 @@
-"""The checks a run makes before any work: a bad value stops it at once, with a one-line error."""
+"""The checks a run makes before any work: a bad value stops it at once, with a one-line error,
+and nothing is written.
+
+What is checked: the names that plugins define (criteria, filters, losses); the dataset's layout,
+labels and paths without reading its pixels; the timm model; the torch devices; the generator
+folder (a loadable diffusers model: each component's config and weight files) against the data
+(number of classes or conditions, channels), from its configs only; the output folder (writable).
+"""
 from __future__ import annotations
 
 import os
+import uuid
+from typing import Any, Optional
 
 from feedback_synth import storage
 from feedback_synth.config import RunConfig
 from feedback_synth.errors import ConfigError, DataError
+
+WEIGHT_FILES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
 def check_names(cfg: RunConfig) -> None:
@@ -22,26 +33,104 @@ def check_names(cfg: RunConfig) -> None:
         LOSSES.check(cfg.retrain.loss, "retrain.loss")
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Checks that need no long work, run before any: a bad value stops the run at once."""
+def check_device(device: str, field: str) -> None:
+    """``device`` names a torch device that this machine has (``cuda`` on a CPU-only machine, or a
+    typo, would otherwise fail with a torch traceback minutes later, in the first stage that uses it)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"config field '{field}': '{device}' is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config field '{field}': '{device}' but this machine has no CUDA device "
+                              f"(torch {torch.__version__}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"config field '{field}': '{device}' but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"config field '{field}': '{device}' but MPS is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"config field '{field}': device type '{dev.type}' is not supported (cpu, cuda, mps)")
+
+
+def check_output_writable(output_url: str) -> None:
+    """Write and remove a probe file, so that a read-only ``--output`` fails now, not after training."""
+    probe = storage.join(output_url, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
+    except (PermissionError, OSError) as exc:
+        raise DataError(f"cannot write to the output folder {output_url}: {exc.strerror or exc}") from None
+
+
+def check_generator_folder(spec: str, dataset_name: str) -> dict[str, Any]:
+    """A generator folder is a loadable diffusers model of a kind this project knows, with each
+    component's config and weights present; returns its UNet config (read from configs only)."""
+    from feedback_synth.generation.adapters import GENERATOR_ADAPTERS, adapter_for_folder
+    from feedback_synth.generation.loading import generator_path, local_copy
+
+    folder = generator_path(spec, dataset_name)
+    if not storage.exists(folder):
+        raise DataError(f"generator model folder not found: {spec}")
+    local = local_copy(folder, weights=False)
+    adapter = adapter_for_folder(local)
+    if adapter is None:
+        raise DataError(f"generator model folder {spec} is not a diffusers model of a kind this project knows "
+                        f"(expected unet/ and scheduler/; vae/ for a latent model; image_encoder/ for unCLIP; "
+                        f"kinds: {', '.join(GENERATOR_ADAPTERS)})")
+    fs, root = storage.fs_and_path(folder)
+    files = {os.path.relpath(f, root.rstrip("/")) for f in fs.find(root)}
+    for part in adapter.weighted_parts:
+        if f"{part}/config.json" not in files:
+            raise DataError(f"generator model folder {spec}: {part}/config.json is missing")
+        if not any(f.startswith(f"{part}/") and f.endswith(WEIGHT_FILES) for f in files):
+            raise DataError(f"generator model folder {spec}: {part}/ has no weight file "
+                            f"({', '.join('*' + s for s in WEIGHT_FILES)})")
+    return {"kind": adapter.name, **storage.read_json(os.path.join(local, "unet", "config.json"))}
+
+
+def check_generator_against_data(unet: dict[str, Any], num_classes: int, num_groups: int,
+                                 channels: Optional[int], spec: str) -> None:
+    """A pixel class-conditional generator must have one embedding per class (or per (class, group)
+    cell) plus the null class, and the data's channels; latent generators take any classes."""
+    if unet.get("kind") != "pixel":
+        return
+    conditions = (unet.get("num_class_embeds") or 1) - 1
+    if conditions not in (num_classes, num_classes * num_groups):
+        raise DataError(f"generator {spec} is conditioned on {conditions} classes; the dataset has {num_classes} "
+                        f"classes" + (f" and {num_classes * num_groups} (class, group) cells" if num_groups > 1 else ""))
+    if channels and unet.get("in_channels") != channels:
+        raise DataError(f"generator {spec} makes {unet.get('in_channels')}-channel images; the dataset has "
+                        f"{channels} channel(s) (set data.channels, or use another generator)")
+
+
+def preflight(cfg: RunConfig, output_url: Optional[str] = None) -> None:
+    """Every check that needs no long work (see the module docstring), before anything is written."""
     import timm
 
-    from feedback_synth.data.prepare import BUILTIN
+    from feedback_synth.data.prepare import BUILTIN, scan_dataset
     from feedback_synth.generation.loading import BUILTIN_GENERATOR, builtin_generator_path
 
     check_names(cfg)
     builtin = cfg.data.dataset in BUILTIN
-    if not builtin and not storage.exists(cfg.data.dataset):
-        raise DataError(f"dataset not found: {cfg.data.dataset}")
+    scan = scan_dataset(cfg.data.dataset, cfg.data)  # layout, labels, paths: no pixels read; bounded wait
     if not timm.is_model(cfg.train.model):
         raise ConfigError(f"config field 'train.model': unknown timm model '{cfg.train.model}'")
+    for field, device in (("train.device", cfg.train.device), ("retrain.device", cfg.retrain.device),
+                          ("generate.device", cfg.generate.device)):
+        check_device(device, field)
     if cfg.generate.generator == BUILTIN_GENERATOR:
         if not builtin:
             raise ConfigError("config field 'generate.generator': the bundled generator only knows the built-in "
                               f"datasets; dataset '{cfg.data.dataset}' needs a diffusers model folder URL")
         if not os.path.isdir(builtin_generator_path(cfg.data.dataset)):
             raise ConfigError(f"config field 'generate.generator': no bundled generator for '{cfg.data.dataset}'")
-    elif not storage.exists(cfg.generate.generator):
-        raise DataError(f"generator model folder not found: {cfg.generate.generator}")
-    if cfg.feedback.per_group and cfg.data.dataset == "digits-lt":
-        raise ConfigError("config field 'feedback.per_group': digits-lt has no groups")
+    if cfg.feedback.per_group and (scan.get("groups") or ["all"]) == ["all"]:
+        raise ConfigError(f"config field 'feedback.per_group': dataset {cfg.data.dataset} has no groups")
+    unet = check_generator_folder(cfg.generate.generator, cfg.data.dataset)
+    check_generator_against_data(unet, scan["num_classes"], len(scan.get("groups") or ["all"]),
+                                 cfg.data.channels or None, cfg.generate.generator)
+    if output_url is not None:
+        check_output_writable(output_url)

@@ -10,6 +10,7 @@ KFP task imports only its own stage's, which keeps its start-up short.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from typing import Any, Callable, Optional
 
@@ -17,7 +18,11 @@ from feedback_synth import storage
 from feedback_synth.config import DataConfig, FeedbackConfig, FilterConfig, GenerateConfig, RetrainConfig, TrainConfig
 from feedback_synth.data.imageset import ImageSet, load_info, load_split
 from feedback_synth.errors import DataError
+from feedback_synth.fingerprints import folder_digest
 from feedback_synth.pipeline.result import StageResult, scalar_metrics
+from feedback_synth.pipeline.resume import digests, run_stage
+
+log = logging.getLogger(__name__)
 
 EpochHook = Optional[Callable[[dict[str, Any]], None]]
 
@@ -32,7 +37,18 @@ def plan_url(feedback_url: str) -> str:
     return storage.join(feedback_url, "plan.json")
 
 
-def prepare_data(cfg: DataConfig, output_url: str) -> StageResult:
+def prepare_data(cfg: DataConfig, output_url: str, overwrite: bool = False) -> StageResult:
+    """Load and check the dataset (built-in or URL) and write its splits to ``output_url``."""
+    from feedback_synth.data.prepare import BUILTIN, scan_dataset
+
+    if cfg.dataset not in BUILTIN:
+        scan_dataset(cfg.dataset, cfg)  # fails fast (bounded wait) on an unreachable store, before the listing below
+    source = {} if cfg.dataset in BUILTIN else {"dataset": folder_digest(cfg.dataset, content=False)}
+    return run_stage("prepare_data", output_url, asdict(cfg), source, lambda: _prepare_data(cfg, output_url),
+                     overwrite)
+
+
+def _prepare_data(cfg: DataConfig, output_url: str) -> StageResult:
     """Load and check the dataset (built-in or URL) and write its splits to ``output_url``."""
     from feedback_synth.data.prepare import prepare_dataset
 
@@ -71,6 +87,18 @@ def _finish_training(stage: str, clf, history, dataset_url: str, output_url: str
 
 
 def train_baseline(dataset_url: str, output_url: str, cfg: TrainConfig, data_cfg: DataConfig,
+                   on_epoch: EpochHook = None, overwrite: bool = False) -> StageResult:
+    """Train the baseline classifier on the real (imbalanced) data and evaluate it on the test set.
+
+    Writes ``model/`` (safetensors + config.json + train_config.yaml), ``metrics.json`` and
+    ``history.json`` (per-epoch metrics) under ``output_url``.
+    """
+    return run_stage("train_baseline", output_url, {"train": asdict(cfg), "data": asdict(data_cfg)},
+                     digests(data=dataset_url),
+                     lambda: _train_baseline(dataset_url, output_url, cfg, data_cfg, on_epoch), overwrite)
+
+
+def _train_baseline(dataset_url: str, output_url: str, cfg: TrainConfig, data_cfg: DataConfig,
                    on_epoch: EpochHook = None) -> StageResult:
     """Train the baseline classifier on the real (imbalanced) data and evaluate it on the test set.
 
@@ -100,62 +128,129 @@ def retrain_recipe(cfg: RetrainConfig, baseline_model_url: str):
     from feedback_synth.training.losses import LOSSES
     from feedback_synth.training.train import Recipe
 
-    base = (storage.read_yaml(storage.join(baseline_model_url, "train_config.yaml")) or {}).get("train") or {}
-    loss = cfg.loss or base.get("loss", "ce")
-    return Recipe(LOSSES.check(loss, "retrain.loss"), cfg.tau if cfg.tau is not None else float(base.get("tau", 1.0)),
-                  cfg.balanced_sampler if cfg.balanced_sampler is not None else bool(base.get("balanced_sampler")),
-                  cfg.prior)
+    base = recipe_of(baseline_model_url)
+    return Recipe(LOSSES.check(cfg.loss or base.loss, "retrain.loss"), cfg.tau if cfg.tau is not None else base.tau,
+                  cfg.balanced_sampler if cfg.balanced_sampler is not None else base.balanced_sampler, cfg.prior)
 
 
-def extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str, cfg: FeedbackConfig) -> StageResult:
-    """Freeze the classifier, fit the class statistics of ``hardness``, and plan the generation."""
+def extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str, cfg: FeedbackConfig,
+                     round_index: int = 1, previous_feedback_url: Optional[str] = None,
+                     overwrite: bool = False) -> StageResult:
+    """Freeze the classifier, fit the class statistics of ``hardness``, and plan the generation.
+
+    In rounds (``cfg.rounds`` > 1), ``baseline_model_url`` is the latest model (the baseline in
+    round 1, the previous round's retrained model after that), its validation mistakes per cell
+    steer the round's share of the budget, and ``previous_feedback_url`` (the previous round's
+    output) says where each cell's image indices continue (synthesis.plan).
+    """
+    return run_stage("extract_feedback", output_url, {"feedback": asdict(cfg), "round": round_index},
+                     digests(data=dataset_url, model=baseline_model_url, previous=previous_feedback_url),
+                     lambda: _extract_feedback(dataset_url, baseline_model_url, output_url, cfg, round_index,
+                                               previous_feedback_url), overwrite)
+
+
+def _extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str, cfg: FeedbackConfig,
+                     round_index: int = 1, previous_feedback_url: Optional[str] = None) -> StageResult:
+    """Freeze the classifier, fit the class statistics of ``hardness``, and plan the generation.
+
+    In rounds (``cfg.rounds`` > 1), ``baseline_model_url`` is the latest model (the baseline in
+    round 1, the previous round's retrained model after that), its validation mistakes per cell
+    steer the round's share of the budget, and ``previous_feedback_url`` (the previous round's
+    output) says where each cell's image indices continue (synthesis.plan).
+    """
     from feedback_synth.synthesis.feedback import extract_features, fit_class_stats, save_class_stats
-    from feedback_synth.synthesis.plan import make_plan
+    from feedback_synth.synthesis.plan import GenerationPlan, make_plan
     from feedback_synth.training.classifier import load_classifier
 
     train = load_split(dataset_url, "train")
     clf = load_classifier(baseline_model_url)
-    reference = None
+    reference, val_errors = None, None
     if "val" in load_info(dataset_url).splits:  # held-out real images: the off_support yardstick
         val = load_split(dataset_url, "val")
-        reference = (extract_features(clf, val), val.labels)
+        val_feats = extract_features(clf, val)
+        reference = (val_feats, val.labels)
+        if round_index > 1:
+            val_errors = cell_errors(clf, val, cfg.per_group)
     stats = fit_class_stats(extract_features(clf, train), train.labels, train.num_classes, cfg.shrinkage, reference)
     save_class_stats(stats, output_url)
-    plan = make_plan(train, cfg)
+    offsets = GenerationPlan.load(plan_url(previous_feedback_url)).next_offsets() if previous_feedback_url else None
+    plan = make_plan(train, cfg, round_index, val_errors, offsets)
     plan.save(plan_url(output_url))
     storage.write_json(storage.join(output_url, "feedback_config.json"), asdict(cfg))
     summary = {"num_images": plan.total, "num_shards": len(plan.shards), "target": plan.target,
-               "shrinkage": stats.shrinkage, "counts": plan.counts}
+               "shrinkage": stats.shrinkage, "counts": plan.counts, "round": round_index, "rounds": cfg.rounds,
+               "steered_by_validation": val_errors is not None}
     return StageResult("extract_feedback", summary, {"planned_images": float(plan.total),
                                                      "shards": float(len(plan.shards)), "shrinkage": stats.shrinkage})
 
 
+def cell_errors(clf, data: ImageSet, per_group: bool) -> dict[str, tuple[int, int]]:
+    """``{cell key: (mistakes, images)}`` of ``clf`` on ``data``, per class or per (class, group)."""
+    from feedback_synth.training.evaluate import predict_logits
+
+    wrong = predict_logits(clf, data).argmax(1) != data.labels
+    out = {}
+    for c in range(data.num_classes):
+        for g in range(data.num_groups if per_group else 1):
+            mask = (data.labels == c) & ((data.groups == g) if per_group else True)
+            key = f"{data.class_names[c]}/{data.group_names[g]}" if per_group else data.class_names[c]
+            out[key] = (int(wrong[mask].sum()), int(mask.sum()))
+    return out
+
+
 def generate(dataset_url: str, baseline_model_url: str, feedback_url: str, output_url: str, cfg: GenerateConfig,
-             shard_ids: Optional[list[int]] = None) -> StageResult:
-    """Generate every shard of the plan (or ``shard_ids``) in this process; finished ones are skipped."""
+             shard_ids: Optional[list[int]] = None, overwrite: bool = False) -> StageResult:
+    """Generate every shard of the plan (or ``shard_ids``) in this process. Shards resume on their
+    own (``generation.shards``): one committed with the same fingerprint is skipped, one committed
+    differently is refused unless ``overwrite``."""
     from feedback_synth.generation.shards import generate as generate_shards
     from feedback_synth.guidance.criteria import CRITERIA
 
     CRITERIA.check(cfg.criterion, "generate.criterion")
     summary = generate_shards(plan_url(feedback_url), dataset_url, baseline_model_url, feedback_url, output_url, cfg,
-                              shard_ids=shard_ids)
+                              shard_ids=shard_ids, overwrite=overwrite)
     return StageResult("generate", summary, {"generated_images": float(summary["num_images"]),
                                              "generation_seconds": float(summary["seconds"])})
 
 
 def filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: str, generated_url: str | list[str],
-                     output_url: str, cfg: FilterConfig) -> StageResult:
+                     output_url: str, cfg: FilterConfig, previous_filtered_url: Optional[str] = None,
+                     overwrite: bool = False) -> StageResult:
     """Filter the generated images (``generated_url``: the generate output, or one per shard task).
 
-    Writes ``synthetic.npz`` (kept), ``kept_metadata.json`` (their metadata rows),
-    ``filter_report.json`` (per class: dropped by which filter and why) and ``samples.png``.
+    Writes ``synthetic.npz`` (the kept images, plus those kept by earlier rounds when
+    ``previous_filtered_url`` names the previous round's output), ``kept_metadata.json`` (their
+    metadata rows), ``filter_report.json`` (per class: generated, kept, dropped by which filter and
+    why, re-admitted), ``filter_table.md`` and ``samples.png``. Stops with the report's reasons
+    when the filters leave nothing of a non-empty round.
+    """
+    from feedback_synth.generation.shards import generated_digest
+    from feedback_synth.synthesis.plan import GenerationPlan
+
+    shards = generated_digest(generated_url, GenerationPlan.load(plan_url(feedback_url)))
+    inputs = {**digests(data=dataset_url, model=baseline_model_url, feedback=feedback_url,
+                        previous=previous_filtered_url), "generated": shards}
+    return run_stage("filter", output_url, asdict(cfg), inputs,
+                     lambda: _filter_synthetic(dataset_url, baseline_model_url, feedback_url, generated_url, output_url,
+                                               cfg, previous_filtered_url), overwrite)
+
+
+def _filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: str, generated_url: str | list[str],
+                     output_url: str, cfg: FilterConfig, previous_filtered_url: Optional[str] = None) -> StageResult:
+    """Filter the generated images (``generated_url``: the generate output, or one per shard task).
+
+    Writes ``synthetic.npz`` (the kept images, plus those kept by earlier rounds when
+    ``previous_filtered_url`` names the previous round's output), ``kept_metadata.json`` (their
+    metadata rows), ``filter_report.json`` (per class: generated, kept, dropped by which filter and
+    why, re-admitted), ``filter_table.md`` and ``samples.png``. Stops with the report's reasons
+    when the filters leave nothing of a non-empty round.
     """
     import numpy as np
 
     from feedback_synth.generation.shards import load_generated
     from feedback_synth.reporting import plots
     from feedback_synth.synthesis.feedback import extract_features, load_class_stats
-    from feedback_synth.synthesis.filtering import FilterInputs, apply_filters
+    from feedback_synth.synthesis.filtering import FilterInputs, apply_filters, filter_table
     from feedback_synth.synthesis.plan import GenerationPlan
     from feedback_synth.training.classifier import load_classifier
 
@@ -168,24 +263,67 @@ def filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: st
                        load_class_stats(feedback_url))
     keep, report = apply_filters(inp, cfg, train.class_names)
     kept = generated.subset(np.flatnonzero(keep))
-    kept.save(storage.join(output_url, "synthetic.npz"))
-    storage.write_json(storage.join(output_url, "kept_metadata.json"), [r for r, k in zip(rows, keep) if k])
+    kept_rows = [r for r, k in zip(rows, keep) if k]
     crit = [r["criterion_value"] for r in rows]
     report["mean_criterion_value"] = float(np.mean(crit)) if crit else None
     report["criterion"] = rows[0]["criterion"] if rows else None
+    report["round"] = plan.round
+    earlier = 0
+    if previous_filtered_url:  # rounds: retraining takes every image kept so far
+        before = ImageSet.load(storage.join(previous_filtered_url, "synthetic.npz"))
+        earlier = len(before)
+        kept = ImageSet.concat([before, kept])
+        kept_rows = storage.read_json(storage.join(previous_filtered_url, "kept_metadata.json")) + kept_rows
+    report["kept_so_far"] = len(kept)
+    report["generated_so_far"] = report["generated"] + (storage.read_json(storage.join(
+        previous_filtered_url, "filter_report.json"))["generated_so_far"] if previous_filtered_url else 0)
     storage.write_json(storage.join(output_url, "filter_report.json"), report)
+    storage.write_text(storage.join(output_url, "filter_table.md"), filter_table(report))
+    if report["generated"] and not report["kept"]:
+        dropped = ", ".join(f"{f['name']} {f['dropped']} ({f['reason']})" for f in report["filters"])
+        raise DataError(f"the filters dropped all {report['generated']} synthetic images: {dropped}. Nothing to "
+                        f"retrain on; see {storage.join(output_url, 'filter_report.json')} and loosen filter.* "
+                        f"(or check the generator against the data)")
+    kept.save(storage.join(output_url, "synthetic.npz"))
+    storage.write_json(storage.join(output_url, "kept_metadata.json"), kept_rows)
     storage.write_bytes(storage.join(output_url, "samples.png"), plots.sample_grid(
-        {"real (train)": (train.images, train.labels), "synthetic (kept)": (kept.images, kept.labels)},
+        {"real (train)": (train.images, train.labels), "synthetic (kept)": (kept.images[earlier:], kept.labels[earlier:])},
         train.class_names, title="Real training images and kept synthetic images per class"))
-    return StageResult("filter", report, scalar_metrics({"generated": report["generated"], "kept": report["kept"],
-                                                         "mean_criterion_value": report["mean_criterion_value"]}),
-                       [storage.join(output_url, "filter_report.json"), storage.join(output_url, "samples.png")])
+    if report["starved"]:
+        log.warning("filter: classes %s keep less than %.0f%% of their generated images even after re-admission "
+                    "(see %s)", ", ".join(report["starved"]), 100 * cfg.min_kept_fraction,
+                    storage.join(output_url, "filter_table.md"))
+    metrics = {"generated": report["generated"], "kept": report["kept"], "readmitted": report["readmitted"],
+               "starved_classes": len(report["starved"]), "kept_so_far": len(kept),
+               "mean_criterion_value": report["mean_criterion_value"]}
+    return StageResult("filter", report, scalar_metrics(metrics),
+                       [storage.join(output_url, n) for n in ("filter_report.json", "filter_table.md", "samples.png")])
 
 
 def retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output_url: str, cfg: RetrainConfig,
-            data_cfg: DataConfig, on_epoch: EpochHook = None) -> StageResult:
-    """Retrain the baseline's architecture from scratch on real + kept synthetic images."""
+            data_cfg: DataConfig, on_epoch: EpochHook = None, overwrite: bool = False,
+            previous_retrained_url: Optional[str] = None, round_index: int = 1) -> StageResult:
+    """Retrain the baseline's architecture from scratch on real + kept synthetic images, with the
+    baseline's loss and sampler unless ``cfg`` names its own (``retrain_recipe``).
+
+    Writes ``model/``, ``metrics.json``, ``history.json``; ``reference_metrics.json``: the
+    no-synthesis reference with the same recipe (the baseline's test metrics when the recipes
+    agree; else a model trained with retraining's recipe on the real images alone, in
+    ``reference/``); ``rounds.json``: every round's test metrics so far (``previous_retrained_url``:
+    the previous round's output).
+    """
+    return run_stage("retrain", output_url, {"retrain": asdict(cfg), "data": asdict(data_cfg), "round": round_index},
+                     digests(data=dataset_url, baseline=baseline_model_url, filtered=filtered_url,
+                             previous=previous_retrained_url),
+                     lambda: _retrain(dataset_url, baseline_model_url, filtered_url, output_url, cfg, data_cfg,
+                                      on_epoch, previous_retrained_url, round_index), overwrite)
+
+
+def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output_url: str, cfg: RetrainConfig,
+             data_cfg: DataConfig, on_epoch: EpochHook = None, previous_retrained_url: Optional[str] = None,
+             round_index: int = 1) -> StageResult:
     from feedback_synth.training.classifier import load_classifier
+    from feedback_synth.training.evaluate import summary as summary_of
     from feedback_synth.training.train import train_classifier
 
     train = load_split(dataset_url, "train")
@@ -195,47 +333,115 @@ def retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output
                         f"the dataset has {train.class_names[:5]}...")
     model = load_classifier(baseline_model_url).spec.model
     recipe = retrain_recipe(cfg, baseline_model_url)
+    base_recipe = recipe_of(baseline_model_url)
+    val_eval = _val_eval(dataset_url, data_cfg)
+    # the no-synthesis reference: the baseline when the recipes agree; else the baseline's
+    # architecture trained with retraining's recipe on the real images alone (once, in round 1)
+    reference = storage.join(output_url, "reference")
+    if previous_retrained_url:
+        history_so_far = storage.read_json(storage.join(previous_retrained_url, "rounds.json"))
+        reference_metrics = storage.read_json(storage.join(previous_retrained_url, "reference_metrics.json"))
+    else:
+        history_so_far = []
+        if _same_training(recipe, base_recipe, cfg, baseline_model_url):
+            reference_metrics = {**storage.read_json(storage.join(baseline_model_url.rsplit("/", 1)[0], "metrics.json")),
+                                 "source": "baseline"}
+        else:
+            ref_clf, ref_history = train_classifier(train, cfg, model, recipe=recipe, eval_fn=val_eval,
+                                                    desc="reference (no synthesis)")
+            ref = _finish_training("reference", ref_clf, ref_history, dataset_url, reference, cfg, data_cfg,
+                                   {"model": model, "num_synthetic": 0, "recipe": asdict(recipe)})
+            reference_metrics = {**{k: v for k, v in ref.summary.items() if k not in ("model", "recipe")},
+                                 "source": "reference"}
     clf, history = train_classifier(train, cfg, model, synthetic=synthetic, synthetic_fraction=cfg.synthetic_fraction,
-                                    recipe=recipe, on_epoch=on_epoch, eval_fn=_val_eval(dataset_url, data_cfg),
-                                    desc="retrain")
+                                    recipe=recipe, on_epoch=on_epoch, eval_fn=val_eval, desc=f"retrain (round {round_index})")
     result = _finish_training("retrain", clf, history, dataset_url, output_url, cfg, data_cfg,
                               {"model": model, "num_synthetic": len(synthetic), "recipe": asdict(recipe)})
+    rounds = history_so_far + [{"round": round_index, "num_synthetic": len(synthetic),
+                                "test": summary_of(result.summary), "val": (history[-1] if history else {})}]
+    storage.write_json(storage.join(output_url, "rounds.json"), rounds)
+    storage.write_json(storage.join(output_url, "reference_metrics.json"), reference_metrics)
+    result.summary.update(round=round_index, reference=reference_metrics.get("source"))
     result.metrics["num_synthetic"] = float(len(synthetic))
     return result
+
+
+OPTIM_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "augment", "seed")
+
+
+def _same_training(recipe, base_recipe, cfg: RetrainConfig, baseline_model_url: str) -> bool:
+    """Would the baseline's training, with no synthetic image, be retraining's? (loss, tau,
+    sampler and optimiser; the prior only matters once synthetic images are mixed in)"""
+    base = (storage.read_yaml(storage.join(baseline_model_url, "train_config.yaml")) or {}).get("train") or {}
+    same_optim = all(base.get(f) == getattr(cfg, f) for f in OPTIM_FIELDS)
+    return same_optim and (recipe.loss, recipe.tau, recipe.balanced_sampler) == (
+        base_recipe.loss, base_recipe.tau, base_recipe.balanced_sampler)
+
+
+def recipe_of(model_url_: str):
+    """The recipe a checkpoint was trained with (its ``train_config.yaml``)."""
+    from feedback_synth.training.train import Recipe
+
+    saved = storage.read_yaml(storage.join(model_url_, "train_config.yaml")) or {}
+    if "recipe" in saved:
+        return Recipe(**saved["recipe"])
+    train = saved.get("train") or {}
+    return Recipe(train.get("loss", "ce"), float(train.get("tau", 1.0)), bool(train.get("balanced_sampler", False)))
 
 
 REPORT_FILES = ("report.md", "per_class_accuracy.png", "confusion_baseline.png", "confusion_retrained.png")
 
 
 def evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filtered_url: str, output_url: str,
-                 data_cfg: DataConfig) -> StageResult:
+                 data_cfg: DataConfig, overwrite: bool = False) -> StageResult:
     """Compare baseline and retrained models; write ``report.json``, ``report.md`` and the plots."""
+    return run_stage("evaluate", output_url, asdict(data_cfg),
+                     digests(data=dataset_url, baseline=baseline_url, retrained=retrained_url, filtered=filtered_url),
+                     lambda: _evaluate_run(dataset_url, baseline_url, retrained_url, filtered_url, output_url, data_cfg),
+                     overwrite)
+
+
+def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filtered_url: str, output_url: str,
+                  data_cfg: DataConfig) -> StageResult:
     from feedback_synth.pipeline.oracle import fidelity
     from feedback_synth.reporting import plots
     from feedback_synth.reporting.tables import format_report
     from feedback_synth.training.classifier import load_classifier
     from feedback_synth.training.evaluate import summary
 
-    before = storage.read_json(storage.join(baseline_url, "metrics.json"))
+    first = storage.read_json(storage.join(baseline_url, "metrics.json"))
+    reference = storage.read_json(storage.join(retrained_url, "reference_metrics.json"))
     after = storage.read_json(storage.join(retrained_url, "metrics.json"))
+    rounds = storage.read_json(storage.join(retrained_url, "rounds.json"))
     info = load_info(dataset_url)
     synthetic = ImageSet.load(storage.join(filtered_url, "synthetic.npz"))
     filter_report = storage.read_json(storage.join(filtered_url, "filter_report.json"))
     model = load_classifier(model_url(baseline_url)).spec.model
+    recipe = recipe_of(model_url(retrained_url))
     fid = fidelity(dataset_url, synthetic, model, oracle_url=storage.join(output_url, "oracle"))
     storage.write_bytes(storage.join(output_url, "per_class_accuracy.png"), plots.per_class_accuracy(
-        before["per_class"], after["per_class"], info.class_names, info.train_class_counts))
-    for name, m in (("baseline", before), ("retrained", after)):
+        reference["per_class"], after["per_class"], info.class_names, info.train_class_counts,
+        labels=(f"no synthesis ({recipe.loss})", f"with synthesis ({recipe.loss})")))
+    for name, m in (("baseline", reference), ("retrained", after)):
         storage.write_bytes(storage.join(output_url, f"confusion_{name}.png"),
                             plots.confusion_matrix(m["confusion_matrix"], info.class_names, f"{name} (test)"))
-    b, a = summary(before), summary(after)
+    b, a = summary(reference), summary(after)
     report = {"baseline": b, "retrained": a, "delta": {k: v - b[k] for k, v in a.items() if k in b},
-              "generated": filter_report["generated"], "kept": filter_report["kept"], "fidelity": fid,
-              "per_class": {"baseline": before["per_class"], "retrained": after["per_class"]},
+              "recipe": asdict(recipe), "baseline_source": reference.get("source", "baseline"),
+              "first_baseline": summary(first),
+              "generated": filter_report.get("generated_so_far", filter_report["generated"]),
+              "kept": len(synthetic), "readmitted": filter_report.get("readmitted", 0),
+              "starved": filter_report.get("starved", []), "fidelity": fid,
+              "rounds": [{"round": r["round"], "num_synthetic": r["num_synthetic"], **r["test"]} for r in rounds],
+              "per_class": {"baseline": reference["per_class"], "retrained": after["per_class"]},
               "class_names": info.class_names, "train_class_counts": info.train_class_counts}
+    files = list(REPORT_FILES)
+    if len(rounds) > 1:
+        storage.write_bytes(storage.join(output_url, "rounds.png"), plots.rounds_curve(b, report["rounds"]))
+        files.append("rounds.png")
     storage.write_json(storage.join(output_url, "report.json"), report)
     storage.write_text(storage.join(output_url, "report.md"), format_report(report))
     metrics = {**scalar_metrics(b, "baseline_"), **scalar_metrics(a, "retrained_"),
                **scalar_metrics(report["delta"], "delta_"),
                **scalar_metrics({"fidelity": fid, "generated": report["generated"], "kept": report["kept"]})}
-    return StageResult("evaluate", report, metrics, [storage.join(output_url, n) for n in REPORT_FILES])
+    return StageResult("evaluate", report, metrics, [storage.join(output_url, n) for n in files])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import io as _io
-from typing import Optional
+from typing import Any, Optional
 
 import matplotlib
 
@@ -89,4 +89,21 @@ def training_curves(history: list[dict], title: str = "") -> bytes:
         ax2.set_ylim(0, 1)
     ax.set_xlabel("epoch")
     ax.set_title(title)
+    return _png(fig)
+
+
+def rounds_curve(reference: dict[str, float], rounds: list[dict[str, Any]]) -> bytes:
+    """Few-shot (or worst-group) and worst-class test accuracy per round; round 0 = no synthesis."""
+    keys = [k for k in ("few", "worst_group", "worst_class") if k in reference]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = [0] + [r["round"] for r in rounds]
+    for k in keys:
+        ax.plot(x, [reference[k]] + [r.get(k) for r in rounds], marker="o", label=k)
+    ax.set_xticks(x, ["none"] + [str(r["round"]) for r in rounds])
+    ax.set_xlabel("feedback round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("Accuracy per round of feedback")
     return _png(fig)

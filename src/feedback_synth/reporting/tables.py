@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from feedback_synth import storage
+from feedback_synth.config import METRICS
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -11,16 +12,32 @@ def _fmt(v: Optional[float]) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The baseline vs retrained table (Markdown, also readable in a terminal)."""
-    keys = [k for k in ("overall", "many", "medium", "few", "worst_class", "average_group", "worst_group")
-            if k in report["baseline"]]
+    """Was synthesis worth it? The same recipe without and with synthesis, side by side, and their
+    difference; then the rounds (if any) and the synthetic images (Markdown, readable in a terminal)."""
+    keys = [k for k in METRICS if k in report["baseline"]]
+    loss = (report.get("recipe") or {}).get("loss", "ce")
     lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name in ("baseline", "retrained"):
-        lines.append(f"| {name} | " + " | ".join(_fmt(report[name].get(k)) for k in keys) + " |")
-    lines.append("| delta | " + " | ".join(f"{report['delta'][k]:+.3f}" if k in report["delta"] else "-" for k in keys) + " |")
+    if report.get("baseline_source") == "reference":
+        lines.append("| baseline (its own recipe) | " + " | ".join(_fmt(report["first_baseline"].get(k)) for k in keys)
+                     + " |")
+    lines.append(f"| no synthesis ({loss}) | " + " | ".join(_fmt(report["baseline"].get(k)) for k in keys) + " |")
+    rounds = report.get("rounds") or []
+    if len(rounds) > 1:
+        for r in rounds[:-1]:
+            lines.append(f"| round {r['round']} ({r['num_synthetic']} synthetic) | "
+                         + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+    lines.append(f"| with synthesis ({loss}) | " + " | ".join(_fmt(report["retrained"].get(k)) for k in keys) + " |")
+    lines.append("| difference | " + " | ".join(f"{report['delta'][k]:+.3f}" if k in report["delta"] else "-"
+                                                for k in keys) + " |")
     fid = report.get("fidelity")
-    lines += ["", f"synthetic images: {report['generated']} generated, {report['kept']} kept"
-              + (f"; fidelity (oracle agrees with the intended class): {fid:.3f}" if fid is not None else "")]
+    line = f"synthetic images: {report['generated']} generated, {report['kept']} kept"
+    if report.get("readmitted"):
+        line += f" ({report['readmitted']} re-admitted for starved classes)"
+    if fid is not None:
+        line += f"; fidelity (oracle agrees with the intended class): {fid:.3f}"
+    lines += ["", line]
+    if report.get("starved"):
+        lines.append(f"warning: classes {', '.join(report['starved'])} kept too few synthetic images (see filter_table.md)")
     return "\n".join(lines) + "\n"
 
 

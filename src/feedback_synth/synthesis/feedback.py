@@ -37,7 +37,8 @@ def fit_class_stats(feats: np.ndarray, labels: np.ndarray, num_classes: int, shr
     est.fit(centred)
     used = float(est.shrinkage_) if shrinkage < 0 else float(shrinkage)
     precision = torch.from_numpy(est.precision_).float()
-    stats = ClassStats(torch.from_numpy(means).float(), precision, used, {})
+    counts = np.bincount(labels, minlength=num_classes).tolist()
+    stats = ClassStats(torch.from_numpy(means).float(), precision, used, {}, counts, reference is not None)
     ref_feats, ref_labels = reference if reference is not None else (feats, labels)
     d = stats.mahalanobis_sq(torch.from_numpy(ref_feats).float(), torch.from_numpy(ref_labels)).numpy()
     stats.real_distances = {c: np.sort(d[ref_labels == c]) for c in range(num_classes)}
@@ -47,12 +48,14 @@ def fit_class_stats(feats: np.ndarray, labels: np.ndarray, num_classes: int, shr
 def save_class_stats(stats: ClassStats, url: str) -> None:
     storage.write_bytes(storage.join(url, "class_stats.safetensors"), st_save({"means": stats.means.contiguous(),
                                                                       "precision": stats.precision.contiguous()}))
-    storage.write_json(storage.join(url, "class_stats.json"), {"shrinkage": stats.shrinkage,
-                                                      "real_distances": {str(c): v.tolist() for c, v in stats.real_distances.items()}})
+    storage.write_json(storage.join(url, "class_stats.json"), {
+        "shrinkage": stats.shrinkage, "train_counts": stats.train_counts, "held_out": stats.held_out,
+        "real_distances": {str(c): v.tolist() for c, v in stats.real_distances.items()}})
 
 
 def load_class_stats(url: str) -> ClassStats:
     tensors = st_load(storage.read_bytes(storage.join(url, "class_stats.safetensors")))
     meta = storage.read_json(storage.join(url, "class_stats.json"))
     return ClassStats(tensors["means"], tensors["precision"], meta["shrinkage"],
-                      {int(c): np.array(v) for c, v in meta["real_distances"].items()})
+                      {int(c): np.array(v) for c, v in meta["real_distances"].items()},
+                      meta.get("train_counts", []), meta.get("held_out", True))

@@ -1,0 +1,54 @@
+"""Resume what is done, refuse what is stale: every stage runs through ``run_stage``.
+
+Every stage output folder ends with ``_STAGE.json``, written last: the stage's fingerprint (its
+name, its config, the digests of its inputs and the code version) and its ``StageResult``. A stage
+asked to write where a finished output with the same fingerprint already is returns that result
+without redoing the work (a re-run resumes). One with another fingerprint was made from other
+inputs or settings: the stage refuses, naming what changed, unless told to ``overwrite``. Shards
+carry the same kind of fingerprint in their ``_SUCCESS`` (``generation.shards``); the
+fingerprints themselves: ``feedback_synth.fingerprints``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+from feedback_synth import storage
+from feedback_synth.fingerprints import MARKER, StaleOutputError, explain_change, fingerprint, input_digest, read_marker
+from feedback_synth.pipeline.result import StageResult
+
+
+def digests(**urls: Optional[str]) -> dict[str, str]:
+    """``{name: input_digest(URL)}`` for the inputs that are given (None: not an input)."""
+    return {name: input_digest(url) for name, url in urls.items() if url}
+
+
+def run_stage(stage: str, output_url: str, config: dict[str, Any], inputs: dict[str, str],
+              work: Callable[[], StageResult], overwrite: bool = False) -> StageResult:
+    """Run ``work`` (which writes ``output_url``) unless that output is done with this fingerprint.
+
+    Args:
+        stage: the stage's name.
+        output_url: its output folder.
+        config: its config (and any argument that changes its output), as plain data.
+        inputs: ``{name: digest}`` of what it reads (``digests(name=URL, ...)``).
+        work: does the stage's work and returns its result.
+        overwrite: redo a finished output made with another fingerprint instead of refusing.
+
+    Returns the result, from the marker when the output was done already (``summary['resumed']``).
+    """
+    fp = fingerprint(stage, config, inputs)
+    marker = read_marker(output_url)
+    if marker is not None:
+        if marker["digest"] == fp["digest"]:
+            result = StageResult.from_dict(marker["result"])
+            result.summary["resumed"] = True
+            return result
+        if not overwrite:
+            raise StaleOutputError(f"{output_url} holds a finished '{stage}' made differently ({explain_change(marker, fp)}); "
+                                   f"write elsewhere, or pass --overwrite to redo it")
+        storage.remove(storage.join(output_url, MARKER))
+    result = work()
+    storage.write_json(storage.join(output_url, MARKER), {**fp, "result": result.to_dict(),
+                                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return result

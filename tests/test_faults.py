@@ -1,0 +1,343 @@
+"""Fault injection: bad input gets a one-line error naming the file, field or class, and loses nothing."""
+from __future__ import annotations
+
+import io as _io
+import logging
+import socket
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from feedback_synth import storage
+from feedback_synth.config import DataConfig
+from feedback_synth.data.imageset import load_info, load_split
+from feedback_synth.data.prepare import prepare_dataset, scan_dataset
+from feedback_synth.data.sources import load_url_dataset
+from feedback_synth.errors import DataError
+
+SOURCES_LOGGER = "feedback_synth.data.sources"
+
+
+def _png(value: int, size: int = 12, mode: str = "L") -> bytes:
+    """A small image: grey content (value with a lighter patch), saved in ``mode``."""
+    arr = np.full((size, size), value, np.uint8)
+    arr[2:6, 3:9] = 255 - value
+    buf = _io.BytesIO()
+    Image.fromarray(arr, "L").convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _colour_png(size: int = 12, mode: str = "RGB") -> bytes:
+    arr = np.zeros((size, size, 3), np.uint8)
+    arr[..., 0], arr[..., 2] = 200, 40  # red-ish: its bands differ
+    buf = _io.BytesIO()
+    Image.fromarray(arr, "RGB").convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _class_folders(root: str, counts: dict[str, dict[str, int]]) -> None:
+    for split, per_class in counts.items():
+        for cls, n in per_class.items():
+            for i in range(n):
+                storage.write_bytes(storage.join(root, split, cls, f"{i}.png"), _png(10 * i + len(cls)))
+
+
+def _split_files(root: str, train: list[str], test: list[str], images: tuple[str, ...] = ("x.png",)) -> None:
+    for name in images:
+        storage.write_bytes(storage.join(root, name), _png(7))
+    storage.write_text(storage.join(root, "train.txt"), "\n".join(train) + "\n")
+    storage.write_text(storage.join(root, "test.txt"), "\n".join(test) + "\n")
+
+
+def _metadata_csv(root: str, rows: list[str], images: tuple[str, ...] = ("x.png",)) -> None:
+    for name in images:
+        storage.write_bytes(storage.join(root, name), _png(7))
+    storage.write_text(storage.join(root, "metadata.csv"), "\n".join(["path,label,group,split", *rows]) + "\n")
+
+
+def _assert_nothing_written(url: str) -> None:
+    fs, path = storage.fs_and_path(url)
+    assert not fs.exists(path) or not fs.ls(path), f"output written for a refused dataset: {fs.ls(path)}"
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+# --- paths escape the dataset root
+
+
+@pytest.fixture
+def outside(memory_url):
+    """A dataset root ``memory_url/a/src`` with a real image two levels above it (``../../outside.png``)."""
+    storage.write_bytes(storage.join(memory_url, "outside.png"), _png(99))
+    return memory_url + "/a/src"
+
+
+def test_split_file_path_leaving_the_root_is_refused(outside, memory_url):
+    _split_files(outside, ["x.png 0", "x.png 1", "../../outside.png 2"], ["x.png 0"])
+    storage.write_text(storage.join(outside, "classes.txt"), "a\nb\nc\n")
+    with pytest.raises(DataError) as exc:
+        prepare_dataset(DataConfig(dataset=outside), memory_url + "/out")
+    assert _one_line(exc) == f"{outside}/train.txt:3: path '../../outside.png' leaves the dataset root {outside}"
+    _assert_nothing_written(memory_url + "/out")
+
+
+def test_metadata_csv_path_leaving_the_root_is_refused(outside, memory_url):
+    _metadata_csv(outside, ["x.png,cat,land,train", "x.png,dog,land,train", "../../outside.png,dog,land,test"])
+    with pytest.raises(DataError) as exc:
+        prepare_dataset(DataConfig(dataset=outside), memory_url + "/out")
+    assert _one_line(exc) == f"{outside}/metadata.csv:4: path '../../outside.png' leaves the dataset root {outside}"
+    _assert_nothing_written(memory_url + "/out")
+
+
+def test_etc_passwd_is_refused_for_its_path_not_as_a_bad_image(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.png").write_bytes(_png(7))
+    (src / "train.txt").write_text("x.png 0\nx.png 1\n../../../../etc/passwd 0\n")
+    (src / "test.txt").write_text("x.png 0\n")
+    refused = r"train.txt:3: path '\.\./\.\./\.\./\.\./etc/passwd' leaves the dataset root"
+    with pytest.raises(DataError, match=refused) as exc:
+        prepare_dataset(DataConfig(dataset=str(src)), str(tmp_path / "out"))
+    assert "image" not in _one_line(exc)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "gs://other-bucket/x.png", "file:///etc/passwd", "memory://x.png",
+                                  "x.png::/etc/passwd"])
+def test_absolute_paths_and_other_schemes_are_refused(memory_url, path):
+    src = memory_url + "/src"
+    _split_files(src, ["x.png 0", f"{path} 1"], ["x.png 0"])
+    refused = r"train.txt:2: path '.*' is absolute or a URL; image paths must be relative"
+    with pytest.raises(DataError, match=refused) as exc:
+        prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
+    assert path in _one_line(exc)
+    _assert_nothing_written(memory_url + "/out")
+
+
+def test_dot_dot_that_stays_inside_the_root_is_normalised(memory_url):
+    src = memory_url + "/src"
+    _split_files(src, ["sub/../x.png 0", "./x.png 1"], ["x.png 0"])
+    prepare_dataset(DataConfig(dataset=src, image_size=8), memory_url + "/out")
+    assert load_split(memory_url + "/out", "train").ids.tolist() == [f"{src}/x.png"] * 2
+
+
+# --- channels decided from the whole train split
+
+
+def test_one_stray_rgba_file_keeps_a_grey_dataset_grey(memory_url, caplog):
+    """The stray file sorts first (it used to decide alone): its grey content is grey, with one warning."""
+    src = memory_url + "/src"
+    _class_folders(src, {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
+    storage.write_bytes(storage.join(src, "train", "a", "00-stray.png"), _png(50, mode="RGBA"))
+    with caplog.at_level(logging.WARNING, logger=SOURCES_LOGGER):
+        info = prepare_dataset(DataConfig(dataset=src, image_size=8), memory_url + "/out")
+    assert info.image_shape == [8, 8, 1]
+    assert load_split(memory_url + "/out", "test").images.shape[-1] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.name == SOURCES_LOGGER and r.levelno == logging.WARNING]
+    assert warnings == [(f"dataset {src} mixes image modes (L: 8, RGBA: 1): converted 1 image (1 RGBA) "
+                         "to 1 channel (L)")]
+
+
+def test_a_colour_image_makes_the_dataset_rgb_with_one_warning(memory_url, caplog):
+    src = memory_url + "/src"
+    _class_folders(src, {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
+    storage.write_bytes(storage.join(src, "train", "b", "zz-colour.png"), _colour_png(mode="RGBA"))
+    with caplog.at_level(logging.WARNING, logger=SOURCES_LOGGER):
+        info = prepare_dataset(DataConfig(dataset=src, image_size=8), memory_url + "/out")
+    assert info.image_shape == [8, 8, 3]
+    test = load_split(memory_url + "/out", "test")
+    assert test.images.shape[-1] == 3 and (test.images[..., 0] == test.images[..., 2]).all()  # grey kept grey
+    warnings = [r.getMessage() for r in caplog.records if r.name == SOURCES_LOGGER]
+    assert len(warnings) == 1 and "converted 9 images (8 L, 1 RGBA) to 3 channels (RGB)" in warnings[0], warnings
+
+
+def test_channels_3_forces_rgb(memory_url, caplog):
+    src = memory_url + "/src"
+    _class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    with caplog.at_level(logging.WARNING, logger=SOURCES_LOGGER):
+        info = prepare_dataset(DataConfig(dataset=src, image_size=8, channels=3), memory_url + "/out")
+    assert info.image_shape == [8, 8, 3]
+    assert not [r for r in caplog.records if r.name == SOURCES_LOGGER]  # one mode: nothing to warn about
+
+
+def test_channels_1_forces_grey_on_a_colour_dataset(memory_url):
+    src = memory_url + "/src"
+    for split, n in (("train", 2), ("test", 1)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                storage.write_bytes(storage.join(src, split, cls, f"{i}.png"), _colour_png())
+    assert prepare_dataset(DataConfig(dataset=src, image_size=8), memory_url + "/auto").image_shape == [8, 8, 3]
+    grey = prepare_dataset(DataConfig(dataset=src, image_size=8, channels=1), memory_url + "/grey")
+    assert grey.image_shape == [8, 8, 1]
+
+
+# --- fewer than 2 classes
+
+
+def _one_class_layouts(root: str) -> dict[str, str]:
+    """The same one-class dataset in every layout; returns layout -> URL."""
+    urls = {k: f"{root}/{k}" for k in ("class-folders", "split-files", "metadata-csv", "domain-folders")}
+    _class_folders(urls["class-folders"], {"train": {"cat": 3}, "test": {"cat": 1}})
+    _split_files(urls["split-files"], ["x.png 0", "x.png 0"], ["x.png 0"])
+    storage.write_text(storage.join(urls["split-files"], "classes.txt"), "cat\n")
+    _metadata_csv(urls["metadata-csv"], ["x.png,cat,land,train", "x.png,cat,land,test"])
+    for i in range(5):
+        storage.write_bytes(storage.join(urls["domain-folders"], "grass", "cat", f"{i}.png"), _png(i))
+    return urls
+
+
+@pytest.mark.parametrize("layout", ["class-folders", "split-files", "metadata-csv", "domain-folders"])
+def test_a_single_class_dataset_is_refused(memory_url, layout):
+    url = _one_class_layouts(memory_url + "/src")[layout]
+    with pytest.raises(DataError, match=rf"dataset {url}: only one class \('cat'\) in .*; a classifier needs at "
+                                        "least 2 classes") as exc:
+        prepare_dataset(DataConfig(dataset=url), memory_url + "/out")
+    _one_line(exc)
+    _assert_nothing_written(memory_url + "/out")
+    with pytest.raises(DataError, match="only one class"):
+        scan_dataset(url, DataConfig())
+
+
+# --- one assembly path: every layout's rows become the same checked dataset
+
+
+def test_layouts_agree(memory_url):
+    """The same images as class folders, split files and metadata.csv give the same labels and pixels."""
+    base = memory_url + "/src"
+    folders, split_files, csv = base + "/folders", base + "/txt", base + "/csv"
+    _class_folders(folders, {"train": {"a": 2, "b": 3}, "test": {"a": 1, "b": 1}})
+    lines: dict[str, list[str]] = {"train": [], "test": []}
+    csv_rows = []
+    for split, per_class in (("train", {"a": 2, "b": 3}), ("test", {"a": 1, "b": 1})):
+        for y, (cls, n) in enumerate(per_class.items()):
+            for i in range(n):
+                data = _png(10 * i + len(cls))
+                for root in (split_files, csv):
+                    storage.write_bytes(storage.join(root, split, cls, f"{i}.png"), data)
+                lines[split].append(f"{split}/{cls}/{i}.png {y}")
+                csv_rows.append(f"{split}/{cls}/{i}.png,{cls},all,{split}")
+    for split, ls in lines.items():
+        storage.write_text(storage.join(split_files, f"{split}.txt"), "\n".join(ls) + "\n")
+    storage.write_text(storage.join(split_files, "classes.txt"), "a\nb\n")
+    _metadata_csv(csv, csv_rows, images=())
+    cfg = DataConfig(image_size=8)
+    loaded = {root: load_url_dataset(root, cfg) for root in (folders, split_files, csv)}
+    for root, splits in loaded.items():
+        for split in ("train", "test"):
+            ref = loaded[folders][split]
+            assert splits[split].class_names == ["a", "b"] and splits[split].group_names == ["all"], root
+            assert splits[split].labels.tolist() == ref.labels.tolist(), (root, split)
+            assert np.array_equal(splits[split].images, ref.images), (root, split)
+    assert {s["layout"] for s in (scan_dataset(r, cfg) for r in loaded)} == {"class-folders", "split-files",
+                                                                               "metadata-csv"}
+
+
+# --- a structural check without reading images
+
+
+def test_scan_dataset_summarises_without_reading_images(memory_url):
+    src = memory_url + "/src"
+    storage.write_bytes(storage.join(src, "img", "broken.png"), b"not an image at all")
+    storage.write_text(storage.join(src, "train.txt"), "img/broken.png 0 land\nimg/broken.png 1 water\n")
+    storage.write_text(storage.join(src, "test.txt"), "img/broken.png 0 land\n")
+    storage.write_text(storage.join(src, "classes.txt"), "a\nb\n")
+    summary = scan_dataset(src, DataConfig())
+    assert summary == {"dataset": src, "layout": "split-files", "splits": ["train", "test"], "num_classes": 2,
+                       "images": {"train": 2, "test": 1}, "groups": ["land", "water"]}
+    with pytest.raises(DataError, match="corrupt or unreadable image"):  # the pixels are the prepare stage's
+        prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
+
+
+def test_scan_dataset_of_builtins():
+    summary = scan_dataset("digits-lt", DataConfig())
+    assert summary["layout"] == "built-in" and summary["num_classes"] == 10 and "test" in summary["splits"]
+    assert summary["groups"] == ["all"]
+    assert scan_dataset("digits-groups", DataConfig())["groups"] == ["red", "green", "blue"]
+    with pytest.raises(DataError, match="unknown dataset 'digits-xx'"):
+        scan_dataset("digits-xx", DataConfig())
+
+
+def test_scan_dataset_refuses_what_prepare_refuses(memory_url, outside):
+    cfg = DataConfig()
+    with pytest.raises(DataError, match="dataset not found: memory://nowhere"):
+        scan_dataset("memory://nowhere", cfg)
+    src = memory_url + "/no-test"
+    _class_folders(src, {"train": {"a": 2, "b": 2}})
+    with pytest.raises(DataError, match=rf"dataset {src}: no test split \({src}/test\)"):
+        scan_dataset(src, cfg)
+    src = memory_url + "/unknown"
+    _class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "zebra": 1}})
+    with pytest.raises(DataError, match=rf"{src}/test/zebra: class 'zebra' in split 'test' is not in the class list"):
+        scan_dataset(src, cfg)
+    src = memory_url + "/empty"
+    _split_files(src, ["x.png 0", "x.png 2"], ["x.png 0"])
+    storage.write_text(storage.join(src, "classes.txt"), "a\nb\nc\n")
+    with pytest.raises(DataError, match=rf"dataset {src}: empty class 'b' \(label 1\) has no training images"):
+        scan_dataset(src, cfg)
+    _split_files(outside, ["x.png 0", "../../outside.png 1"], ["x.png 0"])
+    with pytest.raises(DataError, match=r"train.txt:2: path '../../outside.png' leaves the dataset root"):
+        scan_dataset(outside, cfg)
+
+
+def test_unreadable_split_and_metadata_files_are_named(memory_url):
+    cfg = DataConfig()
+    src = memory_url + "/latin1"
+    _split_files(src, ["x.png 0", "x.png 1"], ["x.png 0"])
+    storage.write_bytes(storage.join(src, "test.txt"), "caf\xe9.png 0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=rf"^{src}/test.txt: cannot read \(UnicodeDecodeError: "):
+        scan_dataset(src, cfg)
+    src = memory_url + "/dup"
+    _split_files(src, ["x.png 0", "x.png 1"], ["x.png 0"])
+    storage.write_text(storage.join(src, "classes.txt"), "cat\ndog\ncat\n")
+    with pytest.raises(DataError, match=rf"{src}/classes.txt:3: class 'cat' repeats line 1"):
+        scan_dataset(src, cfg)
+    src = memory_url + "/short"
+    _metadata_csv(src, ["x.png,cat,land,train", "x.png,dog"])
+    with pytest.raises(DataError, match=rf"{src}/metadata.csv:3: expected 4 fields \(path, label, group, split\), "
+                                        "got 2"):
+        scan_dataset(src, cfg)
+    src = memory_url + "/bom"  # a spreadsheet's byte-order mark is not part of the first column's name
+    _metadata_csv(src, ["x.png,cat,land,train", "x.png,dog,land,train", "x.png,cat,land,test"])
+    csv_url = storage.join(src, "metadata.csv")
+    storage.write_bytes(csv_url, b"\xef\xbb\xbf" + storage.read_bytes(csv_url))
+    assert scan_dataset(src, cfg)["num_classes"] == 2
+
+
+# --- an offline gs:// dataset
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on return: nothing listens there
+
+
+def test_unreachable_gcs_dataset_is_one_line_after_the_timeout(monkeypatch):
+    import fsspec
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setitem(fsspec.config.conf, "gs", {"token": "anon", "project": "test"})
+    url = "gs://offline-bucket-feedback-synth/x"
+    for call in (lambda: scan_dataset(url, DataConfig(dataset=url), timeout_s=1),
+                 lambda: load_url_dataset(url, DataConfig(dataset=url), timeout_s=1)):
+        start = time.monotonic()
+        with pytest.raises(DataError) as exc:
+            call()
+        assert time.monotonic() - start < 5
+        assert _one_line(exc) == (f"dataset {url} cannot be reached (no answer; check the network and credentials) "
+                                  "after 1 s")
+
+
+def test_prepared_info_is_unchanged_by_the_checks(memory_url):
+    """The checks change nothing for a good dataset: shape, classes and counts as before."""
+    src = memory_url + "/src"
+    _class_folders(src, {"train": {"cat": 5, "dog": 2}, "test": {"cat": 2, "dog": 2}})
+    prepare_dataset(DataConfig(dataset=src, image_size=8), memory_url + "/out")
+    info = load_info(memory_url + "/out")
+    assert info.class_names == ["cat", "dog"] and info.train_class_counts == [5, 2] and info.image_shape == [8, 8, 1]
