@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from feedback_synth.generation.performance import ensure_sdpa  # noqa: E402
 from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices  # noqa: E402
 
-IMAGENET_LT_IMAGES = 1_184_154  # the reference rule's full plan on ImageNet-LT (DESIGN: how many to generate)
+IMAGENET_LT_IMAGES = 1_184_154  # the reference rule's full plan on ImageNet-LT (docs/method.md: how many to generate)
 SCHEDULES = ((None, None), (1, True), (1, False), (5, True), (5, False), (10, True), (10, False))
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "generation_throughput.md")
 
@@ -533,7 +533,7 @@ def projection(rows: list[Row], gpus: list[int]) -> str:
         through = "-" if r.through_unet is None else ("yes" if r.through_unet else "no")
         lines.append(f"| {r.model} | {r.schedule} | {through} | {r.per_image:.3f} | {hours:,.0f} | "
                      + " | ".join(f"{hours / n:,.1f}" for n in gpus) + " |")
-    return (f"Full ImageNet-LT plan: {IMAGENET_LT_IMAGES:,} images (DESIGN: how many to generate), from the "
+    return (f"Full ImageNet-LT plan: {IMAGENET_LT_IMAGES:,} images (docs/method.md: how many to generate), from the "
             "measured batch-8 per-image times above:\n\n" + "\n".join(lines))
 
 

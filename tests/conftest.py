@@ -1,6 +1,11 @@
 """Shared fixtures: the built-in data, tiny models built from config, a local Cloud Storage emulator."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/builders.py
+
 import os
 import socket
 import subprocess
@@ -44,27 +49,18 @@ def prepared(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_classifier(digits, tmp_path_factory):
     """A small timm classifier trained briefly on digits-lt, saved as a checkpoint folder."""
-    from feedback_synth.config import RetrainConfig
-    from feedback_synth.training.classifier import save_classifier
-    from feedback_synth.training.train import train_classifier
+    from builders import build_small_classifier
 
-    clf, _ = train_classifier(digits["train"], RetrainConfig(epochs=8, seed=0), "test_resnet")
     url = str(tmp_path_factory.mktemp("clf"))
-    save_classifier(clf, url)
-    return clf, url
+    return build_small_classifier(digits["train"], url), url
 
 
 @pytest.fixture(scope="session")
 def tiny_generator(tmp_path_factory):
     """A random-weight class-conditional pixel generator folder (tiny UNet built from config)."""
-    from diffusers import UNet2DModel
+    from builders import build_tiny_pixel_generator
 
-    from feedback_synth.generation.bundled import save_generator, unet_config
-
-    url = str(tmp_path_factory.mktemp("gen"))
-    torch.manual_seed(0)
-    save_generator(UNet2DModel(**unet_config(16, 1, 10, (8, 16))), url, {"note": "random weights for tests"})
-    return url
+    return build_tiny_pixel_generator(str(tmp_path_factory.mktemp("gen")))
 
 
 def _free_port() -> int:
@@ -130,3 +126,11 @@ def memory_url():
     fs = fsspec.filesystem("memory")
     if fs.exists(url):
         fs.rm(url, recursive=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that starts a real MLflow server carries the ``mlflow_server`` marker, whether or not
+    its author remembered it (the server takes ~15 s to start: ``-m "not mlflow_server"`` skips them)."""
+    for item in items:
+        if {"mlflow_server", "pg_mlflow_server"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mlflow_server)

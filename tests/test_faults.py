@@ -341,3 +341,211 @@ def test_prepared_info_is_unchanged_by_the_checks(memory_url):
     prepare_dataset(DataConfig(dataset=src, image_size=8), memory_url + "/out")
     info = load_info(memory_url + "/out")
     assert info.class_names == ["cat", "dog"] and info.train_class_counts == [5, 2] and info.image_shape == [8, 8, 1]
+
+
+# --- stale outputs are never reused silently
+
+
+def _stage_inputs(prepared, small_classifier, tmp_path):
+    from feedback_synth.config import FeedbackConfig
+    from feedback_synth.pipeline import stages
+
+    fb = str(tmp_path / "feedback")
+    stages.extract_feedback(prepared, small_classifier[1], fb, FeedbackConfig(budget_fraction=0.05, shard_size=8))
+    return fb
+
+
+def test_a_finished_stage_with_the_same_fingerprint_is_resumed_and_another_is_refused(prepared, tmp_path):
+    from feedback_synth.config import TrainConfig
+    from feedback_synth.pipeline import stages
+    from feedback_synth.pipeline.resume import StaleOutputError
+
+    out = str(tmp_path / "baseline")
+    cfg = TrainConfig(model="test_resnet", epochs=1)
+    first = stages.train_baseline(prepared, out, cfg, DataConfig())
+    weights = tmp_path / "baseline" / "model" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again = stages.train_baseline(prepared, out, cfg, DataConfig())
+    assert again.summary["resumed"] and again.metrics == first.metrics and weights.stat().st_mtime_ns == stamp
+    with pytest.raises(StaleOutputError) as err:
+        stages.train_baseline(prepared, out, TrainConfig(model="test_resnet", epochs=2, loss="balanced_softmax"),
+                              DataConfig())
+    msg = _one_line(err)
+    assert "train_baseline config train.epochs: 1 -> 2" in msg and "train.loss: 'ce' -> 'balanced_softmax'" in msg
+    assert weights.stat().st_mtime_ns == stamp  # nothing overwritten
+    redone = stages.train_baseline(prepared, out, TrainConfig(model="test_resnet", epochs=2), DataConfig(),
+                                   overwrite=True)
+    assert "resumed" not in redone.summary and weights.stat().st_mtime_ns != stamp
+
+
+def test_a_shard_made_with_another_config_is_refused_and_counts_are_checked(prepared, small_classifier,
+                                                                              tiny_generator, tmp_path):
+    from feedback_synth.config import GenerateConfig
+    from feedback_synth.generation.shards import load_generated, shard_url
+    from feedback_synth.pipeline import stages
+    from feedback_synth.pipeline.resume import StaleOutputError
+    from feedback_synth.synthesis.plan import GenerationPlan
+
+    fb = _stage_inputs(prepared, small_classifier, tmp_path)
+    gen = str(tmp_path / "generated")
+    cfg = GenerateConfig(generator=tiny_generator, num_inference_steps=2, batch_size=8)
+    stages.generate(prepared, small_classifier[1], fb, gen, cfg, shard_ids=[0])
+    with pytest.raises(StaleOutputError) as err:
+        stages.generate(prepared, small_classifier[1], fb, gen, GenerateConfig(
+            generator=tiny_generator, num_inference_steps=2, batch_size=8, criterion="loss", seed=7), shard_ids=[0])
+    msg = _one_line(err)
+    assert "generate.criterion: 'entropy' -> 'loss'" in msg and "generate.seed: 0 -> 7" in msg
+    stages.generate(prepared, small_classifier[1], fb, gen, cfg)  # the rest of the plan, same config
+    plan = GenerationPlan.load(f"{fb}/plan.json")
+    train = load_split(prepared, "train")
+    url = shard_url(gen, 0)
+    rows = storage.read_text(f"{url}/metadata.csv").splitlines()
+    storage.write_text(f"{url}/metadata.csv", "\n".join(rows[:-1]) + "\n")  # one row lost
+    with pytest.raises(DataError, match="shard 0 of the plan has"):
+        load_generated(gen, plan, train)
+
+
+def test_generate_with_another_runs_data_or_an_unknown_shard_is_one_line(prepared, small_classifier, tiny_generator,
+                                                                          tmp_path, capsys):
+    from feedback_synth.cli.main import main
+
+    fb = _stage_inputs(prepared, small_classifier, tmp_path)
+    sets = ["--set", f"generate.generator={tiny_generator}", "--set", "generate.num_inference_steps=2"]
+    base = ["generate", "--model", small_classifier[1], "--feedback", fb, "--output", str(tmp_path / "gen"), *sets]
+    assert main([*base, "--data", prepared, "--shard", "99"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shard 99 is not in the plan" in err
+    other = str(tmp_path / "groups-data")
+    assert main(["prepare-data", "--dataset", "digits-groups", "--output", other]) == 0
+    capsys.readouterr()
+    assert main([*base, "--data", other]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was made from another dataset" in err
+
+
+# --- found late: checked before any training
+
+
+def _broken_generator(tmp_path, tiny_generator, keep: str) -> str:
+    import shutil
+
+    folder = tmp_path / f"gen-{keep.replace('/', '-')}"
+    shutil.copytree(tiny_generator, folder)
+    if keep == "no unet":
+        shutil.rmtree(folder / "unet")
+    elif keep == "unet config only":
+        for f in (folder / "unet").iterdir():
+            if f.name != "config.json":
+                f.unlink()
+    return str(folder)
+
+
+@pytest.mark.parametrize("keep, message", [
+    ("no unet", "is not a diffusers model of a kind this project knows"),
+    ("unet config only", "unet/ has no weight file"),
+])
+def test_a_broken_generator_folder_stops_the_run_before_anything_is_written(tmp_path, tiny_generator, capsys,
+                                                                             keep, message):
+    from feedback_synth.cli.main import main
+
+    folder = _broken_generator(tmp_path, tiny_generator, keep)
+    out = tmp_path / "run"
+    rc = main(["run", "--output", str(out), "--set", f"generate.generator={folder}", "--set", "tracking.enabled=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_a_generator_for_other_classes_is_refused_before_training(tmp_path, capsys):
+    from builders import build_tiny_pixel_generator
+
+    from feedback_synth.cli.main import main
+
+    folder = build_tiny_pixel_generator(str(tmp_path / "gen7"), num_conditions=7)
+    rc = main(["run", "--output", str(tmp_path / "run"), "--set", f"generate.generator={folder}",
+               "--set", "tracking.enabled=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is conditioned on 7 classes; the dataset has 10 classes" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuad", "'cuad' is not a torch device"),
+    ("cuda:7", "cuda:7"),
+])
+def test_devices_are_checked_before_any_work(tmp_path, capsys, device, message):
+    import torch
+
+    from feedback_synth.cli.main import main
+
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 CUDA devices")
+    rc = main(["run", "--output", str(tmp_path / "run"), "--set", f"train.device={device}",
+               "--set", "tracking.enabled=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "config field 'train.device'" in err and message in err and not (tmp_path / "run").exists()
+
+
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys):
+    from feedback_synth.cli.main import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    rc = main(["run", "--output", str(blocker / "run"), "--set", "tracking.enabled=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write to the output folder" in err and err.count("\n") == 1
+
+
+# --- silent wrong results
+
+
+def test_filters_that_drop_every_image_stop_with_their_reasons(prepared, small_classifier, tiny_generator, tmp_path):
+    from feedback_synth.config import FilterConfig, GenerateConfig
+    from feedback_synth.pipeline import stages
+
+    fb = _stage_inputs(prepared, small_classifier, tmp_path)
+    gen = str(tmp_path / "generated")
+    stages.generate(prepared, small_classifier[1], fb, gen, GenerateConfig(generator=tiny_generator,
+                                                                            num_inference_steps=2))
+    strict = FilterConfig(filters=["degenerate", "off_support"], support_margin=1e-6, min_kept_fraction=0.0)
+    out = tmp_path / "filtered"
+    with pytest.raises(DataError) as err:
+        stages.filter_synthetic(prepared, small_classifier[1], fb, gen, str(out), strict)
+    msg = _one_line(err)
+    assert "the filters dropped all" in msg and "off_support" in msg and "filter_report.json" in msg
+    assert (out / "filter_report.json").exists() and not (out / "synthetic.npz").exists()
+    assert not (out / "_STAGE.json").exists()  # not a finished stage: nothing downstream can use it
+
+
+# --- MLflow runs left RUNNING; signals
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(15, 143), (2, 130)])
+def test_sigterm_and_sigint_close_the_runs_failed_with_one_line(tmp_path, tiny_generator, sig, code):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    out = tmp_path / "run"
+    sets = [a for s in ("train.epochs=200", f"generate.generator={tiny_generator}") for a in ("--set", s)]
+    proc = subprocess.Popen([sys.executable, "-m", "feedback_synth.cli", "run", "--output", str(out), *sets],
+                            env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    record = out / "run.json"
+    deadline = time.time() + 300
+    while not record.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # in the baseline's training
+    proc.send_signal(signal.Signals(sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("feedback-synth: ") and "MLflow run" not in line]
+    assert lines[-1].startswith(("feedback-synth: terminated (SIGTERM)", "feedback-synth: interrupted (SIGINT)"))
+    assert "Traceback" not in err
+    client = MlflowClient(f"sqlite:///{out}/mlflow/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("feedback-synth").experiment_id])
+    assert runs and {r.info.status for r in runs} == {"FAILED"} | ({"FINISHED"} & {r.info.status for r in runs})
+    assert "RUNNING" not in {r.info.status for r in runs}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_unclip import build_tiny_unclip_model
+from builders import build_tiny_text_model, build_tiny_unclip_model
 
 from feedback_synth import storage
 from feedback_synth.config import FeedbackConfig, GenerateConfig
@@ -342,7 +342,6 @@ def test_latents_and_scheduler_stay_float32_with_a_bfloat16_unet(tiny_generator,
                                                                   digits, monkeypatch, tmp_path):
     """bf16 weights speed up the UNet; the scheduler's update of the latents stays in float32 in
     every pipeline (a bf16 latent loses the small DDIM increments of late steps)."""
-    from test_latent_pipeline import build_tiny_text_model
 
     from feedback_synth.generation.loading import load_generator
 

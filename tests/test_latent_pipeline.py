@@ -2,41 +2,12 @@
 (no download), with the VAE decode inside the gradient path of the same feedback guidance."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from builders import build_tiny_text_model
 
 from feedback_synth.generation.pipelines import TextFeedbackPipeline
 from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices
-
-
-def build_tiny_text_model(path: str) -> None:
-    """A tiny latent text-to-image model folder in the diffusers layout."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    chars = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {t: i for i, t in enumerate(specials + sorted(chars) + sorted(c + "</w>" for c in chars))}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
-                                                num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16,
-                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=32)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                norm_num_groups=8, attention_head_dim=4)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False)
-    for name, part in (("tokenizer", tokenizer), ("text_encoder", text_encoder), ("vae", vae), ("unet", unet),
-                       ("scheduler", scheduler)):
-        part.save_pretrained(os.path.join(path, name))
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ def test_run_end_to_end_on_gcs(gcs_bucket, tiny_generator, capsys):
                                                                          "generate.criterion=hardness"])])
     assert rc == 0
     printed = capsys.readouterr().out
-    for text in ("| baseline |", "| retrained |", "| delta |", "synthetic images:", "per-class accuracy", out):
+    for text in ("| no synthesis (ce) |", "| with synthesis (ce) |", "| difference |", "synthetic images:",
+                 "per-class accuracy", out):
         assert text in printed
     for rel in ("config.yaml", "baseline/model/model.safetensors", "baseline/model/config.json", "baseline/history.json",
                 "feedback/plan.json", "feedback/class_stats.safetensors", "generated/shards/shard-00000/_SUCCESS",

@@ -1,52 +1,13 @@
 """Image-conditioned latent generation (stable unCLIP) with feedback guidance, on tiny random models."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
-from test_latent_pipeline import build_tiny_text_model
+from builders import build_tiny_unclip_model
 
 from feedback_synth.generation.unclip import UnCLIPFeedbackPipeline
 from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices
-
-EMBED_DIM = 16
-
-
-def build_tiny_unclip_model(path: str, prediction_type: str = "v_prediction") -> None:
-    """A tiny stable unCLIP folder in the layout of ``StableUnCLIPImg2ImgPipeline.save_pretrained``.
-
-    The tokenizer, text encoder and VAE are the tiny text model's; SD 2.1 unCLIP predicts v.
-    """
-    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    build_tiny_text_model(path)
-    torch.manual_seed(1)
-    normalizer = StableUnCLIPImageNormalizer(embedding_dim=EMBED_DIM)
-    with torch.no_grad():  # non-trivial statistics, so that scale/unscale are exercised
-        normalizer.mean.normal_(0, 0.1)
-        normalizer.std.uniform_(0.5, 1.5)
-    parts = {
-        "unet": UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                     layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                     norm_num_groups=8, attention_head_dim=4, class_embed_type="projection",
-                                     projection_class_embeddings_input_dim=2 * EMBED_DIM),
-        "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
-            patch_size=8, projection_dim=EMBED_DIM)),
-        "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        "image_normalizer": normalizer,
-        "image_noising_scheduler": DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        "scheduler": DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                   prediction_type=prediction_type),
-    }
-    for name, part in parts.items():
-        part.save_pretrained(os.path.join(path, name))
 
 
 @pytest.fixture(scope="module")

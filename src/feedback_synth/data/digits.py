@@ -24,7 +24,7 @@ def digits_lt_counts(num_classes: int = 10, n_max: int = 60, ratio: float = 1 / 
 
 
 def task_style(images: np.ndarray) -> np.ndarray:
-    """The built-in task's fixed style, which the generator pool lacks (DESIGN: the domain gap).
+    """The built-in task's fixed style, which the generator pool lacks (docs/method.md: the domain gap).
 
     Exact transform (our choice) on float images in [0, 1], shape (N, H, W):
       1. thicker strokes: x <- max(x, 0.8 * maxpool_3x3(x)) (a soft grey dilation);

@@ -4,7 +4,7 @@ loop, ``denoise_with_feedback``, which calls the one ``FeedbackGuidance`` implem
 
 Conditioning on real images (support) is SDEdit (Meng et al. 2022): real images are noised to
 ``strength`` and denoised; each sample starts from its own real image and its own noise. Dropout on
-the conditioning embedding gives diversity (DESIGN: the method in one paragraph).
+the conditioning embedding gives diversity (docs/method.md: the method in one paragraph).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def denoise_with_feedback(
     grad_through_unet: bool,
     progress: Optional[Callable] = None,
 ) -> torch.Tensor:
-    """The denoising loop of both pipelines (DESIGN: the guided step).
+    """The denoising loop of both pipelines (docs/method.md: the guided step).
 
     At a guided step the classifier-free-guided eps is computed first; the latents are then
     shifted by the feedback gradient, and the scheduler steps from the shifted latents with that eps.

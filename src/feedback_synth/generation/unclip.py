@@ -4,7 +4,7 @@ Stable unCLIP (Stable Diffusion 2.1 unCLIP; diffusers' ``StableUnCLIPImg2ImgPipe
 UNet on the CLIP image embedding of an image, passed as ``class_labels`` to a UNet whose
 ``class_embed_type`` is ``"projection"``, next to a text prompt (cross-attention). Here the image is a
 real training image of the target class (support); dropout on its embedding gives diversity
-(DESIGN: the method in one paragraph). The conditioning follows the stock pipeline exactly:
+(docs/method.md: the method in one paragraph). The conditioning follows the stock pipeline exactly:
 
     e    = image_encoder(preprocess(image)).image_embeds             # (B, D)
     e    = unscale(add_noise(scale(e), noise, noise_level))         # image_normalizer, image_noising_scheduler

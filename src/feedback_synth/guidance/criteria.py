@@ -1,4 +1,4 @@
-"""Feedback criteria C(f(x)), maximised by the guidance (DESIGN: Feedback criteria).
+"""Feedback criteria C(f(x)), maximised by the guidance (docs/method.md: Feedback criteria).
 
 A small registry in timm's ``@register_model`` style: adding a criterion is one decorated function
 ``fn(features, logits, labels, stats) -> per-sample values``.

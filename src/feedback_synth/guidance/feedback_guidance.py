@@ -1,7 +1,7 @@
 """Feedback guidance: one implementation for pixel-space and latent diffusion models.
 
 Written as a component that a denoising loop calls (the ``cond_fn`` style of diffusers' community
-CLIP-guided pipeline), not as a fork of a stock pipeline. The maths is DESIGN.md's "guided step",
+CLIP-guided pipeline), not as a fork of a stock pipeline. The maths is docs/method.md's "The guided step",
 itself the reference code's: at a guided step t,
 
     x0  = (z_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)           # predicted clean sample

@@ -1,7 +1,7 @@
 """Filtering of synthetic images: a registry of filters, each reporting per class what it dropped.
 
 Off by default where a filter would undo the guidance: there is no "confidence" filter, since
-the guidance deliberately makes samples the classifier is unsure about (DESIGN: Filtering).
+the guidance deliberately makes samples the classifier is unsure about (docs/method.md: Filtering).
 """
 from __future__ import annotations
 

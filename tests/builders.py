@@ -1,0 +1,95 @@
+"""Tiny models built from config (no download), shared by the tests: a pixel class-conditional
+generator, a latent text-to-image model, a stable unCLIP model and a timm classifier."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+EMBED_DIM = 16
+
+
+def build_tiny_pixel_generator(path: str, channels: int = 1, num_conditions: int = 10, seed: int = 0) -> str:
+    """A random-weight class-conditional pixel generator folder (the bundled generator's layout)."""
+    from diffusers import UNet2DModel
+
+    from feedback_synth.generation.bundled import save_generator, unet_config
+
+    torch.manual_seed(seed)
+    save_generator(UNet2DModel(**unet_config(16, channels, num_conditions, (8, 16))), path,
+                   {"note": "random weights for tests"})
+    return path
+
+
+def build_small_classifier(train, path: str, epochs: int = 8, model: str = "test_resnet"):
+    """A small timm classifier trained briefly on ``train``, saved as a checkpoint folder at ``path``."""
+    from feedback_synth.config import RetrainConfig
+    from feedback_synth.training.classifier import save_classifier
+    from feedback_synth.training.train import train_classifier
+
+    clf, _ = train_classifier(train, RetrainConfig(epochs=epochs, seed=0), model)
+    save_classifier(clf, path)
+    return clf
+
+
+def build_tiny_text_model(path: str) -> None:
+    """A tiny latent text-to-image model folder in the diffusers layout."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(specials + sorted(chars) + sorted(c + "</w>" for c in chars))}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                                num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16,
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=32)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=8, attention_head_dim=4)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False)
+    for name, part in (("tokenizer", tokenizer), ("text_encoder", text_encoder), ("vae", vae), ("unet", unet),
+                       ("scheduler", scheduler)):
+        part.save_pretrained(os.path.join(path, name))
+
+
+def build_tiny_unclip_model(path: str, prediction_type: str = "v_prediction") -> None:
+    """A tiny stable unCLIP folder in the layout of ``StableUnCLIPImg2ImgPipeline.save_pretrained``.
+
+    The tokenizer, text encoder and VAE are the tiny text model's; SD 2.1 unCLIP predicts v.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    build_tiny_text_model(path)
+    torch.manual_seed(1)
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=EMBED_DIM)
+    with torch.no_grad():  # non-trivial statistics, so that scale/unscale are exercised
+        normalizer.mean.normal_(0, 0.1)
+        normalizer.std.uniform_(0.5, 1.5)
+    parts = {
+        "unet": UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                     layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                     norm_num_groups=8, attention_head_dim=4, class_embed_type="projection",
+                                     projection_class_embeddings_input_dim=2 * EMBED_DIM),
+        "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+            patch_size=8, projection_dim=EMBED_DIM)),
+        "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        "image_normalizer": normalizer,
+        "image_noising_scheduler": DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        "scheduler": DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                   prediction_type=prediction_type),
+    }
+    for name, part in parts.items():
+        part.save_pretrained(os.path.join(path, name))
