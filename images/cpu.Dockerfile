@@ -1,8 +1,8 @@
 # CPU image: data preparation, CPU training, filtering, evaluation, promotion, the MLflow tracking
 # server and `feedback-synth submit`. Build from the repository root:
 #   docker build -f images/cpu.Dockerfile -t "$(python images/sync_images.py --print cpu)" .
-# Dependencies come from images/requirements-cpu.lock (images/update_locks.py); the package is
-# installed last, so a source change rebuilds only the final layers.
+# Dependencies come from images/requirements-cpu.lock (images/update_locks.py: pip-compile); the
+# package is installed last, so a source change rebuilds only the final layers.
 # ---- build: a venv with the locked dependencies, then the package ------------------------------
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
@@ -12,7 +12,9 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY images/requirements-cpu.lock /tmp/requirements.lock
 # torch/torchvision `+cpu` builds exist only on the PyTorch CPU index; every pin is exact and
-# --no-deps installs exactly the lock, `pip check` then proves it is complete.
+# --no-deps installs exactly the lock, `pip check` then proves it is complete. This lock has no
+# hashes yet (see its header), so no --require-hashes here; pip checks hashes by itself once a
+# regenerated lock carries them (add --require-hashes then, as in gpu.Dockerfile).
 RUN pip install --no-cache-dir --no-deps \
         --index-url https://pypi.org/simple \
         --extra-index-url https://download.pytorch.org/whl/cpu \

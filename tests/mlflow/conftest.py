@@ -219,6 +219,17 @@ def checkpoint(tmp_path_factory):
     return clf.eval(), url, images
 
 
+@pytest.fixture(scope="session")
+def prepared_dataset(tmp_path_factory) -> str:
+    """The prepared digits-lt dataset folder (``<split>.npz`` + ``info.json``) the checkpoint was trained on."""
+    from feedback_synth.config import DataConfig
+    from feedback_synth.data.prepare import prepare_dataset
+
+    url = str(tmp_path_factory.mktemp("data") / "digits-lt")
+    prepare_dataset(DataConfig(), url)
+    return url
+
+
 def _make_report(few: float, overall: float, base_few: float = 0.2, base_overall: float = 0.6) -> dict:
     return {"baseline": {"overall": base_overall, "many": 0.9, "medium": 0.5, "few": base_few, "worst_class": 0.0},
             "retrained": {"overall": overall, "many": 0.9, "medium": 0.55, "few": few, "worst_class": 0.1},

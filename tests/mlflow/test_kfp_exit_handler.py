@@ -73,9 +73,14 @@ def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, ti
     from feedback_synth_kfp.local_runner import KFPRunError, run_kfp_local
     from feedback_synth_kfp.tracking import LAUNCH_ENV, LAUNCH_TAG
 
-    empty = tmp_path / "empty-dataset"  # passes the pre-flight check (it exists), fails in prepare_data
-    empty.mkdir()
-    cfg = load_run_config(overrides=[f"data.dataset={empty}", f"generate.generator={tiny_generator}",
+    # passes the pre-flight check (its layout, labels and paths: no pixel is read there), fails in
+    # prepare_data, which decodes the images: every "image" is garbage
+    broken = tmp_path / "broken-dataset"
+    for split in ("train", "test"):
+        for c in range(10):  # the tiny generator's 10 classes
+            (broken / split / f"c{c}").mkdir(parents=True)
+            (broken / split / f"c{c}" / "x.png").write_bytes(b"not a png")
+    cfg = load_run_config(overrides=[f"data.dataset={broken}", f"generate.generator={tiny_generator}",
                                      f"tracking.tracking_uri={mlflow_server.url}",
                                      "tracking.experiment=local-failure"])
     with pytest.raises(KFPRunError, match="prepare-data"):

@@ -20,7 +20,7 @@ from feedback_synth.errors import TrackingError
 from feedback_synth.registry.gate import CHALLENGER, CHAMPION
 from feedback_synth.registry.locks import LockTimeout, PostgresAdvisoryLock, make_lock
 from feedback_synth.registry.promote import promote_model_version
-from feedback_synth.registry.register import register_and_promote
+from feedback_synth.registry.register import log_model, register_and_promote, register_version
 from feedback_synth.tracking.mlflow_tracker import MLflowTracker
 
 pytestmark = [pytest.mark.postgres, pytest.mark.mlflow_server]
@@ -71,6 +71,10 @@ def test_first_then_better_then_worse(pg_mlflow_server, pg_uri, checkpoint, mode
     assert tags["promotion.decision"] == "rejected" and tags["promotion.reason"] == worse["reason"]
     assert tags["metric.few"] == "0.45" and tags["test_set"].startswith("digits-lt")
     assert "PostgreSQL advisory lock" in tags["promotion.lock"]
+    assert client.get_model_version(model_name, "2").tags["promotion.previous_champion"] == "1"
+    models = client.search_logged_models([tracker.experiment_id],
+                                         filter_string=f"tags.`promotion.model` LIKE '{model_name}/%'")
+    assert sorted(m.tags["promotion.model"] for m in models) == [f"{model_name}/{v}" for v in (1, 2, 3)]
     parent = client.get_run(tracker.run_id).data.tags
     assert parent["promotion.decision"] == "rejected" and parent["promotion.model"] == f"{model_name}/3"
 
@@ -146,8 +150,9 @@ def _two_versions(server, name, checkpoint, tmp_path):
     """Log the model once and register it twice (the 'worse' and the 'better' candidate)."""
     tracker = _tracker(server, name, tmp_path)
     with tracker.stage("register", {}) as log:
-        source, _ = tracker.log_model(checkpoint[1], log.run_id)
-        versions = {"worse": tracker.register(source, log.run_id), "better": tracker.register(source, log.run_id)}
+        logged = log_model(tracker, checkpoint[1], log.run_id)
+        versions = {label: register_version(tracker, logged.source, log.run_id, model_id=logged.model_id)
+                    for label in ("worse", "better")}
     tracker.finish()
     return versions
 

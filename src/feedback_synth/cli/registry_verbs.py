@@ -28,7 +28,7 @@ def _tracking_uri_arg(args) -> str:
 def cmd_compare(args) -> int:
     uri = _tracking_uri_arg(args)
     client = registry_client(uri)
-    cmp = compare_versions(client, args.model)
+    cmp = compare_versions(client, args.model, tuple(args.versions) if args.versions else None)
     if args.json:
         print(json.dumps(cmp, indent=2))
     else:
@@ -51,7 +51,6 @@ def _read_report(url: str) -> dict[str, Any]:
 def cmd_promote(args) -> int:
     from dataclasses import asdict
 
-
     cfg = load_config(args)
     if args.tracking_uri:
         cfg.tracking.tracking_uri = args.tracking_uri
@@ -67,7 +66,8 @@ def cmd_promote(args) -> int:
     status = "FAILED"
     try:
         with tracker.stage("promote", asdict(cfg.promote)) as log:
-            result = register_and_promote(tracker, args.model, report, cfg.promote, run_id=log.run_id)
+            result = register_and_promote(tracker, args.model, report, cfg.promote, run_id=log.run_id,
+                                          test_dataset_url=args.dataset)
         status = "FINISHED"
     finally:
         tracker.finish(status)
@@ -80,8 +80,14 @@ def cmd_promote(args) -> int:
 def add_registry_commands(subparsers) -> None:
     """``feedback-synth compare`` and ``feedback-synth promote`` (called by cli.build_parser)."""
     default_name = TrackingConfig().registered_model
-    p = subparsers.add_parser("compare", help="print champion vs challenger of a registered model, from the registry")
+    p = subparsers.add_parser(
+        "compare", help="print two versions of a registered model side by side, from the registry: the champion vs "
+                        "the latest challenger, or after a promotion the champion vs the one it replaced",
+        description="Without --versions: the champion vs the latest challenger when they differ; after a "
+                    "promotion (the champion is the latest challenger), the new champion vs the champion it "
+                    "replaced. Each version's gate decision and reason follow the table.")
     p.add_argument("--model", default=default_name, help=f"registered model name (default: {default_name})")
+    p.add_argument("--versions", nargs=2, metavar=("A", "B"), help="compare these two versions instead (delta: B - A)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--output", help="a run folder: use its local store (<RUN>/mlflow/mlflow.db)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -92,6 +98,8 @@ def add_registry_commands(subparsers) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder URL (model.safetensors + config.json)")
     p.add_argument("--report", required=True,
                    help="evaluation report: report.json or the evaluate stage's output folder URL")
+    p.add_argument("--dataset", help="the prepared dataset folder URL whose test split the report's metrics come "
+                                     "from (logged as the model's evaluation dataset)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.tracking_uri, $MLFLOW_TRACKING_URI)")
     p.add_argument("--registered-model", help="registered model name (default: tracking.registered_model)")
     p.add_argument("--parent-run-id", help="attach to this MLflow parent run (a KFP component)")

@@ -19,19 +19,25 @@ class StageResult:
         summary: JSON-able facts for the caller (what the CLI prints, what later stages read).
         metrics: scalar metrics for the stage's MLflow run and the KFP UI.
         artifacts: URLs of files worth seeing in MLflow (plots, reports), logged as run artifacts.
+        datasets: the datasets the stage read, logged as MLflow datasets of its run (and of the
+            parent run): ``{"splits": [...], "url": prepared dataset}`` for real splits,
+            ``{"synthetic": filter output URL, "plan": plan URL, "generate_config": {...},
+            "context": ..., "name": dataset name}`` for the kept synthetic set.
     """
 
     stage: str
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
+    datasets: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StageResult":
-        return cls(d["stage"], dict(d.get("summary") or {}), dict(d.get("metrics") or {}), list(d.get("artifacts") or []))
+        return cls(d["stage"], dict(d.get("summary") or {}), dict(d.get("metrics") or {}), list(d.get("artifacts") or []),
+                   list(d.get("datasets") or []))
 
 
 def scalar_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -41,8 +47,17 @@ def scalar_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float]
 
 
 def log_stage_result(log: Any, result: StageResult) -> None:
-    """Log a stage's metrics and artifacts to its run (``log``: the tracker interface of a stage run)."""
+    """Log a stage's metrics, artifacts and datasets to its run (``log``: the tracker interface of a
+    stage run; with tracking off every call is a no-op)."""
+    from feedback_synth.tracking.datasets import log_split_datasets, log_synthetic_dataset
+
     if result.metrics:
         log.log_metrics(result.metrics)
     for url in result.artifacts:
         log.log_artifact_url(url)
+    for d in result.datasets:
+        if "splits" in d:
+            log_split_datasets(log, d["url"], d["splits"], d.get("context"))
+        else:
+            log_synthetic_dataset(log, d["synthetic"], d.get("plan"), d.get("generate_config"),
+                                  context=d.get("context", "training"), dataset_name=d.get("name"))

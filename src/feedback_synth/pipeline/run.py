@@ -240,7 +240,8 @@ def promote_once(tracker: Any, cfg: RunConfig, layout: RunLayout, retrained: str
             return {**done["promotion"], "resumed": True}
     t0 = time.time()
     with tracker.stage("promote", asdict(cfg.promote)) as log:
-        promotion = register_and_promote(tracker, stages.model_url(retrained), report, cfg.promote, run_id=log.run_id)
+        promotion = register_and_promote(tracker, stages.model_url(retrained), report, cfg.promote, run_id=log.run_id,
+                                         test_dataset_url=layout.stage("data"))
     timings["promote"] = round(time.time() - t0, 2)
     storage.write_json(decision_url, {"key": key, "promotion": promotion})
     return promotion

@@ -54,7 +54,13 @@ def _prepare_data(cfg: DataConfig, output_url: str) -> StageResult:
 
     info = prepare_dataset(cfg, output_url)
     return StageResult("prepare_data", asdict(info), {"train_images": float(sum(info.train_class_counts)),
-                                                       "classes": float(len(info.class_names))})
+                                                       "classes": float(len(info.class_names))},
+                       datasets=[splits(output_url, "train", "val", "test")])
+
+
+def splits(dataset_url: str, *names: str) -> dict[str, Any]:
+    """A StageResult's record of the real splits a stage read (missing ones are skipped when logged)."""
+    return {"url": dataset_url, "splits": list(names)}
 
 
 def _val_eval(dataset_url: str, data_cfg: DataConfig) -> Optional[Callable]:
@@ -83,7 +89,8 @@ def _finish_training(stage: str, clf, history, dataset_url: str, output_url: str
         {"train": asdict(cfg), "data": asdict(data_cfg), **(extra or {})}, sort_keys=False)})
     storage.write_json(storage.join(output_url, "metrics.json"), metrics)
     storage.write_json(storage.join(output_url, "history.json"), history)
-    return StageResult(stage, {**metrics, **(extra or {})}, scalar_metrics(metrics, "test_"))
+    return StageResult(stage, {**metrics, **(extra or {})}, scalar_metrics(metrics, "test_"),
+                       datasets=[splits(dataset_url, "train", "val", "test")])
 
 
 def train_baseline(dataset_url: str, output_url: str, cfg: TrainConfig, data_cfg: DataConfig,
@@ -181,7 +188,8 @@ def _extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str
                "shrinkage": stats.shrinkage, "counts": plan.counts, "round": round_index, "rounds": cfg.rounds,
                "steered_by_validation": val_errors is not None}
     return StageResult("extract_feedback", summary, {"planned_images": float(plan.total),
-                                                     "shards": float(len(plan.shards)), "shrinkage": stats.shrinkage})
+                                                     "shards": float(len(plan.shards)), "shrinkage": stats.shrinkage},
+                       datasets=[splits(dataset_url, "train", "val")])
 
 
 def cell_errors(clf, data: ImageSet, per_group: bool) -> dict[str, tuple[int, int]]:
@@ -210,7 +218,8 @@ def generate(dataset_url: str, baseline_model_url: str, feedback_url: str, outpu
     summary = generate_shards(plan_url(feedback_url), dataset_url, baseline_model_url, feedback_url, output_url, cfg,
                               shard_ids=shard_ids, overwrite=overwrite)
     return StageResult("generate", summary, {"generated_images": float(summary["num_images"]),
-                                             "generation_seconds": float(summary["seconds"])})
+                                             "generation_seconds": float(summary["seconds"])},
+                       datasets=[splits(dataset_url, "train")])
 
 
 def filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: str, generated_url: str | list[str],
@@ -268,6 +277,8 @@ def _filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: s
     report["mean_criterion_value"] = float(np.mean(crit)) if crit else None
     report["criterion"] = rows[0]["criterion"] if rows else None
     report["round"] = plan.round
+    report["plan"] = plan_url(feedback_url)
+    report["generate_config"] = generate_config_of(generated_url, plan)
     earlier = 0
     if previous_filtered_url:  # rounds: retraining takes every image kept so far
         before = ImageSet.load(storage.join(previous_filtered_url, "synthetic.npz"))
@@ -297,7 +308,8 @@ def _filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: s
                "starved_classes": len(report["starved"]), "kept_so_far": len(kept),
                "mean_criterion_value": report["mean_criterion_value"]}
     return StageResult("filter", report, scalar_metrics(metrics),
-                       [storage.join(output_url, n) for n in ("filter_report.json", "filter_table.md", "samples.png")])
+                       [storage.join(output_url, n) for n in ("filter_report.json", "filter_table.md", "samples.png")],
+                       datasets=[splits(dataset_url, "train")])
 
 
 def retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output_url: str, cfg: RetrainConfig,
@@ -362,6 +374,7 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     storage.write_json(storage.join(output_url, "rounds.json"), rounds)
     storage.write_json(storage.join(output_url, "reference_metrics.json"), reference_metrics)
     result.summary.update(round=round_index, reference=reference_metrics.get("source"))
+    result.datasets.append(synthetic_set(filtered_url, "training", load_info(dataset_url).name))
     result.metrics["num_synthetic"] = float(len(synthetic))
     return result
 
@@ -376,6 +389,24 @@ def _same_training(recipe, base_recipe, cfg: RetrainConfig, baseline_model_url: 
     same_optim = all(base.get(f) == getattr(cfg, f) for f in OPTIM_FIELDS)
     return same_optim and (recipe.loss, recipe.tau, recipe.balanced_sampler) == (
         base_recipe.loss, base_recipe.tau, base_recipe.balanced_sampler)
+
+
+def generate_config_of(generated_url: str | list[str], plan) -> dict[str, Any]:
+    """The generate config of a plan's committed shards (their fingerprints record it)."""
+    from feedback_synth.generation.shards import find_shard
+
+    for s in plan.shards:
+        url = find_shard(generated_url, s.shard_id)
+        if url:
+            return (storage.read_json(storage.join(url, "_SUCCESS")).get("config") or {}).get("generate", {})
+    return {}
+
+
+def synthetic_set(filtered_url: str, context: str, dataset_name: str) -> dict[str, Any]:
+    """A StageResult's record of the kept synthetic set a stage read, with its plan and generation config."""
+    report = storage.read_json(storage.join(filtered_url, "filter_report.json"))
+    return {"synthetic": filtered_url, "plan": report.get("plan"), "generate_config": report.get("generate_config"),
+            "context": context, "name": dataset_name}
 
 
 def recipe_of(model_url_: str):
@@ -444,4 +475,5 @@ def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filte
     metrics = {**scalar_metrics(b, "baseline_"), **scalar_metrics(a, "retrained_"),
                **scalar_metrics(report["delta"], "delta_"),
                **scalar_metrics({"fidelity": fid, "generated": report["generated"], "kept": report["kept"]})}
-    return StageResult("evaluate", report, metrics, [storage.join(output_url, n) for n in files])
+    return StageResult("evaluate", report, metrics, [storage.join(output_url, n) for n in files],
+                       datasets=[splits(dataset_url, "test", "oracle"), synthetic_set(filtered_url, "evaluation", info.name)])

@@ -18,6 +18,8 @@ TEST_SET_TAG = "test_set"  # which test set the metrics were measured on
 
 DECISION_TAGS = ("promotion.decision", "promotion.reason", "promotion.reference", "promotion.lock")
 
+PREVIOUS_CHAMPION_TAG = "promotion.previous_champion"  # on a promoted version: the champion it replaced
+
 _EPS = 1e-9  # accuracies are fractions k/n: differences closer than this are equal
 
 
@@ -74,3 +76,13 @@ def metrics_from_tags(tags: dict[str, str]) -> dict[str, float]:
             except ValueError:
                 pass
     return out
+
+
+def model_id_of(mv) -> Optional[str]:
+    """A model version's LoggedModel id: ``mv.model_id`` where the registry stores it (MLflow 3.17's
+    SQL registry does not), else from its source ``models:/<model_id>``."""
+    model_id = getattr(mv, "model_id", None)
+    if model_id:
+        return model_id
+    source = mv.source or ""
+    return source[len("models:/"):] if source.startswith("models:/m-") else None

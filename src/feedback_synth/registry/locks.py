@@ -14,6 +14,7 @@ import uuid
 from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
+from feedback_synth.config import POSTGRES_SCHEMES
 from feedback_synth.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -24,49 +25,49 @@ class LockTimeout(Exception):
 
 
 class FileLock:
-    """An exclusive ``fcntl.flock`` on a file: serialises processes on one machine (or one volume)."""
+    """An exclusive file lock (the ``filelock`` package: ``flock`` on Unix): serialises processes on
+    one machine (or one volume). Who holds it is written beside it (``<path>.holder``), so that a
+    timeout can say."""
 
     def __init__(self, path: str):
         self.path = path
-        self._fd: Optional[int] = None
+        self._lock = None
 
     def __str__(self) -> str:
         return f"file lock {self.path}"
 
+    @property
+    def holder_path(self) -> str:
+        return self.path + ".holder"
+
     def acquire(self, timeout: float) -> None:
-        import fcntl
+        import filelock
 
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _read_small(fd)
-                    os.close(fd)
-                    raise LockTimeout(f"{self} still held after {timeout:g} s"
-                                      + (f" (by {holder})" if holder else "")) from None
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self._fd = fd
+        lock = filelock.FileLock(self.path)
+        try:
+            lock.acquire(timeout=timeout, poll_interval=0.05)
+        except filelock.Timeout:
+            holder = _read_small(self.holder_path)
+            by = f" (by {holder})" if holder else ""
+            raise LockTimeout(f"{self} still held after {timeout:g} s{by}") from None
+        self._lock = lock
+        with contextlib.suppress(OSError):
+            with open(self.holder_path, "w") as f:
+                f.write(f"pid {os.getpid()} on {socket.gethostname()}")
 
     def release(self) -> None:
-        import fcntl
-
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                open(self.holder_path, "w").close()  # before letting go: the next holder writes its own
+            self._lock.release()
+            self._lock = None
 
 
-def _read_small(fd: int) -> str:
+def _read_small(path: str) -> str:
     try:
-        return os.pread(fd, 200, 0).decode(errors="replace").strip()
+        with open(path, errors="replace") as f:
+            return f.read(200).strip()
     except OSError:
         return ""
 
@@ -313,7 +314,7 @@ def _local_store_dir(tracking_uri: str) -> Optional[str]:
 def make_lock(lock_uri: str, tracking_uri: str, model_name: str):
     """The lock named by ``promote.lock_uri`` (see the module docstring)."""
     key = f"feedback-synth/promote/{model_name}"
-    if lock_uri.startswith(("postgresql://", "postgresql+psycopg2://", "postgres://")):
+    if lock_uri.startswith(POSTGRES_SCHEMES):
         return PostgresAdvisoryLock(lock_uri, key)
     if lock_uri.startswith("k8s-lease://"):
         return K8sLeaseLock(*parse_lease_uri(lock_uri))
@@ -322,7 +323,7 @@ def make_lock(lock_uri: str, tracking_uri: str, model_name: str):
     if lock_uri:
         raise ConfigError(f"config field 'promote.lock_uri': unsupported lock '{lock_uri}'; use '', "
                           "postgresql://..., k8s-lease://NAMESPACE/NAME or file:///PATH")
-    if tracking_uri.startswith(("postgresql://", "postgresql+psycopg2://", "postgres://")):
+    if tracking_uri.startswith(POSTGRES_SCHEMES):
         return PostgresAdvisoryLock(tracking_uri, key)
     store = _local_store_dir(tracking_uri)
     if store is not None:

@@ -9,7 +9,7 @@ MLflow aliases are last-writer-wins, not compare-and-set (mlflow #10336): two ru
 once could each read the old champion, each pass the gate and each move the alias, leaving the
 worse one as champion. So read-compare-move-read back runs inside a lock that holds across pods:
 
-    ''                         a file lock (fcntl) beside a local store (sqlite:/file: tracking URI);
+    ''                         a file lock (the filelock package) beside a local store (sqlite:/file: tracking URI);
                                the tracking database itself for a postgresql tracking URI
     postgresql://... (also postgresql+psycopg2://, postgres://)
                                pg_advisory_lock on that database (the lock dies with the session,
@@ -32,6 +32,7 @@ from feedback_synth.registry.gate import (
     CHALLENGER,
     CHAMPION,
     DECISION_TAGS,
+    PREVIOUS_CHAMPION_TAG,
     TEST_SET_TAG,
     gate_decision,
     metric_tags,
@@ -61,7 +62,8 @@ def promote_model_version(client, name: str, version: str | int, metrics: dict[s
     2. under the lock: move ``challenger`` to it, re-read ``champion``, compare against the
        champion's tags (or ``baseline_metrics`` when there is no champion), move ``champion`` if
        the gate passes and read the alias back;
-    3. write the decision and reason as tags on the version and on every run in ``run_ids``.
+    3. write the decision and reason as tags on the version and on every run in ``run_ids`` (and,
+       on a version that replaced a champion, that champion's number: ``promotion.previous_champion``).
     A lock timeout leaves the version as challenger with the reason. Returns
     ``{model_name, version, promoted, reason, champion_version, decision, reference}``.
     """
@@ -108,7 +110,8 @@ def promote_model_version(client, name: str, version: str | int, metrics: dict[s
             decision = "promoted" if promoted else "rejected"
             reason = f"vs {reference_desc}: {reason}"
             champion_version = version if promoted else champion
-            _write_decision(client, name, version, run_ids, decision, reason, reference_desc, lock)
+            replaced = {PREVIOUS_CHAMPION_TAG: champion} if promoted and champion not in (None, version) else {}
+            _write_decision(client, name, version, run_ids, decision, reason, reference_desc, lock, replaced)
     except LockTimeout as exc:
         decision, promoted = "lock_timeout", False
         reason = f"stays challenger: promotion lock not acquired: {exc}"
@@ -121,10 +124,10 @@ def promote_model_version(client, name: str, version: str | int, metrics: dict[s
 
 
 def _write_decision(client, name: str, version: str, run_ids, decision: str, reason: str, reference: str,
-                    lock) -> None:
+                    lock, version_only: Optional[dict[str, str]] = None) -> None:
     values = dict(zip(DECISION_TAGS, (decision, reason, reference, str(lock))))
     values["promotion.decided_at"] = utcnow().isoformat(timespec="seconds")
-    for key, value in values.items():
+    for key, value in {**values, **(version_only or {})}.items():
         client.set_model_version_tag(name, version, key, value[:5000])
     run_values = {**values, "promotion.model": f"{name}/{version}"}
     for run_id in run_ids:

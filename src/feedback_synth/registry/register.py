@@ -1,16 +1,56 @@
-"""Log the retrained classifier, register it as a new model version, and apply the gate."""
+"""Log the retrained classifier as an MLflow 3 LoggedModel, register it as a new model version,
+and apply the gate.
+
+1. The LoggedModel (``models:/m-<id>``, name ``classifier``, type ``classifier``) is made in the
+   run's experiment with the promote run as its source run and the checkpoint's training config
+   (``train_config.yaml``) as its params; MLflow's ``log_model`` writes the pyfunc model into it
+   (models-from-code over the safetensors checkpoint: :mod:`feedback_synth.tracking.pyfunc`). It
+   is an output of the promote run and of the parent run (the UI's "Logged models").
+2. The retrained model's test metrics (``report['retrained']``) are logged against it
+   (``model_id`` and the test dataset, ``test_overall``, ``test_few``, ...), so the model pages,
+   the model comparison and ``search_logged_models(datasets=...)`` show them.
+3. A new version of ``tracking.registered_model`` is made from ``models:/<model_id>``: the version
+   has the LoggedModel's id.
+4. The gate (:func:`feedback_synth.registry.promote.promote_model_version`) compares it with the
+   champion's metrics, read back from the registry's version tags; the decision is also tagged on
+   the LoggedModel.
+"""
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Optional
+import time
+import uuid
+from typing import Any, NamedTuple, Optional
 
 from feedback_synth import storage
 from feedback_synth.config import PromoteConfig
 from feedback_synth.registry.locks import make_lock
 from feedback_synth.registry.promote import promote_model_version
-from feedback_synth.tracking.client import mlflow_errors, say
-from feedback_synth.tracking.pyfunc import download_checkpoint, save_pyfunc
+from feedback_synth.tracking.client import (
+    MAX_PARAM_LEN,
+    REQUEST_ID_TAG,
+    flatten,
+    metric_items,
+    mlflow_errors,
+    say,
+    use_tracking_uri,
+)
+from feedback_synth.tracking.pyfunc import download_checkpoint, log_pyfunc
+
+MODEL_NAME = "classifier"  # the LoggedModel's name (its id is what tells models apart)
+
+MODEL_TYPE = "classifier"
+
+METRIC_PREFIX = "test_"  # the model's metrics: test_overall, test_few, ... on the test dataset
+
+MODEL_URL_TAG = "feedback_synth.model_url"  # LoggedModel tag: the checkpoint it was logged from
+
+
+class LoggedClassifier(NamedTuple):
+    source: str  # models:/<model_id>
+    spec: dict[str, Any]  # the checkpoint's config.json
+    model_id: str
 
 
 def checkpoint_test_set(model_url: str) -> Optional[str]:
@@ -24,55 +64,170 @@ def checkpoint_test_set(model_url: str) -> Optional[str]:
     return f"{data['dataset']} split_seed={data.get('split_seed')} image_size={data.get('image_size')}"
 
 
-def log_model(tracker, model_url: str, run_id: Optional[str] = None) -> tuple[str, dict[str, Any]]:
-    """Log the checkpoint at ``model_url`` as a pyfunc model under ``model/`` of the run;
-    returns (``runs:/<id>/model``, the checkpoint's config.json)."""
+def model_params(model_url: str, spec: dict[str, Any]) -> dict[str, str]:
+    """The LoggedModel's params: the checkpoint's training config, flattened, and its architecture."""
+    url = storage.join(model_url, "train_config.yaml")
+    params = flatten(storage.read_yaml(url) or {}) if storage.exists(url) else {}
+    params.update({f"classifier.{k}": spec[k] for k in ("model", "num_classes", "image_size", "in_chans") if k in spec})
+    return {k: str(v)[:MAX_PARAM_LEN] for k, v in params.items() if v is not None}
+
+
+def log_model(tracker, model_url: str, run_id: Optional[str] = None) -> LoggedClassifier:
+    """Log the checkpoint at ``model_url`` as a LoggedModel (pyfunc, models-from-code, no pickle),
+    the output of run ``run_id`` and of the parent run; returns its ``models:/<id>``, the
+    checkpoint's config.json and the model id."""
+    from mlflow.entities import LoggedModelOutput
+
     run_id = run_id or tracker.current_run_id()
+    client = tracker.client
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "checkpoint")
         spec = download_checkpoint(model_url, ckpt)
-        model_dir = os.path.join(tmp, "model")
-        save_pyfunc(ckpt, spec, model_dir)
-        with mlflow_errors("store the model"):
-            tracker.client.log_artifacts(run_id, model_dir, "model")
-    return f"runs:/{run_id}/model", spec
+        request_id = uuid.uuid4().hex
+        tags = {**tracker._base_tags(), MODEL_URL_TAG: model_url, REQUEST_ID_TAG: request_id}
+        test_set = checkpoint_test_set(model_url)
+        if test_set:
+            tags["test_set"] = test_set
 
-def register_version(tracker, source: str, run_id: str, description: str = "") -> str:
-    """A new version of ``tracking.registered_model`` from ``source``; returns its number."""
+        def find():
+            found = client.raw.search_logged_models(
+                [tracker.experiment_id], filter_string=f"tags.`{REQUEST_ID_TAG}` = '{request_id}'", max_results=1)
+            return found[0] if found else None
+
+        with mlflow_errors("create the logged model"):
+            model = client.create_once("create_logged_model", lambda: client.raw.create_logged_model(
+                tracker.experiment_id, name=MODEL_NAME, source_run_id=run_id, tags=tags,
+                params=model_params(model_url, spec), model_type=MODEL_TYPE), find)
+        with mlflow_errors("store the model"), use_tracking_uri(tracker.tracking_uri):
+            client.call("log_model", lambda: log_pyfunc(ckpt, spec, model.model_id, run_id, MODEL_NAME))
+    if tracker.run_id and tracker.run_id != run_id:  # the parent run lists it too
+        with mlflow_errors("link the logged model to the parent run"):
+            client.log_outputs(tracker.run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return LoggedClassifier(f"models:/{model.model_id}", spec, model.model_id)
+
+
+def evaluation_dataset(tracker, run_id: str, dataset_url: Optional[str] = None):
+    """The test split the model's metrics were measured on (an ``mlflow.entities.Dataset``), logged
+    as an input of run ``run_id``: from ``dataset_url`` when given, else the ``test`` split logged
+    on that run or the parent run (``tracking.datasets.log_split_datasets``); None if neither."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from feedback_synth.tracking.datasets import SPLIT_TAG, dataset_input, logged_split, split_dataset
+
+    with mlflow_errors("log the test dataset"):
+        if dataset_url:
+            inp = dataset_input(split_dataset(dataset_url, "test"), "testing", "test")
+            tracker.log_datasets_to(run_id, [inp])
+            return inp.dataset
+        entity = logged_split(tracker.client, [run_id, tracker.run_id], "test")
+        if entity is not None:
+            tracker.log_datasets_to(run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, "testing"),
+                                                                  InputTag(SPLIT_TAG, "test")])], parent=False)
+        return entity
+
+
+def log_model_metrics(tracker, run_id: str, model_id: str, metrics: dict[str, Any], dataset=None,
+                      prefix: str = METRIC_PREFIX) -> None:
+    """Scalar ``metrics`` logged on run ``run_id`` against the LoggedModel ``model_id`` (and the
+    ``dataset`` they were measured on, if known)."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, v, ts, 0, model_id=model_id, dataset_name=getattr(dataset, "name", None),
+                    dataset_digest=getattr(dataset, "digest", None)) for k, v in metric_items(metrics, prefix)]
+    if items:
+        with mlflow_errors("log the model's metrics"):
+            tracker.client.log_batch(run_id, metrics=items)
+
+
+def register_version(tracker, source: str, run_id: str, description: str = "", model_id: Optional[str] = None) -> str:
+    """A new version of ``tracking.registered_model`` from ``source`` (``models:/<model_id>``);
+    returns its number. ``create_model_version`` is not retried blindly: a retry first looks for
+    the version by its request id."""
     from mlflow.exceptions import MlflowException
 
     name = tracker.cfg.registered_model
+    client = tracker.client
     with mlflow_errors(f"register the model '{name}'"):
         try:
-            tracker.client.create_registered_model(name, description="feedback-synth retrained classifier "
-                                                                    "(champion/challenger aliases)")
+            client.create_registered_model(name, description="feedback-synth retrained classifier "
+                                                             "(champion/challenger aliases)")
         except MlflowException as exc:  # exists already, or a concurrent run created it just now
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 try:  # a concurrent first creation can fail with another code (a unique violation)
-                    tracker.client.get_registered_model(name)
+                    client.get_registered_model(name)
                 except MlflowException:
                     raise exc from None
-        mv = tracker.client.create_model_version(name, source=source, run_id=run_id, description=description)
+        request_id = uuid.uuid4().hex
+
+        def find():
+            for mv in client.raw.search_model_versions(f"run_id = '{run_id}'"):
+                if mv.name == name and (mv.tags or {}).get(REQUEST_ID_TAG) == request_id:
+                    return mv
+            return None
+
+        mv = client.create_once("create_model_version", lambda: client.raw.create_model_version(
+            name, source=source, run_id=run_id, description=description, model_id=model_id,
+            tags={REQUEST_ID_TAG: request_id}), find)
+        if model_id:
+            link_version(client, model_id, name, str(mv.version))
     return str(mv.version)
 
-def register_and_promote(tracker, model_url: str, report: dict[str, Any], cfg: PromoteConfig,
-                         run_id: Optional[str] = None) -> dict[str, Any]:
-    """Log + register the retrained model, then apply the champion/challenger gate.
 
-    ``report`` is ``stages.evaluate_run``'s output: the candidate's metrics are
+def link_version(client, model_id: str, name: str, version: str) -> None:
+    """The LoggedModel's ``mlflow.modelVersions`` tag lists the version (what the UI shows as the
+    model's and its runs' registered models). A tracking server adds it when the version is
+    created; with a local store it is added here, as ``mlflow.register_model`` does."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if not any(e.get("name") == name and str(e.get("version")) == str(version) for e in listed):
+        # the version as a number, as the server writes it
+        entry = {"name": name, "version": int(version) if str(version).isdigit() else version}
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed + [entry])})
+
+
+
+def register_and_promote(tracker, model_url: str, report: dict[str, Any], cfg: PromoteConfig,
+                         run_id: Optional[str] = None, test_dataset_url: Optional[str] = None) -> dict[str, Any]:
+    """Log the retrained model as a LoggedModel with its test metrics, register it, then apply the
+    champion/challenger gate.
+
+    ``report`` is ``stages.evaluate_run``'s summary: the candidate's metrics are
     ``report['retrained']``, the no-champion reference is ``report['baseline']``.
+    ``test_dataset_url``: the prepared dataset whose ``test`` split the metrics were measured on
+    (default: the ``test`` split logged on the run or the parent run, if any). Returns the gate's
+    result (``promote_model_version``) plus ``model_id``.
     """
-    run_id = run_id or tracker.current_run_id()
+    # MLflow's own code behind some client calls (registering models:/<id> in a local store, the
+    # fluent log_model) uses the global tracking URI: the tracker's, for the whole promotion
+    with use_tracking_uri(tracker.tracking_uri):
+        return _register_and_promote(tracker, model_url, report, cfg, run_id or tracker.current_run_id(),
+                                     test_dataset_url)
+
+
+def _register_and_promote(tracker, model_url: str, report: dict[str, Any], cfg: PromoteConfig, run_id: str,
+                          test_dataset_url: Optional[str]) -> dict[str, Any]:
     name = tracker.cfg.registered_model
-    source, _ = log_model(tracker, model_url, run_id)
-    version = register_version(tracker, source, run_id, description=f"from {model_url}")
+    logged = log_model(tracker, model_url, run_id)
+    dataset = evaluation_dataset(tracker, run_id, test_dataset_url)
+    log_model_metrics(tracker, run_id, logged.model_id, report["retrained"], dataset)
+    version = register_version(tracker, logged.source, run_id, description=f"from {model_url}",
+                               model_id=logged.model_id)
     lock = make_lock(cfg.lock_uri, tracker.tracking_uri, name)
     run_ids = list(dict.fromkeys(r for r in (run_id, tracker.run_id) if r))
     with mlflow_errors(f"promote '{name}' v{version}"):
         result = promote_model_version(tracker.client, name, version, report["retrained"], cfg, lock=lock,
                                        baseline_metrics=report.get("baseline"), run_ids=run_ids,
                                        test_set=checkpoint_test_set(model_url), tracking_uri=tracker.tracking_uri)
+        tracker.client.set_logged_model_tags(logged.model_id, {
+            "promotion.decision": result["decision"], "promotion.reason": result["reason"][:5000],
+            "promotion.reference": result["reference"], "promotion.model": f"{name}/{version}"})
+    result["model_id"] = logged.model_id
     tracker.log_metrics_to(run_id, {"promoted": int(result["promoted"]), "model_version": int(version)}, None, "")
-    say(f"registry: {name} v{version} {'promoted to champion' if result['promoted'] else 'stays challenger'} "
-         f"({result['reason']})")
+    say(f"registry: {name} v{version} ({logged.source}) "
+        f"{'promoted to champion' if result['promoted'] else 'stays challenger'} ({result['reason']})")
     return result

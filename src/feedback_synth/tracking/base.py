@@ -30,6 +30,10 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         """Tag the current run."""
 
+    def log_datasets(self, inputs: list[Any]) -> None:
+        """Log MLflow dataset inputs (``mlflow.entities.DatasetInput``) on the current run and the
+        parent run (see :mod:`feedback_synth.tracking.datasets`)."""
+
     def finish(self, status: str = "FINISHED") -> None:
         """Close the parent run."""
 

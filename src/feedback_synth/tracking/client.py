@@ -1,4 +1,19 @@
-"""Where the MLflow store is, and an MlflowClient whose failures are bounded and named."""
+"""Where the MLflow store is, and an MlflowClient whose failures are bounded and named.
+
+Retries are MLflow's own: every HTTP request of the MLflow client goes through a ``requests``
+session with urllib3's ``Retry`` (connection errors, 408, 429, 5xx), set by
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (from ``tracking.retries``), ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``
+(:data:`BACKOFF_FACTOR` unless set) and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (from
+``tracking.request_timeout_s``). urllib3 waits 0, 2f, 4f, ... s between tries: with 3 retries and
+f = 3 a dead server fails after ~18 s. :class:`TrackingClient` applies a tracker's settings to
+each of its calls and turns what is left of a transient failure into a
+:class:`~feedback_synth.errors.TrackingError` naming the server.
+
+Non-idempotent creates (``create_run``, ``create_model_version``, ``create_logged_model``) are
+not retried blindly: each goes out once (MLflow's retries off for that request), and before a
+new try :meth:`TrackingClient.create_once` looks for what an earlier try may have created (by a
+request id the caller puts in its tags), so a lost response never makes a second run or version.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +22,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from feedback_synth import storage
 from feedback_synth.config import TrackingConfig
@@ -15,8 +30,24 @@ from feedback_synth.errors import TrackingError
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
-_TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED",
-                    "ABORTED"}
+BACKOFF_FACTOR = 3  # MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR unless set: waits 0, 6, 12 s (3 retries: ~18 s)
+
+REQUEST_ID_TAG = "feedback_synth.request_id"  # on what a create made, to find it after a lost response
+
+MAX_RETRIES = 10  # MLflow refuses more (_MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT)
+
+PROBE_TIMEOUT_S = 10  # per try of the reachability probe (a blackholed host must not take 4 x 30 s)
+
+RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+BACKOFF_ENV = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
+TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+
+# MlflowException codes that mean "try later"; what MLflow raises once its HTTP retries are spent on
+# a connection error, a timeout or a 5xx is an INTERNAL_ERROR "API request to ... failed with ..."
+_TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
+_HTTP_FAILURE = "API request to "
+
+T = TypeVar("T")
 
 
 def say(msg: str) -> None:
@@ -41,84 +72,205 @@ def _sqlite_store(folder: str) -> tuple[str, str]:
     return f"sqlite:///{os.path.join(folder, 'mlflow.db')}", os.path.join(folder, "artifacts")
 
 
+# -- MLflow's HTTP settings ----------------------------------------------------------------------------
+
+
+def backoff_factor() -> int:
+    try:
+        return int(os.environ.get(BACKOFF_ENV) or BACKOFF_FACTOR)
+    except ValueError:
+        return BACKOFF_FACTOR
+
+
+def retry_wait_s(attempt: int) -> float:
+    """urllib3's wait before retry ``attempt`` (1-based): 0, then 2f, 4f, ... s (f: the backoff factor)."""
+    return 0.0 if attempt <= 1 else float(backoff_factor() * 2 ** (attempt - 1))
+
+
+def total_wait_s(retries: int) -> float:
+    """How long ``retries`` retries wait in all (before MLflow's jitter of up to 1 s a retry)."""
+    return sum(retry_wait_s(a) for a in range(1, retries + 1))
+
+
+def http_env(retries: int, timeout_s: float) -> dict[str, str]:
+    """MLflow's HTTP settings for ``retries`` retries and a per-request timeout of ``timeout_s``."""
+    return {RETRIES_ENV: str(min(max(0, int(retries)), MAX_RETRIES)), BACKOFF_ENV: str(backoff_factor()),
+            TIMEOUT_ENV: str(max(1, math.ceil(timeout_s)))}
+
+
+@contextlib.contextmanager
+def mlflow_http(retries: int, timeout_s: float) -> Iterator[None]:
+    """MLflow's HTTP retries and timeout for the calls inside (MLflow reads them at each request)."""
+    values = http_env(retries, timeout_s)
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
 def configure_mlflow_env(cfg: TrackingConfig) -> None:
-    """Bound MLflow's own HTTP retries (default: 7 with backoff, ~4 min): we retry ourselves."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(cfg.request_timeout_s))))
+    """MLflow's HTTP retries and timeout for this process (also for MLflow calls made outside a
+    :class:`TrackingClient`, e.g. ``mlflow.pyfunc.load_model``); quiet progress bars and URLs."""
+    os.environ.setdefault(BACKOFF_ENV, str(BACKOFF_FACTOR))
+    os.environ.update(http_env(cfg.retries, cfg.request_timeout_s))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is for results (promote --json)
 
 
-def _backoff(attempt: int) -> float:
-    return min(2.0 ** attempt, 4.0)  # 1, 2, 4, 4 ... s: 3 retries wait ~7 s in all
+@contextlib.contextmanager
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI is ``uri`` inside (for MLflow's fluent functions such as
+    ``mlflow.pyfunc.log_model``, which take no client); the previous one (and
+    ``$MLFLOW_TRACKING_URI``) afterwards."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    old_uri, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_uri)
+        if old_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
-def _is_transient(exc: BaseException) -> bool:
+# -- failures ------------------------------------------------------------------------------------------
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure that another try might not have: the server unreachable, overloaded or erroring."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
-        return exc.error_code in _TRANSIENT_CODES
+        return exc.error_code in _TRANSIENT_CODES or (
+            exc.error_code == "INTERNAL_ERROR" and str(exc.message).startswith(_HTTP_FAILURE))
     return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or type(exc).__module__.startswith(
         ("requests", "urllib3"))
 
 
-def check_reachable(uri: str, retries: int, timeout_s: float = 3.0) -> None:
-    """GET ``<uri>/health`` of an HTTP tracking server, with bounded retries; TrackingError if dead."""
+def _first_line(exc: BaseException) -> str:
+    return str(getattr(exc, "message", exc)).splitlines()[0][:300] if str(exc) else type(exc).__name__
+
+
+def check_reachable(uri: str, retries: int, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """One cheap MLflow call to an HTTP tracking server, with MLflow's retries; TrackingError if it
+    cannot be reached (or refuses us) before any long work starts. Local stores are not probed."""
     if not uri.startswith(("http://", "https://")):
         return
-    import requests
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    last = ""
     t0 = time.monotonic()
-    for attempt in range(retries + 1):
-        try:
-            resp = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
-            if resp.status_code == 200:
-                return
-            last = f"HTTP {resp.status_code} from /health"
-        except requests.RequestException as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        if attempt < retries:
-            time.sleep(_backoff(attempt))
-    raise TrackingError(
-        f"MLflow tracking server {uri} cannot be reached ({last}); tried {retries + 1} times over "
-        f"{time.monotonic() - t0:.0f} s. Start it, point tracking.tracking_uri / MLFLOW_TRACKING_URI at a "
-        f"running one, or turn tracking off with --set tracking.enabled=false")
+    try:
+        with mlflow_http(retries, min(timeout_s, PROBE_TIMEOUT_S)):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - classified below
+        if is_transient(exc):
+            raise TrackingError(
+                f"MLflow tracking server {uri} cannot be reached ({_first_line(exc)}); tried {retries + 1} times "
+                f"over {time.monotonic() - t0:.0f} s. Start it, point tracking.tracking_uri / MLFLOW_TRACKING_URI at "
+                f"a running one, or turn tracking off with --set tracking.enabled=false") from None
+        if isinstance(exc, MlflowException):
+            raise TrackingError(f"MLflow tracking server {uri} refused us: {exc.message}") from None
+        raise
 
 
-class RetryingClient:
-    """An ``MlflowClient`` whose calls retry transient failures (connection refused, 5xx) a bounded
-    number of times, then raise :class:`TrackingError` naming the server. Other MLflow errors
-    (not found, already exists, bad value) pass through unchanged for the caller to handle."""
+class TrackingClient:
+    """An ``MlflowClient`` whose calls run with this tracker's MLflow HTTP settings (``retries``
+    retries with backoff, ``timeout_s`` per request) and whose transient failures, once MLflow's
+    retries are spent, raise :class:`TrackingError` naming the server. Other MLflow errors (not
+    found, already exists, bad value) pass through unchanged for the caller to handle.
 
-    def __init__(self, client, retries: int, uri: str, outputs_hint: str = ""):
-        self._client, self._retries, self._uri, self._hint = client, retries, uri, outputs_hint
+    The non-idempotent creates go out once per call; use :meth:`create_once` to retry them safely.
+    """
+
+    NON_IDEMPOTENT = frozenset({"create_run", "create_model_version", "create_logged_model"})
+
+    def __init__(self, client, retries: int, uri: str, outputs_hint: str = "", timeout_s: float = 30.0):
+        self._client, self._retries, self._uri, self._hint = client, int(retries), uri, outputs_hint
+        self._timeout_s = timeout_s
 
     @property
     def raw(self):
+        """The MlflowClient itself (the process's MLflow settings, no translation)."""
         return self._client
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    @property
+    def retries(self) -> int:
+        return self._retries
+
+    def http(self, retries: Optional[int] = None):
+        """This client's MLflow HTTP settings (``retries`` instead of its own if given), e.g. around
+        MLflow's fluent calls made for this tracker."""
+        return mlflow_http(self._retries if retries is None else retries, self._timeout_s)
+
+    def failure(self, what: str, tries: int, t0: float, exc: BaseException) -> TrackingError:
+        return TrackingError(f"MLflow tracking server {self._uri} failed '{what}' {tries} times over "
+                             f"{time.monotonic() - t0:.0f} s ({_first_line(exc)}).{self._hint}")
+
+    def call(self, what: str, fn: Callable[[], T], retries: Optional[int] = None) -> T:
+        """``fn()`` (MLflow calls) with this client's settings; a transient failure -> TrackingError."""
+        retries = self._retries if retries is None else retries
+        t0 = time.monotonic()
+        try:
+            with self.http(retries):
+                return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc):
+                raise
+            raise self.failure(what, retries + 1, t0, exc) from exc
 
     def __getattr__(self, name: str):
         fn = getattr(self._client, name)
         if not callable(fn):
             return fn
+        retries = 0 if name in self.NON_IDEMPOTENT else None
 
         def call(*args, **kwargs):
-            t0 = time.monotonic()
-            for attempt in range(self._retries + 1):
-                try:
-                    return fn(*args, **kwargs)
-                except Exception as exc:  # noqa: BLE001 - classified below
-                    if not _is_transient(exc):
-                        raise
-                    if attempt == self._retries:
-                        msg = str(getattr(exc, "message", exc)).splitlines()[0][:300]
-                        raise TrackingError(
-                            f"MLflow tracking server {self._uri} failed '{name}' {self._retries + 1} times over "
-                            f"{time.monotonic() - t0:.0f} s ({msg}).{self._hint}") from exc
-                    time.sleep(_backoff(attempt))
+            return self.call(name, lambda: fn(*args, **kwargs), retries)
 
         return call
+
+    def create_once(self, what: str, create: Callable[[], T], find: Callable[[], Optional[T]]) -> T:
+        """A create that is never blindly retried. Each try of ``create()`` is one request; after a
+        transient failure, and the same waits as MLflow's retries, ``find()`` looks for what that
+        try may have made (by the request id the caller put in its tags) before trying again.
+        ``tracking.retries`` retries in all; then TrackingError naming the server."""
+        t0 = time.monotonic()
+        last: Optional[BaseException] = None
+        for attempt in range(self._retries + 1):
+            if attempt:
+                time.sleep(retry_wait_s(attempt))
+                try:
+                    with self.http(0):
+                        found = find()
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    if not is_transient(exc):
+                        raise
+                    last = exc
+                    continue
+                if found is not None:
+                    return found
+            try:
+                with self.http(0):
+                    return create()
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not is_transient(exc):
+                    raise
+                last = exc
+        assert last is not None
+        raise self.failure(what, self._retries + 1, t0, last) from last
 
 
 def mlflow_errors(what: str):
@@ -162,9 +314,16 @@ def metric_items(metrics: dict[str, Any], prefix: str) -> list[tuple[str, float]
     return items
 
 
-def registry_client(uri: str, retries: int = 3):
+def make_client(uri: str, cfg: TrackingConfig, outputs_hint: str = "") -> TrackingClient:
+    """A :class:`TrackingClient` for ``uri`` with ``cfg``'s retries and timeout, after checking
+    that an HTTP server answers (TrackingError if not)."""
     from mlflow import MlflowClient
 
-    configure_mlflow_env(TrackingConfig())
-    check_reachable(uri, retries)
-    return RetryingClient(MlflowClient(tracking_uri=uri, registry_uri=uri), retries, uri)
+    configure_mlflow_env(cfg)
+    check_reachable(uri, cfg.retries, cfg.request_timeout_s)  # before any long work
+    return TrackingClient(MlflowClient(tracking_uri=uri, registry_uri=uri), cfg.retries, uri, outputs_hint,
+                          cfg.request_timeout_s)
+
+
+def registry_client(uri: str, retries: int = 3) -> TrackingClient:
+    return make_client(uri, TrackingConfig(retries=retries))

@@ -1,17 +1,23 @@
 """The MLflow tracker: one parent run per pipeline run, one nested run per stage.
 
 One parent run per pipeline run (tagged ``kfp.run_id`` when there is one), one nested run per
-stage with that stage's resolved config as params. The retrained classifier is logged as an
-``mlflow.pyfunc`` model written as *code* (models-from-code: no pickled Python object) whose one
-artifact is the checkpoint folder (``model.safetensors`` + ``config.json``), so loading it
-unpickles nothing. It is registered as a new version with alias ``challenger``; the gate in
+stage with that stage's resolved config as params, in an experiment tagged
+``mlflow.experimentKind`` = ``custom_model_development`` (MLflow's kind for model training; the
+3.17 UI itself picks its view from the link's ``?workflowType=machine_learning``, which the run
+prints: :func:`ui_url`). The datasets a stage read are MLflow datasets logged as its inputs
+and the parent run's (:mod:`feedback_synth.tracking.datasets`). The retrained classifier is an
+MLflow 3 LoggedModel (:mod:`feedback_synth.registry.register`): an ``mlflow.pyfunc`` model
+written as *code* (models-from-code: no pickled Python object) whose one artifact is the
+checkpoint folder (``model.safetensors`` + ``config.json``), so loading it unpickles nothing. It
+is registered as a new version with alias ``challenger``; the gate in
 :mod:`feedback_synth.registry.promote` decides whether ``champion`` moves to it.
 
 Where the tracking store lives: ``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a
 SQLite store in the run's output folder (``<output>/mlflow/mlflow.db``, artifacts beside it), so
 ``feedback-synth run`` needs no server. An unreachable server fails the run at ``start()``, before
 any long work, with a :class:`~feedback_synth.errors.TrackingError`; a server that goes away
-mid-run fails the next tracking call the same way after ``tracking.retries`` short retries. Every
+mid-run fails the next tracking call the same way once MLflow's own HTTP retries
+(``tracking.retries``, with backoff: :mod:`feedback_synth.tracking.client`) are spent. Every
 stage writes its outputs to the output folder before anything is logged, so nothing is lost.
 """
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import os
 import tempfile
 import time
+import uuid
 from typing import Any, Iterator, Optional
 
 from feedback_synth import storage
@@ -27,10 +34,10 @@ from feedback_synth.config import TrackingConfig
 from feedback_synth.errors import TrackingError
 from feedback_synth.tracking.client import (
     MAX_PARAM_LEN,
-    RetryingClient,
-    check_reachable,
-    configure_mlflow_env,
+    REQUEST_ID_TAG,
+    TrackingClient,
     flatten,
+    make_client,
     metric_items,
     mlflow_errors,
     resolve_tracking_uri,
@@ -45,6 +52,18 @@ STAGE_TAG = "feedback_synth.stage"
 PIPELINE_STATE_TAG = "feedback_synth.pipeline_state"  # set by the KFP exit handler
 
 PIPELINE_ERROR_TAG = "feedback_synth.pipeline_error"
+
+# MLflow's experiment kind for model training (the other kind is "genai_development"); the UI reads
+# it when its workflow selector is off (MLflow 3.17 has it on: the view comes from ?workflowType=)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def ui_url(server: str, experiment_id: str, run_id: Optional[str] = None) -> str:
+    """The MLflow UI's page of a run (or experiment) in its model-training view. MLflow 3.17's UI
+    picks the view from ``?workflowType=`` (else the browser's last choice, GenAI at first), not
+    from the experiment's kind tag."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{server.rstrip('/')}/{page}?workflowType=machine_learning"
 
 
 class _RunLogger:
@@ -70,6 +89,10 @@ class _RunLogger:
     def set_tags(self, tags):
         self.tracker.set_run_tags(self.run_id, tags)
 
+    def log_datasets(self, inputs) -> None:
+        """Log MLflow ``DatasetInput``s as inputs of this run and of the parent run."""
+        self.tracker.log_datasets_to(self.run_id, inputs)
+
     def finish(self, status: str = "FINISHED") -> None:
         """A stage logger does not end the parent run."""
 
@@ -93,11 +116,11 @@ class MLflowTracker:
         self.experiment_id: Optional[str] = None
         self._created_parent = False
         self._stack: list[str] = []
-        self._client: Optional[RetryingClient] = None
+        self._client: Optional[TrackingClient] = None
 
     # -- the run ------------------------------------------------------------------------------
     @property
-    def client(self) -> RetryingClient:
+    def client(self) -> TrackingClient:
         if self._client is None:
             raise TrackingError("MLflowTracker: call start() before logging")
         return self._client
@@ -136,49 +159,66 @@ class MLflowTracker:
                     self.set_run_tags(self.run_id, tags)
             else:
                 self.experiment_id = self._experiment_id()
-                run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                             tags={**self._base_tags(), **tags})
+                run = self._create_run(run_name, {**self._base_tags(), **tags})
                 self.run_id, self._created_parent = run.info.run_id, True
                 self._log_params(self.run_id, flatten(config))
                 self._log_text(self.run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
         where = self.tracking_uri
-        if where.startswith("sqlite:///"):
-            where += f"  (see it: mlflow ui --backend-store-uri {where}; feedback-synth compare --tracking-uri {where})"
+        if where.startswith(("http://", "https://")):
+            where += f"  (see it: {ui_url(where, self.experiment_id, self.run_id)})"
+        elif where.startswith("sqlite:///"):
+            where += (f"  (see it: mlflow ui --backend-store-uri {where}, then "
+                      f"{ui_url('http://127.0.0.1:5000', self.experiment_id, self.run_id)}; "
+                      f"feedback-synth compare --tracking-uri {where})")
         say(f"MLflow run {self.run_id} at {where}")
 
     def connect(self) -> None:
-        from mlflow import MlflowClient
-
-        configure_mlflow_env(self.cfg)
-        check_reachable(self.tracking_uri, self.cfg.retries)  # before any long work
+        """The client, with MLflow's HTTP retries and timeout from the config; an HTTP server is
+        probed first (TrackingError if it cannot be reached), before any long work."""
         hint = f" The run's outputs are kept in {self.output_url}." if self.output_url else ""
-        self._client = RetryingClient(MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri),
-                                      self.cfg.retries, self.tracking_uri, hint)
+        self._client = make_client(self.tracking_uri, self.cfg, hint)
 
     def _experiment_id(self) -> str:
+        """The experiment's id, created if need be, tagged as model training (see EXPERIMENT_KIND)."""
         from mlflow.exceptions import MlflowException
 
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        location = None
-        if self._artifact_location:
-            os.makedirs(self._artifact_location, exist_ok=True)
-            location = "file://" + os.path.abspath(self._artifact_location)
-        try:
-            return self.client.create_experiment(self.cfg.experiment, artifact_location=location)
-        except MlflowException as exc:  # created by a concurrent run
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return self.client.get_experiment_by_name(self.cfg.experiment).experiment_id
+        if exp is None:
+            location = None
+            if self._artifact_location:
+                os.makedirs(self._artifact_location, exist_ok=True)
+                location = "file://" + os.path.abspath(self._artifact_location)
+            try:  # a retried create that did happen answers "already exists": handled as a concurrent one
+                return self.client.create_experiment(self.cfg.experiment, artifact_location=location,
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            except MlflowException as exc:  # created by a concurrent run
+                exp = self.client.get_experiment_by_name(self.cfg.experiment)
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS" or exp is None:
+                    raise
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):  # made by something else: tagged at first use
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return exp.experiment_id
+
+    def _create_run(self, run_name: str, tags: dict[str, str]):
+        """``create_run``, never blindly retried: a retry first looks for the run by its request id."""
+        request_id = uuid.uuid4().hex
+        tags = {**tags, REQUEST_ID_TAG: request_id}
+        raw = self.client.raw
+
+        def find():
+            runs = raw.search_runs([self.experiment_id], filter_string=f"tags.`{REQUEST_ID_TAG}` = '{request_id}'",
+                                   max_results=1)
+            return runs[0] if runs else None
+
+        return self.client.create_once("create_run", lambda: raw.create_run(self.experiment_id, run_name=run_name,
+                                                                            tags=tags), find)
 
     @contextlib.contextmanager
     def stage(self, name: str, params: Optional[dict[str, Any]] = None) -> Iterator[_RunLogger]:
         """A nested run for one stage; its params are the stage's resolved config."""
         parent = self.current_run_id()
         with mlflow_errors(f"open the run of stage '{name}'"):
-            run = self.client.create_run(self.experiment_id, run_name=name,
-                                         tags={"mlflow.parentRunId": parent, STAGE_TAG: name, **self._base_tags()})
+            run = self._create_run(name, {"mlflow.parentRunId": parent, STAGE_TAG: name, **self._base_tags()})
             run_id = run.info.run_id
             if params:
                 self._log_params(run_id, flatten(params))
@@ -209,10 +249,11 @@ class MLflowTracker:
             else:
                 self._best_effort(self.client.raw.set_terminated, self.run_id, status)
 
-    @staticmethod
-    def _best_effort(fn, *args) -> None:
+    def _best_effort(self, fn, *args) -> None:
+        """One try, no retries (the server may be the reason we are failing)."""
         try:
-            fn(*args)
+            with self.client.http(0):
+                fn(*args)
         except Exception as exc:  # noqa: BLE001 - reporting only; the original error propagates
             say(f"warning: could not record in MLflow ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
 
@@ -228,6 +269,10 @@ class MLflowTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.set_run_tags(self.current_run_id(), tags)
+
+    def log_datasets(self, inputs) -> None:
+        """Log MLflow ``DatasetInput``s as inputs of the current run (and of the parent run)."""
+        self.log_datasets_to(self.current_run_id(), inputs)
 
     # -- on a given run ------------------------------------------------------------------------
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -261,6 +306,17 @@ class MLflowTracker:
     def _log_text(self, run_id: str, text: str, name: str) -> None:
         with mlflow_errors(f"store the artifact {name}"):
             self.client.log_text(run_id, text, name)
+
+    def log_datasets_to(self, run_id: str, inputs, parent: bool = True) -> None:
+        """``inputs`` (``mlflow.entities.DatasetInput``, see :mod:`feedback_synth.tracking.datasets`)
+        as inputs of ``run_id`` and, with ``parent``, of the parent run too (MLflow keeps one input
+        per dataset and run: logging one again is a no-op)."""
+        inputs = list(inputs)
+        if not inputs:
+            return
+        with mlflow_errors("log the datasets"):
+            for target in dict.fromkeys(r for r in (run_id, self.run_id if parent else None) if r):
+                self.client.log_inputs(target, datasets=inputs)
 
     def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
         with mlflow_errors("set tags"):

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+import tempfile
+from typing import Any, Optional
 
 import numpy as np
 
@@ -76,9 +77,9 @@ def download_checkpoint(model_url: str, dest: str) -> dict[str, Any]:
     return storage.read_json(storage.join(model_url, "config.json"))
 
 
-def save_pyfunc(checkpoint_dir: str, spec: dict[str, Any], path: str) -> None:
-    """Write the pyfunc model folder (MLmodel, code, signature, input example) to ``path``."""
-    import mlflow.pyfunc
+def _model_kwargs(checkpoint_dir: str, spec: dict[str, Any], folder: str) -> dict[str, Any]:
+    """What ``mlflow.pyfunc.save_model`` / ``log_model`` take: the code file (written to
+    ``folder``), the checkpoint as its one artifact, signature, input example, requirements."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
@@ -88,14 +89,37 @@ def save_pyfunc(checkpoint_dir: str, spec: dict[str, Any], path: str) -> None:
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec["num_classes"]))]))
     # batch of 2 (a batch of 1 hides batch-dimension bugs); [0, 1] like real inputs
     example = np.random.default_rng(0).random((2, *shape[1:]), dtype=np.float32)
-    code = os.path.join(os.path.dirname(path), "feedback_synth_classifier.py")
+    code = os.path.join(folder, "feedback_synth_classifier.py")
     with open(code, "w") as f:
         f.write(_MODEL_CODE)
-    mlflow.pyfunc.save_model(
-        path, python_model=code, artifacts={"checkpoint": checkpoint_dir}, signature=signature,
-        input_example=example, pip_requirements=_requirements(),
-        metadata={"class_names": spec.get("class_names", []), "timm_model": spec.get("model"),
-                  "input": "float32 images in [0, 1], (N, C, H, W); output: logits"})
+    return dict(python_model=code, artifacts={"checkpoint": checkpoint_dir}, signature=signature,
+                input_example=example, pip_requirements=_requirements(),
+                metadata={"class_names": spec.get("class_names", []), "timm_model": spec.get("model"),
+                          "input": "float32 images in [0, 1], (N, C, H, W); output: logits"})
+
+
+def save_pyfunc(checkpoint_dir: str, spec: dict[str, Any], path: str) -> None:
+    """Write the pyfunc model folder (MLmodel, code, signature, input example) to ``path``."""
+    import mlflow.pyfunc
+
+    mlflow.pyfunc.save_model(path, **_model_kwargs(checkpoint_dir, spec, os.path.dirname(path)))
+
+
+def log_pyfunc(checkpoint_dir: str, spec: dict[str, Any], model_id: str, run_id: Optional[str] = None,
+               name: str = "classifier"):
+    """Log the pyfunc model into the MLflow 3 LoggedModel ``model_id`` (``models:/<model_id>``)
+    with MLflow's ``log_model``, linked to ``run_id`` as its output; returns MLflow's ``ModelInfo``.
+    Uses MLflow's global tracking URI (see ``client.use_tracking_uri``).
+
+    ``Model.log`` is what ``mlflow.pyfunc.log_model(name=...)`` calls; called here directly because
+    it also takes the run (``pyfunc.log_model`` only links to the active fluent run).
+    """
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return Model.log(None, mlflow.pyfunc, name=name, model_id=model_id, run_id=run_id,
+                         **_model_kwargs(checkpoint_dir, spec, tmp))
 
 
 def _requirements() -> list[str]:

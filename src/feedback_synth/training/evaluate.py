@@ -7,7 +7,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from feedback_synth.config import DataConfig
+from feedback_synth.config import METRICS, DataConfig
 from feedback_synth.data.imageset import ImageSet, shot_groups
 from feedback_synth.training.classifier import Classifier
 
@@ -49,9 +49,12 @@ def accuracy_metrics(preds: np.ndarray, data: ImageSet, train_class_counts: list
         metrics["per_group"] = cells
         metrics["average_group"] = float(np.mean(list(cells.values())))
         metrics["worst_group"] = float(min(cells.values()))
-    cm = np.zeros((data.num_classes, data.num_classes), dtype=np.int64)
-    np.add.at(cm, (data.labels, preds), 1)
-    metrics["confusion_matrix"] = cm.tolist()
+    from sklearn.metrics import confusion_matrix
+
+    # rows: true class, columns: predicted class, every class present even if never seen or predicted
+    cm = (confusion_matrix(data.labels, preds, labels=range(data.num_classes)) if len(preds)
+          else np.zeros((data.num_classes, data.num_classes)))  # sklearn refuses an empty set
+    metrics["confusion_matrix"] = cm.astype(np.int64).tolist()
     return metrics
 
 
@@ -61,9 +64,8 @@ def evaluate(clf: Classifier, data: ImageSet, cfg: DataConfig, batch_size: int =
     return accuracy_metrics(preds, data, clf.spec.train_class_counts, cfg)
 
 
-SUMMARY_KEYS = ("overall", "many", "medium", "few", "worst_class", "average_group", "worst_group")
 
 
 def summary(metrics: dict[str, Any]) -> dict[str, float]:
     """The scalar metrics only (what goes into tables and MLflow)."""
-    return {k: metrics[k] for k in SUMMARY_KEYS if metrics.get(k) is not None}
+    return {k: metrics[k] for k in METRICS if metrics.get(k) is not None}
