@@ -21,4 +21,4 @@ fi
 bash scripts/install-deploy-tools.sh
 eval "$(bash scripts/ci-postgres.sh)"
 export FEEDBACK_SYNTH_TEST_PG_URI
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

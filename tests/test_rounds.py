@@ -62,7 +62,7 @@ def test_later_rounds_follow_the_latest_models_validation_mistakes(digits):
 def test_compiled_pipeline_unrolls_two_rounds(tmp_path):
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, compile_pipeline
 
-    spec = yaml.safe_load(open(compile_pipeline(str(tmp_path / "p.yaml"), PipelineSettings(rounds=2))))
+    spec = next(yaml.safe_load_all(open(compile_pipeline(str(tmp_path / "p.yaml"), PipelineSettings(rounds=2)))))
     stages = spec["root"]["dag"]["tasks"]["exit-handler-1"]["componentRef"]["name"]
     dag = spec["components"][stages]["dag"]["tasks"]
     assert {"extract-feedback", "extract-feedback-2", "filter-synthetic", "filter-synthetic-2", "retrain",

@@ -6,7 +6,6 @@ import os
 import tempfile
 import time
 
-from feedback_synth.config import resolve_run_config
 from feedback_synth.errors import ConfigError
 from feedback_synth_kfp.submit import (
     DEFAULT_EXPERIMENT,
@@ -27,6 +26,8 @@ def cmd_compile(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    from feedback_synth.config import resolve_run_config
+
     if bool(args.recurring) != bool(args.job_name):
         raise ConfigError("--recurring CRON and --job-name NAME go together")
     if args.recurring:

@@ -100,7 +100,7 @@ def test_pipeline_through_the_kfp_local_runner(tmp_path, generator):
     assert "data:image/png;base64," in samples
     assert _artifact(outs["filter-synthetic"], "metrics")["metadata"]["generated"] == 47
     md = Path(_artifact(outs["evaluate"], "report")["uri"]).read_text()
-    assert md == (Path(urls["report"]) / "report.md").read_text() and "| baseline |" in md
+    assert md == (Path(urls["report"]) / "report.md").read_text() and "| no synthesis (ce) |" in md
     assert "delta_overall" in _artifact(outs["evaluate"], "metrics")["metadata"]
     assert "data:image/png;base64," in Path(_artifact(outs["evaluate"], "per_class")["uri"]).read_text()
     decision = Path(_artifact(outs["promote"], "decision")["uri"]).read_text()

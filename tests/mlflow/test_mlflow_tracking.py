@@ -39,9 +39,13 @@ def _cfg(server, **kw) -> TrackingConfig:
 @pytest.fixture
 def global_uri():
     """Point MLflow's global URIs at a server for loading by models:/ URI; restore afterwards."""
+    import os
+
     import mlflow
 
-    old = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI: restore that exactly, or later runs
+    # in this process would log to MLflow's default store instead of their own output folder
+    old = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")
 
     def set_uri(url):
         mlflow.set_tracking_uri(url)
@@ -50,6 +54,10 @@ def global_uri():
     yield set_uri
     mlflow.set_tracking_uri(old[0])
     mlflow.set_registry_uri(old[1])
+    if old[2] is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old[2]
 
 
 # ------------------------------------------------------------------------------ where the store is

@@ -108,3 +108,20 @@ def test_ui_link_opens_the_model_training_view():
     assert ui_url("http://mlflow:5000/", "3", "abc") == \
         "http://mlflow:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
     assert ui_url("http://mlflow:5000", "3") == "http://mlflow:5000/#/experiments/3?workflowType=machine_learning"
+
+
+def test_use_tracking_uri_leaves_the_environment_as_it_found_it(monkeypatch):
+    """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI; a later run in the same process
+    must not inherit the promotion's URI (it would log to another store than its own)."""
+    import os
+
+    from feedback_synth.tracking.client import use_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with use_tracking_uri("sqlite:////tmp/elsewhere.db"):
+        assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/elsewhere.db"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mine:5000")
+    with use_tracking_uri("sqlite:////tmp/elsewhere.db"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://mine:5000"

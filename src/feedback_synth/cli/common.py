@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from feedback_synth.config import RunConfig, resolve_run_config
 
+def load_config(args: argparse.Namespace):
+    """The dataset's preset < ``--config`` < ``--set``, as every verb reads it (a ``RunConfig``)."""
+    from feedback_synth.config import resolve_run_config  # here, not at start-up: --help stays fast
 
-def load_config(args: argparse.Namespace) -> RunConfig:
-    """The dataset's preset < ``--config`` < ``--set``, as every verb reads it."""
     return resolve_run_config(getattr(args, "dataset", None), args.config, getattr(args, "set", None))
 
 

@@ -8,7 +8,6 @@ import sys
 import time
 from typing import Optional
 
-from feedback_synth import storage
 from feedback_synth.cli.common import add_config_args, load_config
 from feedback_synth.cli.registry_verbs import add_registry_commands
 from feedback_synth.errors import FeedbackSynthError
@@ -19,6 +18,8 @@ def _default_output() -> str:
 
 
 def cmd_run(args) -> int:
+    from feedback_synth import storage
+
     cfg = load_config(args)
     output = args.output or _default_output()
     t0 = time.time()
@@ -38,6 +39,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_pretrain_generator(args) -> int:
+    from feedback_synth import storage
     from feedback_synth.config import DataConfig, from_dict, parse_overrides
     from feedback_synth.data.prepare import BUILTIN
     from feedback_synth.generation.bundled import PretrainConfig, pretrain_generator

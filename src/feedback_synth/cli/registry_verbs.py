@@ -5,17 +5,17 @@ import json
 import os
 from typing import Any
 
-from feedback_synth import storage
 from feedback_synth.cli.common import load_config
-from feedback_synth.config import TrackingConfig
 from feedback_synth.errors import ConfigError, DataError
-from feedback_synth.registry.compare import compare_versions, format_comparison
-from feedback_synth.registry.register import register_and_promote
-from feedback_synth.tracking.client import registry_client, resolve_tracking_uri
-from feedback_synth.tracking.mlflow_tracker import KFP_RUN_ID_ENV, MLflowTracker
+from feedback_synth.tracking.base import KFP_RUN_ID_ENV
+
+# The verbs import the library when they run, not when the parser is built: --help stays fast.
 
 
 def _tracking_uri_arg(args) -> str:
+    from feedback_synth.config import TrackingConfig
+    from feedback_synth.tracking.client import resolve_tracking_uri
+
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri and getattr(args, "output", None):
         uri, _ = resolve_tracking_uri(TrackingConfig(), args.output)
@@ -26,8 +26,15 @@ def _tracking_uri_arg(args) -> str:
 
 
 def cmd_compare(args) -> int:
+    from feedback_synth.registry.compare import compare_versions, format_comparison
+    from feedback_synth.tracking.client import registry_client
+
     uri = _tracking_uri_arg(args)
     client = registry_client(uri)
+    if args.model is None:
+        from feedback_synth.config import TrackingConfig
+
+        args.model = TrackingConfig().registered_model
     cmp = compare_versions(client, args.model, tuple(args.versions) if args.versions else None)
     if args.json:
         print(json.dumps(cmp, indent=2))
@@ -38,6 +45,8 @@ def cmd_compare(args) -> int:
 
 
 def _read_report(url: str) -> dict[str, Any]:
+    from feedback_synth import storage
+
     if not url.endswith(".json"):
         url = storage.join(url, "report.json")
     if not storage.exists(url):
@@ -50,6 +59,10 @@ def _read_report(url: str) -> dict[str, Any]:
 
 def cmd_promote(args) -> int:
     from dataclasses import asdict
+
+    from feedback_synth import storage
+    from feedback_synth.registry.register import register_and_promote
+    from feedback_synth.tracking.mlflow_tracker import MLflowTracker
 
     cfg = load_config(args)
     if args.tracking_uri:
@@ -79,14 +92,13 @@ def cmd_promote(args) -> int:
 
 def add_registry_commands(subparsers) -> None:
     """``feedback-synth compare`` and ``feedback-synth promote`` (called by cli.build_parser)."""
-    default_name = TrackingConfig().registered_model
     p = subparsers.add_parser(
         "compare", help="print two versions of a registered model side by side, from the registry: the champion vs "
                         "the latest challenger, or after a promotion the champion vs the one it replaced",
         description="Without --versions: the champion vs the latest challenger when they differ; after a "
                     "promotion (the champion is the latest challenger), the new champion vs the champion it "
                     "replaced. Each version's gate decision and reason follow the table.")
-    p.add_argument("--model", default=default_name, help=f"registered model name (default: {default_name})")
+    p.add_argument("--model", help="registered model name (default: tracking.registered_model)")
     p.add_argument("--versions", nargs=2, metavar=("A", "B"), help="compare these two versions instead (delta: B - A)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--output", help="a run folder: use its local store (<RUN>/mlflow/mlflow.db)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator, Optional
 
+KFP_RUN_ID_ENV = "KFP_RUN_ID"  # set it (e.g. from dsl.PIPELINE_JOB_ID_PLACEHOLDER) to tag the parent run
+
 
 class NullTracker:
     """The tracker interface; every method is a no-op."""

@@ -137,7 +137,9 @@ def use_tracking_uri(uri: str) -> Iterator[None]:
         yield
     finally:
         mlflow.set_tracking_uri(old_uri)
-        if old_env is not None:
+        if old_env is None:  # set_tracking_uri sets $MLFLOW_TRACKING_URI too: a later run must not inherit it
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
             os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Optional
 from feedback_synth import storage
 from feedback_synth.config import TrackingConfig
 from feedback_synth.errors import TrackingError
+from feedback_synth.tracking.base import KFP_RUN_ID_ENV  # noqa: F401  (its home is base; used below)
 from feedback_synth.tracking.client import (
     MAX_PARAM_LEN,
     REQUEST_ID_TAG,
@@ -43,8 +44,6 @@ from feedback_synth.tracking.client import (
     resolve_tracking_uri,
     say,
 )
-
-KFP_RUN_ID_ENV = "KFP_RUN_ID"  # set it (e.g. from dsl.PIPELINE_JOB_ID_PLACEHOLDER) to tag the parent run
 
 STAGE_TAG = "feedback_synth.stage"
 
