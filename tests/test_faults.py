@@ -530,7 +530,8 @@ def test_sigterm_and_sigint_close_the_runs_failed_with_one_line(tmp_path, tiny_g
     from mlflow import MlflowClient
 
     out = tmp_path / "run"
-    sets = [a for s in ("train.epochs=200", f"generate.generator={tiny_generator}") for a in ("--set", s)]
+    sets = [a for s in ("train.model=test_resnet", "train.epochs=2000", f"generate.generator={tiny_generator}")
+            for a in ("--set", s)]
     proc = subprocess.Popen([sys.executable, "-m", "feedback_synth.cli", "run", "--output", str(out), *sets],
                             env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)

@@ -110,7 +110,8 @@ def test_digits_groups_run_end_to_end(tmp_path, capsys):
     gen = str(tmp_path / "gen")
     save_generator(UNet2DModel(**unet_config(16, 3, 30, (8, 16))), gen, {"joint_groups": True})
     out = tmp_path / "run"
-    sets = ["train.epochs=2", "retrain.epochs=2", "feedback.budget_fraction=0.05", "generate.num_inference_steps=4",
+    sets = ["train.model=test_resnet", "train.epochs=2", "retrain.epochs=2", "feedback.budget_fraction=0.05",
+            "generate.num_inference_steps=4",
             f"generate.generator={gen}", "tracking.enabled=false"]
     rc = main(["run", "--dataset", "digits-groups", "--output", str(out), *[a for s in sets for a in ("--set", s)]])
     assert rc == 0

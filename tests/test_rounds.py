@@ -16,7 +16,8 @@ from feedback_synth import storage
 from feedback_synth.config import FeedbackConfig, load_run_config
 from feedback_synth.synthesis.plan import allocate, make_plan, round_budgets, smoothed_errors
 
-REDUCED = ["train.epochs=2", "retrain.epochs=2", "feedback.budget_fraction=0.1", "feedback.shard_size=8",
+REDUCED = ["train.model=test_resnet", "train.epochs=2", "retrain.epochs=2", "feedback.budget_fraction=0.1",
+           "feedback.shard_size=8",
            "generate.num_inference_steps=4", "generate.guide_every=2", "feedback.rounds=2"]
 
 

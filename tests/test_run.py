@@ -9,7 +9,8 @@ import pytest
 from feedback_synth import storage
 from feedback_synth.cli.main import main
 
-REDUCED = ["train.epochs=2", "retrain.epochs=2", "feedback.budget_fraction=0.1", "feedback.shard_size=16",
+REDUCED = ["train.model=test_resnet", "train.epochs=2", "retrain.epochs=2", "feedback.budget_fraction=0.1",
+           "feedback.shard_size=16",
            "generate.num_inference_steps=4", "generate.guide_every=2", "tracking.enabled=false"]
 
 

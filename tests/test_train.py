@@ -94,14 +94,14 @@ def test_fidelity_oracle_is_trained_once_and_cached(prepared, digits, tmp_path, 
     trained = []
     real_train = oracle.train_classifier
     monkeypatch.setattr(oracle, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
-    first = oracle.fidelity(prepared, synthetic, "resnet10t", oracle_url=str(tmp_path / "run1" / "oracle"))
-    second = oracle.fidelity(prepared, synthetic, "resnet10t", oracle_url=str(tmp_path / "run2" / "oracle"))
+    first = oracle.fidelity(prepared, synthetic, "test_resnet", oracle_url=str(tmp_path / "run1" / "oracle"))
+    second = oracle.fidelity(prepared, synthetic, "test_resnet", oracle_url=str(tmp_path / "run2" / "oracle"))
     assert trained == [1] and first == second and 0.5 < first <= 1
     assert storage.exists(str(tmp_path / "run2" / "oracle" / "config.json"))  # each run keeps its copy
     # another split, model or config is another oracle
     split = digits["oracle"]
-    key = oracle.oracle_cache_key(split, "resnet10t", RetrainConfig(seed=0))
+    key = oracle.oracle_cache_key(split, "test_resnet", RetrainConfig(seed=0))
     assert key != oracle.oracle_cache_key(split, "resnet18", RetrainConfig(seed=0))
-    assert key != oracle.oracle_cache_key(split, "resnet10t", RetrainConfig(seed=1))
+    assert key != oracle.oracle_cache_key(split, "test_resnet", RetrainConfig(seed=1))
     fewer = ImageSet(split.images[1:], split.labels[1:], split.groups[1:], split.ids[1:], split.class_names)
-    assert key != oracle.oracle_cache_key(fewer, "resnet10t", RetrainConfig(seed=0))
+    assert key != oracle.oracle_cache_key(fewer, "test_resnet", RetrainConfig(seed=0))
