@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from feedback_synth.config import FeedbackConfig
+from feedback_synth.errors import ConfigError
 from feedback_synth.synthesis.feedback import extract_features, fit_class_stats, load_class_stats, save_class_stats
 from feedback_synth.synthesis.plan import GenerationPlan, image_seed, images_to_generate, make_plan
 
@@ -84,5 +85,5 @@ def test_per_group_plan():
                     ["a", "b"], ["land", "water"])
     plan = make_plan(data, FeedbackConfig(per_group=True))
     assert plan.counts == {"a/land": 1, "a/water": 2, "b/land": 2, "b/water": 3}
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError, match="config field 'feedback.shard_size': input should be greater than or equal to 1"):
         FeedbackConfig(shard_size=0)

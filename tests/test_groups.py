@@ -100,15 +100,11 @@ def test_nico_domain_class_folders(memory_url):
 def test_digits_groups_run_end_to_end(tmp_path, capsys):
     """`feedback-synth run --dataset digits-groups` at reduced size, with a tiny joint (class, colour)
     generator: plans per cell, conditions on both, reports average and worst-group accuracy."""
-    import torch
-    from diffusers import UNet2DModel
+    from builders import build_tiny_pixel_generator
 
     from feedback_synth.cli.main import main
-    from feedback_synth.generation.bundled import save_generator, unet_config
 
-    torch.manual_seed(0)
-    gen = str(tmp_path / "gen")
-    save_generator(UNet2DModel(**unet_config(16, 3, 30, (8, 16))), gen, {"joint_groups": True})
+    gen = build_tiny_pixel_generator(str(tmp_path / "gen"), channels=3, num_conditions=30)  # (class, colour) cells
     out = tmp_path / "run"
     sets = ["train.model=test_resnet", "train.epochs=2", "retrain.epochs=2", "feedback.budget_fraction=0.05",
             "generate.num_inference_steps=4",

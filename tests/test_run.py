@@ -29,7 +29,7 @@ def test_run_end_to_end_on_gcs(gcs_bucket, tiny_generator, capsys):
                                                                          "generate.criterion=hardness"])])
     assert rc == 0
     printed = capsys.readouterr().out
-    for text in ("| no synthesis (ce) |", "| with synthesis (ce) |", "| difference |", "synthetic images:",
+    for text in ("| no synthesis (logit_adjusted) |", "| with synthesis (logit_adjusted) |", "| difference |", "synthetic images:",
                  "per-class accuracy", out):
         assert text in printed
     for rel in ("config.yaml", "baseline/model/model.safetensors", "baseline/model/config.json", "baseline/history.json",

@@ -19,15 +19,9 @@ def generator(tmp_path_factory) -> str:
 
     if os.path.isdir(os.path.join(builtin_generator_path("digits-lt"), "unet")):
         return "builtin"
-    import torch
-    from diffusers import UNet2DModel
+    from builders import build_tiny_pixel_generator
 
-    from feedback_synth.generation.bundled import save_generator, unet_config
-
-    path = str(tmp_path_factory.mktemp("generator"))
-    torch.manual_seed(0)
-    save_generator(UNet2DModel(**unet_config(16, 1, 10)), path, {"note": "random weights (test)"})
-    return path
+    return build_tiny_pixel_generator(str(tmp_path_factory.mktemp("generator")))
 
 
 def _outputs(root: Path) -> dict[str, dict]:
@@ -100,7 +94,7 @@ def test_pipeline_through_the_kfp_local_runner(tmp_path, generator):
     assert "data:image/png;base64," in samples
     assert _artifact(outs["filter-synthetic"], "metrics")["metadata"]["generated"] == 47
     md = Path(_artifact(outs["evaluate"], "report")["uri"]).read_text()
-    assert md == (Path(urls["report"]) / "report.md").read_text() and "| no synthesis (ce) |" in md
+    assert md == (Path(urls["report"]) / "report.md").read_text() and "| no synthesis (logit_adjusted) |" in md
     assert "delta_overall" in _artifact(outs["evaluate"], "metrics")["metadata"]
     assert "data:image/png;base64," in Path(_artifact(outs["evaluate"], "per_class")["uri"]).read_text()
     decision = Path(_artifact(outs["promote"], "decision")["uri"]).read_text()

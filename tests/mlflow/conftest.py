@@ -202,16 +202,15 @@ def model_name(request) -> str:
 def checkpoint(tmp_path_factory):
     """(classifier, checkpoint folder, test images (N,1,16,16) float32) from 1 epoch on digits-lt."""
     import torch
+    from builders import build_small_classifier
 
-    from feedback_synth.config import RetrainConfig
     from feedback_synth.data.digits import make_digits_lt
     from feedback_synth.training.classifier import save_classifier
-    from feedback_synth.training.train import train_classifier
 
     torch.set_num_threads(2)
     ds = make_digits_lt()
-    clf, _ = train_classifier(ds["train"], RetrainConfig(epochs=1, seed=0), "test_resnet")
     url = str(tmp_path_factory.mktemp("ckpt") / "model")
+    clf = build_small_classifier(ds["train"], url, epochs=1)
     save_classifier(clf, url, {"train_config.yaml": "data:\n  dataset: digits-lt\n  split_seed: 0\n  image_size: 16\n"})
     import numpy as np
 

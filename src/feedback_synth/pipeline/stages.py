@@ -49,7 +49,6 @@ def prepare_data(cfg: DataConfig, output_url: str, overwrite: bool = False) -> S
 
 
 def _prepare_data(cfg: DataConfig, output_url: str) -> StageResult:
-    """Load and check the dataset (built-in or URL) and write its splits to ``output_url``."""
     from feedback_synth.data.prepare import prepare_dataset
 
     info = prepare_dataset(cfg, output_url)
@@ -107,11 +106,6 @@ def train_baseline(dataset_url: str, output_url: str, cfg: TrainConfig, data_cfg
 
 def _train_baseline(dataset_url: str, output_url: str, cfg: TrainConfig, data_cfg: DataConfig,
                    on_epoch: EpochHook = None) -> StageResult:
-    """Train the baseline classifier on the real (imbalanced) data and evaluate it on the test set.
-
-    Writes ``model/`` (safetensors + config.json + train_config.yaml), ``metrics.json`` and
-    ``history.json`` (per-epoch metrics) under ``output_url``.
-    """
     from feedback_synth.training.train import train_classifier
 
     train = load_split(dataset_url, "train")
@@ -158,13 +152,6 @@ def extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str,
 
 def _extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str, cfg: FeedbackConfig,
                      round_index: int = 1, previous_feedback_url: Optional[str] = None) -> StageResult:
-    """Freeze the classifier, fit the class statistics of ``hardness``, and plan the generation.
-
-    In rounds (``cfg.rounds`` > 1), ``baseline_model_url`` is the latest model (the baseline in
-    round 1, the previous round's retrained model after that), its validation mistakes per cell
-    steer the round's share of the budget, and ``previous_feedback_url`` (the previous round's
-    output) says where each cell's image indices continue (synthesis.plan).
-    """
     from feedback_synth.synthesis.feedback import extract_features, fit_class_stats, save_class_stats
     from feedback_synth.synthesis.plan import GenerationPlan, make_plan
     from feedback_synth.training.classifier import load_classifier
@@ -246,14 +233,6 @@ def filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: st
 
 def _filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: str, generated_url: str | list[str],
                      output_url: str, cfg: FilterConfig, previous_filtered_url: Optional[str] = None) -> StageResult:
-    """Filter the generated images (``generated_url``: the generate output, or one per shard task).
-
-    Writes ``synthetic.npz`` (the kept images, plus those kept by earlier rounds when
-    ``previous_filtered_url`` names the previous round's output), ``kept_metadata.json`` (their
-    metadata rows), ``filter_report.json`` (per class: generated, kept, dropped by which filter and
-    why, re-admitted), ``filter_table.md`` and ``samples.png``. Stops with the report's reasons
-    when the filters leave nothing of a non-empty round.
-    """
     import numpy as np
 
     from feedback_synth.generation.shards import load_generated
