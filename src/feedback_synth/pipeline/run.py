@@ -29,6 +29,7 @@ from feedback_synth.fingerprints import differences
 from feedback_synth.pipeline import stages
 from feedback_synth.pipeline.preflight import preflight
 from feedback_synth.pipeline.result import StageResult, log_stage_result
+from feedback_synth.reporting.tables import format_report
 from feedback_synth.tracking.base import NullTracker, make_tracker
 
 RESUMED_TAG = "feedback_synth.resumed"
@@ -173,7 +174,8 @@ def run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker]
         evaluation = stage(tracker, "evaluate", {}, stages.evaluate_run, data, baseline, retrained, filtered,
                            layout.stage("report"), cfg.data)
         report = evaluation.summary
-        tracker.log_metrics({k: v for k, v in evaluation.metrics.items() if not k.startswith("delta_")})
+        tracker.log_metrics(evaluation.metrics)  # the parent run: no synthesis, with synthesis, difference
+        tracker.log_text(format_report(report), "report.md")
         for r in report["rounds"]:
             tracker.log_metrics({f"round_{k}": r[k] for k in ("few", "worst_class", "worst_group", "overall") if k in r},
                                 step=r["round"])

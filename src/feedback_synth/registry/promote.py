@@ -54,6 +54,7 @@ def _set_challenger(client, name: str, version: str) -> None:
 
 def promote_model_version(client, name: str, version: str | int, metrics: dict[str, Any], cfg: PromoteConfig,
                           lock=None, baseline_metrics: Optional[dict[str, Any]] = None,
+                          baseline_name: str = "baseline of the same run",
                           run_ids: tuple[str, ...] | list[str] = (), test_set: Optional[str] = None,
                           tracking_uri: str = "") -> dict[str, Any]:
     """Apply the gate to model version ``name``/``version`` and move ``champion`` if it passes.
@@ -96,7 +97,7 @@ def promote_model_version(client, name: str, version: str | int, metrics: dict[s
                         promoted, reason = False, (f"champion v{champion} was measured on a different test set "
                                                    f"({champ_set}, this model: {test_set}); not comparable")
                 elif baseline_metrics is not None:
-                    reference_desc, reference = "baseline of the same run", baseline_metrics
+                    reference_desc, reference = baseline_name, baseline_metrics
                 else:
                     reference_desc = "nothing"
                 if reference is not None or (champion is None and baseline_metrics is None):

@@ -191,6 +191,13 @@ def link_version(client, model_id: str, name: str, version: str) -> None:
 
 
 
+def reference_name(report: dict[str, Any]) -> str:
+    """What the gate compares with when there is no champion: the same run without synthesis,
+    trained with the same recipe (the baseline itself when the recipes agree)."""
+    loss = (report.get("recipe") or {}).get("loss")
+    return f"the same run without synthesis ({loss})" if loss else "baseline of the same run"
+
+
 def register_and_promote(tracker, model_url: str, report: dict[str, Any], cfg: PromoteConfig,
                          run_id: Optional[str] = None, test_dataset_url: Optional[str] = None) -> dict[str, Any]:
     """Log the retrained model as a LoggedModel with its test metrics, register it, then apply the
@@ -222,6 +229,7 @@ def _register_and_promote(tracker, model_url: str, report: dict[str, Any], cfg: 
     with mlflow_errors(f"promote '{name}' v{version}"):
         result = promote_model_version(tracker.client, name, version, report["retrained"], cfg, lock=lock,
                                        baseline_metrics=report.get("baseline"), run_ids=run_ids,
+                                       baseline_name=reference_name(report),
                                        test_set=checkpoint_test_set(model_url), tracking_uri=tracker.tracking_uri)
         tracker.client.set_logged_model_tags(logged.model_id, {
             "promotion.decision": result["decision"], "promotion.reason": result["reason"][:5000],
