@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from feedback_synth.config import DataConfig, RetrainConfig
+from feedback_synth.config import DataConfig, RetrainConfig, TrainConfig
 from feedback_synth.data.imageset import ImageSet
 from feedback_synth.errors import ConfigError
 from feedback_synth.training.classifier import build_classifier, load_classifier, save_classifier
@@ -105,3 +105,28 @@ def test_fidelity_oracle_is_trained_once_and_cached(prepared, digits, tmp_path, 
     assert key != oracle.oracle_cache_key(split, "test_resnet", RetrainConfig(seed=1))
     fewer = ImageSet(split.images[1:], split.labels[1:], split.groups[1:], split.ids[1:], split.class_names)
     assert key != oracle.oracle_cache_key(fewer, "test_resnet", RetrainConfig(seed=0))
+
+
+def test_retraining_takes_the_baselines_recipe_or_trains_a_same_recipe_reference(prepared, digits, tmp_path):
+    """Like with like: retraining uses the baseline's loss unless told otherwise; with another loss,
+    the retrain stage also trains that loss without synthesis, and the report compares with it."""
+    from feedback_synth import storage
+    from feedback_synth.pipeline import stages
+
+    base = str(tmp_path / "baseline")
+    stages.train_baseline(prepared, base, TrainConfig(model="test_resnet", epochs=1, loss="logit_adjusted", tau=2.0),
+                          DataConfig())
+    filtered = str(tmp_path / "filtered")
+    digits["pool"].subset(np.arange(0, 600, 10)).save(f"{filtered}/synthetic.npz")
+    storage.write_json(f"{filtered}/filter_report.json", {"generated": 60, "kept": 60})
+    same = stages.retrain(prepared, stages.model_url(base), filtered, str(tmp_path / "same"), RetrainConfig(epochs=1),
+                          DataConfig())
+    assert same.summary["recipe"] == {"loss": "logit_adjusted", "tau": 2.0, "balanced_sampler": False, "prior": "real"}
+    assert same.summary["reference"] == "baseline" and not (tmp_path / "same" / "reference").exists()
+    other = stages.retrain(prepared, stages.model_url(base), filtered, str(tmp_path / "other"),
+                           RetrainConfig(epochs=1, loss="balanced_softmax"), DataConfig())
+    assert other.summary["recipe"]["loss"] == "balanced_softmax" and other.summary["reference"] == "reference"
+    reference = storage.read_json(str(tmp_path / "other" / "reference_metrics.json"))
+    baseline = storage.read_json(f"{base}/metrics.json")
+    assert reference["source"] == "reference" and reference["per_class"] != baseline["per_class"]
+    assert storage.read_yaml(str(tmp_path / "other" / "reference" / "model" / "train_config.yaml"))["num_synthetic"] == 0
