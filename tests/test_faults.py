@@ -552,3 +552,35 @@ def test_sigterm_and_sigint_close_the_runs_failed_with_one_line(tmp_path, tiny_g
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in parent] == ["FAILED"]
     assert "RUNNING" not in {r.info.status for r in runs}  # the stage runs too: FINISHED or FAILED
+
+
+def test_a_signal_waits_for_the_tracking_call_to_return():
+    """SIGINT/SIGTERM inside a tracking call (an MLflow write) is raised when the call returns, so
+    that no SQLite transaction is left open for the calls that close the runs; a second one does not
+    wait."""
+    import os
+    import signal
+
+    from feedback_synth.interrupts import Terminated, deferred, handled
+    from feedback_synth.tracking.client import mlflow_http
+
+    done = []
+    with handled():
+        with pytest.raises(KeyboardInterrupt):
+            with mlflow_http(0, 5):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                done.append("the write")  # reached: the signal waited
+        assert done == ["the write"]
+        with pytest.raises(Terminated):
+            with deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGTERM)  # a second one: raised now
+                time.sleep(0.05)
+                done.append("never")
+        assert done == ["the write"]
+        with pytest.raises(Terminated):  # outside a tracking call: raised where the process is
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -139,6 +139,17 @@ def fake_kfp(monkeypatch, tmp_path):
     server.shutdown()
 
 
+def _digits_lt_preset_parameters() -> dict:
+    """What the digits-lt preset file sets away from the pipeline's defaults, read from the YAML itself:
+    the preset's scale and shard size as pipeline parameters, its baseline loss as train_overrides."""
+    from feedback_synth.config import preset
+
+    values = preset("digits-lt")
+    assert values["generate"]["strength"] == 0.8  # the pipeline's default: sent as nothing
+    return {"scale": values["generate"]["scale"], "shard_size": values["feedback"]["shard_size"],
+            "train_overrides": json.dumps({"loss": values["train"]["loss"], "tau": values["train"]["tau"]})}
+
+
 def test_submit_creates_a_run_with_typed_parameters(fake_kfp, capsys):
     host, calls = fake_kfp
     rc = main(["submit", "--host", host, "--namespace", "team-a", "--experiment", "exp", "--run-name", "nightly",
@@ -152,10 +163,9 @@ def test_submit_creates_a_run_with_typed_parameters(fake_kfp, capsys):
     assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "feedback-synth"
     executors = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert "nodeSelector" in executors["exec-generate-shard"]  # the GPU placement reaches the server
-    assert run["runtime_config"]["parameters"] == {
-        "scale": 0.01, "mlflow_tracking_uri": "http://mlflow:5000",
-        "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
-        "generate_overrides": '{"strength": 0.6}', "shard_size": 128}  # the digits-lt preset, as `run` uses it
+    assert run["runtime_config"]["parameters"] == {  # the digits-lt preset, as `run` uses it, under the --params
+        **_digits_lt_preset_parameters(), "scale": 0.01, "mlflow_tracking_uri": "http://mlflow:5000",
+        "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
     (exp,) = [b for m, p, b in calls if m == "POST" and p.startswith("/apis/v2beta1/experiments")]
     assert exp["display_name"] == "exp" and exp["namespace"] == "team-a"
 
@@ -169,8 +179,7 @@ def test_submit_recurring_run(fake_kfp, capsys, compiled):
     assert job["display_name"] == "weekly"
     assert job["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 0"
     assert job["max_concurrency"] in ("1", 1) and job["no_catchup"] is True
-    assert job["runtime_config"]["parameters"] == {"budget_fraction": 0.5, "scale": 0.01,  # the digits-lt preset
-                                                  "shard_size": 128, "generate_overrides": '{"strength": 0.6}'}
+    assert job["runtime_config"]["parameters"] == {**_digits_lt_preset_parameters(), "budget_fraction": 0.5}
 
 
 def test_run_name_prefix(fake_kfp, capsys):
@@ -211,8 +220,7 @@ def test_submit_means_what_run_means(fake_kfp, capsys, tmp_path):
     params = _submitted_parameters(host, calls, capsys, "--config", str(config), "--set", "generate.cfg_scale=3.0",
                                    "--param", "guide_every=2", "--param", 'generate_overrides={"batch_size": 8}')
     assert params["scale"] == 0.03 and params["guide_every"] == 2
-    assert json.loads(params["generate_overrides"]) == {"strength": 0.6, "num_inference_steps": 30, "cfg_scale": 3.0,
-                                                        "batch_size": 8}
+    assert json.loads(params["generate_overrides"]) == {"num_inference_steps": 30, "cfg_scale": 3.0, "batch_size": 8}
     # a bad override is named, before any run is created
     assert main(["submit", "--host", host, "--set", "generate.scale=7"]) == 2
     assert "generate.scale" in capsys.readouterr().err

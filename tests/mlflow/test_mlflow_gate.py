@@ -366,7 +366,8 @@ def test_lease_without_kubernetes_config_is_a_lock_failure(tmp_path, monkeypatch
 
 
 def test_make_tracker_follows_tracking_enabled(tmp_path, monkeypatch):
-    from feedback_synth.tracking.base import NullTracker, make_tracker
+    from feedback_synth.pipeline.run import make_tracker
+    from feedback_synth.tracking.base import NullTracker
     from feedback_synth.tracking.mlflow_tracker import MLflowTracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -201,28 +201,19 @@ def _add_kfp_commands(sub) -> None:
     add_kfp_commands(sub)
 
 
-class Terminated(Exception):
-    """SIGTERM, raised where the process is, so that every ``finally`` closes what it opened
-    (MLflow runs end FAILED, not RUNNING forever)."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     """The command line. Exit codes: 0 done; 2 a one-line error (bad config, data, tracking server,
     output); 130 interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM). A re-run of an interrupted
     ``run`` with the same arguments resumes it."""
-    import signal
+    from feedback_synth.interrupts import Terminated, handled
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "output_required", False) and not args.output:
         parser.error(f"{args.command}: --output is required")
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return args.func(args)
+        with handled():
+            return args.func(args)
     except FeedbackSynthError as exc:
         print(f"feedback-synth: error: {exc}", file=sys.stderr)
         return 2
@@ -240,8 +231,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("feedback-synth: terminated (SIGTERM): open MLflow runs were closed FAILED; run the same command "
               "again to resume", file=sys.stderr)
         return 143
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from feedback_synth.pipeline import stages
 from feedback_synth.pipeline.preflight import preflight
 from feedback_synth.pipeline.result import StageResult, log_stage_result
 from feedback_synth.reporting.tables import format_report
-from feedback_synth.tracking.base import NullTracker, make_tracker
+from feedback_synth.tracking.base import NullTracker
 
 RESUMED_TAG = "feedback_synth.resumed"
 
@@ -71,6 +71,16 @@ def stage_urls(output_url: str, rounds: int = 1) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------ owning the output
+
+
+def make_tracker(cfg, output_url: str):
+    """The tracker for a run: MLflow when ``cfg.enabled`` (``cfg``: the run's TrackingConfig), else
+    the null tracker."""
+    if not cfg.enabled:
+        return NullTracker()
+    from feedback_synth.tracking.mlflow_tracker import MLflowTracker  # mlflow only when tracking
+
+    return MLflowTracker(cfg, output_url)
 
 
 def _alive(pid: int) -> bool:

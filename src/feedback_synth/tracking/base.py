@@ -39,11 +39,3 @@ class NullTracker:
     def finish(self, status: str = "FINISHED") -> None:
         """Close the parent run."""
 
-
-def make_tracker(cfg, output_url: str):
-    """The tracker for a run: MLflow when ``cfg.enabled``, else the null tracker."""
-    if not cfg.enabled:
-        return NullTracker()
-    from feedback_synth.tracking.mlflow_tracker import MLflowTracker
-
-    return MLflowTracker(cfg, output_url)

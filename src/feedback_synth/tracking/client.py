@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 from feedback_synth import storage
 from feedback_synth.config import TrackingConfig
 from feedback_synth.errors import TrackingError
+from feedback_synth.interrupts import deferred
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -100,12 +101,14 @@ def http_env(retries: int, timeout_s: float) -> dict[str, str]:
 
 @contextlib.contextmanager
 def mlflow_http(retries: int, timeout_s: float) -> Iterator[None]:
-    """MLflow's HTTP retries and timeout for the calls inside (MLflow reads them at each request)."""
+    """MLflow's HTTP retries and timeout for the calls inside (MLflow reads them at each request);
+    SIGINT and SIGTERM wait until the calls are done (:mod:`feedback_synth.interrupts`)."""
     values = http_env(retries, timeout_s)
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
-        yield
+        with deferred():  # a signal never lands half-way through a write of the store
+            yield
     finally:
         for key, old in saved.items():
             if old is None:

@@ -1,0 +1,65 @@
+"""SIGINT and SIGTERM stop a run by raising where the process is (``KeyboardInterrupt`` or
+:class:`Terminated`), so that every ``finally`` closes what it opened: MLflow runs end FAILED, not
+RUNNING forever. Inside a tracking call (:func:`deferred`) the signal waits until the call returns:
+an exception raised half-way through a write of MLflow's SQLite store leaves its transaction open,
+and the store stays locked for the very calls that close the runs. A second signal does not wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator, Optional
+
+
+class Terminated(Exception):
+    """SIGTERM, raised where the process is."""
+
+
+_depth = 0  # nesting of deferred() sections in the main thread (signal handlers run only there)
+_pending: Optional[int] = None
+
+
+def _exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def _on_signal(signum, frame) -> None:
+    global _pending
+    if _depth and _pending is None:
+        _pending = signum  # raised when the tracking call returns
+        return
+    raise _exception(signum)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A section that SIGINT and SIGTERM do not interrupt; a signal that arrived inside is raised
+    when the outermost section ends."""
+    global _depth, _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if _depth == 0 and _pending is not None:
+            signum, _pending = _pending, None
+            raise _exception(signum)
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """SIGINT and SIGTERM raise (after any :func:`deferred` section) while inside; the previous
+    handlers afterwards."""
+    global _pending
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        _pending = None
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
