@@ -231,10 +231,9 @@ class FilterConfig:
     duplicate_cosine: Float = Field(0.995, gt=0, le=1)  # near_duplicate: feature cosine above this is a duplicate
     support_quantile: Float = Field(0.99, gt=0, le=1)  # off_support: drop if farther than this quantile of real ...
     support_margin: Float = Field(1.5, gt=0)  # off_support: ... distances times this margin
-    # a class that keeps less than this share of its planned images is "starved": a warning, and top-up
+    # a class that keeps less than this share of its generated images is "starved": its dropped images
+    # come back, closest to passing first, up to this share (docs/method.md: Starved classes); 0 = off
     min_kept_fraction: Float = Field(0.25, ge=0, le=1)
-    # top-up generation for starved classes, as a share of the plan's total (0 = off)
-    top_up: Float = Field(0.0, ge=0, le=1)
 
     @field_validator("filters", mode="before")
     @classmethod

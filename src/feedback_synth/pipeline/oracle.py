@@ -41,19 +41,20 @@ def oracle_cache_key(split: ImageSet, model: str, cfg: RetrainConfig) -> str:
 
 
 def fidelity(dataset_url: str, synthetic: ImageSet, model: str, seed: int = 0,
-             oracle_url: Optional[str] = None) -> Optional[float]:
+             oracle_url: Optional[str] = None, train_cfg: Optional[RetrainConfig] = None) -> Optional[float]:
     """Share of synthetic images that an oracle (trained on balanced real task data, the dataset's
     ``oracle`` split) labels as their intended class; None when the dataset has no oracle split.
 
     The oracle is trained once per (oracle split, model, config) and kept in ``cache_dir()``; a copy
-    goes to ``oracle_url``."""
+    goes to ``oracle_url``. ``train_cfg``: how the oracle is trained (default: the retraining
+    defaults with ``seed``)."""
     info = load_info(dataset_url)
     if "oracle" not in info.splits or len(synthetic) == 0:
         return None
     if oracle_url and storage.exists(storage.join(oracle_url, "config.json")):
         oracle = load_classifier(oracle_url)
     else:
-        split, cfg = load_split(dataset_url, "oracle"), RetrainConfig(seed=seed)
+        split, cfg = load_split(dataset_url, "oracle"), train_cfg or RetrainConfig(seed=seed)
         cached = storage.join(cache_dir(), "oracles", oracle_cache_key(split, model, cfg))
         if storage.exists(storage.join(cached, "config.json")):
             oracle = load_classifier(cached)
