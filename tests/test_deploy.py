@@ -406,6 +406,7 @@ def checkov_reports(checkov, rendered, tmp_path_factory) -> list[dict]:
     return _checkov(checkov, tmp)
 
 
+@pytest.mark.slow
 def test_checkov_finds_nothing(checkov_reports):
     by_type = {r["check_type"]: r for r in checkov_reports}
     assert set(by_type) == {"kubernetes", "dockerfile"}, list(by_type)
@@ -618,6 +619,7 @@ def test_planted_deployment_without_selector_is_rejected(helm, kubernetes_valida
     assert "selector" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_planted_privileged_container_is_flagged_by_checkov(helm, checkov, chart_copy,
                                                             tmp_path):
     _plant(chart_copy / "templates/_helpers.tpl", "privileged: false", "privileged: true")

@@ -355,6 +355,7 @@ def _stage_inputs(prepared, small_classifier, tmp_path):
     return fb
 
 
+@pytest.mark.slow
 def test_a_finished_stage_with_the_same_fingerprint_is_resumed_and_another_is_refused(prepared, tmp_path):
     from feedback_synth.config import TrainConfig
     from feedback_synth.pipeline import stages
@@ -378,6 +379,7 @@ def test_a_finished_stage_with_the_same_fingerprint_is_resumed_and_another_is_re
     assert "resumed" not in redone.summary and weights.stat().st_mtime_ns != stamp
 
 
+@pytest.mark.slow
 def test_a_shard_made_with_another_config_is_refused_and_counts_are_checked(prepared, small_classifier,
                                                                               tiny_generator, tmp_path):
     from feedback_synth.config import GenerateConfig
@@ -498,6 +500,7 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, 
 # --- silent wrong results
 
 
+@pytest.mark.slow
 def test_filters_that_drop_every_image_stop_with_their_reasons(prepared, small_classifier, tiny_generator, tmp_path):
     from feedback_synth.config import FilterConfig, GenerateConfig
     from feedback_synth.pipeline import stages

@@ -32,6 +32,7 @@ def _generate(prepared, small_classifier, feedback_dir, tiny_generator, out, **k
     return generate(stages.plan_url(feedback_dir), prepared, small_classifier[1], feedback_dir, out, cfg)
 
 
+@pytest.mark.slow
 def test_generate_writes_shards_with_metadata(prepared, small_classifier, feedback_dir, tiny_generator, memory_url):
     summary = _generate(prepared, small_classifier, feedback_dir, tiny_generator, memory_url)
     plan = GenerationPlan.load(stages.plan_url(feedback_dir))
@@ -48,6 +49,7 @@ def test_generate_writes_shards_with_metadata(prepared, small_classifier, feedba
     assert again["skipped"] == len(plan.shards)
 
 
+@pytest.mark.slow
 def test_half_written_shard_is_redone_identically(prepared, small_classifier, feedback_dir, tiny_generator, tmp_path):
     out = str(tmp_path / "gen")
     _generate(prepared, small_classifier, feedback_dir, tiny_generator, out)
@@ -69,6 +71,7 @@ def test_half_written_shard_is_redone_identically(prepared, small_classifier, fe
     assert np.array_equal(before.images, after.images) and before.ids.tolist() == after.ids.tolist()
 
 
+@pytest.mark.slow
 def test_generation_on_gcs_emulator(prepared, small_classifier, feedback_dir, tiny_generator, gcs_bucket):
     out = gcs_bucket + "/generated"
     summary = _generate(prepared, small_classifier, feedback_dir, tiny_generator, out)
@@ -76,6 +79,7 @@ def test_generation_on_gcs_emulator(prepared, small_classifier, feedback_dir, ti
     assert storage.exists(storage.join(shard_url(out, 0), "_SUCCESS"))
 
 
+@pytest.mark.slow
 def test_killed_generation_resumes_without_duplicates(prepared, small_classifier, feedback_dir, tiny_generator,
                                                       tmp_path):
     """SIGKILL a generation process mid-run, run it again: exactly the planned images, each once."""

@@ -56,6 +56,7 @@ def test_new_config_fields_are_validated():
         FeedbackGuidance(torch.nn.Linear(1, 1), "entropy", 0.1, precision=torch.float16)
 
 
+@pytest.mark.slow
 def test_padding_the_last_batch_does_not_change_the_real_items(prepared, small_classifier, feedback_dir,
                                                                tiny_generator, tmp_path):
     """Shard of 7, batches of 3: the last batch (1 item) is padded to 3 and the padding dropped."""
@@ -84,6 +85,7 @@ def test_padding_the_last_batch_does_not_change_the_real_items(prepared, small_c
     assert pad_batch([1, 2], 4) == [1, 2, 2, 2]
 
 
+@pytest.mark.slow
 def test_bfloat16_on_cpu_gives_finite_images(prepared, small_classifier, feedback_dir, tiny_generator, tmp_path):
     full, _ = _shard(prepared, small_classifier, feedback_dir, str(tmp_path / "fp32"), generator=tiny_generator,
                      batch_size=8)
@@ -94,6 +96,7 @@ def test_bfloat16_on_cpu_gives_finite_images(prepared, small_classifier, feedbac
     assert np.abs(half.astype(float) - full.astype(float)).mean() < 0.1 * 255
 
 
+@pytest.mark.slow
 def test_unclip_with_autocast_and_checkpointing_on_cpu(tiny_unclip_model, small_classifier, digits):
     from feedback_synth.generation.loading import load_generator
 
@@ -240,6 +243,7 @@ def test_gpu_gradient_checkpointing_lowers_peak_memory(tiny_unclip_model, small_
     assert peaks[1] < peaks[0]
 
 
+@pytest.mark.slow
 def test_chunked_guidance_gives_the_same_gradient(tiny_unclip_model, small_classifier):
     from feedback_synth.generation.loading import load_generator
 
@@ -282,6 +286,7 @@ def test_live_tensor_bytes_tracks_allocations_and_frees():
     assert tracker.live == 1000
 
 
+@pytest.mark.slow
 def test_fake_mode_memory_estimate_equals_the_real_run(tiny_unclip_model, small_classifier, digits):
     """The GPU memory table of the throughput benchmark comes from FakeTensorMode: it must count
     what a real run keeps alive, and show the levers (chunks, checkpointing) working."""
@@ -338,6 +343,7 @@ def test_fake_mode_memory_estimate_equals_the_real_run(tiny_unclip_model, small_
     assert estimate(checkpointing=True) < tracker.peak
 
 
+@pytest.mark.slow
 def test_latents_and_scheduler_stay_float32_with_a_bfloat16_unet(tiny_generator, tiny_unclip_model, small_classifier,
                                                                   digits, monkeypatch, tmp_path):
     """bf16 weights speed up the UNet; the scheduler's update of the latents stays in float32 in
@@ -370,6 +376,7 @@ def test_latents_and_scheduler_stay_float32_with_a_bfloat16_unet(tiny_generator,
     assert all(torch.isfinite(out).all() and out.dtype == torch.float32 for out in outputs)
 
 
+@pytest.mark.slow
 def test_estimate_generation_memory_from_configs_only(tiny_unclip_model, memory_url, capsys):
     """`feedback-synth estimate-memory`: the generator built from its configs (no weight file is
     even copied from a bucket), sized under fake tensors, agrees with the same batch run for real."""

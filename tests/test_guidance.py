@@ -88,6 +88,7 @@ def test_guided_step_schedule():
 
 
 @pytest.mark.parametrize("criterion", ["loss", "entropy", "hardness"])
+@pytest.mark.slow
 def test_guidance_raises_the_criterion_versus_unguided(criterion, small_classifier, stats, tiny_generator, digits):
     """Same seeds and starting images, with and without feedback: guided samples score higher."""
     from feedback_synth.generation.loading import load_generator

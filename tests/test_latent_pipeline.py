@@ -25,6 +25,7 @@ def _run(pipe, feedback, labels, images=None, strength=1.0):
                 guide_steps=guided_step_indices(4, 1))
 
 
+@pytest.mark.slow
 def test_latent_pipeline_loads_from_a_url_and_is_guided(tiny_text_model, small_classifier, memory_url):
     from feedback_synth import storage
     from feedback_synth.generation.loading import load_generator

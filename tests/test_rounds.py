@@ -60,6 +60,7 @@ def test_later_rounds_follow_the_latest_models_validation_mistakes(digits):
 # ------------------------------------------------------------------------------ the compiled pipeline
 
 
+@pytest.mark.slow
 def test_compiled_pipeline_unrolls_two_rounds(tmp_path):
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, compile_pipeline
 

@@ -47,6 +47,7 @@ def test_run_end_to_end_on_gcs(gcs_bucket, tiny_generator, capsys):
     assert storage.read_yaml(storage.join(out, "config.yaml"))["generate"]["criterion"] == "hardness"
 
 
+@pytest.mark.slow
 def test_each_stage_verb_runs_alone(tmp_path, tiny_generator):
     """The per-stage verbs chain like the KFP components do."""
     d, b, f, g, fl, r, e = (str(tmp_path / n) for n in ("data", "base", "fb", "gen", "flt", "ret", "eval"))

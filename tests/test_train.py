@@ -13,6 +13,7 @@ from feedback_synth.training.evaluate import accuracy_metrics, predict_logits
 from feedback_synth.training.train import train_classifier
 
 
+@pytest.mark.slow
 def test_training_is_seeded_and_records_epochs(digits):
     cfg = RetrainConfig(epochs=2, seed=3)
     a, hist_a = train_classifier(digits["train"], cfg, "test_resnet")
@@ -84,6 +85,7 @@ def test_recipe_loss_changes_training_and_unknown_loss_is_named(digits):
         train_classifier(digits["train"], cfg, "test_resnet", recipe=Recipe("focal"))
 
 
+@pytest.mark.slow
 def test_fidelity_oracle_is_trained_once_and_cached(prepared, digits, tmp_path, monkeypatch):
     """The oracle depends only on the oracle split, model and config: later runs load it."""
     from feedback_synth import storage
@@ -110,6 +112,7 @@ def test_fidelity_oracle_is_trained_once_and_cached(prepared, digits, tmp_path, 
     assert key != oracle.oracle_cache_key(fewer, "test_resnet", RetrainConfig(seed=0))
 
 
+@pytest.mark.slow
 def test_retraining_takes_the_baselines_recipe_or_trains_a_same_recipe_reference(prepared, digits, tmp_path):
     """Like with like: retraining uses the baseline's loss unless told otherwise; with another loss,
     the retrain stage also trains that loss without synthesis, and the report compares with it."""

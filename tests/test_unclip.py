@@ -55,6 +55,7 @@ def test_matches_the_stock_stable_unclip_pipeline(unclip_pipe, digits):
     assert (ours - ref).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_loads_from_a_url_and_guidance_raises_the_criterion(tiny_unclip_model, small_classifier, digits, memory_url):
     from feedback_synth import storage
     from feedback_synth.generation.loading import load_generator
@@ -80,6 +81,7 @@ def test_loads_from_a_url_and_guidance_raises_the_criterion(tiny_unclip_model, s
     assert torch.equal(_run(pipe, labels, real, cond_dropout=0.1).images, unguided.images)  # fixed seeds
 
 
+@pytest.mark.slow
 def test_condition_dropout_and_noise_level_change_the_samples(unclip_pipe, digits):
     train = digits["train"]
     labels, real = torch.tensor(train.labels[:2]), train.to_tensor()[:2]
@@ -112,6 +114,7 @@ def test_bad_inputs_raise(unclip_pipe, tiny_unclip_model, digits):
         _run(pipe, torch.tensor([0]), real)
 
 
+@pytest.mark.slow
 def test_a_generation_shard_runs_with_an_unclip_generator(tiny_unclip_model, prepared, small_classifier,
                                                           tmp_path):
     from feedback_synth import storage

@@ -22,6 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_compile_writes_the_pipeline(tmp_path, capsys):
     out = tmp_path / "p.yaml"
     assert main(["compile", "--output", str(out), "--parallelism", "3"]) == 0

@@ -2,6 +2,7 @@
 references, so that `feedback-synth compile` works where there is no repository checkout."""
 from __future__ import annotations
 
+import pytest
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_wheel_carries_the_kfp_packages_and_compiles_without_a_checkout(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

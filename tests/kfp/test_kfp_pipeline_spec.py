@@ -195,6 +195,7 @@ def test_components_are_thin_documented_wrappers(stage):
     assert len(body.splitlines()) < 80, f"{stage}: logic belongs in the library"
 
 
+@pytest.mark.slow
 def test_settings_change_what_is_compiled(tmp_path):
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, compile_pipeline
 

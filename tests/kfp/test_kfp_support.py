@@ -101,6 +101,7 @@ def test_tracking_off_is_a_no_op(tmp_path):
     assert "Skipped" in artifacts.promotion_markdown(None)
 
 
+@pytest.mark.slow
 def test_tracking_parent_nested_runs_and_promotion(tmp_path, small_classifier):
     """One parent run tagged with the KFP run id, a nested run per stage task (each its own
     tracker, as in separate pods), promotion in the last one, which closes the parent run."""

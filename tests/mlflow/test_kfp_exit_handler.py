@@ -13,6 +13,7 @@ def _runs(client, experiment: str) -> list:
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
+@pytest.mark.slow
 def test_failed_pipeline_run_closes_its_mlflow_runs(mlflow_server, tmp_path):
     import kfp.local
     from mlflow import MlflowClient
@@ -64,6 +65,7 @@ def test_finish_tracking_kills_stage_runs_of_dead_pods(mlflow_server):
     assert kfp_tracking.finish_tracking("", "dead-pods", "run-dead-pod", "FAILED") is None
 
 
+@pytest.mark.slow
 def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, tiny_generator):
     """`run --runner kfp-local` compiles the pipeline without the exit handler (it reads the
     pipeline outputs), so the runner itself closes a failed run's MLflow runs."""

@@ -116,6 +116,7 @@ def test_advisory_key_is_a_stable_signed_int64():
 # ------------------------------------------------------------------------------ file lock
 
 
+@pytest.mark.slow
 def test_file_lock_serialises_processes(tmp_path):
     path = str(tmp_path / "promote.lock")
     holder = subprocess.Popen(

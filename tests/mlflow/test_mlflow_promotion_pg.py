@@ -46,6 +46,7 @@ def _tracker(server, name, tmp_path):
     return t
 
 
+@pytest.mark.slow
 def test_first_then_better_then_worse(pg_mlflow_server, pg_uri, checkpoint, model_name, make_report, tmp_path):
     import mlflow
 
@@ -162,6 +163,7 @@ def _two_versions(server, name, checkpoint, tmp_path):
     return versions
 
 
+@pytest.mark.slow
 def test_concurrent_promotions_are_serialised(pg_mlflow_server, pg_uri, checkpoint, model_name, tmp_path):
     versions = _two_versions(pg_mlflow_server, model_name, checkpoint, tmp_path)
     results, errors = _race(pg_mlflow_server, model_name, versions, pg_uri, locked=True, first="worse")
@@ -175,6 +177,7 @@ def test_concurrent_promotions_are_serialised(pg_mlflow_server, pg_uri, checkpoi
     assert client.get_model_version(model_name, versions["better"]).tags["promotion.decision"] == "promoted"
 
 
+@pytest.mark.slow
 def test_without_the_lock_the_worse_model_can_win(pg_mlflow_server, pg_uri, checkpoint, model_name, tmp_path):
     """Why the lock exists: both read 'no champion', both pass against the baseline, the last alias
     write wins, and that is the worse model's."""
@@ -187,6 +190,7 @@ def test_without_the_lock_the_worse_model_can_win(pg_mlflow_server, pg_uri, chec
     assert _aliases(_client(pg_mlflow_server.url), model_name)[CHAMPION] == versions["worse"]
 
 
+@pytest.mark.slow
 def test_advisory_lock_holds_across_processes(pg_mlflow_server, pg_uri, model_name, tmp_path):
     key = f"feedback-synth/promote/{model_name}"
     holder = subprocess.Popen(
@@ -218,6 +222,7 @@ def test_advisory_lock_holds_across_processes(pg_mlflow_server, pg_uri, model_na
         holder.wait()
 
 
+@pytest.mark.slow
 def test_two_promote_processes_at_once(pg_mlflow_server, pg_uri, checkpoint, model_name, make_report, tmp_path):
     """Two `feedback-synth promote` processes (two pods finishing together) against one registry:
     whichever order the lock grants, the better model ends champion and the decisions agree."""

@@ -73,6 +73,7 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
     assert resolve_tracking_uri(cfg, "gs://bucket/run")[0] == "postgresql+psycopg2://u@db/mlflow"
 
 
+@pytest.mark.slow
 def test_unreachable_server_fails_at_start_quickly(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -225,6 +226,7 @@ def test_datasets_are_mlflow_datasets_of_the_stage_and_the_parent(mlflow_server,
 
 
 @pytest.mark.mlflow_server
+@pytest.mark.slow
 def test_logged_model_with_metrics_datasets_and_version(mlflow_server, checkpoint, prepared_dataset, model_name,
                                                         make_report, tmp_path, global_uri):
     import mlflow
@@ -336,6 +338,7 @@ def _decision_lines(out: str) -> list[str]:
 
 
 @pytest.mark.mlflow_server
+@pytest.mark.slow
 def test_cli_promote_and_compare(mlflow_server, checkpoint, prepared_dataset, model_name, make_report, tmp_path,
                                  capsys):
     _, url, _ = checkpoint
@@ -410,6 +413,7 @@ def test_cli_promote_and_compare(mlflow_server, checkpoint, prepared_dataset, mo
 
 
 @pytest.mark.mlflow_server
+@pytest.mark.slow
 def test_server_stopped_mid_run_fails_clearly_and_keeps_the_model(doomed_mlflow_server, checkpoint, make_report,
                                                                    tmp_path):
     clf, _, images = checkpoint
