@@ -31,11 +31,10 @@ def cmd_compare(args) -> int:
 
     uri = _tracking_uri_arg(args)
     client = registry_client(uri)
-    if args.model is None:
-        from feedback_synth.config import TrackingConfig
+    from feedback_synth.config import TrackingConfig
 
-        args.model = TrackingConfig().registered_model
-    cmp = compare_versions(client, args.model, tuple(args.versions) if args.versions else None)
+    name = args.model or TrackingConfig().registered_model
+    cmp = compare_versions(client, name, tuple(args.versions) if args.versions else None)
     if args.json:
         print(json.dumps(cmp, indent=2))
     else:
