@@ -28,6 +28,18 @@ def _private_cache(tmp_path_factory):
     os.environ["FEEDBACK_SYNTH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_written_to_the_checkout():
+    """No test may leave MLflow's default store (./mlflow.db, ./mlruns) or a promotion lock in the
+    repository root or the working folder: they are gitignored, so only this would notice."""
+    names = ("mlflow.db", "mlruns", "promote.lock", "promote.lock.holder")
+    folders = {Path(__file__).resolve().parents[1], Path.cwd().resolve()}
+    before = {f / n for f in folders for n in names if (f / n).exists()}
+    yield
+    new = sorted(str(f / n) for f in folders for n in names if (f / n).exists() and f / n not in before)
+    assert not new, f"the tests wrote {', '.join(new)} (MLflow's default store or a lock beside it)"
+
+
 @pytest.fixture(scope="session")
 def digits():
     from feedback_synth.data.digits import make_digits_lt

@@ -33,6 +33,31 @@ def pytest_collection_modifyitems(config, items):
                 _NEEDED.add(kind)
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_globals_restored():
+    """Every MLflow test leaves MLflow's global tracking and registry URIs, and their environment
+    variables, as it found them. Saving what ``mlflow.get_tracking_uri()`` / ``get_registry_uri()``
+    return and setting it back is not that: unset, they return MLflow's default, ``./mlflow.db``
+    of the working folder (the repository root under pytest), and setting it pins it (and
+    $MLFLOW_REGISTRY_URI) for every later test and subprocess: runs and promotions of other tests
+    then wrote mlflow.db, promote.lock and promote.lock.holder into the repository root."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    tracking, registry, env = tracking_utils._tracking_uri, registry_utils._registry_uri, {
+        n: os.environ.get(n) for n in names}
+    yield
+    mlflow.set_tracking_uri(tracking)  # None: unset again, not the resolved default
+    mlflow.set_registry_uri(registry)
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

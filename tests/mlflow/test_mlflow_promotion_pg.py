@@ -80,19 +80,11 @@ def test_first_then_better_then_worse(pg_mlflow_server, pg_uri, checkpoint, mode
     parent = client.get_run(tracker.run_id).data.tags
     assert parent["promotion.decision"] == "rejected" and parent["promotion.model"] == f"{model_name}/3"
 
-    # the champion loads by alias and predicts as the classifier did before logging
-    old = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        mlflow.set_tracking_uri(pg_mlflow_server.url)
-        mlflow.set_registry_uri(pg_mlflow_server.url)
-        got = mlflow.pyfunc.load_model(f"models:/{model_name}@champion").predict(images)
-    finally:
-        mlflow.set_tracking_uri(old[0])
-        mlflow.set_registry_uri(old[1])
-        if old[2] is None:  # set_tracking_uri also set $MLFLOW_TRACKING_URI
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old[2]
+    # the champion loads by alias and predicts as the classifier did before logging (MLflow's global
+    # URIs and their environment variables are put back by conftest's _mlflow_globals_restored)
+    mlflow.set_tracking_uri(pg_mlflow_server.url)
+    mlflow.set_registry_uri(pg_mlflow_server.url)
+    got = mlflow.pyfunc.load_model(f"models:/{model_name}@champion").predict(images)
     with torch.no_grad():
         np.testing.assert_allclose(got, clf(torch.from_numpy(images)).numpy(), atol=1e-6, rtol=0)
 

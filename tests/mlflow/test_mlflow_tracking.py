@@ -38,26 +38,15 @@ def _cfg(server, **kw) -> TrackingConfig:
 
 @pytest.fixture
 def global_uri():
-    """Point MLflow's global URIs at a server for loading by models:/ URI; restore afterwards."""
-    import os
-
+    """Point MLflow's global URIs at a server for loading by models:/ URI (conftest's autouse
+    ``_mlflow_globals_restored`` puts them, and their environment variables, back afterwards)."""
     import mlflow
-
-    # mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI: restore that exactly, or later runs
-    # in this process would log to MLflow's default store instead of their own output folder
-    old = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")
 
     def set_uri(url):
         mlflow.set_tracking_uri(url)
         mlflow.set_registry_uri(url)
 
-    yield set_uri
-    mlflow.set_tracking_uri(old[0])
-    mlflow.set_registry_uri(old[1])
-    if old[2] is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old[2]
+    return set_uri
 
 
 # ------------------------------------------------------------------------------ where the store is
