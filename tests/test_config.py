@@ -67,6 +67,17 @@ def test_bad_values_name_the_field(override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_removed_lock_scheme_is_refused_naming_the_supported_ones():
+    """The Kubernetes Lease lock was removed (no chart granted `leases`): its URI is refused in one
+    line that lists what is supported."""
+    with pytest.raises(ConfigError) as err:
+        load_run_config(overrides=["promote.lock_uri=k8s-lease://ml/promote"])
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("config field 'promote.lock_uri': ")
+    assert ("start with one of postgresql://, postgresql+psycopg2://, postgres://, file://; "
+            "got 'k8s-lease://ml/promote'") in msg
+
+
 @pytest.mark.parametrize("override, message", [
     ("generate.criterion=confidence", "config field 'generate.criterion': unknown criterion 'confidence'; known: "
                                       "loss, entropy, hardness, none"),

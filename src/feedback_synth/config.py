@@ -34,7 +34,7 @@ METRICS = ("overall", "many", "medium", "few", "worst_class", "average_group", "
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 POSTGRES_SCHEMES = ("postgresql://", "postgresql+psycopg2://", "postgres://")
-LOCK_SCHEMES = (*POSTGRES_SCHEMES, "k8s-lease://", "file://")
+LOCK_SCHEMES = (*POSTGRES_SCHEMES, "file://")
 
 _SECTION = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -260,7 +260,7 @@ class PromoteConfig:
     max_overall_drop: Float = Field(0.01, ge=0)  # epsilon: overall accuracy down by at most this
     lock_timeout_s: Float = Field(60.0, gt=0)  # how long to wait for the promotion lock
     # the lock that serialises promotions across pods: '' = a file lock beside a local store,
-    # 'postgresql://...' = an advisory lock on that database, 'k8s-lease://NAMESPACE/NAME' = a Lease
+    # 'postgresql://...' = an advisory lock on that database, 'file:///PATH' = a file lock there
     lock_uri: Str = ""
 
     @field_validator("lock_uri")
@@ -268,8 +268,6 @@ class PromoteConfig:
     def _lock_uri(cls, v: str) -> str:
         if v and not v.startswith(LOCK_SCHEMES):
             raise ValueError(f"must be '' or start with one of {', '.join(LOCK_SCHEMES)}; got '{v}'")
-        if v.startswith("k8s-lease://") and len([p for p in v[len("k8s-lease://"):].split("/") if p]) != 2:
-            raise ValueError(f"expected k8s-lease://NAMESPACE/NAME, got '{v}'")
         return v
 
 

@@ -1,17 +1,13 @@
 """The promotion gate, the locks and the alias moves, without a tracking server.
 
-Pure gate cases; the file lock across processes; the Kubernetes Lease lock against an in-memory
-API that keeps resourceVersion semantics (no cluster here); promote_model_version against a local
+Pure gate cases; the file lock across processes; promote_model_version against a local
 SQLite registry (lock timeout, test-set mismatch, challenger ordering).
 """
 from __future__ import annotations
 
-import copy
 import os
-import re
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -21,7 +17,6 @@ from feedback_synth.errors import ConfigError
 from feedback_synth.registry.gate import CHALLENGER, CHAMPION, gate_decision, metric_tags, metrics_from_tags
 from feedback_synth.registry.locks import (
     FileLock,
-    K8sLeaseLock,
     LockTimeout,
     PostgresAdvisoryLock,
     advisory_key,
@@ -79,9 +74,9 @@ def test_metric_tags_round_trip_full_precision():
 
 
 def test_config_validates_lock_uri_and_timeout():
-    for ok in ("", "postgresql://u@h/db", "postgresql+psycopg2://u@h:5/db", "k8s-lease://ns/name", "file:///tmp/l"):
+    for ok in ("", "postgresql://u@h/db", "postgresql+psycopg2://u@h:5/db", "file:///tmp/l"):
         PromoteConfig(lock_uri=ok)
-    for bad in ("redis://h", "k8s-lease://only-ns", "k8s-lease://a/b/c", "/tmp/lock"):
+    for bad in ("redis://h", "/tmp/lock"):
         with pytest.raises(ConfigError, match="promote.lock_uri"):
             PromoteConfig(lock_uri=bad)
     with pytest.raises(ConfigError, match="tracking.request_timeout_s"):
@@ -96,8 +91,8 @@ def test_make_lock_choices(tmp_path, caplog):
     assert isinstance(lock, PostgresAdvisoryLock) and lock.dsn == "postgresql://u@db:5432/mlflow"
     lock = make_lock("postgres://u@h/x", "http://server", "m")
     assert isinstance(lock, PostgresAdvisoryLock) and lock.key == advisory_key("feedback-synth/promote/m")
-    lock = make_lock("k8s-lease://ml/promote-lock", "http://server", "m")
-    assert isinstance(lock, K8sLeaseLock) and (lock.namespace, lock.name) == ("ml", "promote-lock")
+    with pytest.raises(ConfigError, match=r"unsupported lock 'redis://h'; use '', postgresql://\.\.\. or file:///PATH"):
+        make_lock("redis://h", "http://server", "m")
     assert isinstance(make_lock("file:///shared/promote.lock", "http://s", "m"), FileLock)
     with caplog.at_level("WARNING"):
         lock = make_lock("", "http://mlflow:5000", "m")
@@ -135,141 +130,6 @@ def test_file_lock_serialises_processes(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-
-
-# ------------------------------------------------------------------------------ Kubernetes Lease lock
-
-
-class FakeLeaseApi:
-    """CoordinationV1Api's three Lease calls, in memory, with the API server's optimistic
-    concurrency: a replace whose metadata.resourceVersion is stale gets 409 Conflict."""
-
-    def __init__(self):
-        self.leases: dict = {}
-        self.rv = 0
-        self.mu = threading.Lock()
-        self.calls: list[str] = []
-
-    def _err(self, status, reason):
-        from kubernetes.client.rest import ApiException
-
-        return ApiException(status=status, reason=reason)
-
-    def read_namespaced_lease(self, name, namespace):
-        with self.mu:
-            self.calls.append("read")
-            if (namespace, name) not in self.leases:
-                raise self._err(404, "Not Found")
-            return copy.deepcopy(self.leases[(namespace, name)])
-
-    def create_namespaced_lease(self, namespace, body):
-        with self.mu:
-            self.calls.append("create")
-            key = (namespace, body.metadata.name)
-            if key in self.leases:
-                raise self._err(409, "AlreadyExists")
-            self.rv += 1
-            body = copy.deepcopy(body)
-            body.metadata.resource_version = str(self.rv)
-            self.leases[key] = body
-            return copy.deepcopy(body)
-
-    def replace_namespaced_lease(self, name, namespace, body):
-        with self.mu:
-            self.calls.append("replace")
-            cur = self.leases.get((namespace, name))
-            if cur is None:
-                raise self._err(404, "Not Found")
-            if body.metadata.resource_version != cur.metadata.resource_version:
-                raise self._err(409, "Conflict")
-            self.rv += 1
-            body = copy.deepcopy(body)
-            body.metadata.resource_version = str(self.rv)
-            self.leases[(namespace, name)] = body
-            return copy.deepcopy(body)
-
-
-MICROTIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-
-
-def test_lease_acquire_release_and_body():
-    api = FakeLeaseApi()
-    a = K8sLeaseLock("ml", "promote", api=api, identity="pod-a")
-    a.acquire(1)
-    spec = api.leases[("ml", "promote")].spec
-    assert spec.holder_identity == "pod-a" and spec.lease_duration_seconds == 30
-    assert MICROTIME.match(spec.acquire_time) and MICROTIME.match(spec.renew_time)  # what the API server accepts
-    a.release()
-    assert api.leases[("ml", "promote")].spec.holder_identity is None
-    b = K8sLeaseLock("ml", "promote", api=api, identity="pod-b")
-    b.acquire(1)  # a released lease is free at once
-    assert api.leases[("ml", "promote")].spec.lease_transitions == 1
-    b.release()
-
-
-def test_lease_held_by_another_times_out_naming_it():
-    api = FakeLeaseApi()
-    a = K8sLeaseLock("ml", "promote", api=api, identity="pod-a")
-    a.acquire(1)
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(LockTimeout, match=r"Lease ml/promote still held after 0.4 s \(by pod-a\)"):
-            K8sLeaseLock("ml", "promote", api=api, identity="pod-b").acquire(0.4)
-        assert time.monotonic() - t0 < 2
-    finally:
-        a.release()
-
-
-def test_lease_of_a_dead_holder_expires():
-    api = FakeLeaseApi()
-    dead = K8sLeaseLock("ml", "promote", api=api, identity="dead-pod", lease_duration_s=30)
-    dead.acquire(1)
-    dead._stop.set()  # the pod died: nobody renews or releases
-    api.leases[("ml", "promote")].spec.renew_time = "2020-01-01T00:00:00.000000Z"
-    b = K8sLeaseLock("ml", "promote", api=api, identity="pod-b")
-    b.acquire(1)
-    assert api.leases[("ml", "promote")].spec.holder_identity == "pod-b"
-    b.release()
-
-
-def test_lease_is_renewed_while_held():
-    api = FakeLeaseApi()
-    a = K8sLeaseLock("ml", "promote", api=api, identity="pod-a", lease_duration_s=1)
-    a.acquire(1)
-    first = api.leases[("ml", "promote")].spec.renew_time
-    try:
-        time.sleep(1.5)  # longer than the lease: only renewal keeps it
-        assert api.leases[("ml", "promote")].spec.renew_time > first
-        with pytest.raises(LockTimeout):
-            K8sLeaseLock("ml", "promote", api=api, identity="pod-b", lease_duration_s=1).acquire(0.3)
-    finally:
-        a.release()
-
-
-def test_lease_mutual_exclusion_under_contention():
-    api = FakeLeaseApi()
-    inside, peak, done = [0], [0], []
-    mu = threading.Lock()
-
-    def worker(i):
-        lock = K8sLeaseLock("ml", "promote", api=api, identity=f"pod-{i}")
-        lock.acquire(20)
-        with mu:
-            inside[0] += 1
-            peak[0] = max(peak[0], inside[0])
-        time.sleep(0.05)
-        with mu:
-            inside[0] -= 1
-        lock.release()
-        done.append(i)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert sorted(done) == [0, 1, 2, 3] and peak[0] == 1
-    assert "replace" in api.calls  # the lease was taken over after releases, not only created
 
 
 # ------------------------------------------------------------------------------ promote_model_version
@@ -357,13 +217,6 @@ def test_lock_timeout_leaves_the_version_challenger(local_registry):
     aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
     assert aliases[CHALLENGER] == v2 and aliases[CHAMPION] == v1 and r["champion_version"] == v1
     assert client.get_model_version(name, v2).tags["promotion.decision"] == "lock_timeout"
-
-
-def test_lease_without_kubernetes_config_is_a_lock_failure(tmp_path, monkeypatch):
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
-    with pytest.raises(LockTimeout, match="no Kubernetes config for the Kubernetes Lease ml/promote"):
-        K8sLeaseLock("ml", "promote").acquire(1)
 
 
 def test_make_tracker_follows_tracking_enabled(tmp_path, monkeypatch):

@@ -14,8 +14,6 @@ worse one as champion. So read-compare-move-read back runs inside a lock that ho
     postgresql://... (also postgresql+psycopg2://, postgres://)
                                pg_advisory_lock on that database (the lock dies with the session,
                                so a killed pod never leaves it held)
-    k8s-lease://NAMESPACE/NAME a coordination.k8s.io Lease (holder, renew time, duration), taken
-                               with resourceVersion-checked updates and renewed while held
     file:///path/to/lockfile   an explicit file lock (pods sharing a volume)
 
 The functions here (and in ``registry.gate`` and ``registry.locks``) take an ``MlflowClient``-like object and plain dicts, so the gate is a pure
