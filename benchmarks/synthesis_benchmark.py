@@ -58,10 +58,6 @@ def base_config(bench: Benchmark) -> RunConfig:
     return load_run_config(base=preset(bench.dataset), overrides=["tracking.enabled=false", *bench.overrides])
 
 
-def _quiet_stage(parent, name, params, fn: Callable, *args, epochs: bool = False, **kwargs):
-    return fn(*args, **kwargs)
-
-
 class Runner:
     """Rows of the benchmark, cached by name under ``work`` (a re-run resumes: stages skip what is done)."""
 
@@ -102,7 +98,7 @@ class Runner:
         baseline = stages.model_url(self.baseline(seed, loss))
         layout = RunLayout(storage.join(self.work, f"seed{seed}", name), cfg.feedback.rounds)
         t0 = time.time()
-        gen, retrained, filtered = synthesis_rounds(cfg, layout, data, baseline, NullTracker(), _quiet_stage)
+        gen, retrained, filtered = synthesis_rounds(cfg, layout, data, baseline, NullTracker())
         clf = load_classifier(stages.model_url(retrained))
         m = summary(evaluate(clf, load_split(data, split), cfg.data))
         synthetic = ImageSet.load(storage.join(filtered, "synthetic.npz"))

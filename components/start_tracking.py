@@ -1,4 +1,5 @@
-"""start_tracking: open the MLflow parent run of this pipeline run (feedback_synth_kfp.tracking.start_tracking)."""
+"""start_tracking: resolve the run's configuration once and open the MLflow parent run of this
+pipeline run (feedback_synth_kfp.tracking.start_tracking)."""
 from kfp import dsl
 from kfp.dsl import Artifact, Output
 
@@ -7,15 +8,16 @@ from . import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def start_tracking(mlflow_tracking_uri: str, mlflow_experiment: str, registered_model: str, run_name: str,
-                   kfp_run_id: str, dataset: str, classifier_model: str, generator: str, criterion: str, scale: float,
-                   guide_every: int, budget_fraction: float, shard_size: int, gate_metric: str, min_gain: float,
-                   max_overall_drop: float, gpu_device: str, data_overrides: str, train_overrides: str,
-                   feedback_overrides: str, generate_overrides: str, filter_overrides: str,
-                   retrain_overrides: str, promote_overrides: str, tracking: Output[Artifact]):
-    """Open the MLflow parent run that every stage task logs a nested run under; its params are the
-    run configuration that the pipeline parameters stand for (as an in-process run logs it).
+                   kfp_run_id: str, dataset: str, classifier_model: str, adapt_method: str, generator: str,
+                   criterion: str, scale: float, guide_every: int, budget_fraction: float, shard_size: int,
+                   gate_metric: str, min_gain: float, max_overall_drop: float, gpu_device: str, config: str,
+                   tracking: Output[Artifact]):
+    """Resolve the run configuration that the pipeline parameters stand for (``config`` with the
+    named parameters over it), checked like a config file, and open the MLflow parent run that
+    every stage task logs a nested run under. Every task reads the configuration from this
+    task's artifact: one value, resolved once.
 
-    A malformed ``*_overrides`` parameter stops the pipeline here, naming the parameter.
+    A malformed ``config`` parameter or a bad value stops the pipeline here, naming the field.
 
     Args:
         mlflow_tracking_uri (str): MLflow tracking server URI; '' = no tracking.
@@ -23,38 +25,35 @@ def start_tracking(mlflow_tracking_uri: str, mlflow_experiment: str, registered_
         registered_model (str): name of the registered model that promotion versions.
         run_name (str): the parent run's name (the KFP run name).
         kfp_run_id (str): the KFP run id, tagged on the parent run as ``kfp.run_id``.
-        dataset (str): the pipeline's ``dataset`` parameter.
-        classifier_model (str): the pipeline's ``classifier_model`` parameter.
-        generator (str): the pipeline's ``generator`` parameter.
-        criterion (str): the pipeline's ``criterion`` parameter.
-        scale (float): the pipeline's ``scale`` parameter.
-        guide_every (int): the pipeline's ``guide_every`` parameter.
-        budget_fraction (float): the pipeline's ``budget_fraction`` parameter.
-        shard_size (int): the pipeline's ``shard_size`` parameter.
-        gate_metric (str): the pipeline's ``gate_metric`` parameter.
-        min_gain (float): the pipeline's ``min_gain`` parameter.
-        max_overall_drop (float): the pipeline's ``max_overall_drop`` parameter.
-        gpu_device (str): the pipeline's ``gpu_device`` parameter.
-        data_overrides (str): the pipeline's ``data_overrides`` parameter.
-        train_overrides (str): the pipeline's ``train_overrides`` parameter.
-        feedback_overrides (str): the pipeline's ``feedback_overrides`` parameter.
-        generate_overrides (str): the pipeline's ``generate_overrides`` parameter.
-        filter_overrides (str): the pipeline's ``filter_overrides`` parameter.
-        retrain_overrides (str): the pipeline's ``retrain_overrides`` parameter.
-        promote_overrides (str): the pipeline's ``promote_overrides`` parameter.
-        tracking (Output[Artifact]): the tracking context (metadata ``context``: JSON with
-            ``parent_run_id``, '' when tracking is off) that every stage task takes.
+        dataset (str): data.dataset.
+        classifier_model (str): train.model.
+        adapt_method (str): adapt.method.
+        generator (str): generate.generator.
+        criterion (str): generate.criterion.
+        scale (float): generate.scale.
+        guide_every (int): generate.guide_every.
+        budget_fraction (float): feedback.budget_fraction.
+        shard_size (int): feedback.shard_size.
+        gate_metric (str): promote.gate_metric.
+        min_gain (float): promote.min_gain.
+        max_overall_drop (float): promote.max_overall_drop.
+        gpu_device (str): the device of the GPU tasks (adapt, generate, retrain).
+        config (str): JSON object of the other config fields, by section.
+        tracking (Output[Artifact]): metadata ``config`` (the resolved RunConfig) and ``context``
+            (JSON with ``parent_run_id``; '' when tracking is off).
     """
     params = {k: v for k, v in locals().items() if k not in ("tracking", "run_name", "kfp_run_id")}  # first: the inputs only
+    import json
     from dataclasses import asdict
 
     from feedback_synth_kfp.parameters import run_config_from_parameters
-    from feedback_synth_kfp.tracking import TRACKING_KEY
+    from feedback_synth_kfp.tracking import CONFIG_KEY, TRACKING_KEY
     from feedback_synth_kfp.tracking import start_tracking as open_parent_run
 
-    config = asdict(run_config_from_parameters(params))
-    context = open_parent_run(mlflow_tracking_uri, mlflow_experiment, registered_model, run_name, kfp_run_id, config)
+    cfg = asdict(run_config_from_parameters(params))
+    context = open_parent_run(mlflow_tracking_uri, mlflow_experiment, registered_model, run_name, kfp_run_id, cfg)
     tracking.metadata[TRACKING_KEY] = context
+    tracking.metadata[CONFIG_KEY] = json.dumps(cfg)
     tracking.metadata["enabled"] = bool(context)
     with open(tracking.path, "w") as f:
         f.write(context or "{}")

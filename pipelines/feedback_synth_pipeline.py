@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 
 from kfp import dsl, kubernetes
 
+from feedback_synth_kfp.components.adapt_generator import adapt_generator
 from feedback_synth_kfp.components.evaluate import evaluate
 from feedback_synth_kfp.components.extract_feedback import extract_feedback
 from feedback_synth_kfp.components.filter_synthetic import filter_synthetic
@@ -30,7 +31,8 @@ DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effe
 
 # The pipeline's outputs: the tracking context and every stage's main artifact.
 PipelineOutputs = NamedTuple("PipelineOutputs", [
-    ("tracking", dsl.Artifact), ("data", dsl.Dataset), ("baseline", dsl.Model), ("feedback", dsl.Artifact),
+    ("tracking", dsl.Artifact), ("data", dsl.Dataset), ("baseline", dsl.Model), ("adapted", dsl.Model),
+    ("feedback", dsl.Artifact),
     ("filtered", dsl.Dataset), ("retrained", dsl.Model), ("evaluation", dsl.Artifact), ("decision", dsl.Markdown)])
 
 
@@ -49,7 +51,7 @@ class PipelineSettings:
     """What is fixed when the pipeline is compiled (KFP takes these as constants)."""
 
     parallelism: int = 8  # generation shards (GPU pods) running at once
-    gpu_type: str = "nvidia.com/gpu"  # the accelerator resource of generate_shard and retrain
+    gpu_type: str = "nvidia.com/gpu"  # the accelerator resource of adapt_generator, generate_shard and retrain
     gpus: int = 1  # per GPU task
     gpu_retries: int = 3  # preemptible GPU nodes: retry a GPU task this many times
     rounds: int = 1  # feedback rounds, unrolled (feedback.rounds must match: extract_feedback checks)
@@ -93,6 +95,7 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
     def feedback_synth_pipeline(
         dataset: str = "digits-lt",
         classifier_model: str = "resnet10t",
+        adapt_method: str = "none",
         generator: str = "builtin",
         criterion: str = "entropy",
         scale: float = 0.02,
@@ -109,24 +112,20 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
         gpu_device: str = "cuda",
         gpu_node_selector: dict = {},
         gpu_tolerations: list = DEFAULT_GPU_TOLERATIONS,
-        data_overrides: str = "{}",
-        train_overrides: str = "{}",
-        feedback_overrides: str = "{}",
-        generate_overrides: str = "{}",
-        filter_overrides: str = "{}",
-        retrain_overrides: str = "{}",
-        promote_overrides: str = "{}",
+        config: str = "{}",
     ):
         """Feedback-guided synthesis for an imbalanced classifier, stage by stage.
 
         Steps (inside an exit handler, finish_tracking, that closes the MLflow runs a failed run left
-        open; see PipelineSettings.exit_handler): start_tracking (MLflow parent run) -> prepare_data -> train_baseline ->
+        open; see PipelineSettings.exit_handler): start_tracking (the run's config, resolved once;
+        the MLflow parent run) -> prepare_data -> train_baseline -> adapt_generator (GPU) ->
         [extract_feedback (plan: shard ids) -> generate_shard x N (ParallelFor, GPU) ->
         filter_synthetic (dsl.Collected shards) -> retrain (GPU)] x PipelineSettings.rounds -> evaluate -> promote.
 
         Args:
-            dataset (str): built-in dataset (digits-lt, digits-groups) or a dataset URL.
+            dataset (str): built-in dataset (digits-lt, digits-groups, digits-gap) or a dataset URL.
             classifier_model (str): timm model name of the classifier.
+            adapt_method (str): adapt the generator to the task first: none | full | lora.
             generator (str): 'builtin' or a diffusers model folder URL.
             criterion (str): feedback criterion: loss | entropy | hardness | none.
             scale (float): feedback step size s.
@@ -141,20 +140,15 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
             gate_metric (str): promotion gate: the metric that must improve.
             min_gain (float): promotion gate: minimum gain of the gate metric.
             max_overall_drop (float): promotion gate: largest allowed drop of overall accuracy.
-            gpu_device (str): torch device of the GPU tasks (generate_shard, retrain).
+            gpu_device (str): torch device of the GPU tasks (adapt_generator, generate_shard, retrain).
             gpu_node_selector (dict): nodeSelector of the GPU pods, e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}.
             gpu_tolerations (list): tolerations of the GPU pods.
-            data_overrides (str): JSON object of DataConfig fields, applied last.
-            train_overrides (str): JSON object of TrainConfig fields, applied last.
-            feedback_overrides (str): JSON object of FeedbackConfig fields, applied last.
-            generate_overrides (str): JSON object of GenerateConfig fields, applied last.
-            filter_overrides (str): JSON object of FilterConfig fields, applied last.
-            retrain_overrides (str): JSON object of RetrainConfig fields, applied last.
-            promote_overrides (str): JSON object of PromoteConfig fields, applied last.
+            config (str): JSON object of every other config field, by section, e.g.
+                {"train": {"loss": "logit_adjusted", "tau": 2.0}, "adapt": {"steps": 400}}; the named
+                parameters above apply over it.
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         where = dict(workspace_url=workspace_url, run_id=run_id)
-        data_args = dict(dataset=dataset, data_overrides=data_overrides)
 
         stages = contextlib.nullcontext()
         if settings.exit_handler:  # runs whatever happens inside it: a failed run's MLflow runs get closed
@@ -164,78 +158,69 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
             finish.set_caching_options(False)
             stages = dsl.ExitHandler(finish, name="stages")
         with stages:
-            config_parameters = dict(
-                dataset=dataset, classifier_model=classifier_model, generator=generator, criterion=criterion,
-                scale=scale, guide_every=guide_every, budget_fraction=budget_fraction, shard_size=shard_size,
-                gate_metric=gate_metric, min_gain=min_gain, max_overall_drop=max_overall_drop, gpu_device=gpu_device,
-                data_overrides=data_overrides, train_overrides=train_overrides, feedback_overrides=feedback_overrides,
-                generate_overrides=generate_overrides, filter_overrides=filter_overrides,
-                retrain_overrides=retrain_overrides, promote_overrides=promote_overrides)
             track = _sized(start_tracking(
                 mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
                 registered_model=registered_model, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_run_id=run_id,
-                **config_parameters),
-                "Start MLflow run", settings.small)
+                dataset=dataset, classifier_model=classifier_model, adapt_method=adapt_method, generator=generator,
+                criterion=criterion, scale=scale, guide_every=guide_every, budget_fraction=budget_fraction,
+                shard_size=shard_size, gate_metric=gate_metric, min_gain=min_gain, max_overall_drop=max_overall_drop,
+                gpu_device=gpu_device, config=config),
+                "Resolve config, start MLflow run", settings.small)
             track.set_caching_options(False)  # opens a new MLflow run every time
             tracking = track.outputs["tracking"]
 
-            data = _sized(prepare_data(**data_args, tracking=tracking, **where), "Prepare data", settings.cpu)
-            base = _sized(train_baseline(data=data.outputs["data"], **data_args, classifier_model=classifier_model,
-                                         train_overrides=train_overrides, tracking=tracking, **where),
+            data = _sized(prepare_data(tracking=tracking, **where), "Prepare data", settings.cpu)
+            base = _sized(train_baseline(data=data.outputs["data"], tracking=tracking, **where),
                           "Train baseline", settings.cpu)
+            adapt = adapt_generator(data=data.outputs["data"], tracking=tracking, **where)
+            _on_gpu(_sized(adapt, "Adapt the generator", settings.gpu), settings, gpu_node_selector, gpu_tolerations)
             # feedback in rounds, unrolled at compile time (KFP v2 has no dynamic loops): round r
             # takes its feedback from the latest model and carries the previous round's outputs on
             latest, previous = base.outputs["baseline"], None
+            rounds = dict(rounds=settings.rounds)
             for r in range(1, settings.rounds + 1):
                 tag = "" if settings.rounds == 1 else f" (round {r})"
                 chain = {} if previous is None else {"previous_feedback": previous["feedback"]}
-                fb = _sized(extract_feedback(data=data.outputs["data"], baseline=latest,
-                                             budget_fraction=budget_fraction, shard_size=shard_size,
-                                             feedback_overrides=feedback_overrides, tracking=tracking,
-                                             round_index=r, rounds=settings.rounds, **chain, **where),
+                fb = _sized(extract_feedback(data=data.outputs["data"], baseline=latest, tracking=tracking,
+                                             round_index=r, **rounds, **chain, **where),
                             f"Extract feedback and plan{tag}", settings.cpu)
                 with dsl.ParallelFor(items=fb.outputs["Output"], parallelism=settings.parallelism,
                                      name="generate-shards" if settings.rounds == 1 else f"generate-shards-round-{r}") \
                         as shard_id:
-                    gen = generate_shard(data=data.outputs["data"], baseline=latest, feedback=fb.outputs["feedback"],
-                                         shard_id=shard_id, generator=generator, criterion=criterion, scale=scale,
-                                         guide_every=guide_every, device=gpu_device,
-                                         generate_overrides=generate_overrides, tracking=tracking, round_index=r,
-                                         rounds=settings.rounds, **where)
+                    gen = generate_shard(data=data.outputs["data"], baseline=latest, generator=adapt.outputs["adapted"],
+                                         feedback=fb.outputs["feedback"], shard_id=shard_id, tracking=tracking,
+                                         round_index=r, **rounds, **where)
                     _on_gpu(_sized(gen, f"Generate shard{tag}", settings.gpu), settings, gpu_node_selector,
                             gpu_tolerations)
                     gen.set_caching_options(False)  # the cache does not check that shard files still exist
                 chain = {} if previous is None else {"previous_filtered": previous["filtered"]}
                 flt = _sized(filter_synthetic(data=data.outputs["data"], baseline=latest, feedback=fb.outputs["feedback"],
-                                              shards=dsl.Collected(gen.outputs["shard"]),
-                                              filter_overrides=filter_overrides, tracking=tracking, round_index=r,
-                                              rounds=settings.rounds, **chain, **where),
+                                              shards=dsl.Collected(gen.outputs["shard"]), tracking=tracking,
+                                              round_index=r, **rounds, **chain, **where),
                              f"Filter synthetic images{tag}", settings.cpu)
                 flt.set_caching_options(False)
                 chain = {} if previous is None else {"previous_retrained": previous["retrained"]}
                 ret = retrain(data=data.outputs["data"], baseline=base.outputs["baseline"],
-                              filtered=flt.outputs["filtered"], **data_args, device=gpu_device,
-                              retrain_overrides=retrain_overrides, tracking=tracking, round_index=r,
-                              rounds=settings.rounds, **chain, **where)
+                              filtered=flt.outputs["filtered"], tracking=tracking, round_index=r, **rounds, **chain,
+                              **where)
                 _on_gpu(_sized(ret, f"Retrain on real + synthetic{tag}", settings.gpu), settings, gpu_node_selector,
                         gpu_tolerations)
                 latest = ret.outputs["retrained"]
                 previous = {"feedback": fb.outputs["feedback"], "filtered": flt.outputs["filtered"],
                             "retrained": ret.outputs["retrained"]}
             ev = _sized(evaluate(data=data.outputs["data"], baseline=base.outputs["baseline"],
-                                 retrained=ret.outputs["retrained"], filtered=flt.outputs["filtered"], **data_args,
-                                 tracking=tracking, **where), "Evaluate", settings.cpu)
-            pro = _sized(promote(retrained=ret.outputs["retrained"], evaluation=ev.outputs["evaluation"],
-                                 gate_metric=gate_metric, min_gain=min_gain, max_overall_drop=max_overall_drop,
-                                 promote_overrides=promote_overrides, tracking=tracking), "Promote", settings.small)
+                                 adapted=adapt.outputs["adapted"], retrained=ret.outputs["retrained"],
+                                 filtered=flt.outputs["filtered"], tracking=tracking, **where), "Evaluate", settings.cpu)
+            pro = _sized(promote(data=data.outputs["data"], retrained=ret.outputs["retrained"],
+                                 evaluation=ev.outputs["evaluation"], tracking=tracking), "Promote", settings.small)
             pro.set_caching_options(False)  # the registry changes between runs
 
         if settings.exit_handler:
             return None
         return PipelineOutputs(tracking=tracking, data=data.outputs["data"], baseline=base.outputs["baseline"],
-                               feedback=fb.outputs["feedback"], filtered=flt.outputs["filtered"],
-                               retrained=ret.outputs["retrained"], evaluation=ev.outputs["evaluation"],
-                               decision=pro.outputs["decision"])
+                               adapted=adapt.outputs["adapted"], feedback=fb.outputs["feedback"],
+                               filtered=flt.outputs["filtered"], retrained=ret.outputs["retrained"],
+                               evaluation=ev.outputs["evaluation"], decision=pro.outputs["decision"])
 
     feedback_synth_pipeline.__annotations__["return"] = None if settings.exit_handler else PipelineOutputs
     return dsl.pipeline(name=PIPELINE_NAME, description="Fix an imbalanced image classifier with feedback-guided "

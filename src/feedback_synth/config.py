@@ -136,7 +136,7 @@ class OptimConfig:
     section: ClassVar[str]
     epochs: Int = Field(40, ge=1)  # passes over the (real) training set
     batch_size: Int = Field(64, ge=1)
-    lr: Float = Field(0.05, gt=0)  # peak SGD learning rate, cosine-decayed to 0
+    lr: Float = Field(0.05, gt=0, allow_inf_nan=False)  # peak SGD learning rate, cosine-decayed to 0
     momentum: Float = Field(0.9, ge=0, lt=1)
     weight_decay: Float = Field(5e-4, ge=0)
     augment: Bool = True  # random translation by up to 1/8 of the image size
@@ -162,6 +162,31 @@ class RetrainConfig(OptimConfig):
     # the class prior of logit_adjusted / balanced_softmax once synthetic images are in the batch:
     # 'real' = the real training counts; 'batch' = the expected class mix of a batch, real + synthetic
     prior: Literal["real", "batch"] = "real"
+
+
+@section("adapt")
+class AdaptConfig:
+    """Fine-tune the generator on the task's real training images before generating
+    (docs/method.md: Adapting the generator to the task)."""
+
+    section: ClassVar[str]
+    method: Literal["none", "full", "lora"] = "none"  # none | full (all UNet weights) | lora (peft adapters)
+    steps: Int = Field(400, ge=1)  # optimiser steps
+    lr: Float = Field(3e-4, gt=0, allow_inf_nan=False)  # AdamW learning rate (LoRA takes a larger one)
+    batch_size: Int = Field(32, ge=1)
+    rank: Int = Field(8, ge=1)  # LoRA rank (lora_alpha = rank)
+    # which layers LoRA adapts: attention projections only, or their resnet convolutions too
+    layers: Literal["attention", "attention_conv"] = "attention_conv"
+    # how the class condition is used while adapting: 'drop' trains on the null condition only, so
+    # the task's style is learned from every class while each class's content stays the prior's;
+    # 'keep' trains each image with its class (rare classes then drift toward copies of their few
+    # images); 'mixed' drops it for half of the batch
+    class_condition: Literal["drop", "keep", "mixed"] = "drop"
+    class_balanced: Bool = True  # sample classes uniformly (else by frequency)
+    augment: Bool = True  # random translation by up to 1/8 of the image size
+    seed: Int = 0
+    device: Str = "cpu"
+    samples_per_class: Int = Field(8, ge=1, le=64)  # before/after sample grid, per class
 
 
 @section("feedback")
@@ -198,6 +223,9 @@ class GenerateConfig:
     cfg_scale: Float = Field(2.0, ge=0)  # classifier-free guidance weight (1 = off)
     cond_dropout: Float = Field(0.1, ge=0, lt=1)  # dropout on the conditioning embedding, for diversity
     batch_size: Int = Field(64, ge=1)
+    # task class -> generator class where their names differ (a class-conditional generator is
+    # matched by class name, never by position): e.g. {"three": "3"}
+    class_map: dict[Str, Str] = Field(default_factory=dict)
     prompt_template: Str = "a photo of a {class_name}"  # text-conditioned generators only
     group_prompt_template: Str = "a photo of a {class_name} on {group_name}"
     seed: Int = 0
@@ -234,6 +262,11 @@ class FilterConfig:
     # a class that keeps less than this share of its generated images is "starved": its dropped images
     # come back, closest to passing first, up to this share (docs/method.md: Starved classes); 0 = off
     min_kept_fraction: Float = Field(0.25, ge=0, le=1)
+    # the early gap warning: a class whose off_support filter drops more than this share of its
+    # generated images is off the task's support; 'warn' names those classes and goes on
+    # (re-admission then applies), 'stop' ends the run there, before the retraining is spent
+    gap_share: Float = Field(0.5, ge=0, le=1)
+    on_gap: Literal["warn", "stop"] = "warn"
 
     @field_validator("filters", mode="before")
     @classmethod
@@ -276,6 +309,7 @@ class RunConfig:
     section: ClassVar[str]
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
@@ -341,8 +375,16 @@ def read_config_file(file_url: str) -> dict[str, Any]:
         loaded = storage.read_yaml(file_url) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {file_url}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {file_url} is not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # one line: where (line, column, 1-based), what, and where it started
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        if mark is None or not problem:
+            what = str(exc)
+        else:
+            what = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+            context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+            if context:
+                what += f" ({context}" + (f" from line {start.line + 1}, column {start.column + 1})" if start else ")")
+        raise ConfigError(f"config file {file_url} is not valid YAML: {' '.join(what.split())}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {file_url}: expected a mapping of sections, got {type(loaded).__name__}")
     return loaded
@@ -358,7 +400,7 @@ def load_run_config(file_url: Optional[str] = None, overrides: Optional[list[str
     return from_dict(RunConfig, data)
 
 
-PRESETS = {"digits-lt": "digits-lt.yaml", "digits-groups": "digits-groups.yaml"}
+PRESETS = {"digits-lt": "digits-lt.yaml", "digits-gap": "digits-gap.yaml", "digits-groups": "digits-groups.yaml"}
 
 
 def preset(dataset: Optional[str]) -> dict[str, Any]:

@@ -5,11 +5,17 @@ and the code version; its digest changes when any of them does. An input's diges
 ``_STAGE.json`` digest (or its parent's: a ``model/`` folder inside a training stage's output); a
 folder that no stage made (a dataset, a generator) is digested from its file listing (names and
 sizes, plus the content of files up to 64 MiB).
+
+The code version is a digest of the package's source (``code_version``): a re-run after the code
+changed refuses to reuse the outputs of the old code and says so ("code version A -> B"), and
+``--overwrite`` redoes them.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Optional
 
 from feedback_synth import storage
@@ -23,10 +29,18 @@ class StaleOutputError(ConfigError):
     """An output folder holds a finished stage made from other inputs or settings."""
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
+    """The package version plus a digest of the library's own source files (``feedback_synth/**.py``
+    and its presets): it changes whenever the code does, so that a resume after an upgrade or an
+    edit never reuses an output that other code made. Nobody has to remember to bump it."""
     from feedback_synth import __version__
 
-    return __version__
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"{__version__}+{h.hexdigest()[:12]}"
 
 
 def digest_of(payload: Any) -> str:
@@ -37,6 +51,23 @@ def fingerprint(stage: str, config: dict[str, Any], inputs: dict[str, str]) -> d
     """What made a stage output: its name, config, input digests and the code version."""
     payload = {"stage": stage, "config": config, "inputs": inputs, "version": code_version()}
     return {"digest": digest_of(payload), **payload}
+
+
+def finished_output(marker_url: str, fp: dict[str, Any], what: str, overwrite: bool) -> Optional[dict[str, Any]]:
+    """The one rule for a finished output (a stage's ``_STAGE.json``, a shard's ``_SUCCESS``):
+    the marker at ``marker_url`` when it was made with fingerprint ``fp`` (reuse it); None when
+    there is none, or when it was made differently and ``overwrite`` says redo it; otherwise a
+    StaleOutputError that names what changed (``what``: e.g. "a finished 'retrain'")."""
+    if not storage.exists(marker_url):
+        return None
+    done = storage.read_json(marker_url)
+    if done.get("digest") == fp["digest"]:
+        return done
+    if not overwrite:
+        where = marker_url.rstrip("/").rsplit("/", 1)[0]
+        raise StaleOutputError(f"{where} holds {what} made differently ({explain_change(done, fp)}); "
+                               f"write elsewhere, or pass --overwrite to redo it")
+    return None
 
 
 def read_marker(url: str) -> Optional[dict[str, Any]]:

@@ -56,6 +56,15 @@ def remove(url: str, recursive: bool = True) -> None:
         fs.rm(path, recursive=recursive)
 
 
+def find(url: str) -> list[str]:
+    """The URLs of every file under the folder ``url`` (none when it does not exist)."""
+    fs, path = fs_and_path(url)
+    if not fs.exists(path):
+        return []
+    root = path.rstrip("/")
+    return [join(url, f[len(root) + 1:]) for f in sorted(fs.find(root))]
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` atomically (temporary sibling, then move)."""
     fs, path = fs_and_path(url)

@@ -94,14 +94,3 @@ def class_names(data: Any) -> list[str]:
     from feedback_synth.data.imageset import load_info
 
     return load_info(artifact_url(data)).class_names
-
-
-def round_folder(stage: str, round_index: int, rounds: int) -> str:
-    """A stage's folder in the run's workspace: ``<stage>``, or ``rounds/round-<r>/<stage>`` in rounds
-    (the in-process runner's layout)."""
-    return stage if rounds == 1 else f"rounds/round-{round_index}/{stage}"
-
-
-def round_name(stage: str, round_index: int, rounds: int) -> str:
-    """A stage task's MLflow run name: ``<stage>``, or ``round_<r>/<stage>`` in rounds."""
-    return stage if rounds == 1 else f"round_{round_index}/{stage}"

@@ -19,6 +19,8 @@ from typing import Any, Optional
 from feedback_synth import storage
 from feedback_synth.config import RunConfig
 from feedback_synth.errors import FeedbackSynthError
+from feedback_synth.pipeline.orchestration import write_run_summary
+from feedback_synth.tracking.client import tracking_location
 from feedback_synth_kfp.artifacts import artifact_url
 from feedback_synth_kfp.parameters import pipeline_arguments
 from feedback_synth_kfp.tracking import LAUNCH_ENV, finish_tracking, tracking_context
@@ -31,24 +33,11 @@ class KFPRunError(FeedbackSynthError, RuntimeError):
 
 
 # pipeline output -> the in-process runner's stage name (``timings`` keys)
-_TIMED = (("data", "prepare_data"), ("baseline", "train_baseline"), ("feedback", "extract_feedback"),
-          ("filtered", "filter"), ("retrained", "retrain"), ("evaluation", "evaluate"), ("decision", "promote"))
-
-
-def _tracking_uri(cfg: RunConfig, output_url: str) -> str:
-    """The MLflow URI the pipeline gets; '' when tracking is off.
-
-    As in process: ``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store
-    in the run's folder, passed as that folder (``<output>/mlflow``: every task then finds the
-    store and its artifact folder there).
-    """
-    if not cfg.tracking.enabled:
-        return ""
-    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri:
-        return uri
-    local = storage.local_path(output_url)
-    return os.path.join(local, "mlflow") if local else os.path.abspath("mlruns")
+_TIMED = (("data", "prepare_data"), ("baseline", "train_baseline"), ("adapted", "adapt_generator"),
+          ("feedback", "extract_feedback"), ("filtered", "filter"), ("retrained", "retrain"), ("evaluation", "evaluate"),
+          ("decision", "promote"))
+STAGE_ORDER = ("prepare_data", "train_baseline", "adapt_generator", "extract_feedback", "generate", "filter", "retrain",
+               "evaluate", "promote")
 
 
 def _num(v: Any) -> Any:
@@ -88,7 +77,7 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
                                                rounds=cfg.feedback.rounds))
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
     t0 = time.time()
-    tracking_uri = _tracking_uri(cfg, output_url)
+    tracking_uri = tracking_location(cfg.tracking, output_url) if cfg.tracking.enabled else ""
     # compiled without the exit handler (its outputs are read below): a failed run's MLflow runs
     # are closed here instead, found by a launch id that start_tracking tags on the parent run
     launch_id = uuid.uuid4().hex
@@ -114,23 +103,21 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
         else:
             os.environ[LAUNCH_ENV] = before
     out = task.outputs
-    urls = {name: artifact_url(out[name]) for name in ("data", "baseline", "feedback", "filtered", "retrained",
-                                                        "evaluation")}
+    urls = {name: artifact_url(out[name]) for name in ("data", "baseline", "adapted", "feedback", "filtered",
+                                                        "retrained", "evaluation")}
     report = storage.read_json(storage.join(urls["evaluation"], "report.json"))
     generation = {k: _num(v) for k, v in dict(out["filtered"].metadata.get("generation", {})).items()}
     timings = {stage: round(float(out[name].metadata["seconds"]), 2) for name, stage in _TIMED
                if "seconds" in out[name].metadata}
     if generation.get("wall_seconds") is not None:
-        timings = {**{k: v for k, v in timings.items() if k in ("prepare_data", "train_baseline", "extract_feedback")},
-                   "generate": generation["wall_seconds"],
-                   **{k: v for k, v in timings.items() if k not in ("prepare_data", "train_baseline", "extract_feedback")}}
+        timings["generate"] = generation["wall_seconds"]
     promotion = json.loads(out["decision"].metadata.get("promotion") or "null")
+    if promotion and promotion.get("resumed"):
+        timings.pop("promote", None)
+    timings = {stage: timings[stage] for stage in STAGE_ORDER if stage in timings}
     tracking = tracking_context(out["tracking"])
-    report.update({
-        "timings": timings, "pipeline_seconds": round(time.time() - t0, 2), "generation": generation,
-        "outputs": {"data": urls["data"], "baseline": urls["baseline"], "feedback": urls["feedback"],
-                    "filtered": urls["filtered"], "retrained": urls["retrained"],
-                    "report": urls["evaluation"], "kfp_pipeline_root": root},
-        "promotion": promotion, "mlflow_run_id": json.loads(tracking)["parent_run_id"] if tracking else None})
-    storage.write_json(storage.join(urls["evaluation"], "run_summary.json"), {k: v for k, v in report.items() if k != "per_class"})
-    return report
+    outputs = {k: urls[k] for k in ("data", "baseline", "adapted", "feedback", "filtered", "retrained")}
+    return write_run_summary(urls["evaluation"], report, timings=timings, generation=generation,
+                             outputs={**outputs, "report": urls["evaluation"], "kfp_pipeline_root": root},
+                             promotion=promotion, mlflow_run_id=json.loads(tracking)["parent_run_id"] if tracking else None,
+                             pipeline_seconds=round(time.time() - t0, 2))

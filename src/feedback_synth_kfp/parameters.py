@@ -1,10 +1,13 @@
 """The pipeline parameters that carry a run configuration, both ways.
 
 A few fields are parameters of their own (``dataset``, ``criterion``, ...: what a user changes most
-in the KFP UI); every other field of a section travels in that section's JSON object parameter
-``<section>_overrides``. ``pipeline_arguments(cfg)`` turns a RunConfig into parameters, and
-``section_config`` / ``run_config_from_parameters`` turn them back, with the same checks and
-messages as a config file.
+in the KFP UI, ``NAMED_PARAMETERS``); every other field travels in one JSON object parameter,
+``config``: ``{"<section>": {"<field>": value}}``, only what differs from the defaults. The named
+parameters apply over it. ``start_tracking`` resolves them once into the run's ``RunConfig``,
+which then travels to every task as one value (the metadata of its ``tracking`` artifact:
+``feedback_synth_kfp.tracking.run_config``), so that no component rebuilds it from parameters.
+``pipeline_arguments(cfg)`` turns a RunConfig into parameters and ``run_config_from_parameters``
+turns them back, with the same checks and messages as a config file.
 """
 from __future__ import annotations
 
@@ -12,68 +15,80 @@ import dataclasses
 import json
 from typing import Any
 
-from feedback_synth.config import RunConfig, from_dict, stage_config
+from feedback_synth.config import RunConfig, deep_merge, from_dict
 from feedback_synth.errors import ConfigError
 
 # RunConfig section -> {config field: pipeline parameter}
 NAMED_PARAMETERS: dict[str, dict[str, str]] = {
     "data": {"dataset": "dataset"},
     "train": {"model": "classifier_model"},
+    "adapt": {"method": "adapt_method", "device": "gpu_device"},
     "feedback": {"budget_fraction": "budget_fraction", "shard_size": "shard_size"},
     "generate": {"generator": "generator", "criterion": "criterion", "scale": "scale", "guide_every": "guide_every",
                  "device": "gpu_device"},
-    "filter": {},
     "retrain": {"device": "gpu_device"},
+    "tracking": {"experiment": "mlflow_experiment", "registered_model": "registered_model"},
     "promote": {"gate_metric": "gate_metric", "min_gain": "min_gain", "max_overall_drop": "max_overall_drop"},
 }
-TRACKING_PARAMETERS = {"experiment": "mlflow_experiment", "registered_model": "registered_model"}
+CONFIG_PARAMETER = "config"
+_SHARED = {p for p in (q for named in NAMED_PARAMETERS.values() for q in named.values())
+           if sum(p in named.values() for named in NAMED_PARAMETERS.values()) > 1}
+# run settings that are not part of the config: where the cluster, not the run, decides
+_NOT_CONFIG = {("tracking", "tracking_uri")}
 
 
 def pipeline_arguments(cfg: RunConfig, mlflow_tracking_uri: str = "", workspace_url: str = "") -> dict[str, Any]:
-    """The pipeline parameters that reproduce ``cfg`` exactly."""
-    args: dict[str, Any] = {"workspace_url": workspace_url, "mlflow_tracking_uri": mlflow_tracking_uri,
-                            "mlflow_experiment": cfg.tracking.experiment,
-                            "registered_model": cfg.tracking.registered_model}
+    """The pipeline parameters that reproduce ``cfg`` exactly: the named ones, and ``config`` with
+    every other field that differs from its default."""
+    args: dict[str, Any] = {"workspace_url": workspace_url, "mlflow_tracking_uri": mlflow_tracking_uri}
     for section, named in NAMED_PARAMETERS.items():
         for field, param in named.items():
-            args.setdefault(param, getattr(getattr(cfg, section), field))  # gpu_device: generate's device
-    for section, named in NAMED_PARAMETERS.items():
-        value = getattr(cfg, section)
+            args.setdefault(param, getattr(getattr(cfg, section), field))  # gpu_device: adapt's device
+    rest: dict[str, dict[str, Any]] = {}
+    for f in dataclasses.fields(cfg):
+        value, named = getattr(cfg, f.name), NAMED_PARAMETERS.get(f.name, {})
         defaults = type(value)()
-        overrides = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
-                     if getattr(value, f.name) != (args[named[f.name]] if f.name in named else getattr(defaults, f.name))}
-        args[f"{section}_overrides"] = json.dumps(overrides, sort_keys=True)
+        changed = {k.name: getattr(value, k.name) for k in dataclasses.fields(value)
+                   if (f.name, k.name) not in _NOT_CONFIG
+                   and getattr(value, k.name) != (args[named[k.name]] if k.name in named else getattr(defaults, k.name))}
+        if changed:
+            rest[f.name] = changed
+    args[CONFIG_PARAMETER] = json.dumps(rest, sort_keys=True)
     return args
 
 
-def parse_overrides(section: str, overrides: str) -> dict[str, Any]:
-    """A ``<section>_overrides`` parameter: a JSON object of config fields ('' or '{}': none)."""
-    if not overrides or not overrides.strip():
+def parse_config_parameter(config: str) -> dict[str, Any]:
+    """The ``config`` parameter: a JSON object of sections ('' or '{}': none)."""
+    if not config or not config.strip():
         return {}
     try:
-        extra = json.loads(overrides)
+        value = json.loads(config)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"pipeline parameter '{section}_overrides': not valid JSON ({exc}): {overrides[:200]!r}") from None
-    if not isinstance(extra, dict):
-        raise ConfigError(f"pipeline parameter '{section}_overrides': expected a JSON object of '{section}' fields, "
-                          f"got {type(extra).__name__}")
-    return extra
-
-
-def section_config(section: str, overrides: str, **named: Any) -> Any:
-    """One section's config (e.g. ``TrainConfig``) from its named parameters and its overrides
-    (applied last), checked like a config file."""
-    cls = type(getattr(RunConfig(), section))
-    return stage_config(cls, {**named, **parse_overrides(section, overrides)})
+        raise ConfigError(f"pipeline parameter 'config': not valid JSON ({exc}): {config[:200]!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"pipeline parameter 'config': expected a JSON object of sections "
+                          f"({', '.join(f.name for f in dataclasses.fields(RunConfig))}), got {type(value).__name__}")
+    return value
 
 
 def run_config_from_parameters(params: dict[str, Any]) -> RunConfig:
-    """The RunConfig that pipeline parameters ``params`` stand for (the inverse of ``pipeline_arguments``)."""
-    sections = {}
+    """The RunConfig that pipeline parameters ``params`` stand for (the inverse of
+    ``pipeline_arguments``): ``config``, with the named parameters over it, checked."""
+    sections = parse_config_parameter(params.get(CONFIG_PARAMETER, ""))
+    named_values: dict[str, dict[str, Any]] = {}
     for section, named in NAMED_PARAMETERS.items():
-        values = {field: params[param] for field, param in named.items() if param in params}
-        sections[section] = dataclasses.asdict(section_config(section, params.get(f"{section}_overrides", ""), **values))
-    sections["tracking"] = {field: params[param] for field, param in TRACKING_PARAMETERS.items() if param in params}
+        # a parameter shared by several sections (gpu_device) is their default: a section's own
+        # value in ``config`` wins over it; any other named parameter wins over ``config``
+        values = {field: params[param] for field, param in named.items() if param in params
+                  and not (param in _SHARED and field in (sections.get(section) or {}))}
+        if values:
+            named_values[section] = values
+    sections = deep_merge(sections, named_values)
     if params.get("mlflow_tracking_uri"):
-        sections["tracking"]["tracking_uri"] = params["mlflow_tracking_uri"]
+        sections = deep_merge(sections, {"tracking": {"tracking_uri": params["mlflow_tracking_uri"]}})
     return from_dict(RunConfig, sections)
+
+
+def config_from_dict(config: dict[str, Any]) -> RunConfig:
+    """A RunConfig from its ``asdict`` form (what travels in the tracking artifact), checked."""
+    return from_dict(RunConfig, config)

@@ -134,33 +134,33 @@ def config_parameters(cfg, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The pipeline parameters that carry ``cfg`` (a ``RunConfig``), less those equal to the
     pipeline's defaults and the infrastructure ones. The laptop default ``device: cpu`` is not
     sent: GPU tasks keep the pipeline's ``gpu_device``."""
-    from feedback_synth_kfp.parameters import pipeline_arguments
+    from feedback_synth_kfp.parameters import CONFIG_PARAMETER, pipeline_arguments
 
     out = {}
     for key, value in pipeline_arguments(cfg).items():
         if key in _INFRASTRUCTURE or key not in params or (key == "gpu_device" and value == "cpu"):
             continue
         default = params[key]["default"]
-        if key.endswith("_overrides"):
-            if json.loads(value) != json.loads(default or "{}"):
-                out[key] = value
+        if key == CONFIG_PARAMETER:
+            sections = {name: {k: v for k, v in fields.items() if not (k == "device" and v == "cpu")}
+                        for name, fields in json.loads(value).items()}
+            sections = {name: fields for name, fields in sections.items() if fields}
+            if sections != json.loads(default or "{}"):
+                out[key] = json.dumps(sections, sort_keys=True)
         elif value != default:
             out[key] = value
     return out
 
 
 def merge_parameters(derived: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
-    """``explicit`` (--param) over ``derived``; a ``*_overrides`` JSON object is merged key by key."""
+    """``explicit`` (--param) over ``derived``; a ``config`` JSON object is merged section by section."""
+    from feedback_synth.config import deep_merge
+    from feedback_synth_kfp.parameters import CONFIG_PARAMETER, parse_config_parameter
+
     out = dict(derived)
     for key, value in explicit.items():
-        if key.endswith("_overrides") and key in out:
-            try:
-                extra = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"--param {key}: not a JSON object ({exc})") from None
-            if not isinstance(extra, dict):
-                raise ConfigError(f"--param {key}: expected a JSON object, got {type(extra).__name__}")
-            value = json.dumps({**json.loads(out[key]), **extra}, sort_keys=True)
+        if key == CONFIG_PARAMETER and key in out:
+            value = json.dumps(deep_merge(json.loads(out[key]), parse_config_parameter(value)), sort_keys=True)
         out[key] = value
     return out
 

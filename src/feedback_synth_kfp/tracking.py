@@ -5,13 +5,13 @@ import contextlib
 import json
 import logging
 import os
-import time
 from dataclasses import asdict
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from feedback_synth.config import PromoteConfig, TrackingConfig
-from feedback_synth.pipeline.result import StageResult, log_stage_result
-from feedback_synth.registry.register import register_and_promote
+from feedback_synth.config import RunConfig, TrackingConfig
+from feedback_synth.errors import ConfigError
+from feedback_synth.pipeline.orchestration import promote_once, run_logged_stage
+from feedback_synth.pipeline.result import StageResult
 from feedback_synth.tracking.base import NullTracker
 from feedback_synth.tracking.client import mlflow_errors
 from feedback_synth.tracking.mlflow_tracker import PIPELINE_ERROR_TAG, PIPELINE_STATE_TAG, STAGE_TAG, MLflowTracker
@@ -64,76 +64,58 @@ def tracking_context(tracking: Any) -> str:
     return tracking or ""
 
 
-def _attach(tracking: Any, name: str, output_url: str):
-    """A tracker attached to the pipeline's parent run (None when tracking is off)."""
-    context = tracking_context(tracking)
-    if not context:
-        return None
-    ctx = json.loads(context)
-    tracker = MLflowTracker(TrackingConfig(**ctx["tracking"]), output_url, parent_run_id=ctx["parent_run_id"],
-                  kfp_run_id=ctx.get("kfp_run_id") or None)
-    tracker.start(name, {})
-    return tracker
+CONFIG_KEY = "config"  # metadata key of start_tracking's artifact: the run's resolved RunConfig (asdict)
 
 
-class StageRun:
-    """One stage task: its tracker (a nested MLflow run, or a no-op) and its wall time."""
+def run_config(tracking: Any) -> RunConfig:
+    """The run's resolved configuration, as start_tracking resolved it once from the pipeline's
+    parameters: every task reads its stage's section from here."""
+    from feedback_synth_kfp.parameters import config_from_dict
 
-    def __init__(self, log_to: Any):
-        self.log = log_to
-        self.t0 = time.time()
-        self.seconds: Optional[float] = None
-
-    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None, prefix: str = "") -> None:
-        self.log.log_metrics(metrics, step=step, prefix=prefix)
-
-    def log_result(self, result: StageResult) -> None:
-        """The stage's metrics and artifacts, logged as the in-process runner logs them."""
-        log_stage_result(self.log, result)
-
-    def on_epoch(self, record: dict[str, Any]) -> None:
-        """Per-epoch training metrics (the ``on_epoch`` hook of the training stages)."""
-        self.log.log_metrics(record, step=record.get("epoch"))
+    config = (tracking.metadata or {}).get(CONFIG_KEY) if hasattr(tracking, "metadata") else tracking
+    if not config:
+        raise ConfigError("the tracking artifact carries no run configuration (was it made by start_tracking?)")
+    return config_from_dict(json.loads(config) if isinstance(config, str) else config)
 
 
 @contextlib.contextmanager
-def stage_run(tracking: Any, name: str, params: dict[str, Any], output_url: str) -> Iterator[StageRun]:
-    """A nested MLflow run named ``name`` under the pipeline's parent run (a no-op when tracking
-    is off); logs ``params`` and the stage's wall time (``seconds``)."""
-    tracker = _attach(tracking, name, output_url)
-    if tracker is None:
-        run = StageRun(NullTracker())
-        yield run
-        run.seconds = round(time.time() - run.t0, 2)
+def attached(tracking: Any, output_url: str) -> Iterator[Any]:
+    """A tracker attached to the pipeline's parent run (the null tracker when tracking is off);
+    the parent run stays open when the task ends."""
+    context = tracking_context(tracking)
+    if not context:
+        yield NullTracker()
         return
+    ctx = json.loads(context)
+    tracker = MLflowTracker(TrackingConfig(**ctx["tracking"]), output_url, parent_run_id=ctx["parent_run_id"],
+                            kfp_run_id=ctx.get("kfp_run_id") or None)
+    tracker.start("", {})
     status = "FAILED"
     try:
-        with tracker.stage(name, params) as logger:
-            run = StageRun(logger)
-            yield run
-            run.seconds = round(time.time() - run.t0, 2)
-            logger.log_metrics({"seconds": run.seconds})
-        status = "FINISHED"
-    finally:
-        tracker.finish(status)  # attached: the parent run stays open
-
-
-def promote(tracking: Any, model_url: str, report: dict[str, Any], cfg: PromoteConfig,
-            output_url: str = "") -> Optional[dict[str, Any]]:
-    """Register the retrained model (alias ``challenger``) and move ``champion`` to it if it passes
-    the gate, in a nested ``promote`` run; then close the parent run, the pipeline's last step.
-    None when tracking is off (there is no registry to promote in)."""
-    tracker = _attach(tracking, "promote", output_url)
-    if tracker is None:
-        return None
-    status = "FAILED"
-    try:
-        with tracker.stage("promote", asdict(cfg)) as logger:
-            result = register_and_promote(tracker, model_url, report, cfg, run_id=logger.run_id)
+        yield tracker
         status = "FINISHED"
     finally:
         tracker.finish(status)
-        tracker.client.set_terminated(tracker.run_id, status)
+
+
+def run_task_stage(tracking: Any, name: str, params: dict[str, Any], output_url: str,
+                   work: Callable[[Any], StageResult]) -> StageResult:
+    """One stage task: the stage's work, logged as the in-process runner logs it
+    (``orchestration.run_logged_stage``: a nested run under the pipeline's parent run)."""
+    with attached(tracking, output_url) as tracker:
+        return run_logged_stage(tracker, name, params, work)
+
+
+def promote(tracking: Any, model_url: str, report_url: str, report: dict[str, Any], cfg: RunConfig,
+            test_dataset_url: str) -> Optional[dict[str, Any]]:
+    """Register the retrained model and gate it, once (``orchestration.promote_once``, as in
+    process); then close the parent run, the pipeline's last step. None when tracking is off
+    (there is no registry to promote in)."""
+    if not tracking_context(tracking):
+        return None
+    with attached(tracking, report_url) as tracker:
+        result = promote_once(tracker, model_url, report_url, report, cfg.promote, tracker.cfg, test_dataset_url)
+        tracker.client.set_terminated(tracker.run_id, "FINISHED")
     return result
 
 

@@ -1,4 +1,5 @@
-"""The built-in datasets: long-tailed digits (digits-lt) and group-imbalanced digits (digits-groups)."""
+"""The built-in datasets: long-tailed digits (digits-lt), the same in a style far from the
+generator's pool (digits-gap), and group-imbalanced digits (digits-groups)."""
 from __future__ import annotations
 
 import math
@@ -43,6 +44,29 @@ def task_style(images: np.ndarray) -> np.ndarray:
     return x.squeeze(1).clamp(0, 1).numpy()
 
 
+def gap_style(images: np.ndarray) -> np.ndarray:
+    """digits-gap's task style: far from the generator pool's, as a second source of digits would be
+    (docs/method.md: Adapting the generator to the task). On float images in [0, 1], (N, H, W):
+      1. hard contrast: x <- clip((x - 0.3) / 0.25, 0, 1) (crisp strokes on a clean background, where
+         the pool's upsampled digits are soft and grey);
+      2. thin strokes: x <- x - 0.6 * (maxpool_3x3(x) - x) clipped (an outline-thinning pass);
+      3. a smaller glyph with wide margins and the opposite slant: the inverse map
+         x'(u, v) = x((u - 0.3 * v) / 0.62, v / 0.62) about the centre (scale 0.62, backslant),
+         bilinear, zero padding.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(images).float().unsqueeze(1)
+    x = ((x - 0.3) / 0.25).clamp(0, 1)
+    x = (x - 0.6 * (F.max_pool2d(x, 3, stride=1, padding=1) - x)).clamp(0, 1)
+    n = x.shape[0]
+    theta = torch.tensor([[1 / 0.62, -0.3 / 0.62, 0.0], [0.0, 1 / 0.62, 0.0]]).expand(n, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return x.squeeze(1).clamp(0, 1).numpy()
+
+
 def _upsample_digits(images_8x8: np.ndarray) -> np.ndarray:
     import torch
     import torch.nn.functional as F
@@ -70,7 +94,14 @@ def _pool_and_rest(labels: np.ndarray, n_test: int, n_pool: int, split_seed: int
     return out
 
 
-def make_digits_lt(split_seed: int = 0) -> dict[str, ImageSet]:
+def make_digits_gap(split_seed: int = 0) -> dict[str, ImageSet]:
+    """digits-lt's splits, counts and generator pool, with the task images drawn in ``gap_style``:
+    crisp, thin, small, back-slanted digits that the bundled generator (soft, large, upright digits)
+    has never seen. The benchmark of adapting the generator (benchmarks/digits_gap.py)."""
+    return make_digits_lt(split_seed, style=gap_style)
+
+
+def make_digits_lt(split_seed: int = 0, style=task_style) -> dict[str, ImageSet]:
     """The built-in long-tailed digits dataset (docs/method.md: Datasets).
 
     scikit-learn's 1,797 8x8 digits, upsampled to 16x16. Per class: a balanced generator pool
@@ -99,13 +130,13 @@ def make_digits_lt(split_seed: int = 0) -> dict[str, ImageSet]:
         idx = np.concatenate(chunks)
         x = images[idx]
         if split != "pool":
-            x = task_style(x)
+            x = style(x)
         out[split] = ImageSet(
             images=np.round(x * 255).astype(np.uint8)[..., None],
             labels=labels[idx], groups=np.zeros(len(idx), dtype=np.int64),
             ids=np.array([f"digits:{i}" for i in idx]), class_names=class_names)
     pool = out["pool"]
-    styled = np.round(task_style(pool.images[..., 0] / 255.0) * 255).astype(np.uint8)[..., None]
+    styled = np.round(style(pool.images[..., 0] / 255.0) * 255).astype(np.uint8)[..., None]
     out["oracle"] = ImageSet(styled, pool.labels, pool.groups, pool.ids, class_names)
     return out
 

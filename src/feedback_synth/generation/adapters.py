@@ -39,6 +39,7 @@ class BatchConditions:
     prompt_template: str = "a photo of a {class_name}"
     group_prompt_template: str = "a photo of a {class_name} on {group_name}"
     noise_level: int = 0
+    class_index_map: Optional[list[int]] = None  # the generator's index of each task class (matched by name)
 
     def prompts(self) -> list[str]:
         template = self.group_prompt_template if self.per_group else self.prompt_template
@@ -205,7 +206,8 @@ class PixelAdapter(GeneratorAdapter):
     def conditioning(self, pipe, batch):
         n_groups = len(batch.group_names)
         joint = joint_condition(pipe.unet.config.num_class_embeds, len(batch.class_names), n_groups)
-        cond = [c * n_groups + g if joint else c for c, g in zip(batch.classes, batch.groups)]
+        index = batch.class_index_map or list(range(len(batch.class_names)))
+        cond = [index[c] * n_groups + g if joint else index[c] for c, g in zip(batch.classes, batch.groups)]
         return {"class_labels": torch.tensor(cond)}
 
     def native_size(self, pipe):

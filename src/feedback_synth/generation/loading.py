@@ -15,8 +15,13 @@ from feedback_synth.generation.adapters import GENERATOR_ADAPTERS, adapter_for_f
 BUILTIN_GENERATOR = "builtin"
 
 
+# built-in datasets that share another's bundled generator (digits-gap: digits-lt's pool, another task style)
+SHARED_GENERATORS = {"digits-gap": "digits-lt"}
+
+
 def builtin_generator_path(name: str = "digits-lt") -> str:
     """The folder of a generator shipped inside the package."""
+    name = SHARED_GENERATORS.get(name, name)
     return str(resources.files("feedback_synth") / "weights" / f"{name}-generator")
 
 
@@ -68,6 +73,15 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
         if not storage.exists(spec):
             raise DataError(f"generator model folder not found: {spec}")
         path = local_copy(spec, weights)
+    adapted = os.path.join(path, "adapted_generator.json")
+    if os.path.isfile(adapted):  # a LoRA-adapted latent model: its base folder, then the LoRA over it
+        import json
+
+        from feedback_synth.generation.adapt import apply_adapted_lora
+
+        with open(adapted) as f:
+            base = json.load(f)["base"]
+        return apply_adapted_lora(load_generator(base, dataset_name, device, dtype, weights), path)
     adapter = adapter_for_folder(path)
     if adapter is None:
         raise DataError(f"not a diffusers model folder this project knows: {spec} (expected unet/ and scheduler/, "
@@ -81,3 +95,38 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def generator_meta(folder_url: str) -> dict:
+    """A generator folder's ``generator.json`` (the bundled and adapted pixel generators write one:
+    its class names, how it was trained), else {}."""
+    for name in ("generator.json", "adapted_generator.json"):
+        url = storage.join(folder_url, name)
+        if storage.exists(url):
+            return storage.read_json(url)
+    return {}
+
+
+def class_index(folder_url: str, class_names: list[str], class_map: dict[str, str] | None = None) -> list[int]:
+    """The generator's condition index of each task class, matched by *name* (never by position):
+    ``class_map`` maps a task class to a generator class where the names differ. A generator that
+    lists no class names (a prompt-conditioned model names classes in its prompts) keeps the task's
+    order. Refuses with the unmatched names."""
+    meta = generator_meta(folder_url)
+    names = meta.get("task_class_names") and meta.get("class_names")  # an adapted generator: its base's names
+    names = names or meta.get("class_names")
+    if not names:
+        return list(range(len(class_names)))
+    class_map = class_map or {}
+    unknown = sorted(set(class_map) - set(class_names))
+    if unknown:
+        raise ConfigError(f"config field 'generate.class_map': {unknown[:5]} are not classes of the dataset "
+                          f"({', '.join(class_names[:10])})")
+    wanted = [class_map.get(c, c) for c in class_names]
+    missing = [f"{c!r}" + (f" (mapped to {w!r})" if w != c else "") for c, w in zip(class_names, wanted) if w not in names]
+    if missing:
+        raise ConfigError(f"the generator {folder_url} has no class {', '.join(missing[:5])}"
+                          f"{' and more' if len(missing) > 5 else ''}: its classes are {', '.join(map(repr, names[:12]))}. "
+                          f"Name the dataset's class folders as the generator's classes, or map them with "
+                          f"--set generate.class_map='{{\"<dataset class>\": \"<generator class>\"}}'")
+    return [names.index(w) for w in wanted]

@@ -22,16 +22,15 @@ from feedback_synth.config import GenerateConfig
 from feedback_synth.data.imageset import ImageSet, load_info, load_split
 from feedback_synth.errors import DataError
 from feedback_synth.fingerprints import (
-    StaleOutputError,
     digest_of,
-    explain_change,
+    finished_output,
     fingerprint,
     folder_digest,
     input_digest,
     read_marker,
 )
 from feedback_synth.generation.adapters import BatchConditions, adapter_of
-from feedback_synth.generation.loading import generator_path, load_generator
+from feedback_synth.generation.loading import class_index, generator_path, load_generator
 from feedback_synth.generation.performance import DTYPES, GUIDANCE_DTYPES, apply_performance_options, pad_batch
 from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices
 from feedback_synth.synthesis.feedback import load_class_stats
@@ -144,13 +143,9 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
     generator_folder = generator_path(cfg.generator, info.name)
     fp = shard_fingerprint(plan, shard, dataset_url, model_url, feedback_url, cfg, generator_folder)
     url = shard_url(output_url, shard_id)
-    if shard_done(output_url, shard_id):
-        done = storage.read_json(storage.join(url, "_SUCCESS"))
-        if done.get("digest") == fp["digest"]:
-            return {"shard_id": shard_id, "skipped": True, **done["summary"]}
-        if not overwrite:
-            raise StaleOutputError(f"{url} holds a shard made differently ({explain_change(done, fp)}); write "
-                                   f"elsewhere, or pass --overwrite to redo it")
+    done = finished_output(storage.join(url, "_SUCCESS"), fp, "a shard", overwrite)
+    if done is not None:
+        return {"shard_id": shard_id, "skipped": True, **done["summary"]}
     storage.remove(url)  # a half-written shard from a killed run (or an overwritten one): redo it from scratch
     train = load_split(dataset_url, "train")
     check_plan_matches_data(feedback_url, dataset_url, train, plan)
@@ -170,6 +165,7 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
     items = shard_items(shard, train, cfg.seed, cfg.condition_on_real, plan.per_group)
     real = train.to_tensor()
     adapter = adapter_of(pipe)
+    index_map = class_index(generator_folder, train.class_names, cfg.class_map)
     images, rows, t0 = [], [], time.time()
     for b in range(0, len(items), cfg.batch_size):
         batch = items[b:b + cfg.batch_size]
@@ -183,7 +179,8 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
         guide = guided_step_indices(steps_run, cfg.guide_every, cfg.guide_from)
         conditions = BatchConditions(
             [it.class_index for it in batch], [it.group_index for it in batch], train.class_names, train.group_names,
-            plan.per_group, init, cfg.strength, cfg.prompt_template, cfg.group_prompt_template, cfg.noise_level)
+            plan.per_group, init, cfg.strength, cfg.prompt_template, cfg.group_prompt_template, cfg.noise_level,
+            index_map)
         kwargs = dict(generators=generators, images=init, strength=cfg.strength,
                       num_inference_steps=cfg.num_inference_steps, cfg_scale=cfg.cfg_scale, cond_dropout=cfg.cond_dropout,
                       feedback=feedback, guide_steps=guide, grad_through_unet=cfg.grad_through_unet,

@@ -23,6 +23,7 @@ class StageResult:
             parent run): ``{"splits": [...], "url": prepared dataset}`` for real splits,
             ``{"synthetic": filter output URL, "plan": plan URL, "generate_config": {...},
             "context": ..., "name": dataset name}`` for the kept synthetic set.
+        seconds: the stage's wall time, set by the runner that ran it (``orchestration.run_logged_stage``).
     """
 
     stage: str
@@ -30,6 +31,7 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
     datasets: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

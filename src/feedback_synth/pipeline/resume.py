@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Optional
 
 from feedback_synth import storage
-from feedback_synth.fingerprints import MARKER, StaleOutputError, explain_change, fingerprint, input_digest, read_marker
+from feedback_synth.fingerprints import MARKER, finished_output, fingerprint, input_digest
 from feedback_synth.pipeline.result import StageResult
 
 
@@ -38,16 +38,12 @@ def run_stage(stage: str, output_url: str, config: dict[str, Any], inputs: dict[
     Returns the result, from the marker when the output was done already (``summary['resumed']``).
     """
     fp = fingerprint(stage, config, inputs)
-    marker = read_marker(output_url)
-    if marker is not None:
-        if marker["digest"] == fp["digest"]:
-            result = StageResult.from_dict(marker["result"])
-            result.summary["resumed"] = True
-            return result
-        if not overwrite:
-            raise StaleOutputError(f"{output_url} holds a finished '{stage}' made differently ({explain_change(marker, fp)}); "
-                                   f"write elsewhere, or pass --overwrite to redo it")
-        storage.remove(storage.join(output_url, MARKER))
+    done = finished_output(storage.join(output_url, MARKER), fp, f"a finished '{stage}'", overwrite)
+    if done is not None:
+        result = StageResult.from_dict(done["result"])
+        result.summary["resumed"] = True
+        return result
+    storage.remove(storage.join(output_url, MARKER))
     result = work()
     storage.write_json(storage.join(output_url, MARKER), {**fp, "result": result.to_dict(),
                                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})

@@ -1,7 +1,7 @@
 """The whole pipeline, in process: every stage in order, on one machine.
 
-    prepare data -> train baseline -> [extract feedback -> generate -> filter -> retrain] x rounds
-    -> evaluate -> promote
+    prepare data -> train baseline -> adapt generator -> [extract feedback -> generate -> filter
+    -> retrain] x rounds -> evaluate -> promote
 
 A run owns its output folder: ``config.yaml`` (the resolved config), ``run.json`` (which process
 writes it, and its MLflow parent run), one folder per stage (``data/``, ``baseline/``,
@@ -15,59 +15,32 @@ fields that differ; ``overwrite=True`` (``--overwrite``) starts over in it.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from dataclasses import asdict
+from typing import Any, Optional
 
 from feedback_synth import storage
-from feedback_synth.config import RunConfig
+from feedback_synth.config import GenerateConfig, RunConfig
 from feedback_synth.errors import ConfigError
 from feedback_synth.fingerprints import differences
 from feedback_synth.pipeline import stages
+from feedback_synth.pipeline.orchestration import (
+    STAGE_FOLDERS,
+    RunLayout,
+    promote_once,
+    run_logged_stage,
+    write_run_summary,
+)
 from feedback_synth.pipeline.preflight import preflight
-from feedback_synth.pipeline.result import StageResult, log_stage_result
+from feedback_synth.pipeline.result import StageResult
 from feedback_synth.reporting.tables import format_report
 from feedback_synth.tracking.base import NullTracker
 
-RESUMED_TAG = "feedback_synth.resumed"
-
-
-@dataclass
-class RoundUrls:
-    feedback: str
-    generated: str
-    filtered: str
-    retrained: str
-
-
-@dataclass
-class RunLayout:
-    """Where a run's stages write, under its output folder."""
-
-    output: str
-    rounds: int = 1
-
-    def stage(self, name: str) -> str:
-        return storage.join(self.output, name)
-
-    def round(self, r: int) -> RoundUrls:
-        base = self.output if self.rounds == 1 else storage.join(self.output, "rounds", f"round-{r}")
-        return RoundUrls(*(storage.join(base, n) for n in ("feedback", "generated", "filtered", "retrained")))
-
-    def stage_folders(self) -> list[str]:
-        return ["data", "baseline", "feedback", "generated", "filtered", "retrained", "rounds", "report"]
-
-
 def stage_urls(output_url: str, rounds: int = 1) -> dict[str, str]:
-    """The run's main outputs: data, baseline, the last round's feedback .. retrained, report."""
-    layout = RunLayout(output_url, rounds)
-    last = layout.round(rounds)
-    return {"data": layout.stage("data"), "baseline": layout.stage("baseline"), "feedback": last.feedback,
-            "generated": last.generated, "filtered": last.filtered, "retrained": last.retrained,
-            "report": layout.stage("report")}
+    """The run's main outputs (``RunLayout.outputs``)."""
+    return RunLayout(output_url, rounds).outputs()
 
 
 # ------------------------------------------------------------------------------ owning the output
@@ -110,7 +83,7 @@ def claim_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Optional[d
             raise ConfigError(f"output {output_url} holds a run with another config ({shown}); use another --output, "
                               f"or --overwrite to start over there")
         if changed or overwrite:
-            for name in RunLayout(output_url).stage_folders():
+            for name in STAGE_FOLDERS:
                 storage.remove(storage.join(output_url, name))
     return previous
 
@@ -159,30 +132,24 @@ def run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker]
     timings: dict[str, float] = {}
     status = "FAILED"
 
-    def stage(parent: Any, name: str, params: dict[str, Any], fn: Callable[..., StageResult], *args,
-              epochs: bool = False, **kwargs) -> StageResult:
-        """Run one stage in its own nested run under ``parent`` and log its result (a resumed
-        stage logs the result it finished with, tagged resumed)."""
-        t0 = time.time()
-        with parent.stage(name, params) as log:
-            if epochs:
-                kwargs["on_epoch"] = lambda r: log.log_metrics(r, step=r["epoch"])
-            result = fn(*args, **kwargs)
-            timings[name] = round(timings.get(name, 0.0) + time.time() - t0, 2)
-            log_stage_result(log, result)
-            if result.summary.get("resumed"):
-                log.set_tags({RESUMED_TAG: "true"})
-            log.log_metrics({"seconds": round(time.time() - t0, 2)})
+    def stage(name: str, params: dict[str, Any], work) -> StageResult:
+        result = run_logged_stage(tracker, name, params, work)
+        timings[name] = round(timings.get(name, 0.0) + result.seconds, 2)
         return result
 
     try:
         data, baseline = layout.stage("data"), layout.stage("baseline")
-        stage(tracker, "prepare_data", asdict(cfg.data), stages.prepare_data, cfg.data, data)
-        stage(tracker, "train_baseline", asdict(cfg.train), stages.train_baseline, data, baseline, cfg.train,
-              cfg.data, epochs=True)
-        gen, retrained, filtered = synthesis_rounds(cfg, layout, data, stages.model_url(baseline), tracker, stage)
-        evaluation = stage(tracker, "evaluate", {}, stages.evaluate_run, data, baseline, retrained, filtered,
-                           layout.stage("report"), cfg.data)
+        stage("prepare_data", asdict(cfg.data), lambda _: stages.prepare_data(cfg.data, data))
+        stage("train_baseline", asdict(cfg.train),
+              lambda on_epoch: stages.train_baseline(data, baseline, cfg.train, cfg.data, on_epoch=on_epoch))
+        adapted = stage("adapt_generator", asdict(cfg.adapt), lambda _: stages.adapt_generator(
+            data, baseline, layout.stage("adapted"), cfg.adapt, cfg.generate))
+        gen_cfg = stages.generate_config_for(cfg.generate, adapted.summary["generator"])
+        gen, retrained, filtered = synthesis_rounds(cfg, layout, data, stages.model_url(baseline), tracker, timings,
+                                                    gen_cfg)
+        evaluation = stage("evaluate", {}, lambda _: stages.evaluate_run(data, baseline, retrained, filtered,
+                                                                         layout.stage("report"), cfg.data,
+                                                                         adapted_url=layout.stage("adapted")))
         report = evaluation.summary
         tracker.log_metrics(evaluation.metrics)  # the parent run: no synthesis, with synthesis, difference
         tracker.log_text(format_report(report), "report.md")
@@ -191,21 +158,26 @@ def run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker]
                                 step=r["round"])
         promotion = None
         if tracker.run_id is not None:  # a registry to promote in
-            promotion = promote_once(tracker, cfg, layout, retrained, report, register_and_promote, timings)
+            t0 = time.time()
+            promotion = promote_once(tracker, stages.model_url(retrained), layout.stage("report"), report, cfg.promote,
+                                     cfg.tracking, test_dataset_url=data)
+            if not promotion.get("resumed"):
+                timings["promote"] = round(time.time() - t0, 2)
         status = "FINISHED"
     finally:
         tracker.finish(status)
         write_record(output_url, "finished" if status == "FINISHED" else "failed", tracker)
-    report.update({"timings": timings, "generation": gen, "outputs": stage_urls(output_url, cfg.feedback.rounds),
-                   "promotion": promotion, "mlflow_run_id": tracker.run_id, "closed_stale_runs": len(closed)})
-    storage.write_json(storage.join(layout.stage("report"), "run_summary.json"),
-                       {k: v for k, v in report.items() if k != "per_class"})
-    return report
+    return write_run_summary(layout.stage("report"), report, timings=timings, generation=gen,
+                             outputs=layout.outputs(), promotion=promotion, mlflow_run_id=tracker.run_id,
+                             closed_stale_runs=len(closed))
 
 
 def synthesis_rounds(cfg: RunConfig, layout: RunLayout, data: str, baseline_model: str, tracker: Any,
-                     stage: Callable[..., StageResult]) -> tuple[dict[str, Any], str, str]:
-    """Feedback, generation, filtering and retraining, once (``feedback.rounds`` 1) or in rounds.
+                     timings: Optional[dict[str, float]] = None, generate_cfg: Optional[GenerateConfig] = None
+                     ) -> tuple[dict[str, Any], str, str]:
+    """Feedback, generation, filtering and retraining, once (``feedback.rounds`` 1) or in rounds,
+    each stage logged under ``tracker`` (``orchestration.run_logged_stage``; its seconds added to
+    ``timings``); ``generate_cfg``: ``cfg.generate`` with the adapted generator, if any.
 
     Round r extracts feedback from the latest model (the baseline, then the previous round's
     retrained model), generates its share of the budget with guidance from that model, filters,
@@ -213,47 +185,30 @@ def synthesis_rounds(cfg: RunConfig, layout: RunLayout, data: str, baseline_mode
     Returns (generation summary over all rounds, the last retrained output, the last filter output).
     """
     rounds = cfg.feedback.rounds
+    timings = {} if timings is None else timings
+    gen_cfg = generate_cfg or cfg.generate
     latest, previous = baseline_model, None
     generation = {"shards": 0, "skipped": 0, "num_images": 0, "seconds": 0.0, "criterion": cfg.generate.criterion}
+
+    def stage(name: str, r: int, params: dict[str, Any], work) -> StageResult:
+        result = run_logged_stage(tracker, RunLayout.run_name(name, r, rounds), params, work)
+        timings[name] = round(timings.get(name, 0.0) + result.seconds, 2)
+        return result
+
     for r in range(1, rounds + 1):
         urls = layout.round(r)
-        scope = contextlib.nullcontext(tracker) if rounds == 1 else tracker.stage(f"round_{r}", {"round": r})
-        with scope as parent:
-            stage(parent, "extract_feedback", {**asdict(cfg.feedback), "round": r}, stages.extract_feedback, data,
-                  latest, urls.feedback, cfg.feedback, r, previous.feedback if previous else None)
-            gen = stage(parent, "generate", asdict(cfg.generate), stages.generate, data, latest, urls.feedback,
-                        urls.generated, cfg.generate)
-            stage(parent, "filter", asdict(cfg.filter), stages.filter_synthetic, data, latest, urls.feedback,
-                  urls.generated, urls.filtered, cfg.filter, previous.filtered if previous else None)
-            result = stage(parent, "retrain", asdict(cfg.retrain), stages.retrain, data, baseline_model, urls.filtered,
-                           urls.retrained, cfg.retrain, cfg.data, epochs=True,
-                           previous_retrained_url=previous.retrained if previous else None, round_index=r)
-            if rounds > 1:
-                parent.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("test_")})
+        prev = previous
+        stage("extract_feedback", r, {**asdict(cfg.feedback), "round": r}, lambda _: stages.extract_feedback(
+            data, latest, urls.feedback, cfg.feedback, r, prev.feedback if prev else None))
+        gen = stage("generate", r, asdict(gen_cfg), lambda _: stages.generate(
+            data, latest, urls.feedback, urls.generated, gen_cfg))
+        stage("filter", r, asdict(cfg.filter), lambda _: stages.filter_synthetic(
+            data, latest, urls.feedback, urls.generated, urls.filtered, cfg.filter, prev.filtered if prev else None))
+        stage("retrain", r, asdict(cfg.retrain), lambda on_epoch: stages.retrain(
+            data, baseline_model, urls.filtered, urls.retrained, cfg.retrain, cfg.data, on_epoch=on_epoch,
+            previous_retrained_url=prev.retrained if prev else None, round_index=r))
         for key in ("shards", "skipped", "num_images"):
             generation[key] += gen.summary[key]
         generation["seconds"] = round(generation["seconds"] + gen.summary["seconds"], 3)
         latest, previous = stages.model_url(urls.retrained), urls
     return generation, previous.retrained, previous.filtered
-
-
-def promote_once(tracker: Any, cfg: RunConfig, layout: RunLayout, retrained: str, report: dict[str, Any],
-                 register_and_promote: Callable, timings: dict[str, float]) -> dict[str, Any]:
-    """Register and gate the retrained model, once per finished evaluation: a resumed run whose
-    promotion was decided already reports that decision instead of registering a second version."""
-    from feedback_synth.fingerprints import digest_of, read_marker
-
-    decision_url = storage.join(layout.stage("report"), "promotion.json")
-    key = digest_of({"evaluation": (read_marker(layout.stage("report")) or {}).get("digest"),
-                     "promote": asdict(cfg.promote), "tracking": asdict(cfg.tracking)})
-    if storage.exists(decision_url):
-        done = storage.read_json(decision_url)
-        if done.get("key") == key:
-            return {**done["promotion"], "resumed": True}
-    t0 = time.time()
-    with tracker.stage("promote", asdict(cfg.promote)) as log:
-        promotion = register_and_promote(tracker, stages.model_url(retrained), report, cfg.promote, run_id=log.run_id,
-                                         test_dataset_url=layout.stage("data"))
-    timings["promote"] = round(time.time() - t0, 2)
-    storage.write_json(decision_url, {"key": key, "promotion": promotion})
-    return promotion

@@ -2,8 +2,8 @@
 config, and returns a ``StageResult``. The CLI, the in-process runner and the KFP components all
 call these (docs/method.md: the system).
 
-    prepare_data -> train_baseline -> extract_feedback -> generate (sharded) -> filter_synthetic
-    -> retrain -> evaluate_run -> promote (feedback_synth.registry)
+    prepare_data -> train_baseline -> adapt_generator -> extract_feedback -> generate (sharded)
+    -> filter_synthetic -> retrain -> evaluate_run -> promote (feedback_synth.registry)
 
 Heavy libraries (timm, diffusers, scikit-learn) are imported inside the stage that needs them: a
 KFP task imports only its own stage's, which keeps its start-up short.
@@ -11,11 +11,21 @@ KFP task imports only its own stage's, which keeps its start-up short.
 from __future__ import annotations
 
 import logging
+
+import numpy as np
 from dataclasses import asdict
 from typing import Any, Callable, Optional
 
 from feedback_synth import storage
-from feedback_synth.config import DataConfig, FeedbackConfig, FilterConfig, GenerateConfig, RetrainConfig, TrainConfig
+from feedback_synth.config import (
+    AdaptConfig,
+    DataConfig,
+    FeedbackConfig,
+    FilterConfig,
+    GenerateConfig,
+    RetrainConfig,
+    TrainConfig,
+)
 from feedback_synth.data.imageset import ImageSet, load_info, load_split
 from feedback_synth.errors import DataError
 from feedback_synth.fingerprints import folder_digest
@@ -134,6 +144,110 @@ def retrain_recipe(cfg: RetrainConfig, baseline_model_url: str):
                   cfg.balanced_sampler if cfg.balanced_sampler is not None else base.balanced_sampler, cfg.prior)
 
 
+def adapt_generator(dataset_url: str, baseline_url: str, output_url: str, cfg: AdaptConfig, gen_cfg: GenerateConfig,
+                    overwrite: bool = False) -> StageResult:
+    """Fine-tune the generator (``gen_cfg.generator``) on the task's real training images
+    (``generation.adapt``) and measure the gap to the real data before and after, per class.
+
+    Writes ``generator/`` (a diffusers folder that generation loads instead of the original),
+    ``adapt_report.json`` (losses, gap, near-copy share and diversity before and after, per
+    class), ``loss.png`` and ``samples_before_after.png`` under ``output_url``. With
+    ``cfg.method`` none it writes nothing and names the original generator. ``summary['generator']``
+    is the generator folder to generate with either way.
+    """
+    from feedback_synth.generation.loading import generator_path
+
+    if cfg.method == "none":
+        return StageResult("adapt_generator", {"generator": gen_cfg.generator, "method": "none"})
+    base = generator_path(gen_cfg.generator, load_info(dataset_url).name)
+    sampling = {k: getattr(gen_cfg, k) for k in ("generator", "strength", "condition_on_real", "num_inference_steps",
+                                                 "cfg_scale", "cond_dropout", "prompt_template", "class_map",
+                                                 "noise_level")}
+    return run_stage("adapt_generator", output_url, {"adapt": asdict(cfg), "sampling": sampling},
+                     {**digests(data=dataset_url, baseline=baseline_url), "generator": folder_digest(base)},
+                     lambda: _adapt_generator(dataset_url, baseline_url, output_url, cfg, gen_cfg, base), overwrite)
+
+
+def generate_config_for(gen_cfg: GenerateConfig, generator: str) -> GenerateConfig:
+    """The generate config with the generator that adapt_generator names (the adapted folder)."""
+    from dataclasses import replace
+
+    return gen_cfg if generator == gen_cfg.generator else replace(gen_cfg, generator=generator)
+
+
+def gap_report(dataset_url: str, baseline_url: str, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The gap between synthetic ``images`` (uint8, labelled ``labels``) and the task's real images,
+    per class (``synthesis.gap``): off-support rate and a real-vs-synthetic discriminator under the
+    baseline's features, the near-copy share and the diversity in pixels."""
+    from feedback_synth.synthesis import gap
+    from feedback_synth.synthesis.feedback import extract_features, fit_class_stats
+    from feedback_synth.training.classifier import load_classifier
+
+    train = load_split(dataset_url, "train")
+    clf = load_classifier(model_url(baseline_url))
+    real = load_split(dataset_url, "val") if "val" in load_info(dataset_url).splits else train
+    real_feats = extract_features(clf, real)
+    stats = fit_class_stats(extract_features(clf, train), train.labels, train.num_classes, -1.0,
+                            (real_feats, real.labels) if real is not train else None)
+    synthetic = ImageSet(images, labels, np.zeros(len(labels), np.int64), np.array([f"s{i}" for i in range(len(labels))]),
+                         train.class_names, train.group_names)
+    feats = extract_features(clf, synthetic)
+    n = train.num_classes
+    return {"off_support": gap.off_support_rate(feats, labels, stats, n),
+            "discriminator": gap.discriminator_gap(real_feats, real.labels, feats, labels, n),
+            "near_copy": gap.near_copy_share(images, labels, train.images, train.labels, n),
+            "diversity": gap.diversity(images, labels, train.images, train.labels, n)}
+
+
+def _adapt_generator(dataset_url: str, baseline_url: str, output_url: str, cfg: AdaptConfig, gen_cfg: GenerateConfig,
+                     base: str) -> StageResult:
+    import numpy as np
+
+    from feedback_synth.generation.adapt import adapt_unet, sample_per_class, save_adapted
+    from feedback_synth.generation.adapters import adapter_of
+    from feedback_synth.generation.loading import class_index, generator_meta, load_generator
+    from feedback_synth.reporting import plots
+
+    train = load_split(dataset_url, "train")
+    info = load_info(dataset_url)
+    index_map = class_index(base, train.class_names, gen_cfg.class_map)
+    pipe = load_generator(gen_cfg.generator, info.name, cfg.device)
+    kind = adapter_of(pipe).name
+    before, labels = sample_per_class(pipe, train, cfg.samples_per_class, gen_cfg, index_map, cfg.seed)
+    losses = adapt_unet(pipe, kind, train, cfg, index_map, gen_cfg.prompt_template)
+    after, _ = sample_per_class(pipe, train, cfg.samples_per_class, gen_cfg, index_map, cfg.seed)
+    meta = generator_meta(base)
+    generator_url = storage.join(output_url, "generator")
+    save_adapted(pipe, kind, cfg.method, base, generator_url, {
+        **{k: v for k, v in meta.items() if k in ("class_names", "group_names", "joint_groups")},
+        "class_names": meta.get("class_names") or train.class_names, "task_class_names": train.class_names,
+        "adapted_from": base, "adapt": asdict(cfg), "final_loss": float(np.mean(losses[-50:]))})
+    gap_before = gap_report(dataset_url, baseline_url, before, labels)
+    gap_after = gap_report(dataset_url, baseline_url, after, labels)
+    report = {"method": cfg.method, "kind": kind, "generator": generator_url, "base": base, "losses": losses,
+              "final_loss": float(np.mean(losses[-50:])), "class_names": train.class_names,
+              "train_class_counts": train.class_counts().tolist(), "before": gap_before, "after": gap_after}
+    storage.write_json(storage.join(output_url, "adapt_report.json"), report)
+    storage.write_bytes(storage.join(output_url, "loss.png"), plots.loss_curve(losses, f"adapting the generator ({cfg.method})"))
+    storage.write_bytes(storage.join(output_url, "samples_before_after.png"), plots.sample_grid(
+        {"real (train)": (train.images, train.labels), "before adaptation": (before, labels),
+         "after adaptation": (after, labels)}, train.class_names,
+        title="Unguided samples per class, before and after adapting the generator to the task"))
+    storage.write_bytes(storage.join(output_url, "gap_per_class.png"), plots.gap_per_class(
+        gap_before, gap_after, train.class_names, train.class_counts().tolist()))
+    metrics = {"final_loss": report["final_loss"]}
+    for when, g in (("before", gap_before), ("after", gap_after)):
+        for measure in ("off_support", "discriminator", "near_copy", "diversity"):
+            if g[measure]["overall"] is not None:
+                metrics[f"{measure}_{when}"] = g[measure]["overall"]
+    weights = [u for u in storage.find(generator_url) if u.endswith(".safetensors")]
+    summary = {k: v for k, v in report.items() if k != "losses"}
+    return StageResult("adapt_generator", summary, metrics,
+                       [storage.join(output_url, n) for n in ("adapt_report.json", "loss.png", "samples_before_after.png",
+                                                               "gap_per_class.png")] + weights,
+                       datasets=[splits(dataset_url, "train", "val")])
+
+
 def extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str, cfg: FeedbackConfig,
                      round_index: int = 1, previous_feedback_url: Optional[str] = None,
                      overwrite: bool = False) -> StageResult:
@@ -250,6 +364,7 @@ def _filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: s
                        extract_features(clf, generated), extract_features(clf, train), train.labels,
                        load_class_stats(feedback_url))
     keep, report = apply_filters(inp, cfg, train.class_names)
+    report["gap"] = _filter_gap(dataset_url, clf, inp, generated, keep, train)
     kept = generated.subset(np.flatnonzero(keep))
     kept_rows = [r for r, k in zip(rows, keep) if k]
     crit = [r["criterion_value"] for r in rows]
@@ -269,6 +384,7 @@ def _filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: s
         previous_filtered_url, "filter_report.json"))["generated_so_far"] if previous_filtered_url else 0)
     storage.write_json(storage.join(output_url, "filter_report.json"), report)
     storage.write_text(storage.join(output_url, "filter_table.md"), filter_table(report))
+    check_gap(report, cfg, storage.join(output_url, "filter_table.md"))
     if report["generated"] and not report["kept"]:
         dropped = ", ".join(f"{f['name']} {f['dropped']} ({f['reason']})" for f in report["filters"])
         raise DataError(f"the filters dropped all {report['generated']} synthetic images: {dropped}. Nothing to "
@@ -289,6 +405,47 @@ def _filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: s
     return StageResult("filter", report, scalar_metrics(metrics),
                        [storage.join(output_url, n) for n in ("filter_report.json", "filter_table.md", "samples.png")],
                        datasets=[splits(dataset_url, "train")])
+
+
+def _filter_gap(dataset_url: str, clf, inp, generated: ImageSet, keep: np.ndarray, train: ImageSet) -> dict[str, Any]:
+    """The gap of this round's generated images to the real data, per class (``synthesis.gap``):
+    the off-support share and the discriminator on all generated images, the near-copy share and
+    diversity of the kept ones. Every run gets it, whatever the dataset (no oracle needed)."""
+    from feedback_synth.synthesis import gap
+    from feedback_synth.synthesis.feedback import extract_features
+
+    n = train.num_classes
+    out = {"off_support": gap.off_support_rate(inp.features, inp.labels, inp.stats, n)}
+    if "val" in load_info(dataset_url).splits:
+        val = load_split(dataset_url, "val")
+        out["discriminator"] = gap.discriminator_gap(extract_features(clf, val), val.labels, inp.features, inp.labels, n)
+    kept = generated.subset(np.flatnonzero(keep))
+    out["near_copy"] = gap.near_copy_share(kept.images, kept.labels, train.images, train.labels, n)
+    out["diversity"] = gap.diversity(kept.images, kept.labels, train.images, train.labels, n)
+    return out
+
+
+class GapError(DataError):
+    """Most synthetic images of some classes are off the task's support (``filter.on_gap: stop``)."""
+
+
+def check_gap(report: dict[str, Any], cfg: FilterConfig, table_url: str) -> list[str]:
+    """The early gap warning, right after filtering and before the retraining is spent: the classes
+    whose off-support share exceeds ``cfg.gap_share``, named in a warning, or (``cfg.on_gap``
+    stop) a GapError. Returns those classes (also ``report['off_support_classes']``)."""
+    rates = report.get("gap", {}).get("off_support", {}).get("per_class") or []
+    names = list(report["per_class"])
+    off = [f"{names[c]} ({r:.0%})" for c, r in enumerate(rates) if r is not None and r > cfg.gap_share]
+    report["off_support_classes"] = off
+    if not off:
+        return off
+    message = (f"most synthetic images of {len(off)} class(es) are off the task's support: {', '.join(off)}. The "
+               f"generator draws in another style than your data: adapt it (--set adapt.method=full, or lora for a "
+               f"latent model), or check {table_url}")
+    if cfg.on_gap == "stop":
+        raise GapError(message + "; stopped before retraining (filter.on_gap: stop)")
+    log.warning("filter: %s; going on with re-admission (filter.on_gap: warn)", message)
+    return off
 
 
 def retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output_url: str, cfg: RetrainConfig,
@@ -403,16 +560,21 @@ REPORT_FILES = ("report.md", "per_class_accuracy.png", "confusion_baseline.png",
 
 
 def evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filtered_url: str, output_url: str,
-                 data_cfg: DataConfig, overwrite: bool = False) -> StageResult:
-    """Compare baseline and retrained models; write ``report.json``, ``report.md`` and the plots."""
+                 data_cfg: DataConfig, overwrite: bool = False, adapted_url: Optional[str] = None) -> StageResult:
+    """Compare baseline and retrained models; write ``report.json``, ``report.md`` and the plots,
+    with the gap to the real data per class (the filter's, and adapt_generator's before/after
+    when ``adapted_url`` holds an adaptation)."""
+    adapted = adapted_url if adapted_url and storage.exists(storage.join(adapted_url, "adapt_report.json")) else None
     return run_stage("evaluate", output_url, asdict(data_cfg),
-                     digests(data=dataset_url, baseline=baseline_url, retrained=retrained_url, filtered=filtered_url),
-                     lambda: _evaluate_run(dataset_url, baseline_url, retrained_url, filtered_url, output_url, data_cfg),
+                     digests(data=dataset_url, baseline=baseline_url, retrained=retrained_url, filtered=filtered_url,
+                             adapted=adapted),
+                     lambda: _evaluate_run(dataset_url, baseline_url, retrained_url, filtered_url, output_url, data_cfg,
+                                           adapted),
                      overwrite)
 
 
 def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filtered_url: str, output_url: str,
-                  data_cfg: DataConfig) -> StageResult:
+                  data_cfg: DataConfig, adapted_url: Optional[str] = None) -> StageResult:
     from feedback_synth.pipeline.oracle import fidelity
     from feedback_synth.reporting import plots
     from feedback_synth.reporting.tables import format_report
@@ -441,11 +603,23 @@ def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filte
               "first_baseline": summary(first),
               "generated": filter_report.get("generated_so_far", filter_report["generated"]),
               "kept": len(synthetic), "readmitted": filter_report.get("readmitted", 0),
-              "starved": filter_report.get("starved", []), "fidelity": fid,
+              "starved": filter_report.get("starved", []), "off_support_classes": filter_report.get("off_support_classes", []),
+              "fidelity": fid,
               "rounds": [{"round": r["round"], "num_synthetic": r["num_synthetic"], **r["test"]} for r in rounds],
               "per_class": {"baseline": reference["per_class"], "retrained": after["per_class"]},
               "class_names": info.class_names, "train_class_counts": info.train_class_counts}
     files = list(REPORT_FILES)
+    adaptation = None
+    if adapted_url:
+        adaptation = {k: v for k, v in storage.read_json(storage.join(adapted_url, "adapt_report.json")).items()
+                      if k != "losses"}
+    report["gap"], report["adaptation"] = filter_report.get("gap"), adaptation
+    if report["gap"] or adaptation:
+        storage.write_bytes(storage.join(output_url, "gap_per_class.png"), plots.gap_per_class(
+            adaptation["before"] if adaptation else None, adaptation["after"] if adaptation else report["gap"],
+            info.class_names, info.train_class_counts,
+            labels=("before adaptation", "after adaptation") if adaptation else ("", "generated images")))
+        files.append("gap_per_class.png")
     if len(rounds) > 1:
         storage.write_bytes(storage.join(output_url, "rounds.png"), plots.rounds_curve(b, report["rounds"]))
         files.append("rounds.png")
@@ -453,6 +627,7 @@ def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filte
     storage.write_text(storage.join(output_url, "report.md"), format_report(report))
     metrics = {**scalar_metrics(b, "baseline_"), **scalar_metrics(a, "retrained_"),
                **scalar_metrics(report["delta"], "delta_"),
-               **scalar_metrics({"fidelity": fid, "generated": report["generated"], "kept": report["kept"]})}
+               **scalar_metrics({"fidelity": fid, "generated": report["generated"], "kept": report["kept"]}),
+               **{f"gap_{k}": v["overall"] for k, v in (report["gap"] or {}).items() if v.get("overall") is not None}}
     return StageResult("evaluate", report, metrics, [storage.join(output_url, n) for n in files],
                        datasets=[splits(dataset_url, "test", "oracle"), synthetic_set(filtered_url, "evaluation", info.name)])

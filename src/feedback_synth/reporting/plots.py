@@ -107,3 +107,41 @@ def rounds_curve(reference: dict[str, float], rounds: list[dict[str, Any]]) -> b
     ax.legend(loc="lower right")
     ax.set_title("Accuracy per round of feedback")
     return _png(fig)
+
+
+def loss_curve(losses: list[float], title: str = "") -> bytes:
+    """A training loss per step, with its moving average over 50 steps."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(losses, lw=0.6, alpha=0.4, label="per step")
+    if len(losses) >= 50:
+        smooth = np.convolve(losses, np.ones(50) / 50, mode="valid")
+        ax.plot(np.arange(49, len(losses)), smooth, lw=1.5, label="mean of 50 steps")
+    ax.set_xlabel("step")
+    ax.set_ylabel("noise-prediction loss")
+    ax.set_title(title)
+    ax.legend()
+    return _png(fig)
+
+
+GAP_MEASURES = (("off_support", "off-support share (lower is closer)"),
+                ("discriminator", "real-vs-synthetic accuracy (0.5 = indistinguishable)"),
+                ("near_copy", "near-copy share (lower is better)"))
+
+
+def gap_per_class(before: Optional[dict[str, Any]], after: dict[str, Any], class_names: list[str],
+                  train_counts: list[int], labels: tuple[str, str] = ("before adaptation", "after adaptation")) -> bytes:
+    """Per class, the gap measures of ``synthesis.gap`` before and after (``before`` None: one set)."""
+    fig, axes = plt.subplots(1, len(GAP_MEASURES), figsize=(4.2 * len(GAP_MEASURES), 3.4))
+    x = np.arange(len(class_names))
+    for ax, (key, name) in zip(axes, GAP_MEASURES):
+        sets = [(labels[0], before), (labels[1], after)] if before is not None else [(labels[1], after)]
+        width = 0.8 / len(sets)
+        for i, (label, g) in enumerate(sets):
+            values = [np.nan if v is None else v for v in g[key]["per_class"]]
+            ax.bar(x + (i - (len(sets) - 1) / 2) * width, values, width, label=label)
+        ax.set_xticks(x, [f"{c}\n({n})" for c, n in zip(class_names, train_counts)], fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylim(0, 1.05)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Gap to the real data per class (class (train images))", fontsize=10)
+    return _png(fig)

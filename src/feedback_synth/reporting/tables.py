@@ -36,8 +36,43 @@ def format_report(report: dict[str, Any]) -> str:
     if fid is not None:
         line += f"; fidelity (oracle agrees with the intended class): {fid:.3f}"
     lines += ["", line]
+    gap = gap_table(report)
+    if gap:
+        lines += ["", gap.rstrip()]
     if report.get("starved"):
         lines.append(f"warning: classes {', '.join(report['starved'])} kept too few synthetic images (see filter_table.md)")
+    return "\n".join(lines) + "\n"
+
+
+def _pc(g: Optional[dict[str, Any]], key: str, c: int) -> Optional[float]:
+    values = ((g or {}).get(key) or {}).get("per_class") or []
+    return values[c] if c < len(values) else None
+
+
+def gap_table(report: dict[str, Any]) -> str:
+    """The gap to the real data per class (``synthesis.gap``): off-support share and real-vs-synthetic
+    discriminator accuracy (0.5 = indistinguishable) of the generated images, before and after
+    adapting the generator when it was adapted; near-copy share and diversity of the kept images."""
+    gap, adaptation = report.get("gap"), report.get("adaptation")
+    if not gap and not adaptation:
+        return ""
+    names, counts = report["class_names"], report.get("train_class_counts") or [None] * len(report["class_names"])
+    cols = ["class (train)"]
+    if adaptation:
+        cols += ["off-support before", "after", "discriminator before", "after", "near-copy before", "after"]
+    cols += ["off-support (run)", "discriminator (run)", "near-copy (kept)", "diversity (kept)"]
+    lines = ["gap to the real data per class (off-support and near-copy: share of images; discriminator: "
+             "0.5 = indistinguishable; diversity: 1 = as varied as real images):", "",
+             "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    for c, name in enumerate(names):
+        row = [f"{name} ({counts[c]})"]
+        if adaptation:
+            for key in ("off_support", "discriminator", "near_copy"):
+                row += [_fmt(_pc(adaptation["before"], key, c)), _fmt(_pc(adaptation["after"], key, c))]
+        row += [_fmt(_pc(gap, k, c)) for k in ("off_support", "discriminator", "near_copy", "diversity")]
+        lines.append("| " + " | ".join(row) + " |")
+    if report.get("off_support_classes"):
+        lines.append(f"\nwarning: off the task's support: {', '.join(report['off_support_classes'])}")
     return "\n".join(lines) + "\n"
 
 

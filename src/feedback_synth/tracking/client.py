@@ -55,17 +55,24 @@ def say(msg: str) -> None:
     print(f"feedback-synth: {msg}", file=sys.stderr, flush=True)
 
 
-def resolve_tracking_uri(cfg: TrackingConfig, output_url: str) -> tuple[str, Optional[str]]:
-    """(tracking URI, artifact location for a new experiment or None to let the server decide)."""
+def tracking_location(cfg: TrackingConfig, output_url: str) -> str:
+    """Where a run tracks, as one string that can travel (a KFP parameter): ``tracking.tracking_uri``,
+    else ``$MLFLOW_TRACKING_URI``, else the folder of a local store in the run's output
+    (``<output>/mlflow``; ``./mlruns`` for a remote output)."""
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
-        if re.match(r"^[a-z][a-z0-9+.-]*:", uri) or uri.startswith("databricks"):
-            return uri, None
-        return _sqlite_store(os.path.abspath(uri))  # a bare folder: a SQLite store in that folder
+        return uri
     base = storage.local_path(output_url)
-    if base is None:  # a gs:// output: keep the store in the working folder, as MLflow does
-        return _sqlite_store(os.path.abspath("mlruns"))
-    return _sqlite_store(os.path.join(base, "mlflow"))
+    return os.path.join(base, "mlflow") if base is not None else os.path.abspath("mlruns")
+
+
+def resolve_tracking_uri(cfg: TrackingConfig, output_url: str) -> tuple[str, Optional[str]]:
+    """(tracking URI, artifact location for a new experiment or None to let the server decide),
+    from ``tracking_location``: a bare folder is a SQLite store in that folder."""
+    uri = tracking_location(cfg, output_url)
+    if re.match(r"^[a-z][a-z0-9+.-]*:", uri) or uri.startswith("databricks"):
+        return uri, None
+    return _sqlite_store(os.path.abspath(uri))
 
 
 def _sqlite_store(folder: str) -> tuple[str, str]:

@@ -1,0 +1,42 @@
+"""adapt_generator: fine-tune the generator on the task's real images (feedback_synth.pipeline.stages.adapt_generator)."""
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+from . import GPU_IMAGE
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def adapt_generator(data: Input[Dataset], adapted: Output[Model], samples: Output[HTML], metrics: Output[Metrics],
+                    tracking: Input[Artifact], workspace_url: str = "", run_id: str = ""):
+    """Adapt the generator to the task's style (``adapt.method``: none | full | lora) and say which
+    generator folder generation loads (metadata ``generator``: the adapted folder, or the original
+    one when ``adapt.method`` is none).
+
+    Args:
+        data (Input[Dataset]): the prepared dataset (the real training images to adapt on).
+        adapted (Output[Model]): ``generator/`` (a diffusers folder), ``adapt_report.json``, ``loss.png``,
+            ``samples_before_after.png``.
+        samples (Output[HTML]): samples per class before and after adaptation, for the KFP UI.
+        metrics (Output[Metrics]): the final loss and the gap before and after.
+        tracking (Input[Artifact]): start_tracking's output: the run's config and MLflow parent run.
+        workspace_url (str): when set, write under ``<workspace_url>/<run_id>/adapted`` instead.
+        run_id (str): the KFP run id.
+    """
+    from dataclasses import asdict
+
+    from feedback_synth import storage
+    from feedback_synth.pipeline import stages
+    from feedback_synth_kfp import artifacts
+    from feedback_synth_kfp.tracking import run_config, run_task_stage
+
+    cfg = run_config(tracking)
+    url = artifacts.stage_output_url(adapted, workspace_url, run_id, "adapted")
+    result = run_task_stage(tracking, "adapt_generator", asdict(cfg.adapt), url, lambda _: stages.adapt_generator(
+        artifacts.artifact_url(data), url, cfg.adapt, cfg.generate))
+    artifacts.publish(adapted, url, seconds=result.seconds, generator=result.summary["generator"],
+                      method=cfg.adapt.method)
+    artifacts.log_kfp_metrics(metrics, result.metrics)
+    grid = storage.join(url, "samples_before_after.png")
+    with open(samples.path, "w") as f:
+        f.write(artifacts.png_html(storage.read_bytes(grid), "Samples per class, before and after adaptation")
+                if storage.exists(grid) else "<p>adapt.method is none: the generator is used as it is.</p>")
