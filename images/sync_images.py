@@ -1,12 +1,13 @@
-"""Copy the image references in images/images.yaml into the files that cannot read it.
+"""Copy the image references in images/images.yaml into the Helm chart's values.yaml.
 
-    python images/sync_images.py           # rewrite the generated blocks
-    python images/sync_images.py --check   # exit 1 (and name the files) if any block is stale
+    python images/sync_images.py           # rewrite the generated block
+    python images/sync_images.py --check   # exit 1 (and name the file) if the block is stale
     python images/sync_images.py --print cpu   # print a full reference, e.g. for `docker build -t`
 
-Helm cannot read files outside a chart and Kustomize has no variables, so the chart's values.yaml
-and every overlay's kustomization.yaml carry a copy, between `# BEGIN images` and `# END images`
-markers. Only those blocks are rewritten; comments and everything else stay as they are.
+Helm cannot read files outside a chart, so the chart's values.yaml carries a copy, between
+`# BEGIN images` and `# END images` markers; every Kubernetes object of the project (MLflow and the
+retraining schedule of each environment) is rendered from that chart. Only that block is
+rewritten; comments and everything else stay as they are.
 Needs only the standard library and PyYAML.
 """
 
@@ -25,7 +26,6 @@ END = "# END images"
 BLOCK = re.compile(r"^# BEGIN images\b.*?^# END images[^\n]*\n", re.MULTILINE | re.DOTALL)
 
 CHART_VALUES = "charts/feedback-synth/values.yaml"
-OVERLAYS = "manifests/overlays/*/kustomization.yaml"
 
 
 def load(root: Path) -> dict:
@@ -56,24 +56,8 @@ def chart_block(spec: dict) -> str:
     return "\n".join(lines + [END]) + "\n"
 
 
-def overlay_block(spec: dict) -> str:
-    # Workloads in manifests/base name the image by its bare name (`feedback-synth-cpu`);
-    # kustomize's `images:` turns that into the full reference.
-    repo = spec["images"]["cpu"]
-    lines = [
-        BEGIN,
-        "images:",
-        f"  - name: {repo}",
-        f"    newName: {spec['registry']}/{repo}",
-        f'    newTag: "{spec["tag"]}"',
-    ]
-    return "\n".join(lines + [END]) + "\n"
-
-
 def targets(root: Path, spec: dict) -> list[tuple[Path, str]]:
-    out = [(root / CHART_VALUES, chart_block(spec))]
-    out += [(p, overlay_block(spec)) for p in sorted(root.glob(OVERLAYS))]
-    return out
+    return [(root / CHART_VALUES, chart_block(spec))]
 
 
 def main(argv: list[str] | None = None) -> int:

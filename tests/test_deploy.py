@@ -1,4 +1,9 @@
-"""Checks of the deployment files: Helm chart, Kustomize overlays, Argo CD Applications, images.
+"""Checks of the deployment files: the Helm chart, the Argo CD Applications that deploy it, images.
+
+The chart is the one source of every Kubernetes object: MLflow (Application feedback-synth-mlflow)
+and the retraining schedule of each environment (feedback-synth-retraining-{dev,prod}, releases of
+the same chart with examples/values-{dev,prod}.yaml). Each Application is rendered as Argo CD would
+(its value files, valuesObject, release name and destination namespace) and validated.
 
 No API server can run here, so these are static checks with the tools platform teams run in CI:
 `helm lint --strict` / `helm template`, `kubernetes-validate --strict` against a named Kubernetes
@@ -6,7 +11,7 @@ version, the Argo CD Application CRD's OpenAPI schema, checkov, yamllint and had
 mistakes (a wrong value type, a Deployment without a selector, a privileged container) prove that
 each check can fail.
 
-Tools: helm, kubectl and checkov from `bash scripts/install-deploy-tools.sh` (in .tools/);
+Tools: helm and checkov from `bash scripts/install-deploy-tools.sh` (in .tools/);
 kubernetes-validate, yamllint, hadolint and jsonschema from the test extras. A missing tool skips
 its tests, or fails them when the environment variable CI is set.
 """
@@ -30,7 +35,6 @@ pytestmark = pytest.mark.deploy
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "feedback-synth"
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
-OVERLAYS = sorted(p.parent for p in (ROOT / "manifests" / "overlays").glob("*/kustomization.yaml"))
 ARGOCD_APPS = sorted((ROOT / "manifests" / "argocd").glob("*.yaml"))
 DOCKERFILES = sorted((ROOT / "images").glob("*.Dockerfile"))
 KUBE_VERSION = "1.31.0"
@@ -69,15 +73,6 @@ def helm() -> str:
 
 
 @pytest.fixture(scope="session")
-def kubectl() -> str:
-    # Only .tools/bin: a kubectl on PATH may be a cloud SDK wrapper of another version.
-    path = ROOT / ".tools/bin/kubectl"
-    if not os.access(path, os.X_OK):
-        _missing(f"kubectl not found at {path}")
-    return str(path)
-
-
-@pytest.fixture(scope="session")
 def checkov() -> str:
     return _tool("checkov", ROOT / ".tools/checkov-venv/bin/checkov")
 
@@ -106,64 +101,109 @@ def docs(text: str) -> list[dict]:
 # --- rendering ------------------------------------------------------------------------------------
 
 
-def _argocd_helm_values(tmp: Path) -> list[str]:
-    """`-f` arguments that reproduce the helm source of the Argo CD Application for the chart."""
-    (app,) = [a for a in map(load_one, ARGOCD_APPS) if a["spec"]["source"].get("helm")]
-    helm_src = app["spec"]["source"]["helm"]
-    args = []
-    for f in helm_src.get("valueFiles", []):
-        args += ["-f", str(CHART / f)]
-    if "valuesObject" in helm_src:
-        obj = tmp / "argocd-values-object.yaml"
-        obj.write_text(yaml.safe_dump(helm_src["valuesObject"]))
-        args += ["-f", str(obj)]
-    return args
-
-
 def load_one(path: Path) -> dict:
     (doc,) = docs(path.read_text())
     return doc
 
 
-def helm_template(helm: str, chart: Path, *values_args: str) -> str:
-    return ok(run(helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE,
+APPS = {app["metadata"]["name"]: app for app in map(load_one, ARGOCD_APPS)}
+
+
+def _app_helm(app: dict) -> dict:
+    return app["spec"]["source"].get("helm", {})
+
+
+def _app_values_args(app: dict, tmp: Path) -> list[str]:
+    """`-f` arguments that reproduce the helm source of an Argo CD Application."""
+    helm_src = _app_helm(app)
+    args = []
+    for f in helm_src.get("valueFiles", []):
+        args += ["-f", str(ROOT / app["spec"]["source"]["path"] / f)]
+    if "valuesObject" in helm_src:
+        obj = tmp / f"{app['metadata']['name']}-values-object.yaml"
+        obj.write_text(yaml.safe_dump(helm_src["valuesObject"]))
+        args += ["-f", str(obj)]
+    return args
+
+
+def helm_template(helm: str, chart: Path, *values_args: str, release: str = RELEASE,
+                  namespace: str = NAMESPACE) -> str:
+    return ok(run(helm, "template", release, str(chart), "--namespace", namespace,
                   "--kube-version", KUBE_VERSION, *values_args)).stdout
 
 
-CHART_CASES = ["default"] + [p.name for p in EXAMPLES] + ["argocd-application"]
+CHART_CASES = ["default"] + [p.name for p in EXAMPLES]
+RENDERINGS = [f"chart-{c}" for c in CHART_CASES] + [f"app-{name}" for name in APPS]
+# the renderings with a submit CronJob (the MLflow Application turns the chart's off)
+SCHEDULES = [r for r in RENDERINGS
+             if not (r.startswith("app-") and _app_helm(APPS[r[4:]]).get("valuesObject", {})
+                     .get("submit", {}).get("enabled", True) is False)]
 
 
-def _values_args(case: str, tmp: Path) -> list[str]:
-    if case == "default":
-        return []
-    if case == "argocd-application":
-        return _argocd_helm_values(tmp)
-    return ["-f", str(CHART / "examples" / case)]
+def _values_args(case: str) -> list[str]:
+    return [] if case == "default" else ["-f", str(CHART / "examples" / case)]
 
 
 @pytest.fixture(scope="module")
-def rendered(helm, kubectl, tmp_path_factory) -> dict[str, str]:
-    """Every deployable rendering: the chart per values case, and every overlay."""
+def rendered(helm, tmp_path_factory) -> dict[str, str]:
+    """Every deployable rendering: the chart per values case (release feedback-synth in namespace
+    feedback-synth), and every Argo CD Application as Argo CD renders it."""
     tmp = tmp_path_factory.mktemp("rendered")
-    out = {f"chart-{c}": helm_template(helm, CHART, *_values_args(c, tmp)) for c in CHART_CASES}
-    for overlay in OVERLAYS:
-        out[f"overlay-{overlay.name}"] = ok(run(kubectl, "kustomize", str(overlay))).stdout
+    out = {f"chart-{c}": helm_template(helm, CHART, *_values_args(c)) for c in CHART_CASES}
+    for name, app in APPS.items():
+        out[f"app-{name}"] = helm_template(
+            helm, ROOT / app["spec"]["source"]["path"], *_app_values_args(app, tmp),
+            release=_app_helm(app).get("releaseName", name), namespace=app["spec"]["destination"]["namespace"])
     return out
 
 
+def _yaml_files() -> list[str] | None:
+    """Every YAML file that git tracks or would track, relative to the root (None without git)."""
+    listed = run("git", "ls-files", "--cached", "--others", "--exclude-standard", "--", "*.yaml", "*.yml")
+    if listed.returncode != 0:
+        return None
+    return [f for f in listed.stdout.split() if (ROOT / f).is_file()]
+
+
 def test_layout():
-    assert {p.name for p in EXAMPLES} >= {"values-gcs.yaml", "values-bundled-postgres.yaml"}
-    assert {p.name for p in OVERLAYS} == {"dev", "prod"}
+    assert {p.name for p in EXAMPLES} >= {"values-gcs.yaml", "values-bundled-postgres.yaml",
+                                          "values-dev.yaml", "values-prod.yaml"}
     assert len(DOCKERFILES) == 2
-    assert len(ARGOCD_APPS) >= 3
+    assert set(APPS) == {"feedback-synth-mlflow", "feedback-synth-retraining-dev", "feedback-synth-retraining-prod"}
+    assert SCHEDULES == [r for r in RENDERINGS if r != "app-feedback-synth-mlflow"]
+
+
+def test_the_chart_is_the_only_source_of_kubernetes_objects():
+    """No second copy of a workload or its RBAC (as the Kustomize base and overlays were): outside
+    the chart's templates, the only Kubernetes objects in the repository are the Argo CD
+    Applications that deploy the chart."""
+    files = _yaml_files()
+    if files is None:
+        pytest.skip("not a git checkout")
+    assert not (ROOT / "manifests" / "base").exists() and not (ROOT / "manifests" / "overlays").exists()
+    skip = ("charts/feedback-synth/templates/", "tests/schemas/", "pipelines/")  # templates, vendored CRD, KFP specs
+    found = []
+    for f in files:
+        if f.startswith(skip):
+            continue
+        for doc in yaml.load_all((ROOT / f).read_text(), Loader=Loader):
+            if isinstance(doc, dict) and isinstance(doc.get("apiVersion"), str) and "kind" in doc:
+                found.append((f, doc["kind"]))
+    assert {kind for _, kind in found} == {"Application"}, found
+    assert sorted(f for f, _ in found) == sorted(str(p.relative_to(ROOT)) for p in ARGOCD_APPS)
 
 
 # --- helm -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CHART_CASES[:-1])
+@pytest.mark.parametrize("case", CHART_CASES + [f"app-{name}" for name in APPS])
 def test_helm_lint_strict(helm, case, tmp_path):
-    proc = ok(run(helm, "lint", "--strict", str(CHART), *_values_args(case, tmp_path)))
+    if case.startswith("app-"):
+        app = APPS[case[4:]]
+        args = [*_app_values_args(app, tmp_path), "--namespace", app["spec"]["destination"]["namespace"]]
+    else:
+        args = _values_args(case)
+    proc = ok(run(helm, "lint", "--strict", str(CHART), *args))
     assert "0 chart(s) failed" in proc.stdout
 
 
@@ -193,9 +233,7 @@ def _validate(kubernetes_validate: str, text: str, tmp: Path) -> subprocess.Comp
     return run(kubernetes_validate, "--strict", "-k", KUBE_VERSION, str(path))
 
 
-@pytest.mark.parametrize(
-    "name", [f"chart-{c}" for c in CHART_CASES] + [f"overlay-{o.name}" for o in OVERLAYS]
-)
+@pytest.mark.parametrize("name", RENDERINGS)
 def test_objects_are_valid_kubernetes(kubernetes_validate, rendered, name, tmp_path):
     objects = docs(rendered[name])
     assert objects, f"{name} rendered nothing"
@@ -205,8 +243,8 @@ def test_objects_are_valid_kubernetes(kubernetes_validate, rendered, name, tmp_p
 
 
 def test_chart_objects(rendered):
-    def kinds(case):
-        return sorted(d["kind"] for d in docs(rendered[f"chart-{case}"]))
+    def kinds(name):
+        return sorted(d["kind"] for d in docs(rendered[name if name.startswith("app-") else f"chart-{name}"]))
 
     bundled = kinds("values-bundled-postgres.yaml")
     assert bundled.count("StatefulSet") == 1 and bundled.count("PersistentVolumeClaim") == 1
@@ -215,7 +253,10 @@ def test_chart_objects(rendered):
     assert "PodDisruptionBudget" in gcs  # two MLflow replicas
     assert {"Deployment", "Service", "CronJob", "Role", "RoleBinding", "NetworkPolicy",
             "ServiceAccount"} <= set(gcs)
-    assert "CronJob" not in kinds("argocd-application")  # the overlays schedule runs there
+    assert "CronJob" not in kinds("app-feedback-synth-mlflow")  # each environment's release schedules runs
+    for env in ("dev", "prod"):  # the schedule alone: no MLflow, no database
+        for name in (f"values-{env}.yaml", f"app-feedback-synth-retraining-{env}"):
+            assert set(kinds(name)) == {"CronJob", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy"}, name
     for name, text in rendered.items():
         for obj in docs(text):
             meta = obj["metadata"]
@@ -232,9 +273,7 @@ def _pod_specs(objects):
             yield obj, spec["template"]["spec"]
 
 
-@pytest.mark.parametrize(
-    "name", [f"chart-{c}" for c in CHART_CASES] + [f"overlay-{o.name}" for o in OVERLAYS]
-)
+@pytest.mark.parametrize("name", RENDERINGS)
 def test_pods_are_restricted(rendered, name):
     pods = list(_pod_specs(docs(rendered[name])))
     assert pods
@@ -271,11 +310,7 @@ def _submit_args(text: str) -> list[str]:
     return container["command"] + [expand(a) for a in container["args"]]
 
 
-@pytest.mark.parametrize(
-    "name",
-    [f"chart-{c}" for c in CHART_CASES if c != "argocd-application"]
-    + [f"overlay-{o.name}" for o in OVERLAYS],
-)
+@pytest.mark.parametrize("name", SCHEDULES)
 def test_submit_command_and_pipeline_params(rendered, name):
     args = _submit_args(rendered[name])
     assert args[:3] == ["feedback-synth", "submit", "--host"]
@@ -297,24 +332,31 @@ def test_submit_command_and_pipeline_params(rendered, name):
     assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
 
 
-def test_overlays_log_to_the_argocd_mlflow(rendered):
-    """The overlays' runs must log to the MLflow Service that the Argo CD chart app creates."""
-    (app,) = [a for a in map(load_one, ARGOCD_APPS) if a["spec"]["source"].get("helm")]
-    assert app["spec"]["source"]["helm"]["releaseName"] == RELEASE
-    assert app["spec"]["destination"]["namespace"] == NAMESPACE
-    (svc,) = [d for d in docs(rendered["chart-argocd-application"])
-              if d["kind"] == "Service" and d["metadata"]["name"].endswith("-mlflow")]
+def test_schedules_log_to_the_argocd_mlflow(rendered):
+    """Each environment's schedule (a release of the chart without MLflow) logs to the MLflow
+    Service that the Argo CD MLflow release creates, is admitted by its NetworkPolicy, and submits
+    into its own (Kubeflow profile) namespace, where its Role is."""
+    (mlflow_app,) = [n for n in APPS if "Deployment" in {d["kind"] for d in docs(rendered[f"app-{n}"])}]
+    assert mlflow_app == "feedback-synth-mlflow"
+    assert _app_helm(APPS[mlflow_app])["releaseName"] == RELEASE
+    assert APPS[mlflow_app]["spec"]["destination"]["namespace"] == NAMESPACE
+    mlflow_objects = docs(rendered[f"app-{mlflow_app}"])
+    (svc,) = [d for d in mlflow_objects if d["kind"] == "Service" and d["metadata"]["name"].endswith("-mlflow")]
     url = (f"http://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local:"
            f"{svc['spec']['ports'][0]['port']}")
-    (np,) = [d for d in docs(rendered["chart-argocd-application"])
+    (np,) = [d for d in mlflow_objects
              if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == svc["metadata"]["name"]]
     allowed = {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
                for p in np["spec"]["ingress"][0]["from"] if "namespaceSelector" in p}
-    for overlay in OVERLAYS:
-        text = rendered[f"overlay-{overlay.name}"]
+    schedules = [n for n in APPS if n != mlflow_app]
+    assert schedules
+    for name in schedules:
+        text = rendered[f"app-{name}"]
         args = _submit_args(text)
-        assert f"mlflow_tracking_uri={url}" in args, overlay.name
-        namespace = docs(text)[0]["metadata"]["namespace"]
+        assert f"mlflow_tracking_uri={url}" in args, name
+        namespace = APPS[name]["spec"]["destination"]["namespace"]
+        assert args[args.index("--namespace") + 1] == namespace, name
+        assert {d["metadata"]["namespace"] for d in docs(text)} == {namespace}, name  # the Role too
         assert namespace in allowed, f"MLflow's NetworkPolicy does not admit {namespace}"
 
 
@@ -360,15 +402,11 @@ def test_argocd_application(application_schema, path):
     jsonschema.validate(app, application_schema, cls=jsonschema.Draft7Validator)
     source = app["spec"]["source"]
     assert source["repoURL"] == REPO_URL
-    target = ROOT / source["path"]
-    if "helm" in source:
-        assert (target / "Chart.yaml").is_file(), source["path"]
-        for f in source["helm"].get("valueFiles", []):
-            assert (target / f).is_file(), f
-    else:
-        assert (target / "kustomization.yaml").is_file(), source["path"]
-        ns = yaml.safe_load((target / "kustomization.yaml").read_text())["namespace"]
-        assert app["spec"]["destination"]["namespace"] == ns
+    assert source["path"] == str(CHART.relative_to(ROOT)), "every Application deploys the chart"
+    assert (ROOT / source["path"] / "Chart.yaml").is_file()
+    assert source["helm"]["releaseName"] == RELEASE
+    for f in source["helm"].get("valueFiles", []):
+        assert (ROOT / source["path"] / f).is_file(), f
 
 
 def test_application_schema_rejects_a_typo(application_schema):
@@ -439,9 +477,7 @@ def test_yamllint():
     """Every YAML file of the repository that git tracks or would track (.yamllint.yaml ignores
     Helm templates and compiled pipelines)."""
     yamllint = _tool("yamllint", VENV_BIN / "yamllint")
-    listed = run("git", "ls-files", "--cached", "--others", "--exclude-standard", "--",
-                 "*.yaml", "*.yml")
-    files = [f for f in listed.stdout.split() if (ROOT / f).is_file()] if listed.returncode == 0 else ["."]
+    files = _yaml_files() or ["."]
     assert "charts/feedback-synth/values.yaml" in files or files == ["."]
     ok(run(yamllint, "--strict", "-c", str(ROOT / ".yamllint.yaml"), *files))
 
@@ -466,11 +502,6 @@ def test_image_references_agree_with_images_yaml(rendered):
     values = yaml.safe_load((CHART / "values.yaml").read_text())["images"]
     assert values == {"registry": spec["registry"], "tag": spec["tag"], **spec["images"],
                       **spec.get("third_party", {})}
-    for overlay in OVERLAYS:
-        (entry,) = yaml.safe_load((overlay / "kustomization.yaml").read_text())["images"]
-        assert entry == {"name": spec["images"]["cpu"],
-                         "newName": f"{spec['registry']}/{spec['images']['cpu']}",
-                         "newTag": spec["tag"]}, overlay
     # No other file may set them.
     for path in EXAMPLES:
         assert "images" not in (yaml.safe_load(path.read_text()) or {}), path
@@ -487,8 +518,7 @@ def test_image_references_agree_with_images_yaml(rendered):
 
 
 def test_sync_images_rewrites_stale_copies(tmp_path):
-    files = ["images/images.yaml", "charts/feedback-synth/values.yaml",
-             *[str((o / "kustomization.yaml").relative_to(ROOT)) for o in OVERLAYS]]
+    files = ["images/images.yaml", "charts/feedback-synth/values.yaml"]
     for f in files:
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / f, tmp_path / f)
@@ -504,8 +534,6 @@ def test_sync_images_rewrites_stale_copies(tmp_path):
     assert 'tag: "9.9.9-was-' in values
     before, after = (ROOT / files[1]).read_text(), values
     assert before.replace('tag: "', 'tag: "9.9.9-was-') == after  # nothing else changed
-    for f in files[2:]:
-        assert 'newTag: "9.9.9-was-' in (tmp_path / f).read_text()
 
 
 def _lock(name: str) -> tuple[dict[str, str], dict[str, list[str]]]:
