@@ -567,23 +567,32 @@ def test_a_signal_waits_for_the_tracking_call_to_return():
     from feedback_synth.interrupts import Terminated, deferred, handled
     from feedback_synth.tracking.client import mlflow_http
 
-    done = []
-    with handled():
-        with pytest.raises(KeyboardInterrupt):
-            with mlflow_http(0, 5):
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.05)
-                done.append("the write")  # reached: the signal waited
-        assert done == ["the write"]
-        with pytest.raises(Terminated):
-            with deferred():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in before.items():  # inherited ignores (nohup, a background job) are kept by handled():
+        if handler is signal.SIG_IGN:  # this test needs the signals delivered
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    started = {sig: signal.getsignal(sig) for sig in before}
+    try:
+        done = []
+        with handled():
+            with pytest.raises(KeyboardInterrupt):
+                with mlflow_http(0, 5):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.05)
+                    done.append("the write")  # reached: the signal waited
+            assert done == ["the write"]
+            with pytest.raises(Terminated):
+                with deferred():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.05)
+                    os.kill(os.getpid(), signal.SIGTERM)  # a second one: raised now
+                    time.sleep(0.05)
+                    done.append("never")
+            assert done == ["the write"]
+            with pytest.raises(Terminated):  # outside a tracking call: raised where the process is
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.05)
-                os.kill(os.getpid(), signal.SIGTERM)  # a second one: raised now
-                time.sleep(0.05)
-                done.append("never")
-        assert done == ["the write"]
-        with pytest.raises(Terminated):  # outside a tracking call: raised where the process is
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert {sig: signal.getsignal(sig) for sig in before} == started  # restored to what they were
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -54,9 +54,11 @@ def deferred() -> Iterator[None]:
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
     """SIGINT and SIGTERM raise (after any :func:`deferred` section) while inside; the previous
-    handlers afterwards."""
+    handlers afterwards. A signal ignored when this starts (``nohup``, ``trap "" INT``, a background
+    job of a non-interactive shell) stays ignored: the process was told to outlive it."""
     global _pending
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

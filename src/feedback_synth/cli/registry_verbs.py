@@ -18,11 +18,25 @@ def _tracking_uri_arg(args) -> str:
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri and getattr(args, "output", None):
+        _check_run_folder(args.output)
         uri, _ = resolve_tracking_uri(TrackingConfig(), args.output)
     if not uri:
         raise ConfigError("no tracking store: pass --tracking-uri URI (a run's local store is "
                           "sqlite:///RUN_FOLDER/mlflow/mlflow.db), --output RUN_FOLDER, or set MLFLOW_TRACKING_URI")
     return uri
+
+
+def _check_run_folder(output: str) -> None:
+    """``--output`` names a run folder: one with a run record (run.json) or a local MLflow store; a
+    typo is refused here, before resolving the store creates an empty one in its place."""
+    from feedback_synth import storage
+
+    local = storage.local_path(output)
+    if storage.exists(storage.join(output, "run.json")) or (
+            local is not None and os.path.isfile(os.path.join(local, "mlflow", "mlflow.db"))):
+        return
+    raise DataError(f"--output {output}: no run there (no run.json and no MLflow store mlflow/mlflow.db); pass a "
+                    "run's output folder, or --tracking-uri URI")
 
 
 def cmd_compare(args) -> int:

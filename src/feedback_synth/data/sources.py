@@ -6,14 +6,17 @@ Three steps, the first two of which read no image:
    dataset root, label name or index, group name, where the row came from). Each layout is one
    ``_scan_*`` function that only lists folders or parses its split or metadata files.
 2. :func:`check_scan` turns the rows of any layout into a :class:`CheckedDataset`: paths stay inside
-   the dataset root, labels are in the class list, no class is empty, there are at least 2 classes,
-   train and test are not empty. It is all the pre-flight check needs (``prepare.scan_dataset``).
+   the dataset root (a local file's real path too: no symbolic link out of it), labels are in the
+   class list, no class is empty, there are at least 2 classes, train and test are not empty.
+   :func:`inspect_images` then opens every image without decoding it (PIL ``verify``) and decides the
+   channels: with it, this is all the pre-flight check needs (``prepare.scan_dataset``).
 3. :func:`read_dataset` decides the channels from the whole train split and reads the images.
 """
 from __future__ import annotations
 
 import io as _io
 import logging
+import os
 import re
 import threading
 from collections import Counter
@@ -35,6 +38,9 @@ REACH_TIMEOUT_S = 15.0
 
 # PIL modes with one colour band (alpha, if any, is dropped): such an image is grey.
 GREY_MODES = ("1", "L", "LA", "La", "I", "F")
+
+# How many images pre-flight opens at once (reading them is I/O bound on a remote store).
+INSPECT_WORKERS = 8
 
 
 class Row(NamedTuple):
@@ -118,7 +124,7 @@ def scan_url(url: str, cfg: DataConfig, timeout_s: float = REACH_TIMEOUT_S) -> S
     if storage.exists(storage.join(url, "train")):
         return _scan_class_folders(url)
     fs, path = storage.fs_and_path(url)
-    if any(e["type"] == "directory" for e in fs.ls(path, detail=True)):
+    if any(_is_dir(e) for e in fs.ls(path, detail=True)):
         return _scan_domain_folders(url, cfg.split_seed)
     raise DataError(f"dataset {url}: expected class folders under {storage.join(url, 'train')}/, a split file "
                     f"{storage.join(url, 'train.txt')}, a {storage.join(url, 'metadata.csv')} "
@@ -178,6 +184,12 @@ def _splits_present(url: str, suffix: str) -> list[str]:
     return present
 
 
+def _is_dir(entry: dict) -> bool:
+    """A listed folder; a local symbolic link to a folder too (fsspec lists it as "other"), so that
+    its files are listed, and refused by :func:`check_scan` when they lie outside the dataset root."""
+    return entry["type"] == "directory" or bool(entry.get("islink") and os.path.isdir(entry["name"]))
+
+
 def _relative(fs_path: str, root_path: str) -> str:
     """A listed file's path relative to the listed root (both as the filesystem spells them)."""
     return fs_path.removeprefix(root_path.rstrip("/") + "/")
@@ -190,7 +202,7 @@ def _scan_class_folders(url: str) -> Scan:
     for split in _splits_present(url, ""):
         rows[split], sources[split] = [], storage.join(url, split)
         for entry in sorted(fs.ls(f"{root.rstrip('/')}/{split}", detail=True), key=lambda e: e["name"]):
-            if entry["type"] != "directory":
+            if not _is_dir(entry):
                 continue
             cls = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             where = storage.join(url, split, cls)
@@ -280,8 +292,8 @@ def _scan_domain_folders(url: str, split_seed: int) -> Scan:
     fs, root = storage.fs_and_path(url)
     cells: dict[tuple[str, str], list[str]] = {}
     where: dict[tuple[str, str], str] = {}
-    for dom in sorted(e["name"] for e in fs.ls(root, detail=True) if e["type"] == "directory"):
-        for cls in sorted(e["name"] for e in fs.ls(dom, detail=True) if e["type"] == "directory"):
+    for dom in sorted(e["name"] for e in fs.ls(root, detail=True) if _is_dir(e)):
+        for cls in sorted(e["name"] for e in fs.ls(dom, detail=True) if _is_dir(e)):
             images = sorted(f for f in fs.find(cls) if f.lower().endswith(IMAGE_SUFFIXES))
             d, c = dom.rstrip("/").rsplit("/", 1)[-1], cls.rstrip("/").rsplit("/", 1)[-1]
             if not images:
@@ -333,6 +345,14 @@ def resolve_inside(root: str, path: str, where: str) -> str:
     return storage.join(root, "/".join(parts))
 
 
+def _check_real_path(real_root: str, local_file: str, root: str, row: Row) -> None:
+    """A local file whose real path (symbolic links followed) is outside the dataset root is refused."""
+    real = os.path.realpath(local_file)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise DataError(f"{row.where}: path '{row.path}' leaves the dataset root {root} "
+                        f"(a symbolic link to {real})")
+
+
 def _label_order(label: str) -> tuple:
     """Class names in order: integers by value first (0, 1, 2, 10), then the others by name."""
     return (not label.isdigit(), int(label) if label.isdigit() else 0, label)
@@ -380,10 +400,14 @@ def check_scan(scan: Scan) -> CheckedDataset:
     group_names = sorted({r.group for rows in scan.rows.values() for r in rows})
     gindex = {g: i for i, g in enumerate(group_names)}
     out = CheckedDataset(url, scan.layout, class_names, group_names)
+    local_root = storage.local_path(url)
+    real_root = os.path.realpath(local_root) if local_root is not None else None
     for split, rows in scan.rows.items():
         files, labels = [], []
         for row in rows:
             file_url = resolve_inside(url, row.path, row.where)
+            if real_root is not None:
+                _check_real_path(real_root, storage.local_path(file_url), url, row)
             if scan.indexed:
                 y = int(row.label)
                 if not 0 <= y < len(class_names):
@@ -412,6 +436,10 @@ def _is_grey_mode(mode: str) -> bool:
     return mode in GREY_MODES or mode.startswith("I;")  # I;16, I;16B, ...
 
 
+def _is_16_bit_mode(mode: str) -> bool:
+    return mode == "I" or mode.startswith("I;16")  # a 16-bit PNG opens as I;16 (older Pillow: I)
+
+
 def _bands_equal(img) -> bool:
     """Whether an RGB image is grey in content (R = G = B everywhere)."""
     from PIL import ImageChops
@@ -420,49 +448,136 @@ def _bands_equal(img) -> bool:
     return ImageChops.difference(r, g).getbbox() is None and ImageChops.difference(g, b).getbbox() is None
 
 
-def _decode_image(data: bytes, where: str, size: int, channels: int) -> tuple[np.ndarray, str]:
-    """Image bytes -> (uint8 ``(size, size, C)``, the file's PIL mode).
+def is_grey(img) -> bool:
+    """Whether an opened image counts as grey when the channels are decided (``data.channels`` 0):
+    a grey mode, or a colour mode whose bands are equal. Pre-flight and prepare both ask this."""
+    return _is_grey_mode(img.mode) or _bands_equal(img if img.mode == "RGB" else img.convert("RGB"))
+
+
+def decide_channels(configured: int, greys) -> int:
+    """``configured`` (``data.channels``) when set, else 1 when every train image is grey, else 3.
+
+    Args:
+        configured: ``data.channels`` (0 = decide).
+        greys: per train image, whether it is grey (:func:`is_grey`); read only while needed.
+    """
+    return configured or (1 if all(greys) else 3)
+
+
+def _to_grey(img):
+    """One band, 8 bits. A 16-bit image is scaled (65535 -> 255, i.e. / 257), not clipped to 0 and 255
+    as PIL's convert("L") does; a 32-bit integer image beyond 16 bits is scaled from its own range."""
+    from PIL import Image
+
+    if not _is_16_bit_mode(img.mode):
+        return img.convert("L")
+    arr = np.asarray(img).astype(np.float64)
+    top = 65535.0 if img.mode != "I" or arr.max(initial=0) <= 65535 else float(2 ** 31 - 1)
+    return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+
+
+def _image_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a file that is not a readable image (UnidentifiedImageError is an OSError)."""
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, Image.DecompressionBombError
+
+
+def _unreadable(url: str, exc: BaseException) -> DataError:
+    return DataError(f"corrupt or unreadable image: {url} ({' '.join(str(exc).split()) or type(exc).__name__})")
+
+
+def _image_bytes(url: str) -> bytes:
+    try:
+        return storage.read_bytes(url)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"image not found or unreadable: {url} ({exc})") from None
+
+
+def _decode_image(data: bytes, where: str, size: int, channels: int) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """Image bytes -> (uint8 ``(size, size, C)``, the file's PIL mode, its size before resizing).
 
     ``channels`` 1 or 3 converts to that; 0 keeps a grey image (a grey mode, or a colour mode with
     equal bands) at 1 channel and makes any other RGB, for the caller to decide from the whole split.
+    A 16-bit image is scaled to 8 bits.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(_io.BytesIO(data)) as img:
-            mode = img.mode
+            mode, original = img.mode, img.size
             if channels == 1 or _is_grey_mode(mode):
-                img = img.convert("L")
+                img = _to_grey(img)
             else:
                 img = img.convert("RGB")
-                if channels == 0 and _bands_equal(img):
+                if channels == 0 and is_grey(img):
                     img = img.getchannel(0)  # exactly what convert("L") gives when R = G = B
             if img.size != (size, size):
                 img = img.resize((size, size), Image.BICUBIC)
             arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"corrupt or unreadable image: {where} ({exc})") from None
+    except _image_errors() as exc:
+        raise _unreadable(where, exc) from None
     if arr.ndim == 2:
         arr = arr[..., None]
     if channels == 3 and arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)  # what PIL's L -> RGB does, after the (per-band) resize
-    return arr, mode
+    return arr, mode, original
 
 
-def _read_images(urls: list[str], size: int, channels: int, modes: Counter) -> list[np.ndarray]:
-    """Read and decode ``urls`` (see :func:`_decode_image`), counting their modes into ``modes``."""
+def _read_images(urls: list[str], size: int, channels: int, modes: Counter, sizes: Counter) -> list[np.ndarray]:
+    """Read and decode ``urls`` (see :func:`_decode_image`), counting their modes and sizes."""
     from tqdm.auto import tqdm
 
     out = []
     for url in tqdm(urls, desc="reading images", unit="img", leave=False, disable=len(urls) < 200):
-        try:
-            data = storage.read_bytes(url)
-        except (FileNotFoundError, OSError) as exc:
-            raise DataError(f"image not found or unreadable: {url} ({exc})") from None
-        arr, mode = _decode_image(data, url, size, channels)
+        arr, mode, original = _decode_image(_image_bytes(url), url, size, channels)
         modes[mode] += 1
+        sizes[original] += 1
         out.append(arr)
     return out
+
+
+def inspect_images(checked: CheckedDataset, cfg: DataConfig, workers: int = INSPECT_WORKERS) -> dict:
+    """Open every image of a checked dataset without decoding it, and decide its channels.
+
+    Each file is read and checked by PIL's ``verify`` (the header, the chunk checksums of a PNG, the
+    decompression-bomb limit): a missing, corrupt, truncated or oversized image is the DataError that
+    :func:`read_dataset` would raise, before anything is written. The channels are decided as
+    :func:`read_dataset` decides them (:func:`decide_channels`, :func:`is_grey`); a colour train
+    image's pixels are decoded only until one image in colour has decided for 3 channels.
+
+    Returns:
+        ``{"channels": 1 or 3, "image_size": cfg.image_size}``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    decided = {"colour": False}
+
+    def check(job: tuple[str, bool]) -> bool:
+        url, train = job
+        data = _image_bytes(url)
+        try:
+            with Image.open(_io.BytesIO(data)) as img:
+                img.verify()
+            if not (train and not cfg.channels and not decided["colour"]):
+                return True
+            with Image.open(_io.BytesIO(data)) as img:
+                grey = is_grey(img)
+        except _image_errors() as exc:
+            raise _unreadable(url, exc) from None
+        if not grey:
+            decided["colour"] = True
+        return grey
+
+    jobs = [(f, split == "train") for split, files in checked.files.items() for f in files]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(tqdm(pool.map(check, jobs), total=len(jobs), desc="checking images", unit="img",
+                            leave=False, disable=len(jobs) < 200))
+    greys = (grey for (_, train), grey in zip(jobs, results) if train)
+    return {"channels": decide_channels(cfg.channels, greys), "image_size": cfg.image_size}
 
 
 def _stack(arrays: list[np.ndarray], size: int, channels: int) -> np.ndarray:
@@ -476,9 +591,9 @@ def read_dataset(checked: CheckedDataset, cfg: DataConfig) -> dict[str, ImageSet
     every train image is grey (a grey mode, or a colour mode whose bands are equal), else 3. When
     the images mix modes, one warning says how many of which modes were converted to what.
     """
-    size, modes = cfg.image_size, Counter()
-    train = _read_images(checked.files["train"], size, cfg.channels, modes)
-    channels = cfg.channels or (1 if all(a.shape[-1] == 1 for a in train) else 3)
+    size, modes, sizes = cfg.image_size, Counter(), Counter()
+    train = _read_images(checked.files["train"], size, cfg.channels, modes, sizes)
+    channels = decide_channels(cfg.channels, (a.shape[-1] == 1 for a in train))
     if not cfg.channels:
         logger.info("dataset %s: %d channel%s (%s)", checked.url, channels, "" if channels == 1 else "s",
                     "every train image is grey" if channels == 1 else "some train images are in colour")
@@ -488,8 +603,9 @@ def read_dataset(checked: CheckedDataset, cfg: DataConfig) -> dict[str, ImageSet
     del train
     for split, files in checked.files.items():
         if split != "train":
-            images[split] = _stack(_read_images(files, size, channels, modes), size, channels)
+            images[split] = _stack(_read_images(files, size, channels, modes, sizes), size, channels)
     _warn_mixed_modes(checked.url, modes, channels)
+    _warn_mixed_sizes(checked.url, sizes, size)
     return {split: ImageSet(images[split], checked.labels[split], checked.groups[split], np.array(files),
                             list(checked.class_names), list(checked.group_names))
             for split, files in checked.files.items()}
@@ -502,7 +618,19 @@ def _warn_mixed_modes(url: str, modes: Counter, channels: int) -> None:
     target = "L" if channels == 1 else "RGB"
     converted = {m: n for m, n in sorted(modes.items(), key=lambda kv: (-kv[1], kv[0])) if m != target}
     total = sum(converted.values())
-    logger.warning("dataset %s mixes image modes (%s): converted %d image%s (%s) to %d channel%s (%s)", url,
+    deep = sum(n for m, n in converted.items() if _is_16_bit_mode(m))
+    logger.warning("dataset %s mixes image modes (%s): converted %d image%s (%s) to %d channel%s (%s)%s", url,
                    ", ".join(f"{m}: {n}" for m, n in sorted(modes.items())), total, "" if total == 1 else "s",
                    ", ".join(f"{n} {m}" for m, n in converted.items()), channels, "" if channels == 1 else "s",
-                   target)
+                   target, f"; {deep} 16-bit image{'' if deep == 1 else 's'} scaled to 8 bits (/257)" if deep else "")
+
+
+def _warn_mixed_sizes(url: str, sizes: Counter, size: int) -> None:
+    """One warning when the images are of more than one size: how many were resized, to what."""
+    if len(sizes) < 2:
+        return
+    resized = sum(n for s, n in sizes.items() if s != (size, size))
+    common = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{w}x{h}: {n}" for (w, h), n in common[:5]) + (", ..." if len(common) > 5 else "")
+    logger.warning("dataset %s has images of %d sizes (%s): resized %d image%s to %dx%d (data.image_size)", url,
+                   len(sizes), shown, resized, "" if resized == 1 else "s", size, size)

@@ -2,9 +2,11 @@
 and nothing is written.
 
 What is checked: the names that plugins define (criteria, filters, losses); the dataset's layout,
-labels and paths without reading its pixels; the timm model; the torch devices; the generator
-folder (a loadable diffusers model: each component's config and weight files) against the data
-(number of classes or conditions, channels), from its configs only; the output folder (writable).
+labels and paths, and every image of a dataset URL opened without decoding it (missing, corrupt,
+truncated, a decompression bomb), its channels decided as prepare decides them; the timm model; the
+torch devices; the generator folder (a loadable diffusers model: each component's config and weight
+files) against the data (number of classes or conditions, channels, image size), from its configs
+only; the output folder (writable).
 """
 from __future__ import annotations
 
@@ -92,18 +94,42 @@ def check_generator_folder(spec: str, dataset_name: str) -> dict[str, Any]:
 
 
 def check_generator_against_data(unet: dict[str, Any], num_classes: int, num_groups: int,
-                                 channels: Optional[int], spec: str) -> None:
+                                 channels: Optional[int], spec: str, image_size: Optional[int] = None,
+                                 origin: str = "data.channels") -> None:
     """A pixel class-conditional generator must have one embedding per class (or per (class, group)
-    cell) plus the null class, and the data's channels; latent generators take any classes."""
+    cell) plus the null class, the data's channels and its image size (it makes images of its sample
+    size only); latent generators take any classes and sizes.
+
+    Args:
+        channels: the data's channels (None: not known).
+        image_size: the data's square image size (None: not known).
+        origin: where the data's channels and size come from: ``data.channels`` (set in the config),
+            ``decided`` (from the train split, data.channels 0) or ``built-in`` (a built-in dataset).
+    """
     if unet.get("kind") != "pixel":
         return
     conditions = (unet.get("num_class_embeds") or 1) - 1
     if conditions not in (num_classes, num_classes * num_groups):
         raise DataError(f"generator {spec} is conditioned on {conditions} classes; the dataset has {num_classes} "
                         f"classes" + (f" and {num_classes * num_groups} (class, group) cells" if num_groups > 1 else ""))
-    if channels and unet.get("in_channels") != channels:
-        raise DataError(f"generator {spec} makes {unet.get('in_channels')}-channel images; the dataset has "
-                        f"{channels} channel(s) (set data.channels, or use another generator)")
+    made = unet.get("in_channels")
+    if channels and made != channels:
+        fix = "use another generator" if origin == "built-in" else \
+            f"set data.channels={made}, or use another generator"
+        have = {"built-in": f"the built-in dataset has {channels} channel{'s' if channels > 1 else ''}",
+                "decided": f"the dataset has {channels} channel{'s' if channels > 1 else ''}, decided from its train "
+                           "split with data.channels 0 (" + ("some train images are in colour" if channels == 3
+                                                             else "every train image is grey") + ")",
+                }.get(origin, f"data.channels is {channels}")
+        raise DataError(f"generator {spec} makes {made}-channel images; {have} ({fix})")
+    sample = unet.get("sample_size")
+    sample = sample[0] if isinstance(sample, (list, tuple)) and len(set(sample)) == 1 else sample
+    if image_size and isinstance(sample, int) and sample != image_size:
+        if origin == "built-in":
+            raise DataError(f"generator {spec} makes {sample}x{sample} images; the built-in dataset's images are "
+                            f"{image_size}x{image_size} (use another generator)")
+        raise DataError(f"generator {spec} makes {sample}x{sample} images; data.image_size is {image_size} "
+                        f"(set data.image_size={sample}, or use another generator)")
 
 
 def preflight(cfg: RunConfig, output_url: Optional[str] = None) -> None:
@@ -115,7 +141,8 @@ def preflight(cfg: RunConfig, output_url: Optional[str] = None) -> None:
 
     check_names(cfg)
     builtin = cfg.data.dataset in BUILTIN
-    scan = scan_dataset(cfg.data.dataset, cfg.data)  # layout, labels, paths: no pixels read; bounded wait
+    # layout, labels, paths; every image opened (not decoded) and the channels decided; bounded wait
+    scan = scan_dataset(cfg.data.dataset, cfg.data, images=True)
     if not timm.is_model(cfg.train.model):
         raise ConfigError(f"config field 'train.model': unknown timm model '{cfg.train.model}'")
     for field, device in (("train.device", cfg.train.device), ("retrain.device", cfg.retrain.device),
@@ -130,7 +157,9 @@ def preflight(cfg: RunConfig, output_url: Optional[str] = None) -> None:
     if cfg.feedback.per_group and (scan.get("groups") or ["all"]) == ["all"]:
         raise ConfigError(f"config field 'feedback.per_group': dataset {cfg.data.dataset} has no groups")
     unet = check_generator_folder(cfg.generate.generator, cfg.data.dataset)
+    origin = "built-in" if builtin else "data.channels" if cfg.data.channels else "decided"
     check_generator_against_data(unet, scan["num_classes"], len(scan.get("groups") or ["all"]),
-                                 cfg.data.channels or None, cfg.generate.generator)
+                                 scan.get("channels") or cfg.data.channels or None, cfg.generate.generator,
+                                 scan.get("image_size"), origin)
     if output_url is not None:
         check_output_writable(output_url)

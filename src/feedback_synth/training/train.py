@@ -12,8 +12,13 @@ from tqdm.auto import tqdm
 
 from feedback_synth.config import OptimConfig
 from feedback_synth.data.imageset import ImageSet
+from feedback_synth.errors import FeedbackSynthError
 from feedback_synth.training.classifier import Classifier, build_classifier
 from feedback_synth.training.losses import LOSSES, LossInputs, cell_weights, class_prior
+
+
+class TrainingDiverged(FeedbackSynthError, ArithmeticError):
+    """The training loss became NaN or infinite (usually a learning rate too high for the model)."""
 
 
 def set_seed(seed: int) -> None:
@@ -135,7 +140,8 @@ def train_classifier(
     for epoch in bar:
         clf.train()
         total, correct, loss_sum = 0, 0, 0.0
-        for real_idx, syn_idx in _batches(len(x_real), len(x_syn), cfg, synthetic_fraction, rng, sample_probs):
+        for step, (real_idx, syn_idx) in enumerate(_batches(len(x_real), len(x_syn), cfg, synthetic_fraction, rng,
+                                                            sample_probs), 1):
             x = torch.cat([x_real[real_idx], x_syn[syn_idx]])
             y = torch.cat([y_real[real_idx], y_syn[syn_idx]]).to(device)
             x = random_translate(x, max_shift, gen).to(device)
@@ -148,7 +154,13 @@ def train_classifier(
             sched.step()
             total += len(y)
             correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(batch_loss.detach()) * len(y)
+            value = float(batch_loss.detach())  # one sync per step, as before
+            if not math.isfinite(value):  # NaN or inf: every later step and the model would be NaN
+                field = f"{getattr(cfg, 'section', '') or 'train'}.lr"
+                raise TrainingDiverged(f"{desc}: the loss became {value} in epoch {epoch + 1} of {cfg.epochs} "
+                                       f"(step {step} of {steps_per_epoch}); lower {field} (now {cfg.lr:g}), "
+                                       f"e.g. to {cfg.lr / 10:g}")
+            loss_sum += value * len(y)
         record = {"epoch": epoch + 1, "loss": loss_sum / total, "train_accuracy": correct / total,
                   "lr": opt.param_groups[0]["lr"]}
         if eval_fn is not None:
@@ -158,5 +170,8 @@ def train_classifier(
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
         if on_epoch is not None:
             on_epoch(record)
+    if not all(bool(torch.isfinite(p).all()) for p in clf.parameters()):  # the last step's update went NaN
+        raise TrainingDiverged(f"{desc}: the weights became NaN or infinite in the last step of epoch {cfg.epochs}; "
+                               f"lower {getattr(cfg, 'section', '') or 'train'}.lr (now {cfg.lr:g})")
     clf.eval()
     return clf, history
