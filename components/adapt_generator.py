@@ -6,7 +6,7 @@ from . import GPU_IMAGE
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def adapt_generator(data: Input[Dataset], adapted: Output[Model], samples: Output[HTML], metrics: Output[Metrics],
+def adapt_generator(data: Input[Dataset], baseline: Input[Model], adapted: Output[Model], samples: Output[HTML], metrics: Output[Metrics],
                     tracking: Input[Artifact], workspace_url: str = "", run_id: str = ""):
     """Adapt the generator to the task's style (``adapt.method``: none | full | lora) and say which
     generator folder generation loads (metadata ``generator``: the adapted folder, or the original
@@ -14,6 +14,7 @@ def adapt_generator(data: Input[Dataset], adapted: Output[Model], samples: Outpu
 
     Args:
         data (Input[Dataset]): the prepared dataset (the real training images to adapt on).
+        baseline (Input[Model]): the baseline classifier (its features measure the gap to the real data).
         adapted (Output[Model]): ``generator/`` (a diffusers folder), ``adapt_report.json``, ``loss.png``,
             ``samples_before_after.png``.
         samples (Output[HTML]): samples per class before and after adaptation, for the KFP UI.
@@ -32,7 +33,7 @@ def adapt_generator(data: Input[Dataset], adapted: Output[Model], samples: Outpu
     cfg = run_config(tracking)
     url = artifacts.stage_output_url(adapted, workspace_url, run_id, "adapted")
     result = run_task_stage(tracking, "adapt_generator", asdict(cfg.adapt), url, lambda _: stages.adapt_generator(
-        artifacts.artifact_url(data), url, cfg.adapt, cfg.generate))
+        artifacts.artifact_url(data), artifacts.artifact_url(baseline), url, cfg.adapt, cfg.generate))
     artifacts.publish(adapted, url, seconds=result.seconds, generator=result.summary["generator"],
                       method=cfg.adapt.method)
     artifacts.log_kfp_metrics(metrics, result.metrics)

@@ -172,7 +172,8 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
             data = _sized(prepare_data(tracking=tracking, **where), "Prepare data", settings.cpu)
             base = _sized(train_baseline(data=data.outputs["data"], tracking=tracking, **where),
                           "Train baseline", settings.cpu)
-            adapt = adapt_generator(data=data.outputs["data"], tracking=tracking, **where)
+            adapt = adapt_generator(data=data.outputs["data"], baseline=base.outputs["baseline"], tracking=tracking,
+                                    **where)
             _on_gpu(_sized(adapt, "Adapt the generator", settings.gpu), settings, gpu_node_selector, gpu_tolerations)
             # feedback in rounds, unrolled at compile time (KFP v2 has no dynamic loops): round r
             # takes its feedback from the latest model and carries the previous round's outputs on

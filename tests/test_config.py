@@ -58,7 +58,7 @@ def test_overrides_nest_and_parse_yaml():
     ("promote.lock_uri=redis://h", "config field 'promote.lock_uri': must be '' or start with one of postgresql://"),
     ("tracking.retries=-1", "config field 'tracking.retries': input should be greater than or equal to 0, got -1"),
     ("generate.colour=red", "unknown config field 'generate.colour'; known: autocast, batch_size, cfg_scale"),
-    ("colour.red=1", "unknown config field 'colour'; known: data, train, feedback, generate"),
+    ("colour.red=1", "unknown config field 'colour'; known: data, train, adapt, feedback, generate"),
     ("train=3", "config field 'train': expected a mapping of 'train' fields, got int"),
 ])
 def test_bad_values_name_the_field(override, message):

@@ -38,9 +38,9 @@ def test_compile_writes_the_pipeline(tmp_path, capsys):
 def test_params_are_checked_and_typed(compiled):
     params = pipeline_parameters(str(compiled))
     got = parse_params(["scale=0.01", "guide_every=2", "dataset=gs://b/data", "gpu_node_selector={\"a\": \"b\"}",
-                        "gpu_tolerations=[]", "train_overrides={\"epochs\": 3}"], params)
+                        "gpu_tolerations=[]", "config={\"train\": {\"epochs\": 3}}"], params)
     assert got == {"scale": 0.01, "guide_every": 2, "dataset": "gs://b/data", "gpu_node_selector": {"a": "b"},
-                   "gpu_tolerations": [], "train_overrides": "{\"epochs\": 3}"}
+                   "gpu_tolerations": [], "config": "{\"train\": {\"epochs\": 3}}"}
     with pytest.raises(ConfigError, match="no such parameter.*budget_fraction"):
         parse_params(["budget=1"], params)
     with pytest.raises(ConfigError, match="expected an integer"):
@@ -142,13 +142,14 @@ def fake_kfp(monkeypatch, tmp_path):
 
 def _digits_lt_preset_parameters() -> dict:
     """What the digits-lt preset file sets away from the pipeline's defaults, read from the YAML itself:
-    the preset's scale and shard size as pipeline parameters, its baseline loss as train_overrides."""
+    the preset's scale and shard size as pipeline parameters, its baseline loss in the config parameter."""
     from feedback_synth.config import preset
 
     values = preset("digits-lt")
     assert values["generate"]["strength"] == 0.8  # the pipeline's default: sent as nothing
     return {"scale": values["generate"]["scale"], "shard_size": values["feedback"]["shard_size"],
-            "train_overrides": json.dumps({"loss": values["train"]["loss"], "tau": values["train"]["tau"]})}
+            "config": json.dumps({"train": {"loss": values["train"]["loss"], "tau": values["train"]["tau"]}},
+                                 sort_keys=True)}
 
 
 def test_submit_creates_a_run_with_typed_parameters(fake_kfp, capsys):
@@ -199,7 +200,7 @@ def _submitted_parameters(host, calls, capsys, *args):
 
 def test_submit_means_what_run_means(fake_kfp, capsys, tmp_path):
     """The configuration resolves as for `feedback-synth run` (preset < --config < --set), and only
-    what differs from the pipeline's defaults is sent; --param wins, and merges into *_overrides."""
+    what differs from the pipeline's defaults is sent; --param wins, and merges into the config parameter."""
     from feedback_synth.config import preset, resolve_run_config
     from feedback_synth_kfp.parameters import pipeline_arguments
 
@@ -209,19 +210,20 @@ def test_submit_means_what_run_means(fake_kfp, capsys, tmp_path):
     assert params["dataset"] == "digits-groups" and "gpu_device" not in params
     cfg = resolve_run_config("digits-groups")
     assert cfg.promote.gate_metric == preset("digits-groups")["promote"]["gate_metric"] == params["gate_metric"]
-    sent_generate = json.loads(params.get("generate_overrides", "{}"))
-    expected = json.loads(pipeline_arguments(cfg)["generate_overrides"])
-    assert sent_generate == expected
+    sent = json.loads(params.get("config", "{}"))
+    expected = {k: v for k, v in json.loads(pipeline_arguments(cfg)["config"]).items()
+                if k not in ("adapt", "retrain", "generate") or v != {"device": "cpu"}}
+    assert sent == expected and sent["train"]["loss"] == cfg.train.loss
     # a dataset URL has no preset: nothing but the dataset differs from the defaults
     assert _submitted_parameters(host, calls, capsys, "--param", "dataset=gs://bucket/data") == {
         "dataset": "gs://bucket/data"}
-    # --config and --set, then --param over them; a --param *_overrides object merges key by key
+    # --config and --set, then --param over them; a --param config object merges section by section
     config = tmp_path / "run.yaml"
     config.write_text("generate:\n  num_inference_steps: 30\n  scale: 0.03\n")
     params = _submitted_parameters(host, calls, capsys, "--config", str(config), "--set", "generate.cfg_scale=3.0",
-                                   "--param", "guide_every=2", "--param", 'generate_overrides={"batch_size": 8}')
+                                   "--param", "guide_every=2", "--param", 'config={"generate": {"batch_size": 8}}')
     assert params["scale"] == 0.03 and params["guide_every"] == 2
-    assert json.loads(params["generate_overrides"]) == {"num_inference_steps": 30, "cfg_scale": 3.0, "batch_size": 8}
+    assert json.loads(params["config"])["generate"] == {"num_inference_steps": 30, "cfg_scale": 3.0, "batch_size": 8}
     # a bad override is named, before any run is created
     assert main(["submit", "--host", host, "--set", "generate.scale=7"]) == 2
     assert "generate.scale" in capsys.readouterr().err

@@ -16,9 +16,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "pipelines" / "feedback_synth_pipeline.yaml"
 
-STAGES = ["prepare_data", "train_baseline", "extract_feedback", "generate_shard", "filter_synthetic", "retrain",
-          "evaluate", "promote"]
-GPU_TASKS = {"generate-shard", "retrain"}
+STAGES = ["prepare_data", "train_baseline", "adapt_generator", "extract_feedback", "generate_shard", "filter_synthetic",
+          "retrain", "evaluate", "promote"]
+GPU_TASKS = {"adapt-generator", "generate-shard", "retrain"}
 UNCACHED = {"generate-shard", "filter-synthetic", "promote", "start-tracking", "finish-tracking"}
 
 
@@ -59,7 +59,9 @@ def test_every_stage_is_a_task_in_order(spec):
     assert names <= set(tasks)
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
     assert "prepare-data" in deps["train-baseline"]
+    assert {"train-baseline", "prepare-data"} <= deps["adapt-generator"]
     assert {"train-baseline", "prepare-data"} <= deps["extract-feedback"]
+    assert "adapt-generator" in deps[_loop(spec)]  # generation samples from the adapted generator
     assert _loop(spec) in deps["filter-synthetic"]  # joins the fan-out
     assert "filter-synthetic" in deps["retrain"]
     assert {"retrain", "filter-synthetic"} <= deps["evaluate"]
@@ -144,7 +146,7 @@ def test_caching_is_off_where_the_cache_would_lie(spec):
 
 def test_gpu_placement_comes_from_pipeline_parameters(spec):
     executors = spec["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(executors) == {"exec-generate-shard", "exec-retrain"}
+    assert set(executors) == {"exec-adapt-generator", "exec-generate-shard", "exec-retrain"}
     for label, k8s in executors.items():
         sel = k8s["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"]
         (tol,) = k8s["tolerations"]
@@ -159,15 +161,16 @@ def test_gpu_placement_comes_from_pipeline_parameters(spec):
 
 def test_pipeline_parameters(spec):
     params = spec["pipeline"]["root"]["inputDefinitions"]["parameters"]
-    expected = {"dataset": "STRING", "classifier_model": "STRING", "generator": "STRING", "criterion": "STRING",
+    expected = {"dataset": "STRING", "classifier_model": "STRING", "adapt_method": "STRING", "generator": "STRING",
+                "criterion": "STRING", "config": "STRING",
                 "scale": "NUMBER_DOUBLE", "guide_every": "NUMBER_INTEGER", "budget_fraction": "NUMBER_DOUBLE",
                 "shard_size": "NUMBER_INTEGER", "workspace_url": "STRING", "mlflow_tracking_uri": "STRING",
                 "registered_model": "STRING", "gate_metric": "STRING", "min_gain": "NUMBER_DOUBLE",
                 "max_overall_drop": "NUMBER_DOUBLE"}
     for name, ptype in expected.items():
         assert params[name]["parameterType"] == ptype, name
-    for section in ("data", "train", "feedback", "generate", "filter", "retrain", "promote"):
-        assert params[f"{section}_overrides"]["defaultValue"] == "{}"
+    assert params["config"]["defaultValue"] == "{}"  # every other config field, as one value
+    assert not [p for p in params if p.endswith("_overrides")]
     assert params["mlflow_tracking_uri"]["defaultValue"] == ""  # no tracking unless asked
 
 
@@ -207,7 +210,7 @@ def test_settings_change_what_is_compiled(tmp_path):
     path = compile_pipeline(str(tmp_path / "local.yaml"), PipelineSettings(exit_handler=False))
     p = next(yaml.safe_load_all(open(path)))
     assert "finish-tracking" not in p["root"]["dag"]["tasks"] and "promote" in p["root"]["dag"]["tasks"]
-    assert set(p["root"]["outputDefinitions"]["artifacts"]) == {"tracking", "data", "baseline", "feedback", "filtered",
-                                                                "retrained", "evaluation", "decision"}
+    assert set(p["root"]["outputDefinitions"]["artifacts"]) == {"tracking", "data", "baseline", "adapted", "feedback",
+                                                                "filtered", "retrained", "evaluation", "decision"}
     with pytest.raises(ValueError, match="parallelism"):
         PipelineSettings(parallelism=0)

@@ -8,25 +8,12 @@ from dataclasses import asdict
 import pytest
 from kfp import dsl
 
-from feedback_synth.config import (
-    DataConfig,
-    FeedbackConfig,
-    FilterConfig,
-    GenerateConfig,
-    PromoteConfig,
-    RetrainConfig,
-    RunConfig,
-    TrainConfig,
-)
+from feedback_synth.config import PromoteConfig, RunConfig, TrainConfig
 from feedback_synth.errors import ConfigError
+from feedback_synth.pipeline.result import StageResult
 from feedback_synth_kfp import artifacts
 from feedback_synth_kfp import tracking as kfp_tracking
-from feedback_synth_kfp.parameters import (
-    NAMED_PARAMETERS,
-    pipeline_arguments,
-    run_config_from_parameters,
-    section_config,
-)
+from feedback_synth_kfp.parameters import pipeline_arguments, run_config_from_parameters
 
 
 def test_stage_output_url_workspace_or_artifact(tmp_path):
@@ -46,16 +33,18 @@ def test_publish_records_the_real_location(tmp_path):
     assert artifacts.unique(["a", "b", "a"]) == ["a", "b"]
 
 
-def test_section_config_overrides_apply_last():
-    assert section_config("train", '{"epochs": 3, "model": "test_resnet"}', model="resnet10t") == \
-        TrainConfig(epochs=3, model="test_resnet")
-    assert section_config("generate", "", scale=0.1) == GenerateConfig(scale=0.1)
-    with pytest.raises(ConfigError, match="'train_overrides': expected a JSON object"):
-        section_config("train", "[1, 2]")
-    with pytest.raises(ConfigError, match="'generate_overrides': not valid JSON"):
-        section_config("generate", '{"prompt_template": "a "quoted" digit"}')
+def test_the_config_parameter_is_checked_and_named_parameters_apply_over_it():
+    cfg = run_config_from_parameters({"config": '{"train": {"epochs": 3, "model": "test_resnet"}}',
+                                      "classifier_model": "resnet10t", "scale": 0.1})
+    assert cfg.train.epochs == 3 and cfg.train.model == "resnet10t" and cfg.generate.scale == 0.1
+    with pytest.raises(ConfigError, match="'config': expected a JSON object of sections"):
+        run_config_from_parameters({"config": "[1, 2]"})
+    with pytest.raises(ConfigError, match="'config': not valid JSON"):
+        run_config_from_parameters({"config": '{"generate": {"prompt_template": "a "quoted" digit"}}'})
     with pytest.raises(ConfigError, match="config field 'train.epochs'"):
-        section_config("train", '{"epochs": 0}')
+        run_config_from_parameters({"config": '{"train": {"epochs": 0}}'})
+    with pytest.raises(ConfigError, match="unknown config field 'trian'"):
+        run_config_from_parameters({"config": '{"trian": {"epochs": 3}}'})
 
 
 def test_generation_summary_from_shard_metadata():
@@ -76,28 +65,31 @@ def test_pipeline_arguments_reproduce_the_run_config():
     cfg.filter.filters = ["degenerate"]
     cfg.retrain.synthetic_fraction, cfg.retrain.device = 0.3, "cuda"
     cfg.promote.min_gain = 0.02
+    cfg.adapt.method, cfg.adapt.device = "lora", "cuda"
     args = pipeline_arguments(cfg, "http://mlflow:5000", "gs://b/ws")
     assert args["mlflow_tracking_uri"] == "http://mlflow:5000" and args["workspace_url"] == "gs://b/ws"
-    assert args["classifier_model"] == "test_resnet" and args["gpu_device"] == "cpu"
-    assert json.loads(args["retrain_overrides"]) == {"device": "cuda", "synthetic_fraction": 0.3}
-    classes = {"data": DataConfig, "train": TrainConfig, "feedback": FeedbackConfig, "generate": GenerateConfig,
-               "filter": FilterConfig, "retrain": RetrainConfig, "promote": PromoteConfig}
-    for section, cls in classes.items():  # what each component builds
-        named = {field: args[param] for field, param in NAMED_PARAMETERS[section].items()}
-        rebuilt = section_config(section, args[f"{section}_overrides"], **named)
-        assert isinstance(rebuilt, cls) and rebuilt == getattr(cfg, section), section
+    assert args["classifier_model"] == "test_resnet" and args["adapt_method"] == "lora"
+    # gpu_device is the adapt task's device; a section whose device differs carries its own
+    assert args["gpu_device"] == "cuda"
+    assert json.loads(args["config"])["generate"] == {"device": "cpu", "num_inference_steps": 4}
+    assert json.loads(args["config"])["retrain"] == {"synthetic_fraction": 0.3}
     args["mlflow_tracking_uri"] = ""  # the tracking URI is infrastructure, not part of the run config
-    assert run_config_from_parameters(args) == cfg  # what start_tracking logs: the same run config
+    assert run_config_from_parameters(args) == cfg  # what start_tracking resolves: the same run config
+    # ... and what every task reads back from start_tracking's artifact
+    art = dsl.Artifact(name="tracking", uri="/nowhere", metadata={kfp_tracking.CONFIG_KEY: json.dumps(asdict(cfg))})
+    assert kfp_tracking.run_config(art) == cfg
 
 
 def test_tracking_off_is_a_no_op(tmp_path):
     assert kfp_tracking.start_tracking("", "exp", "model", "run", "kfp-1", {}) == ""
     art = dsl.Artifact(name="tracking", uri=str(tmp_path / "t"), metadata={"context": ""})
-    with kfp_tracking.stage_run(art, "prepare_data", {"a": 1}, str(tmp_path)) as run:
-        run.log_metrics({"x": 1.0})
-        run.on_epoch({"epoch": 1, "loss": 0.5})
-    assert run.seconds is not None and run.seconds >= 0
-    assert kfp_tracking.promote(art, str(tmp_path / "model"), {}, PromoteConfig()) is None
+    def work(on_epoch):
+        on_epoch({"epoch": 1, "loss": 0.5})
+        return StageResult("prepare_data", metrics={"x": 1.0})
+
+    result = kfp_tracking.run_task_stage(art, "prepare_data", {"a": 1}, str(tmp_path), work)
+    assert result.metrics == {"x": 1.0} and result.seconds >= 0
+    assert kfp_tracking.promote(art, str(tmp_path / "model"), str(tmp_path / "e"), {}, RunConfig(), "") is None
     assert "Skipped" in artifacts.promotion_markdown(None)
 
 
@@ -115,15 +107,24 @@ def test_tracking_parent_nested_runs_and_promotion(tmp_path, small_classifier):
                                {"scale": 0.02})
     assert json.loads(context)["parent_run_id"]
     tracking = dsl.Artifact(name="tracking", uri=str(tmp_path / "t"), metadata={kfp_tracking.TRACKING_KEY: context})
-    with kfp_tracking.stage_run(tracking, "train_baseline", asdict(TrainConfig(epochs=2)), str(tmp_path / "b")) as run:
-        run.on_epoch({"epoch": 1, "train_loss": 0.7})
-        run.log_metrics({"overall": 0.5}, prefix="test_")
+    def train(on_epoch):
+        on_epoch({"epoch": 1, "train_loss": 0.7})
+        return StageResult("train_baseline", metrics={"test_overall": 0.5})
+
+    def fail(on_epoch):
+        raise RuntimeError("stage failed")
+
+    kfp_tracking.run_task_stage(tracking, "train_baseline", asdict(TrainConfig(epochs=2)), str(tmp_path / "b"), train)
     with pytest.raises(RuntimeError):
-        with kfp_tracking.stage_run(tracking, "retrain", {}, str(tmp_path / "r")):
-            raise RuntimeError("stage failed")
+        kfp_tracking.run_task_stage(tracking, "retrain", {}, str(tmp_path / "r"), fail)
     report = {"baseline": {"overall": 0.5, "few": 0.1}, "retrained": {"overall": 0.52, "few": 0.3}}
-    result = kfp_tracking.promote(tracking, model_url, report, PromoteConfig(), str(tmp_path / "e"))
+    cfg = RunConfig()
+    cfg.tracking.registered_model = "kfp-test-model"
+    result = kfp_tracking.promote(tracking, model_url, str(tmp_path / "e"), report, cfg, "")
     assert result["promoted"] and result["model_name"] == "kfp-test-model"
+    # a retried promote task reports the decision made instead of registering a second version
+    again = kfp_tracking.promote(tracking, model_url, str(tmp_path / "e"), report, cfg, "")
+    assert again["resumed"] and again["version"] == result["version"]
     assert "champion" in artifacts.promotion_markdown(result)
 
     uri, _ = resolve_tracking_uri(type("C", (), {"tracking_uri": store})(), "")

@@ -52,7 +52,8 @@ def gap_style(images: np.ndarray) -> np.ndarray:
       2. thin strokes: x <- x - 0.6 * (maxpool_3x3(x) - x) clipped (an outline-thinning pass);
       3. a smaller glyph with wide margins and the opposite slant: the inverse map
          x'(u, v) = x((u - 0.3 * v) / 0.62, v / 0.62) about the centre (scale 0.62, backslant),
-         bilinear, zero padding.
+         bilinear, zero padding;
+      4. inverted contrast: dark ink on a light page, x <- 1 - x (the pool has light strokes on black).
     """
     import torch
     import torch.nn.functional as F
@@ -64,7 +65,7 @@ def gap_style(images: np.ndarray) -> np.ndarray:
     theta = torch.tensor([[1 / 0.62, -0.3 / 0.62, 0.0], [0.0, 1 / 0.62, 0.0]]).expand(n, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return x.squeeze(1).clamp(0, 1).numpy()
+    return 1.0 - x.squeeze(1).clamp(0, 1).numpy()
 
 
 def _upsample_digits(images_8x8: np.ndarray) -> np.ndarray:

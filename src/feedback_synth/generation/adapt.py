@@ -33,8 +33,7 @@ from feedback_synth.config import AdaptConfig
 from feedback_synth.data.imageset import ImageSet
 from feedback_synth.errors import ConfigError
 
-ADAPTED_JSON = "adapted_generator.json"  # in a LoRA folder of a latent model: its base folder and LoRA file
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for LoRA weights
+from feedback_synth.generation.loading import ADAPTED_JSON, LORA_FILE
 PIXEL_TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
                  "attention_conv": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}
 LATENT_TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -231,14 +230,6 @@ def save_adapted(pipe: Any, kind: str, method: str, base_folder_url: str, output
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers)
         storage.write_bytes(storage.join(output_url, LORA_FILE), open(os.path.join(tmp, LORA_FILE), "rb").read())
     storage.write_json(storage.join(output_url, ADAPTED_JSON), {**meta, "base": base_folder_url, "lora": LORA_FILE})
-
-
-def apply_adapted_lora(pipe: Any, folder: str) -> Any:
-    """Load the LoRA of an adapted latent generator folder into ``pipe``'s UNet (diffusers' own
-    ``load_lora_adapter``) and fuse it, so that generation runs at full speed."""
-    pipe.unet.load_lora_adapter(os.path.join(folder, LORA_FILE), adapter_name="task", prefix="unet")
-    pipe.unet.fuse_lora()
-    return pipe
 
 
 def sample_per_class(pipe: Any, train: ImageSet, per_class: int, gen_cfg: Any, class_index_map: list[int],

@@ -13,6 +13,8 @@ from feedback_synth.errors import ConfigError, DataError
 from feedback_synth.generation.adapters import GENERATOR_ADAPTERS, adapter_for_folder
 
 BUILTIN_GENERATOR = "builtin"
+ADAPTED_JSON = "adapted_generator.json"  # a LoRA-adapted latent generator: its base folder and LoRA file
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for LoRA weights
 
 
 # built-in datasets that share another's bundled generator (digits-gap: digits-lt's pool, another task style)
@@ -73,11 +75,9 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
         if not storage.exists(spec):
             raise DataError(f"generator model folder not found: {spec}")
         path = local_copy(spec, weights)
-    adapted = os.path.join(path, "adapted_generator.json")
+    adapted = os.path.join(path, ADAPTED_JSON)
     if os.path.isfile(adapted):  # a LoRA-adapted latent model: its base folder, then the LoRA over it
         import json
-
-        from feedback_synth.generation.adapt import apply_adapted_lora
 
         with open(adapted) as f:
             base = json.load(f)["base"]
@@ -94,6 +94,14 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
     if device != "cpu":
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def apply_adapted_lora(pipe, folder: str):
+    """Load the LoRA of an adapted latent generator folder into ``pipe``'s UNet (diffusers' own
+    ``load_lora_adapter``) and fuse it, so that generation runs at full speed."""
+    pipe.unet.load_lora_adapter(os.path.join(folder, LORA_FILE), adapter_name="task", prefix="unet")
+    pipe.unet.fuse_lora()
     return pipe
 
 

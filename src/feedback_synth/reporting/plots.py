@@ -137,7 +137,7 @@ def gap_per_class(before: Optional[dict[str, Any]], after: dict[str, Any], class
         sets = [(labels[0], before), (labels[1], after)] if before is not None else [(labels[1], after)]
         width = 0.8 / len(sets)
         for i, (label, g) in enumerate(sets):
-            values = [np.nan if v is None else v for v in g[key]["per_class"]]
+            values = [np.nan if v is None else v for v in (g.get(key) or {}).get("per_class") or [None] * len(x)]
             ax.bar(x + (i - (len(sets) - 1) / 2) * width, values, width, label=label)
         ax.set_xticks(x, [f"{c}\n({n})" for c, n in zip(class_names, train_counts)], fontsize=7)
         ax.set_title(name, fontsize=9)
