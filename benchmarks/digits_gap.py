@@ -88,7 +88,8 @@ def run_seed(work: str, seed: int, epochs: int, adapt_steps: int, log) -> dict[s
         if adapt_changes is not None:
             adapt_cfg = replace(cfg.adapt, **{"method": "full", **adapt_changes})
             tag = "-".join(f"{k}{v}" for k, v in sorted(adapt_changes.items()))
-            adapted = stages.adapt_generator(data, baseline, storage.join(root, f"adapted-{tag}"), adapt_cfg, cfg.generate)
+            adapted = stages.adapt_generator(data, stages.model_url(baseline), storage.join(root, f"adapted-{tag}"),
+                                             adapt_cfg, cfg.generate)
             gen_cfg = stages.generate_config_for(gen_cfg, adapted.summary["generator"])
         row_cfg = replace(cfg, generate=gen_cfg)
         layout = RunLayout(storage.join(root, name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")))

@@ -33,7 +33,7 @@ def adapt_generator(data: Input[Dataset], baseline: Input[Model], adapted: Outpu
     cfg = run_config(tracking)
     url = artifacts.stage_output_url(adapted, workspace_url, run_id, "adapted")
     result = run_task_stage(tracking, "adapt_generator", asdict(cfg.adapt), url, lambda _: stages.adapt_generator(
-        artifacts.artifact_url(data), artifacts.artifact_url(baseline), url, cfg.adapt, cfg.generate))
+        artifacts.artifact_url(data), stages.model_url(artifacts.artifact_url(baseline)), url, cfg.adapt, cfg.generate))
     artifacts.publish(adapted, url, seconds=result.seconds, generator=result.summary["generator"],
                       method=cfg.adapt.method)
     artifacts.log_kfp_metrics(metrics, result.metrics)

@@ -72,12 +72,16 @@ def write_bytes(url: str, data: bytes) -> None:
     if parent:
         fs.makedirs(parent, exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
     try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
         fs.mv(tmp, path)
-    except Exception:
-        fs.rm(tmp)
+    except BaseException:  # a full disk, an interrupt: no half-written temporary file is left behind
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except OSError:
+            pass
         raise
     fs.invalidate_cache()
 

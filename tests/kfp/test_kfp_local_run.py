@@ -1,10 +1,13 @@
 """The whole pipeline through the KFP local runner, on digits-lt at reduced size: every task runs
 as its component in its own process, with MLflow tracking on a SQLite store, and every task's
-outputs are checked."""
+outputs are checked; then the same config in process, and the two runs compared (one
+orchestration path: the same run tree in MLflow, the same stage fingerprints, summary and
+registry decision)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -35,17 +38,53 @@ def _artifact(out: dict, name: str) -> dict:
     return art
 
 
+def _run_tree(store: Path) -> dict:
+    """The MLflow run tree of the one pipeline run in ``store``: the parent's status, and each
+    child's (name, status, parent) with the fan-out's per-shard runs named as the one they stand for."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "feedback-synth"]
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = sorted((re.sub(r"generate_shard_\d+", "generate", r.info.run_name), r.info.status,
+                       r.data.tags["mlflow.parentRunId"] == parent.info.run_id) for r in runs if r is not parent)
+    return {"parent": parent.info.status, "children": sorted(set(children))}
+
+
+def _fingerprints(urls: dict) -> dict:
+    return {name: json.loads((Path(urls[name]) / "_STAGE.json").read_text())["digest"]
+            for name in ("data", "baseline", "adapted", "feedback")}
+
+
 @pytest.mark.slow
-def test_pipeline_through_the_kfp_local_runner(tmp_path, generator):
+def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, generator):
+    from feedback_synth.pipeline.run import run_pipeline
     from feedback_synth.reporting.tables import format_summary
     from feedback_synth_kfp.local_runner import run_kfp_local
 
     cfg = load_run_config(None, [
         "train.model=test_resnet", "train.epochs=2", "retrain.epochs=2", "feedback.budget_fraction=0.1",
         "feedback.shard_size=24", "generate.num_inference_steps=4", f"generate.generator={generator}",
-        "filter.filters=[degenerate]", "promote.min_gain=0.0"], base=preset("digits-lt"))
+        "filter.filters=[degenerate]", "promote.min_gain=0.0", "adapt.method=full", "adapt.steps=2",
+        "adapt.batch_size=8", "adapt.samples_per_class=1"], base=preset("digits-lt"))
     output = tmp_path / "run"
     report = run_kfp_local(cfg, str(output), parallelism=2)
+    in_process = run_pipeline(cfg, str(tmp_path / "in-process"))
+
+    # one orchestration: the same numbers, stage fingerprints, run tree and registry decision
+    for key in ("baseline", "retrained", "delta", "generated", "kept", "fidelity", "gap", "adaptation"):
+        assert report[key] == in_process[key], key
+    assert set(report["timings"]) == set(in_process["timings"])
+    assert _fingerprints(report["outputs"]) == _fingerprints(in_process["outputs"])
+    tree = _run_tree(output / "mlflow")
+    assert tree == _run_tree(tmp_path / "in-process" / "mlflow")
+    assert tree["parent"] == "FINISHED" and {c[0] for c in tree["children"]} == {
+        "prepare_data", "train_baseline", "adapt_generator", "extract_feedback", "generate", "filter", "retrain",
+        "evaluate", "promote"}
+    assert all(status == "FINISHED" and nested for _, status, nested in tree["children"])
+    for key in ("promoted", "version", "model_name", "reason"):
+        assert report["promotion"][key] == in_process["promotion"][key], key
 
     # the in-process runner's report keys
     for key in ("baseline", "retrained", "delta", "generated", "kept", "fidelity", "per_class", "timings",
@@ -53,8 +92,8 @@ def test_pipeline_through_the_kfp_local_runner(tmp_path, generator):
         assert key in report, key
     assert report["generated"] == 47 and report["generation"]["num_images"] == 47
     assert report["generation"]["shards"] == 2 and report["generation"]["skipped"] == 0
-    assert set(report["timings"]) == {"prepare_data", "train_baseline", "extract_feedback", "generate", "filter",
-                                      "retrain", "evaluate", "promote"}
+    assert set(report["timings"]) == {"prepare_data", "train_baseline", "adapt_generator", "extract_feedback",
+                                      "generate", "filter", "retrain", "evaluate", "promote"}
     urls = report["outputs"]
     assert os.path.isfile(os.path.join(urls["baseline"], "model", "config.json"))
     assert os.path.isfile(os.path.join(urls["retrained"], "model", "config.json"))
@@ -67,7 +106,7 @@ def test_pipeline_through_the_kfp_local_runner(tmp_path, generator):
 
     # every task ran and wrote every output it declares
     outs = _outputs(Path(urls["kfp_pipeline_root"]))
-    assert set(outs) == {"start-tracking", "prepare-data", "train-baseline", "extract-feedback",
+    assert set(outs) == {"start-tracking", "prepare-data", "train-baseline", "adapt-generator", "extract-feedback",
                          "for-loop-1-iteration-0/generate-shard", "for-loop-1-iteration-1/generate-shard",
                          "filter-synthetic", "retrain", "evaluate", "promote"}
     for task, out in outs.items():

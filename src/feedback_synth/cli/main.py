@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -35,6 +36,29 @@ def cmd_run(args) -> int:
 
     print(format_summary(report))
     print(f"\nfinished in {time.time() - t0:.1f} s; resolved config: {storage.join(output, 'config.yaml')}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from dataclasses import asdict
+
+    from feedback_synth import storage
+    from feedback_synth.pipeline.run import make_tracker
+    from feedback_synth.pipeline.tune import parse_grid, run_pilot, validation_table
+
+    cfg = load_config(args)
+    output = args.output or _default_output().rstrip("/") + "-tune"
+    grid = parse_grid(args.grid) if args.grid else None
+    tracker = make_tracker(cfg.tracking, output)
+    tracker.start(f"tune {output.rstrip('/').rsplit('/', 1)[-1]}", asdict(cfg))
+    status = "FAILED"
+    try:
+        report = run_pilot(cfg, output, grid, args.epochs, tracker)
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+    print(validation_table(report))
+    print(f"chosen config: {storage.join(output, 'chosen.yaml')} (feedback-synth run --config it)")
     return 0
 
 
@@ -73,6 +97,8 @@ def cmd_stage(args) -> int:
         result = stages.prepare_data(cfg.data, out, overwrite=again)
     elif args.command == "train-baseline":
         result = stages.train_baseline(args.data, out, cfg.train, cfg.data, overwrite=again)
+    elif args.command == "adapt-generator":
+        result = stages.adapt_generator(args.data, args.model, out, cfg.adapt, cfg.generate, overwrite=again)
     elif args.command == "extract-feedback":
         result = stages.extract_feedback(args.data, args.model, out, cfg.feedback, overwrite=again)
     elif args.command == "generate":
@@ -129,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=("inprocess", "kfp-local"), default="inprocess")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("tune", help="the pilot: try a small grid of synthesis settings on the validation split "
+                                    "with short trainings, and write the chosen config")
+    p.add_argument("--dataset", help="digits-lt | digits-gap | digits-groups | a dataset URL")
+    add_config_args(p)
+    p.add_argument("--grid", action="append", default=[], metavar="SECTION.FIELD=V1,V2",
+                   help="a grid axis (repeatable); default: adapt.method=none,full x generate.criterion=none,entropy "
+                        "x generate.strength=0.8,1.0")
+    p.add_argument("--epochs", type=int, default=15, help="epochs of the pilot's baseline and retrainings")
+    p.set_defaults(func=cmd_tune)
+
     p = sub.add_parser("pretrain-generator", help="train the bundled generator on the generator pool")
     p.add_argument("--dataset", default="digits-lt")
     p.add_argument("--set", action="append", default=[], metavar="pretrain.KEY=VALUE")
@@ -153,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage_args = {
         "prepare-data": [],
         "train-baseline": ["data"],
+        "adapt-generator": ["data", "model"],
         "extract-feedback": ["data", "model"],
         "generate": ["data", "model", "feedback"],
         "filter": ["data", "model", "feedback", "generated"],
@@ -166,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, needs in stage_args.items():
         p = sub.add_parser(name, help=f"run the {name} stage alone (as its KFP component does)")
         if name == "prepare-data":
-            p.add_argument("--dataset", help="digits-lt | digits-groups | a dataset URL")
+            p.add_argument("--dataset", help="digits-lt | digits-gap | digits-groups | a dataset URL")
         for arg in needs:
             p.add_argument(f"--{arg}", required=True, help=helps[arg])
         if name == "generate":
@@ -222,6 +259,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except PermissionError as exc:
         print(f"feedback-synth: error: permission denied: {exc.filename or exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = exc.filename or getattr(args, "output", None) or "the output folder"
+        print(f"feedback-synth: error: no space left on the device of {where}; free some space (or use another "
+              f"--output) and run the same command again to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("feedback-synth: interrupted (SIGINT): open MLflow runs were closed FAILED; run the same command "

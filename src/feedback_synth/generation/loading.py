@@ -99,9 +99,11 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
 
 def apply_adapted_lora(pipe, folder: str):
     """Load the LoRA of an adapted latent generator folder into ``pipe``'s UNet (diffusers' own
-    ``load_lora_adapter``) and fuse it, so that generation runs at full speed."""
+    ``load_lora_adapter``) and fuse it into the weights (``fuse_lora``, then ``unload_lora``), so
+    that generation runs a plain UNet at full speed."""
     pipe.unet.load_lora_adapter(os.path.join(folder, LORA_FILE), adapter_name="task", prefix="unet")
     pipe.unet.fuse_lora()
+    pipe.unet.unload_lora()  # the fused weights stay; the adapter modules go (a plain UNet again)
     return pipe
 
 

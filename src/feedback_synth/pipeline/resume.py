@@ -44,7 +44,24 @@ def run_stage(stage: str, output_url: str, config: dict[str, Any], inputs: dict[
         result.summary["resumed"] = True
         return result
     storage.remove(storage.join(output_url, MARKER))
+    before = _files(output_url)
+    started = time.time()
     result = work()
-    storage.write_json(storage.join(output_url, MARKER), {**fp, "result": result.to_dict(),
+    # the files this stage wrote (new, or rewritten since it started): what --overwrite may remove
+    written = sorted(rel for rel, mtime in _files(output_url).items() if rel not in before or mtime >= started - 1)
+    storage.write_json(storage.join(output_url, MARKER), {**fp, "result": result.to_dict(), "files": written,
                                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return result
+
+
+def _files(url: str) -> dict[str, float]:
+    """``{path relative to url: modification time (0 where the store gives none)}`` of the files under ``url``."""
+    fs, path = storage.fs_and_path(url)
+    if not fs.exists(path):
+        return {}
+    root = path.rstrip("/")
+    out = {}
+    for name, info in fs.find(root, detail=True).items():
+        mtime = info.get("mtime") or info.get("created") or 0
+        out[name[len(root) + 1:]] = float(mtime.timestamp() if hasattr(mtime, "timestamp") else mtime)
+    return out

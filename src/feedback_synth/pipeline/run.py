@@ -15,11 +15,14 @@ fields that differ; ``overwrite=True`` (``--overwrite``) starts over in it.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from feedback_synth import storage
 from feedback_synth.config import GenerateConfig, RunConfig
@@ -37,6 +40,8 @@ from feedback_synth.pipeline.preflight import preflight
 from feedback_synth.pipeline.result import StageResult
 from feedback_synth.reporting.tables import format_report
 from feedback_synth.tracking.base import NullTracker
+
+log = logging.getLogger(__name__)
 
 def stage_urls(output_url: str, rounds: int = 1) -> dict[str, str]:
     """The run's main outputs (``RunLayout.outputs``)."""
@@ -66,26 +71,113 @@ def _alive(pid: int) -> bool:
     return True
 
 
+LOCK_FILE = ".feedback-synth.lock"  # held by the process that writes a local output folder
+
+
+@contextlib.contextmanager
+def owned_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Iterator[Optional[dict[str, Any]]]:
+    """Own ``output_url`` for the whole run, the first thing a run does (both runners):
+
+    1. an exclusive lock on the folder (a local one: ``filelock`` on ``.feedback-synth.lock``), so
+       that a second run into it stops at once instead of racing the first;
+    2. pre-flight (``pipeline.preflight``): a failure there leaves nothing behind (a folder that this
+       run created is removed again);
+    3. ``claim_output``: the config check, and with ``overwrite`` the removal of what runs wrote.
+
+    Yields the previous process's record (``run.json``), if any.
+    """
+    local = storage.local_path(output_url)
+    existed = storage.exists(output_url)
+    lock = None
+    if local is not None:
+        from filelock import FileLock, Timeout
+
+        os.makedirs(local, exist_ok=True)
+        lock = FileLock(os.path.join(local, LOCK_FILE))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ConfigError(f"output {output_url} is being written by another feedback-synth process (it holds "
+                              f"{LOCK_FILE}); wait for it to finish, or use another --output") from None
+    try:
+        try:
+            preflight(cfg, output_url)
+        except BaseException:
+            if not existed and local is not None:
+                lock.release()
+                lock = None
+                shutil.rmtree(local, ignore_errors=True)
+            raise
+        yield claim_output(cfg, output_url, overwrite)
+    finally:
+        if lock is not None:
+            lock.release()
+            if not storage.exists(storage.join(output_url, "config.yaml")):  # refused before any work: no trace
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(local, LOCK_FILE))
+
+
 def claim_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Optional[dict[str, Any]]:
     """Make ``output_url`` this run's: refuse a folder that holds a run with another config (naming
-    the fields) or one that a live process is writing; with ``overwrite`` empty it first (the local
-    MLflow store stays: it is the history). Returns the previous process's record (``run.json``)."""
+    the fields), one that a live process is writing, or (a first run) one whose stage folders hold
+    files that no run wrote; with ``overwrite`` remove what runs wrote there (``remove_run_outputs``:
+    the local MLflow store stays, it is the history, and so does every file of the user's).
+    Returns the previous process's record (``run.json``)."""
     config_url, record_url = storage.join(output_url, "config.yaml"), storage.join(output_url, "run.json")
     previous = storage.read_json(record_url) if storage.exists(record_url) else None
     if previous and previous.get("host") == socket.gethostname() and previous.get("pid") != os.getpid() \
             and _alive(int(previous.get("pid", -1))) and previous.get("state") == "running":
         raise ConfigError(f"output {output_url} is being written by process {previous['pid']} (started "
                           f"{previous.get('started')}); wait for it, or use another --output")
-    if storage.exists(config_url):
-        changed = differences(storage.read_yaml(config_url) or {}, asdict(cfg))
-        if changed and not overwrite:
-            shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
-            raise ConfigError(f"output {output_url} holds a run with another config ({shown}); use another --output, "
-                              f"or --overwrite to start over there")
-        if changed or overwrite:
-            for name in STAGE_FOLDERS:
-                storage.remove(storage.join(output_url, name))
+    if not storage.exists(config_url):
+        foreign = [u for name in STAGE_FOLDERS for u in storage.find(storage.join(output_url, name))]
+        if foreign:
+            raise ConfigError(f"output {output_url} holds no run, but its folder {foreign[0][len(output_url):].lstrip('/')} "
+                              f"(and {len(foreign) - 1} more file(s)) is where a run writes; use an empty or new "
+                              f"--output (nothing was changed)")
+        return previous
+    changed = differences(storage.read_yaml(config_url) or {}, asdict(cfg))
+    if changed and not overwrite:
+        shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise ConfigError(f"output {output_url} holds a run with another config ({shown}); use another --output, "
+                          f"or --overwrite to start over there")
+    if changed or overwrite:
+        remove_run_outputs(output_url)
     return previous
+
+
+def remove_run_outputs(output_url: str) -> list[str]:
+    """Remove what runs wrote under ``output_url`` and nothing else: the files each finished stage
+    lists in its marker (``_STAGE.json``: ``files``), every committed shard folder, the run's own
+    files (``run_summary.json``, ``promotion.json``), then the folders left empty. A file of the
+    user's in one of these folders stays. Returns the removed URLs."""
+    from feedback_synth.fingerprints import MARKER
+
+    removed = []
+    for name in STAGE_FOLDERS:
+        for url in storage.find(storage.join(output_url, name)):
+            folder, base = url.rsplit("/", 1)
+            if base == MARKER:
+                marker = storage.read_json(url)
+                for rel in marker.get("files", []):
+                    if storage.exists(storage.join(folder, rel)):
+                        storage.remove(storage.join(folder, rel))
+                        removed.append(storage.join(folder, rel))
+                storage.remove(url)
+                removed.append(url)
+            elif base == "_SUCCESS" and folder.rsplit("/", 1)[-1].startswith("shard-"):
+                storage.remove(folder)
+                removed.append(folder)
+            elif base in ("run_summary.json", "promotion.json") or ".tmp-" in base:
+                storage.remove(url)
+                removed.append(url)
+    local = storage.local_path(output_url)
+    if local is not None:  # the folders left empty, deepest first
+        for name in STAGE_FOLDERS:
+            for root, dirs, files in sorted(os.walk(os.path.join(local, name)), key=lambda t: -len(t[0])):
+                if not os.listdir(root):
+                    os.rmdir(root)
+    return removed
 
 
 def write_record(output_url: str, state: str, tracker: Any) -> None:
@@ -117,10 +209,12 @@ def run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker]
         run_name: the MLflow parent run's name (default: the folder's name).
         overwrite: start over in a folder that holds a run with another config.
     """
-    from feedback_synth.registry.register import register_and_promote
+    with owned_output(cfg, output_url, overwrite) as previous:
+        return _run_pipeline(cfg, output_url, tracker, run_name, previous)
 
-    preflight(cfg, output_url)
-    previous = claim_output(cfg, output_url, overwrite)
+
+def _run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker], run_name: Optional[str],
+                  previous: Optional[dict[str, Any]]) -> dict[str, Any]:
     layout = RunLayout(output_url, cfg.feedback.rounds)
     tracker = tracker or make_tracker(cfg.tracking, output_url)
     tracker.start(run_name or output_url.rstrip("/").rsplit("/", 1)[-1], asdict(cfg))  # an unreachable server stops here
@@ -143,7 +237,7 @@ def run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker]
         stage("train_baseline", asdict(cfg.train),
               lambda on_epoch: stages.train_baseline(data, baseline, cfg.train, cfg.data, on_epoch=on_epoch))
         adapted = stage("adapt_generator", asdict(cfg.adapt), lambda _: stages.adapt_generator(
-            data, baseline, layout.stage("adapted"), cfg.adapt, cfg.generate))
+            data, stages.model_url(baseline), layout.stage("adapted"), cfg.adapt, cfg.generate))
         gen_cfg = stages.generate_config_for(cfg.generate, adapted.summary["generator"])
         gen, retrained, filtered = synthesis_rounds(cfg, layout, data, stages.model_url(baseline), tracker, timings,
                                                     gen_cfg)
@@ -166,7 +260,10 @@ def run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker]
         status = "FINISHED"
     finally:
         tracker.finish(status)
-        write_record(output_url, "finished" if status == "FINISHED" else "failed", tracker)
+        try:
+            write_record(output_url, "finished" if status == "FINISHED" else "failed", tracker)
+        except OSError as exc:  # e.g. the disk is full: the run's own error is the one to report
+            log.warning("could not update %s: %s", storage.join(output_url, "run.json"), exc)
     return write_run_summary(layout.stage("report"), report, timings=timings, generation=gen,
                              outputs=layout.outputs(), promotion=promotion, mlflow_run_id=tracker.run_id,
                              closed_stale_runs=len(closed))

@@ -144,8 +144,8 @@ def retrain_recipe(cfg: RetrainConfig, baseline_model_url: str):
                   cfg.balanced_sampler if cfg.balanced_sampler is not None else base.balanced_sampler, cfg.prior)
 
 
-def adapt_generator(dataset_url: str, baseline_url: str, output_url: str, cfg: AdaptConfig, gen_cfg: GenerateConfig,
-                    overwrite: bool = False) -> StageResult:
+def adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str, cfg: AdaptConfig,
+                    gen_cfg: GenerateConfig, overwrite: bool = False) -> StageResult:
     """Fine-tune the generator (``gen_cfg.generator``) on the task's real training images
     (``generation.adapt``) and measure the gap to the real data before and after, per class.
 
@@ -164,8 +164,9 @@ def adapt_generator(dataset_url: str, baseline_url: str, output_url: str, cfg: A
                                                  "cfg_scale", "cond_dropout", "prompt_template", "class_map",
                                                  "noise_level")}
     return run_stage("adapt_generator", output_url, {"adapt": asdict(cfg), "sampling": sampling},
-                     {**digests(data=dataset_url, baseline=baseline_url), "generator": folder_digest(base)},
-                     lambda: _adapt_generator(dataset_url, baseline_url, output_url, cfg, gen_cfg, base), overwrite)
+                     {**digests(data=dataset_url, baseline=baseline_model_url), "generator": folder_digest(base)},
+                     lambda: _adapt_generator(dataset_url, baseline_model_url, output_url, cfg, gen_cfg, base),
+                     overwrite)
 
 
 def generate_config_for(gen_cfg: GenerateConfig, generator: str) -> GenerateConfig:
@@ -175,7 +176,7 @@ def generate_config_for(gen_cfg: GenerateConfig, generator: str) -> GenerateConf
     return gen_cfg if generator == gen_cfg.generator else replace(gen_cfg, generator=generator)
 
 
-def gap_report(dataset_url: str, baseline_url: str, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def gap_report(dataset_url: str, model_url_: str, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """The gap between synthetic ``images`` (uint8, labelled ``labels``) and the task's real images,
     per class (``synthesis.gap``): off-support rate and a real-vs-synthetic discriminator under the
     baseline's features, the near-copy share and the diversity in pixels."""
@@ -184,7 +185,7 @@ def gap_report(dataset_url: str, baseline_url: str, images: np.ndarray, labels: 
     from feedback_synth.training.classifier import load_classifier
 
     train = load_split(dataset_url, "train")
-    clf = load_classifier(model_url(baseline_url))
+    clf = load_classifier(model_url_)
     real = load_split(dataset_url, "val") if "val" in load_info(dataset_url).splits else train
     real_feats = extract_features(clf, real)
     stats = fit_class_stats(extract_features(clf, train), train.labels, train.num_classes, -1.0,
@@ -199,8 +200,8 @@ def gap_report(dataset_url: str, baseline_url: str, images: np.ndarray, labels: 
             "diversity": gap.diversity(images, labels, train.images, train.labels, n)}
 
 
-def _adapt_generator(dataset_url: str, baseline_url: str, output_url: str, cfg: AdaptConfig, gen_cfg: GenerateConfig,
-                     base: str) -> StageResult:
+def _adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str, cfg: AdaptConfig,
+                     gen_cfg: GenerateConfig, base: str) -> StageResult:
     import numpy as np
 
     from feedback_synth.generation.adapt import adapt_unet, sample_per_class, save_adapted
@@ -222,8 +223,8 @@ def _adapt_generator(dataset_url: str, baseline_url: str, output_url: str, cfg: 
         **{k: v for k, v in meta.items() if k in ("class_names", "group_names", "joint_groups")},
         "class_names": meta.get("class_names") or train.class_names, "task_class_names": train.class_names,
         "adapted_from": base, "adapt": asdict(cfg), "final_loss": float(np.mean(losses[-50:]))})
-    gap_before = gap_report(dataset_url, baseline_url, before, labels)
-    gap_after = gap_report(dataset_url, baseline_url, after, labels)
+    gap_before = gap_report(dataset_url, baseline_model_url, before, labels)
+    gap_after = gap_report(dataset_url, baseline_model_url, after, labels)
     report = {"method": cfg.method, "kind": kind, "generator": generator_url, "base": base, "losses": losses,
               "final_loss": float(np.mean(losses[-50:])), "class_names": train.class_names,
               "train_class_counts": train.class_counts().tolist(), "before": gap_before, "after": gap_after}

@@ -1,0 +1,151 @@
+"""The pilot (``feedback-synth tune``): choose the synthesis settings on the user's validation split
+before the full run spends its budget (docs/method.md: the pilot).
+
+It trains the baseline once with short epochs, then for every setting of a small grid (adaptation
+on or off, strength, guidance scale, criterion, budget) adapts the generator if asked (once per
+adaptation setting), plans, generates, filters and retrains with the same short epochs, and scores
+the retrained model on the **validation** split, next to the same recipe without synthesis. It
+writes the validation table and the chosen run config (``chosen.yaml``, the full config to pass to
+``feedback-synth run --config``), and logs both to MLflow. When no setting beats "no synthesis" on
+validation, it says so plainly and the chosen config turns synthesis off
+(``feedback.budget_fraction`` is not the knob for that: the chosen config keeps the baseline and
+tells the user not to spend the GPU budget).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import asdict, replace
+from typing import Any, Optional
+
+from tqdm.auto import tqdm
+
+from feedback_synth import storage
+from feedback_synth.config import METRICS, RunConfig, deep_merge, from_dict
+from feedback_synth.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# the default grid: a few values per knob that the benchmarks found to matter (section.field -> values)
+DEFAULT_GRID: dict[str, list[Any]] = {
+    "adapt.method": ["none", "full"],
+    "generate.criterion": ["none", "entropy"],
+    "generate.strength": [0.8, 1.0],
+}
+NO_SYNTHESIS = "no synthesis"
+
+
+def parse_grid(pairs: list[str]) -> dict[str, list[Any]]:
+    """``["generate.scale=0.01,0.03", "adapt.method=none,full"]`` -> a grid; every value is checked
+    by building the config it makes."""
+    import yaml
+
+    grid: dict[str, list[Any]] = {}
+    for pair in pairs:
+        if "=" not in pair or "." not in pair.split("=", 1)[0]:
+            raise ConfigError(f"--grid expects section.field=v1,v2,..., got '{pair}'")
+        key, raw = pair.split("=", 1)
+        grid[key.strip()] = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
+    return grid
+
+
+def settings_of(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid, as ``{"section.field": value}``."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def apply_setting(cfg: RunConfig, setting: dict[str, Any]) -> RunConfig:
+    """``cfg`` with the setting's values, checked like a config file."""
+    update: dict[str, Any] = {}
+    for key, value in setting.items():
+        section, field = key.split(".", 1)
+        update = deep_merge(update, {section: {field: value}})
+    return from_dict(RunConfig, deep_merge(asdict(cfg), update))
+
+
+def setting_name(setting: dict[str, Any]) -> str:
+    return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in setting.items())
+
+
+def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any]]] = None, epochs: int = 15,
+              tracker: Any = None) -> dict[str, Any]:
+    """Try every setting of ``grid`` (default ``DEFAULT_GRID``) with ``epochs``-epoch trainings and
+    score each on the validation split. Returns ``{"rows": [...], "chosen": name, "beats_no_synthesis":
+    bool, "config": the chosen RunConfig as a dict}`` and writes ``validation_table.md``,
+    ``tune_report.json`` and ``chosen.yaml`` under ``output_url``."""
+    from feedback_synth.data.imageset import load_info, load_split
+    from feedback_synth.pipeline import stages
+    from feedback_synth.pipeline.orchestration import RunLayout
+    from feedback_synth.pipeline.run import synthesis_rounds
+    from feedback_synth.tracking.base import NullTracker
+    from feedback_synth.training.classifier import load_classifier
+    from feedback_synth.training.evaluate import evaluate, summary
+
+    grid = grid or DEFAULT_GRID
+    tracker = tracker or NullTracker()
+    short = replace(cfg, train=replace(cfg.train, epochs=epochs), retrain=replace(cfg.retrain, epochs=epochs),
+                    feedback=replace(cfg.feedback, rounds=1))
+    data, baseline = storage.join(output_url, "data"), storage.join(output_url, "baseline")
+    stages.prepare_data(short.data, data)
+    if "val" not in load_info(data).splits:
+        raise ConfigError(f"the pilot scores settings on the validation split, and {cfg.data.dataset} has none; add "
+                          f"a val/ folder (or val.txt) to the dataset")
+    stages.train_baseline(data, baseline, short.train, short.data)
+    val = load_split(data, "val")
+    metric = cfg.promote.gate_metric
+
+    def score(model_folder: str) -> dict[str, float]:
+        return summary(evaluate(load_classifier(stages.model_url(model_folder)), val, short.data))
+
+    rows = [{"setting": NO_SYNTHESIS, **score(baseline)}]
+    settings = settings_of(grid)
+    for setting in tqdm(settings, desc="tune (validation)", unit="setting"):
+        run_cfg = apply_setting(short, setting)
+        name = setting_name(setting)
+        folder = storage.join(output_url, "settings", "-".join(f"{k}{v}" for k, v in setting.items()))
+        adapt_folder = storage.join(output_url, "adapted",
+                                    "-".join(f"{k}{v}" for k, v in sorted(asdict(run_cfg.adapt).items())))
+        with tracker.stage(name, setting) as run:
+            adapted = stages.adapt_generator(data, stages.model_url(baseline), adapt_folder, run_cfg.adapt,
+                                             run_cfg.generate)
+            gen_cfg = stages.generate_config_for(run_cfg.generate, adapted.summary["generator"])
+            _, retrained, filtered = synthesis_rounds(run_cfg, RunLayout(folder), data, stages.model_url(baseline),
+                                                      NullTracker(), generate_cfg=gen_cfg)
+            row = {"setting": name, **score(retrained),
+                   "kept": storage.read_json(storage.join(filtered, "filter_report.json"))["kept"]}
+            run.log_metrics({f"val_{k}": v for k, v in row.items() if isinstance(v, float)})
+        rows.append(row)
+    reference = rows[0]
+    best = max(rows[1:], key=lambda r: (r.get(metric) or 0.0, r.get("overall") or 0.0))
+    beats = (best.get(metric) or 0.0) > (reference.get(metric) or 0.0)
+    chosen_setting = settings[rows.index(best) - 1] if beats else {}
+    chosen = apply_setting(cfg, chosen_setting) if beats else cfg
+    report = {"rows": rows, "metric": metric, "epochs": epochs, "grid": grid, "chosen": best["setting"] if beats else
+              NO_SYNTHESIS, "beats_no_synthesis": beats, "config": asdict(chosen)}
+    table = validation_table(report)
+    storage.write_json(storage.join(output_url, "tune_report.json"), report)
+    storage.write_text(storage.join(output_url, "validation_table.md"), table)
+    storage.write_yaml(storage.join(output_url, "chosen.yaml"), asdict(chosen))
+    tracker.log_text(table, "validation_table.md")
+    tracker.log_artifact_url(storage.join(output_url, "chosen.yaml"))
+    tracker.log_metrics({f"best_val_{metric}": best.get(metric) or 0.0,
+                         f"no_synthesis_val_{metric}": reference.get(metric) or 0.0})
+    return report
+
+
+def validation_table(report: dict[str, Any]) -> str:
+    keys = [k for k in METRICS if any(k in r for r in report["rows"])]
+    lines = [f"| setting (validation, {report['epochs']} epochs) | " + " | ".join(keys) + " | kept |",
+             "|---|" + "---|" * (len(keys) + 1)]
+    for r in report["rows"]:
+        mark = " **(chosen)**" if r["setting"] == report["chosen"] else ""
+        lines.append(f"| {r['setting']}{mark} | " + " | ".join("-" if r.get(k) is None else f"{r[k]:.3f}" for k in keys)
+                     + f" | {r.get('kept', '-')} |")
+    if report["beats_no_synthesis"]:
+        verdict = f"chosen on validation {report['metric']}: {report['chosen']}"
+    else:
+        verdict = (f"no setting beats no synthesis on validation {report['metric']}: synthesis would not pay off "
+                   f"on this data with these settings; do not spend the GPU budget on a full run (or widen --grid)")
+    return "\n".join(lines) + "\n\n" + verdict + "\n"
+

@@ -1,0 +1,127 @@
+"""A run owns its output folder, and only what it wrote there: the lock, --overwrite, a code change
+between runs, a full disk (issue: the faults of an adversarial run), through the command line."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from feedback_synth import storage
+from feedback_synth.cli.main import main
+from feedback_synth.pipeline.orchestration import STAGE_FOLDERS
+
+QUICK = ["train.model=test_resnet", "train.epochs=1", "retrain.epochs=1", "feedback.budget_fraction=0.1",
+         "feedback.shard_size=64", "generate.num_inference_steps=2", "generate.criterion=none",
+         "filter.filters=[degenerate]"]
+
+
+def _run(output, tiny_generator, *extra, tracking=False):
+    args = ["run", "--output", str(output)]
+    for s in [*QUICK, f"generate.generator={tiny_generator}", f"tracking.enabled={str(tracking).lower()}", *extra]:
+        args += ["--set", s]
+    return main(args)
+
+
+def _overwrite_args(out, tiny_generator):
+    args = ["run", "--output", str(out), "--overwrite"]
+    for s in [*QUICK, "train.epochs=2", f"generate.generator={tiny_generator}", "tracking.enabled=false"]:
+        args += ["--set", s]
+    return args
+
+
+@pytest.mark.slow
+def test_overwrite_keeps_the_users_files_in_every_stage_folder(tmp_path, tiny_generator, capsys):
+    out = tmp_path / "proj"
+    assert _run(out, tiny_generator) == 0
+    user_files = [out / name / "NOTES.md" for name in STAGE_FOLDERS if name != "rounds"]
+    user_files += [out / "report" / "q3.md", out / "data" / "mine" / "train" / "a.png"]
+    for f in user_files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("mine")
+    assert main(_overwrite_args(out, tiny_generator)) == 0, capsys.readouterr().err
+    for f in user_files:
+        assert f.read_text() == "mine", f
+    assert (out / "baseline" / "model" / "model.safetensors").is_file()  # the new run's outputs are there
+    assert storage.read_yaml(str(out / "config.yaml"))["train"]["epochs"] == 2
+
+
+def test_a_first_run_into_a_folder_with_the_users_files_where_a_run_writes_is_refused(tmp_path, tiny_generator,
+                                                                                     capsys):
+    out = tmp_path / "proj"
+    mine = out / "data" / "mine" / "train" / "3" / "a.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"png")
+    assert _run(out, tiny_generator) == 2
+    err = capsys.readouterr().err
+    assert "holds no run, but its folder data/mine/train/3/a.png" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["data/mine/train/3/a.png"]
+
+
+def test_a_second_run_into_a_locked_output_stops_at_once(tmp_path, tiny_generator, capsys):
+    from filelock import FileLock
+
+    from feedback_synth.pipeline.run import LOCK_FILE
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(str(out / LOCK_FILE)):  # another process writes this folder
+        assert _run(out, tiny_generator) == 2
+    err = capsys.readouterr().err
+    assert "is being written by another feedback-synth process" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(out)) == [LOCK_FILE]  # nothing else was written (the lock is the other process's)
+
+
+def test_a_preflight_failure_leaves_no_folder_behind(tmp_path, capsys):
+    out = tmp_path / "new"
+    assert main(["run", "--output", str(out), "--set", "generate.generator=/no/such/generator"]) == 2
+    assert "generator model folder not found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_resume_after_a_code_change_is_refused_and_says_why(tmp_path, tiny_generator, capsys, monkeypatch):
+    from feedback_synth import fingerprints
+
+    out = tmp_path / "run"
+    assert _run(out, tiny_generator) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(fingerprints, "code_version", lambda: "0.1.0+otherthing")  # as after an edit or upgrade
+    assert _run(out, tiny_generator) == 2
+    err = capsys.readouterr().err
+    assert "code version" in err and "-> 0.1.0+otherthing" in err and "--overwrite" in err
+    assert main(_overwrite_args(out, tiny_generator)) == 0  # --overwrite redoes it with the new code
+    marker = storage.read_json(str(out / "baseline" / "_STAGE.json"))
+    assert marker["version"] == "0.1.0+otherthing"
+
+
+def test_the_code_version_is_a_digest_of_the_source():
+    from feedback_synth import __version__
+    from feedback_synth.fingerprints import code_version
+
+    version = code_version()
+    assert version.startswith(__version__ + "+") and len(version.split("+")[1]) == 12
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_closes_the_runs(tmp_path, tiny_generator, capsys, monkeypatch):
+    """The disk fills up while the baseline is saved: one line naming the output, the MLflow runs
+    closed FAILED, no temporary file left."""
+    from mlflow import MlflowClient
+
+    from feedback_synth.training import classifier
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(classifier, "save_classifier", full)
+    out = tmp_path / "run"
+    assert _run(out, tiny_generator, tracking=True) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("feedback-synth: error: no space left on the device of") and str(out) in err[-1]
+    assert storage.read_json(str(out / "run.json"))["state"] == "failed"
+    assert not [p for p in out.rglob("*.tmp-*")]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "feedback-synth"]
+    statuses = {r.info.run_name: r.info.status for r in client.search_runs([exp.experiment_id])}
+    assert statuses == {"run": "FAILED", "prepare_data": "FINISHED", "train_baseline": "FAILED"}  # none left RUNNING
