@@ -125,3 +125,22 @@ def test_a_full_disk_is_one_line_and_closes_the_runs(tmp_path, tiny_generator, c
     (exp,) = [e for e in client.search_experiments() if e.name == "feedback-synth"]
     statuses = {r.info.run_name: r.info.status for r in client.search_runs([exp.experiment_id])}
     assert statuses == {"run": "FAILED", "prepare_data": "FINISHED", "train_baseline": "FAILED"}  # none left RUNNING
+
+
+@pytest.mark.slow
+def test_mlflow_artifacts_stay_under_the_output_whatever_its_path_holds_and_wherever_it_moves(tmp_path,
+                                                                                               tiny_generator):
+    import shutil
+
+    out = tmp_path / "out dir é#%"
+    assert _run(out, tiny_generator, tracking=True) == 0
+    assert not (tmp_path / "out dir é").exists()  # '#' is not a URI fragment here
+    assert list((out / "mlflow" / "artifacts").rglob("report.md"))
+    moved = tmp_path / "moved"
+    shutil.move(str(out), str(moved))
+    args = ["run", "--output", str(moved), "--overwrite"]
+    for s in [*QUICK, "train.epochs=2", f"generate.generator={tiny_generator}", "tracking.enabled=true"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    assert not out.exists()  # nothing written to where the folder used to be
+    assert len(list((moved / "mlflow" / "artifacts").rglob("report.md"))) == 2  # both runs' artifacts, moved along

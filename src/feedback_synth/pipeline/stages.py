@@ -11,8 +11,6 @@ KFP task imports only its own stage's, which keeps its start-up short.
 from __future__ import annotations
 
 import logging
-
-import numpy as np
 from dataclasses import asdict
 from typing import Any, Callable, Optional
 
@@ -29,6 +27,9 @@ from feedback_synth.config import (
 from feedback_synth.data.imageset import ImageSet, load_info, load_split
 from feedback_synth.errors import DataError
 from feedback_synth.fingerprints import folder_digest
+from feedback_synth.pipeline.descriptors import splits, synthetic_set
+from feedback_synth.pipeline.gaps import GapError, check_gap, filter_gap, gap_report  # noqa: F401  (re-exported)
+from feedback_synth.pipeline.recipes import baseline_recipe, recipe_of, retrain_recipe, same_training
 from feedback_synth.pipeline.result import StageResult, scalar_metrics
 from feedback_synth.pipeline.resume import digests, run_stage
 
@@ -65,11 +66,6 @@ def _prepare_data(cfg: DataConfig, output_url: str) -> StageResult:
     return StageResult("prepare_data", asdict(info), {"train_images": float(sum(info.train_class_counts)),
                                                        "classes": float(len(info.class_names))},
                        datasets=[splits(output_url, "train", "val", "test")])
-
-
-def splits(dataset_url: str, *names: str) -> dict[str, Any]:
-    """A StageResult's record of the real splits a stage read (missing ones are skipped when logged)."""
-    return {"url": dataset_url, "splits": list(names)}
 
 
 def _val_eval(dataset_url: str, data_cfg: DataConfig) -> Optional[Callable]:
@@ -124,26 +120,6 @@ def _train_baseline(dataset_url: str, output_url: str, cfg: TrainConfig, data_cf
     return _finish_training("train_baseline", clf, history, dataset_url, output_url, cfg, data_cfg)
 
 
-def baseline_recipe(cfg: TrainConfig):
-    """The baseline's loss and sampler (``training.train.Recipe``)."""
-    from feedback_synth.training.losses import LOSSES
-    from feedback_synth.training.train import Recipe
-
-    return Recipe(LOSSES.check(cfg.loss, "train.loss"), cfg.tau, cfg.balanced_sampler)
-
-
-def retrain_recipe(cfg: RetrainConfig, baseline_model_url: str):
-    """Retraining's loss and sampler: its own where set, else the baseline's (read from the
-    baseline checkpoint's ``train_config.yaml``), so that the run's delta is the gain of synthesis
-    over the same recipe without it."""
-    from feedback_synth.training.losses import LOSSES
-    from feedback_synth.training.train import Recipe
-
-    base = recipe_of(baseline_model_url)
-    return Recipe(LOSSES.check(cfg.loss or base.loss, "retrain.loss"), cfg.tau if cfg.tau is not None else base.tau,
-                  cfg.balanced_sampler if cfg.balanced_sampler is not None else base.balanced_sampler, cfg.prior)
-
-
 def adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str, cfg: AdaptConfig,
                     gen_cfg: GenerateConfig, overwrite: bool = False) -> StageResult:
     """Fine-tune the generator (``gen_cfg.generator``) on the task's real training images
@@ -174,30 +150,6 @@ def generate_config_for(gen_cfg: GenerateConfig, generator: str) -> GenerateConf
     from dataclasses import replace
 
     return gen_cfg if generator == gen_cfg.generator else replace(gen_cfg, generator=generator)
-
-
-def gap_report(dataset_url: str, model_url_: str, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """The gap between synthetic ``images`` (uint8, labelled ``labels``) and the task's real images,
-    per class (``synthesis.gap``): off-support rate and a real-vs-synthetic discriminator under the
-    baseline's features, the near-copy share and the diversity in pixels."""
-    from feedback_synth.synthesis import gap
-    from feedback_synth.synthesis.feedback import extract_features, fit_class_stats
-    from feedback_synth.training.classifier import load_classifier
-
-    train = load_split(dataset_url, "train")
-    clf = load_classifier(model_url_)
-    real = load_split(dataset_url, "val") if "val" in load_info(dataset_url).splits else train
-    real_feats = extract_features(clf, real)
-    stats = fit_class_stats(extract_features(clf, train), train.labels, train.num_classes, -1.0,
-                            (real_feats, real.labels) if real is not train else None)
-    synthetic = ImageSet(images, labels, np.zeros(len(labels), np.int64), np.array([f"s{i}" for i in range(len(labels))]),
-                         train.class_names, train.group_names)
-    feats = extract_features(clf, synthetic)
-    n = train.num_classes
-    return {"off_support": gap.off_support_rate(feats, labels, stats, n),
-            "discriminator": gap.discriminator_gap(real_feats, real.labels, feats, labels, n),
-            "near_copy": gap.near_copy_share(images, labels, train.images, train.labels, n),
-            "diversity": gap.diversity(images, labels, train.images, train.labels, n)}
 
 
 def _adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str, cfg: AdaptConfig,
@@ -365,7 +317,7 @@ def _filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: s
                        extract_features(clf, generated), extract_features(clf, train), train.labels,
                        load_class_stats(feedback_url))
     keep, report = apply_filters(inp, cfg, train.class_names)
-    report["gap"] = _filter_gap(dataset_url, clf, inp, generated, keep, train)
+    report["gap"] = filter_gap(dataset_url, clf, inp, generated, keep, train)
     kept = generated.subset(np.flatnonzero(keep))
     kept_rows = [r for r, k in zip(rows, keep) if k]
     crit = [r["criterion_value"] for r in rows]
@@ -406,47 +358,6 @@ def _filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: s
     return StageResult("filter", report, scalar_metrics(metrics),
                        [storage.join(output_url, n) for n in ("filter_report.json", "filter_table.md", "samples.png")],
                        datasets=[splits(dataset_url, "train")])
-
-
-def _filter_gap(dataset_url: str, clf, inp, generated: ImageSet, keep: np.ndarray, train: ImageSet) -> dict[str, Any]:
-    """The gap of this round's generated images to the real data, per class (``synthesis.gap``):
-    the off-support share and the discriminator on all generated images, the near-copy share and
-    diversity of the kept ones. Every run gets it, whatever the dataset (no oracle needed)."""
-    from feedback_synth.synthesis import gap
-    from feedback_synth.synthesis.feedback import extract_features
-
-    n = train.num_classes
-    out = {"off_support": gap.off_support_rate(inp.features, inp.labels, inp.stats, n)}
-    if "val" in load_info(dataset_url).splits:
-        val = load_split(dataset_url, "val")
-        out["discriminator"] = gap.discriminator_gap(extract_features(clf, val), val.labels, inp.features, inp.labels, n)
-    kept = generated.subset(np.flatnonzero(keep))
-    out["near_copy"] = gap.near_copy_share(kept.images, kept.labels, train.images, train.labels, n)
-    out["diversity"] = gap.diversity(kept.images, kept.labels, train.images, train.labels, n)
-    return out
-
-
-class GapError(DataError):
-    """Most synthetic images of some classes are off the task's support (``filter.on_gap: stop``)."""
-
-
-def check_gap(report: dict[str, Any], cfg: FilterConfig, table_url: str) -> list[str]:
-    """The early gap warning, right after filtering and before the retraining is spent: the classes
-    whose off-support share exceeds ``cfg.gap_share``, named in a warning, or (``cfg.on_gap``
-    stop) a GapError. Returns those classes (also ``report['off_support_classes']``)."""
-    rates = report.get("gap", {}).get("off_support", {}).get("per_class") or []
-    names = list(report["per_class"])
-    off = [f"{names[c]} ({r:.0%})" for c, r in enumerate(rates) if r is not None and r > cfg.gap_share]
-    report["off_support_classes"] = off
-    if not off:
-        return off
-    message = (f"most synthetic images of {len(off)} class(es) are off the task's support: {', '.join(off)}. The "
-               f"generator draws in another style than your data: adapt it (--set adapt.method=full, or lora for a "
-               f"latent model), or check {table_url}")
-    if cfg.on_gap == "stop":
-        raise GapError(message + "; stopped before retraining (filter.on_gap: stop)")
-    log.warning("filter: %s; going on with re-admission (filter.on_gap: warn)", message)
-    return off
 
 
 def retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output_url: str, cfg: RetrainConfig,
@@ -492,7 +403,7 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
         reference_metrics = storage.read_json(storage.join(previous_retrained_url, "reference_metrics.json"))
     else:
         history_so_far = []
-        if _same_training(recipe, base_recipe, cfg, baseline_model_url):
+        if same_training(recipe, base_recipe, cfg, baseline_model_url):
             reference_metrics = {**storage.read_json(storage.join(baseline_model_url.rsplit("/", 1)[0], "metrics.json")),
                                  "source": "baseline"}
         else:
@@ -516,18 +427,6 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     return result
 
 
-OPTIM_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "augment", "seed")
-
-
-def _same_training(recipe, base_recipe, cfg: RetrainConfig, baseline_model_url: str) -> bool:
-    """Would the baseline's training, with no synthetic image, be retraining's? (loss, tau,
-    sampler and optimiser; the prior only matters once synthetic images are mixed in)"""
-    base = (storage.read_yaml(storage.join(baseline_model_url, "train_config.yaml")) or {}).get("train") or {}
-    same_optim = all(base.get(f) == getattr(cfg, f) for f in OPTIM_FIELDS)
-    return same_optim and (recipe.loss, recipe.tau, recipe.balanced_sampler) == (
-        base_recipe.loss, base_recipe.tau, base_recipe.balanced_sampler)
-
-
 def generate_config_of(generated_url: str | list[str], plan) -> dict[str, Any]:
     """The generate config of a plan's committed shards (their fingerprints record it)."""
     from feedback_synth.generation.shards import find_shard
@@ -537,24 +436,6 @@ def generate_config_of(generated_url: str | list[str], plan) -> dict[str, Any]:
         if url:
             return (storage.read_json(storage.join(url, "_SUCCESS")).get("config") or {}).get("generate", {})
     return {}
-
-
-def synthetic_set(filtered_url: str, context: str, dataset_name: str) -> dict[str, Any]:
-    """A StageResult's record of the kept synthetic set a stage read, with its plan and generation config."""
-    report = storage.read_json(storage.join(filtered_url, "filter_report.json"))
-    return {"synthetic": filtered_url, "plan": report.get("plan"), "generate_config": report.get("generate_config"),
-            "context": context, "name": dataset_name}
-
-
-def recipe_of(model_url_: str):
-    """The recipe a checkpoint was trained with (its ``train_config.yaml``)."""
-    from feedback_synth.training.train import Recipe
-
-    saved = storage.read_yaml(storage.join(model_url_, "train_config.yaml")) or {}
-    if "recipe" in saved:
-        return Recipe(**saved["recipe"])
-    train = saved.get("train") or {}
-    return Recipe(train.get("loss", "ce"), float(train.get("tau", 1.0)), bool(train.get("balanced_sampler", False)))
 
 
 REPORT_FILES = ("report.md", "per_class_accuracy.png", "confusion_baseline.png", "confusion_retrained.png")

@@ -27,6 +27,7 @@ import os
 import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from feedback_synth import storage
@@ -55,6 +56,28 @@ PIPELINE_ERROR_TAG = "feedback_synth.pipeline_error"
 # MLflow's experiment kind for model training (the other kind is "genai_development"); the UI reads
 # it when its workflow selector is off (MLflow 3.17 has it on: the view comes from ?workflowType=)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def relocate_local_store(tracking_uri: str, old_root: str, new_root: str) -> None:
+    """Point a local SQLite store's artifact locations from ``old_root`` to ``new_root`` (a run
+    folder that was moved or copied, store and artifacts together). Only for ``sqlite:///`` stores,
+    whose file is the run folder's own."""
+    import sqlite3
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    db = sqlite3.connect(tracking_uri[len("sqlite:///"):])
+    try:
+        with db:
+            for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                                  ("logged_models", "artifact_location")):
+                columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column in columns:
+                    db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} LIKE ? ESCAPE '!'",
+                               (new_root, len(old_root) + 1,
+                                old_root.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"))
+    finally:
+        db.close()
 
 
 def ui_url(server: str, experiment_id: str, run_id: Optional[str] = None) -> str:
@@ -182,11 +205,16 @@ class MLflowTracker:
         from mlflow.exceptions import MlflowException
 
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
+        location = None
+        if self._artifact_location:  # a local store: its artifacts live beside it, whatever the path holds (#, %, é)
+            os.makedirs(self._artifact_location, exist_ok=True)
+            location = Path(self._artifact_location).absolute().as_uri()
+        if exp is not None and location and exp.artifact_location != location:
+            # the run folder was moved or copied: its local store follows it (else the artifacts of
+            # new runs would go to the old folder)
+            relocate_local_store(self.tracking_uri, exp.artifact_location, location)
+            exp = self.client.get_experiment_by_name(self.cfg.experiment)
         if exp is None:
-            location = None
-            if self._artifact_location:
-                os.makedirs(self._artifact_location, exist_ok=True)
-                location = "file://" + os.path.abspath(self._artifact_location)
             try:  # a retried create that did happen answers "already exists": handled as a concurrent one
                 return self.client.create_experiment(self.cfg.experiment, artifact_location=location,
                                                      tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
