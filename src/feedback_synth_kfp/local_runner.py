@@ -58,14 +58,17 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
         parallelism: generation shards running at once (default: half the CPU cores, at least 1).
         overwrite: start over in a folder that holds a run with another config.
     """
+    from feedback_synth.pipeline.run import owned_output
+
+    with owned_output(cfg, output_url, overwrite):
+        return _run_kfp_local(cfg, output_url, parallelism)
+
+
+def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int]) -> dict[str, Any]:
     import kfp.local
 
-    from feedback_synth.pipeline.preflight import preflight
-    from feedback_synth.pipeline.run import claim_output
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, build_pipeline
 
-    preflight(cfg, output_url)
-    claim_output(cfg, output_url, overwrite)
     storage.write_yaml(storage.join(output_url, "config.yaml"), asdict(cfg))
     if storage.local_path(output_url):
         root, workspace = os.path.join(storage.local_path(output_url), "kfp"), ""
