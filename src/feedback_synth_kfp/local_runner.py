@@ -23,7 +23,7 @@ from feedback_synth.pipeline.orchestration import write_run_summary
 from feedback_synth.tracking.client import tracking_location
 from feedback_synth_kfp.artifacts import artifact_url
 from feedback_synth_kfp.parameters import pipeline_arguments
-from feedback_synth_kfp.tracking import LAUNCH_ENV, finish_tracking, tracking_context
+from feedback_synth_kfp.tracking import LAUNCH_ENV, TASK_ERRORS_ENV, finish_tracking, tracking_context
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,10 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int]) 
     # compiled without the exit handler (its outputs are read below): a failed run's MLflow runs
     # are closed here instead, found by a launch id that start_tracking tags on the parent run
     launch_id = uuid.uuid4().hex
-    before = os.environ.get(LAUNCH_ENV)
-    os.environ[LAUNCH_ENV] = launch_id  # the task processes inherit it
+    before = {k: os.environ.get(k) for k in (LAUNCH_ENV, TASK_ERRORS_ENV)}
+    errors_file = os.path.join(tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-"), "errors.txt")
+    os.environ[LAUNCH_ENV] = launch_id  # the task processes inherit both
+    os.environ[TASK_ERRORS_ENV] = errors_file
     try:
         with warnings.catch_warnings():
             # expected here: our images' components run in this environment, and the local runner
@@ -94,17 +96,21 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int]) 
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
             task = pipeline(**pipeline_arguments(cfg, tracking_uri, workspace))
     except RuntimeError as exc:
-        message = f"the pipeline failed in the KFP local runner: {exc} (task logs above; outputs under {root})"
+        reported = open(errors_file, encoding="utf-8").read().strip().splitlines() if os.path.exists(errors_file) else []
+        # a task's own one-line error when it gave one (as the in-process runner reports it), else KFP's
+        message = reported[-1] if reported else \
+            f"the pipeline failed in the KFP local runner: {exc} (task logs above; outputs under {root})"
         try:
             finish_tracking(tracking_uri, cfg.tracking.experiment, None, "FAILED", message, launch_id=launch_id)
         except FeedbackSynthError as close_error:  # the pipeline's own error matters more
             log.warning("could not close the MLflow runs of the failed run: %s", close_error)
         raise KFPRunError(message) from None
     finally:
-        if before is None:
-            os.environ.pop(LAUNCH_ENV, None)
-        else:
-            os.environ[LAUNCH_ENV] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     out = task.outputs
     urls = {name: artifact_url(out[name]) for name in ("data", "baseline", "adapted", "feedback", "filtered",
                                                         "retrained", "evaluation")}

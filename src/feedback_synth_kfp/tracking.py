@@ -9,10 +9,11 @@ from dataclasses import asdict
 from typing import Any, Callable, Iterator, Optional
 
 from feedback_synth.config import RunConfig, TrackingConfig
-from feedback_synth.errors import ConfigError
+from feedback_synth.errors import ConfigError, FeedbackSynthError
 from feedback_synth.pipeline.orchestration import promote_once, run_logged_stage
 from feedback_synth.pipeline.result import StageResult
 from feedback_synth.tracking.base import NullTracker
+from feedback_synth.tracking.stale import running_runs
 from feedback_synth.tracking.client import mlflow_errors
 from feedback_synth.tracking.mlflow_tracker import PIPELINE_ERROR_TAG, PIPELINE_STATE_TAG, STAGE_TAG, MLflowTracker
 
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 # A local KFP run (``run --runner kfp-local``) sets this in the environment of its task processes;
 # start_tracking tags the parent run with it, so that the runner finds the run if the pipeline fails.
 LAUNCH_ENV, LAUNCH_TAG = "FEEDBACK_SYNTH_LAUNCH_ID", "feedback_synth.launch_id"
+# ... and this: a file where a task that fails with a one-line error writes it, for the runner to report
+TASK_ERRORS_ENV = "FEEDBACK_SYNTH_TASK_ERRORS"
 
 
 def start_tracking(mlflow_tracking_uri: str, experiment: str, registered_model: str, run_name: str,
@@ -102,8 +105,15 @@ def run_task_stage(tracking: Any, name: str, params: dict[str, Any], output_url:
                    work: Callable[[Any], StageResult]) -> StageResult:
     """One stage task: the stage's work, logged as the in-process runner logs it
     (``orchestration.run_logged_stage``: a nested run under the pipeline's parent run)."""
-    with attached(tracking, output_url) as tracker:
-        return run_logged_stage(tracker, name, params, work)
+    try:
+        with attached(tracking, output_url) as tracker:
+            return run_logged_stage(tracker, name, params, work)
+    except FeedbackSynthError as exc:  # the one line a runner reports (the local runner reads it back)
+        errors = os.environ.get(TASK_ERRORS_ENV)
+        if errors:
+            with open(errors, "a", encoding="utf-8") as f:
+                f.write(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
+        raise
 
 
 def promote(tracking: Any, model_url: str, report_url: str, report: dict[str, Any], cfg: RunConfig,
@@ -142,10 +152,7 @@ def close_pipeline_runs(tracker, kfp_run_id: Optional[str], succeeded: bool, mes
             kfp_run_id = parents[0].data.tags.get("kfp.run_id") if parents else None
         if not kfp_run_id:
             return closed
-        runs = tracker.client.raw.search_runs(
-            [exp.experiment_id], max_results=1000,
-            filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and attributes.status = 'RUNNING'")
-        for run in runs:
+        for run in running_runs(tracker.client.raw, exp.experiment_id, "kfp.run_id", kfp_run_id):
             run_id = run.info.run_id
             if "mlflow.parentRunId" in run.data.tags:
                 tracker.client.set_terminated(run_id, "KILLED")

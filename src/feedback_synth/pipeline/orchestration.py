@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from feedback_synth import storage
 from feedback_synth.pipeline.result import StageResult, log_stage_result
+
+if TYPE_CHECKING:
+    from feedback_synth.reporting.tables import EvaluationReport
 
 RESUMED_TAG = "feedback_synth.resumed"
 ROUND_STAGES = ("feedback", "generated", "filtered", "retrained")  # the folders repeated per round
@@ -88,7 +91,7 @@ def run_logged_stage(parent: Any, name: str, params: dict[str, Any], work: Calla
     return result
 
 
-def promote_once(parent: Any, retrained_model_url: str, report_url: str, report: dict[str, Any], promote_cfg: Any,
+def promote_once(parent: Any, retrained_model_url: str, report_url: str, report: "EvaluationReport", promote_cfg: Any,
                  tracking_cfg: Any, test_dataset_url: str) -> dict[str, Any]:
     """Register the retrained model and move ``champion`` if it passes the gate, in a nested
     ``promote`` run, once per finished evaluation: the decision is kept in
@@ -115,7 +118,7 @@ def promote_once(parent: Any, retrained_model_url: str, report_url: str, report:
     return promotion
 
 
-def write_run_summary(report_url: str, report: dict[str, Any], *, timings: dict[str, float],
+def write_run_summary(report_url: str, report: "EvaluationReport", *, timings: dict[str, float],
                       generation: dict[str, Any], outputs: dict[str, str], promotion: Optional[dict[str, Any]],
                       mlflow_run_id: Optional[str], **extra: Any) -> dict[str, Any]:
     """The run's summary, as both runners return it: the evaluation report plus the timings, the

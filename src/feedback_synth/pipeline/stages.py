@@ -479,8 +479,10 @@ def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filte
     for name, m in (("baseline", reference), ("retrained", after)):
         storage.write_bytes(storage.join(output_url, f"confusion_{name}.png"),
                             plots.confusion_matrix(m["confusion_matrix"], info.class_names, f"{name} (test)"))
+    from feedback_synth.reporting.tables import EvaluationReport
+
     b, a = summary(reference), summary(after)
-    report = {"baseline": b, "retrained": a, "delta": {k: v - b[k] for k, v in a.items() if k in b},
+    report: EvaluationReport = {"baseline": b, "retrained": a, "delta": {k: v - b[k] for k, v in a.items() if k in b},
               "recipe": asdict(recipe), "baseline_source": reference.get("source", "baseline"),
               "first_baseline": summary(first),
               "generated": filter_report.get("generated_so_far", filter_report["generated"]),

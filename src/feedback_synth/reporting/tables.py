@@ -1,17 +1,41 @@
 """The tables a person reads: baseline vs retrained, in Markdown."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict
 
 from feedback_synth import storage
 from feedback_synth.config import METRICS
+
+
+class EvaluationReport(TypedDict, total=False):
+    """What the evaluate stage writes (``report/report.json``) and four modules read: the table
+    (here), the promotion gate (``registry``), both runners' summaries (``pipeline.orchestration``)."""
+
+    baseline: dict[str, float]  # the same recipe without synthesis (the gate's reference), test metrics
+    retrained: dict[str, float]  # with synthesis, test metrics
+    delta: dict[str, float]  # retrained - baseline
+    recipe: dict[str, Any]  # the retraining's loss, tau, sampler, prior
+    baseline_source: str  # 'baseline' (same recipe) or 'reference' (a no-synthesis model trained for it)
+    first_baseline: dict[str, float]  # the baseline with its own recipe
+    generated: int
+    kept: int
+    readmitted: int
+    starved: list[str]  # classes below filter.min_kept_fraction even after re-admission
+    off_support_classes: list[str]  # classes named by the early gap warning
+    fidelity: Optional[float]  # the oracle's agreement with the intended class (built-in data)
+    rounds: list[dict[str, Any]]
+    per_class: dict[str, list[Optional[float]]]
+    class_names: list[str]
+    train_class_counts: list[int]
+    gap: Optional[dict[str, Any]]  # synthesis.gap measures of the run's generated and kept images
+    adaptation: Optional[dict[str, Any]]  # adapt_generator's report: the gap before and after
 
 
 def _fmt(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_report(report: EvaluationReport) -> str:
     """Was synthesis worth it? The same recipe without and with synthesis, side by side, and their
     difference; then the rounds (if any) and the synthetic images (Markdown, readable in a terminal)."""
     keys = [k for k in METRICS if k in report["baseline"]]
@@ -49,7 +73,7 @@ def _pc(g: Optional[dict[str, Any]], key: str, c: int) -> Optional[float]:
     return values[c] if c < len(values) else None
 
 
-def gap_table(report: dict[str, Any]) -> str:
+def gap_table(report: EvaluationReport) -> str:
     """The gap to the real data per class (``synthesis.gap``): off-support share and real-vs-synthetic
     discriminator accuracy (0.5 = indistinguishable) of the generated images, before and after
     adapting the generator when it was adapted; near-copy share and diversity of the kept images."""
