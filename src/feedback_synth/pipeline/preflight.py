@@ -161,5 +161,19 @@ def preflight(cfg: RunConfig, output_url: Optional[str] = None) -> None:
     check_generator_against_data(unet, scan["num_classes"], len(scan.get("groups") or ["all"]),
                                  scan.get("channels") or cfg.data.channels or None, cfg.generate.generator,
                                  scan.get("image_size"), origin)
+    if cfg.adapt.method != "none":
+        check_device(cfg.adapt.device, "adapt.device")
+        if cfg.adapt.method == "full" and os.path.isdir(os.path.join(
+                builtin_generator_path(cfg.data.dataset) if cfg.generate.generator == BUILTIN_GENERATOR else
+                (storage.local_path(cfg.generate.generator) or ""), "vae")):
+            raise ConfigError("config field 'adapt.method': 'full' is for the small pixel generators; adapt a latent "
+                              "model (it has a vae/) with 'lora'")
     if output_url is not None:
         check_output_writable(output_url)
+    if cfg.tracking.enabled:  # an unreachable tracking server stops the run here, before any work
+        from feedback_synth.tracking.client import check_reachable, resolve_tracking_uri
+
+        uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        if uri.startswith(("http://", "https://")):
+            check_reachable(resolve_tracking_uri(cfg.tracking, output_url or "")[0], cfg.tracking.retries,
+                            cfg.tracking.request_timeout_s)

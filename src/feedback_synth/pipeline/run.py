@@ -115,6 +115,8 @@ def owned_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Iterator[O
             if not storage.exists(storage.join(output_url, "config.yaml")):  # refused before any work: no trace
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(local, LOCK_FILE))
+                    if not existed:
+                        os.rmdir(local)  # only if empty
 
 
 def claim_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Optional[dict[str, Any]]:
