@@ -359,7 +359,7 @@ def _stage_inputs(prepared, small_classifier, tmp_path):
 def test_a_finished_stage_with_the_same_fingerprint_is_resumed_and_another_is_refused(prepared, tmp_path):
     from feedback_synth.config import TrainConfig
     from feedback_synth.pipeline import stages
-    from feedback_synth.pipeline.resume import StaleOutputError
+    from feedback_synth.fingerprints import StaleOutputError
 
     out = str(tmp_path / "baseline")
     cfg = TrainConfig(model="test_resnet", epochs=1)
@@ -385,7 +385,7 @@ def test_a_shard_made_with_another_config_is_refused_and_counts_are_checked(prep
     from feedback_synth.config import GenerateConfig
     from feedback_synth.generation.shards import load_generated, shard_url
     from feedback_synth.pipeline import stages
-    from feedback_synth.pipeline.resume import StaleOutputError
+    from feedback_synth.fingerprints import StaleOutputError
     from feedback_synth.synthesis.plan import GenerationPlan
 
     fb = _stage_inputs(prepared, small_classifier, tmp_path)
@@ -535,9 +535,10 @@ def test_sigterm_and_sigint_close_the_runs_failed_with_one_line(tmp_path, tiny_g
     out = tmp_path / "run"
     sets = [a for s in ("train.model=test_resnet", "train.epochs=2000", f"generate.generator={tiny_generator}")
             for a in ("--set", s)]
+    # the run keeps an inherited SIGINT ignore (nohup, a background job): start it as from a terminal
     proc = subprocess.Popen([sys.executable, "-m", "feedback_synth.cli", "run", "--output", str(out), *sets],
                             env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     record = out / "run.json"
     deadline = time.time() + 300
     while not record.exists() and proc.poll() is None and time.time() < deadline:

@@ -84,10 +84,10 @@ def test_compiled_pipeline_unrolls_two_rounds(tmp_path):
     for task in ("extract-feedback", "extract-feedback-2"):
         assert inputs(task)["parameters"]["rounds"]["runtimeValue"]["constant"] == 2
     assert inputs("extract-feedback-2")["parameters"]["round_index"]["runtimeValue"]["constant"] == 2
-    # the GPU request of every round's shards and retraining
+    # the GPU request of the adaptation and of every round's shards and retraining
     gpu_tasks = [e for e in spec["deploymentSpec"]["executors"].values()
                  if e["container"].get("resources", {}).get("accelerator")]
-    assert len(gpu_tasks) == 4
+    assert len(gpu_tasks) == 5
 
 
 # ------------------------------------------------------------------------------ runs

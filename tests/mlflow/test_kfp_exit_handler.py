@@ -75,22 +75,17 @@ def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, ti
     from feedback_synth_kfp.local_runner import KFPRunError, run_kfp_local
     from feedback_synth_kfp.tracking import LAUNCH_ENV, LAUNCH_TAG
 
-    # passes the pre-flight check (its layout, labels and paths: no pixel is read there), fails in
-    # prepare_data, which decodes the images: every "image" is garbage
-    broken = tmp_path / "broken-dataset"
-    for split in ("train", "test"):
-        for c in range(10):  # the tiny generator's 10 classes
-            (broken / split / f"c{c}").mkdir(parents=True)
-            (broken / split / f"c{c}" / "x.png").write_bytes(b"not a png")
-    cfg = load_run_config(overrides=[f"data.dataset={broken}", f"generate.generator={tiny_generator}",
+    # passes the pre-flight check, fails in train_baseline (the loss turns inf at this learning rate)
+    cfg = load_run_config(overrides=["train.model=test_resnet", "train.epochs=1", "train.lr=1.0e+30",
+                                     f"generate.generator={tiny_generator}",
                                      f"tracking.tracking_uri={mlflow_server.url}",
                                      "tracking.experiment=local-failure"])
-    with pytest.raises(KFPRunError, match="prepare-data"):
+    with pytest.raises(KFPRunError, match="^train_baseline: "):  # the task's own one line
         run_kfp_local(cfg, str(tmp_path / "run"), parallelism=1)
     runs = _runs(MlflowClient(mlflow_server.url), "local-failure")
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FAILED" and LAUNCH_TAG in parent.data.tags
-    assert "prepare-data" in parent.data.tags[PIPELINE_ERROR_TAG]
+    assert parent.data.tags[PIPELINE_ERROR_TAG].startswith("train_baseline: ")
     assert all(r.info.status != "RUNNING" for r in runs)
     import os
 

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 
 from feedback_synth import storage
 from feedback_synth.config import GenerateConfig, RunConfig
-from feedback_synth.errors import ConfigError
+from feedback_synth.errors import ConfigError, DataError
 from feedback_synth.fingerprints import differences
 from feedback_synth.pipeline import stages
 from feedback_synth.pipeline.orchestration import (
@@ -92,7 +92,10 @@ def owned_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Iterator[O
     if local is not None:
         from filelock import FileLock, Timeout
 
-        os.makedirs(local, exist_ok=True)
+        try:
+            os.makedirs(local, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot write to the output folder {output_url}: {exc.strerror or exc}") from None
         lock = FileLock(os.path.join(local, LOCK_FILE))
         try:
             lock.acquire(timeout=0)

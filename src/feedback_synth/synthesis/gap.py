@@ -25,7 +25,7 @@ from feedback_synth.config import FilterConfig
 
 
 def _flat(images: np.ndarray) -> np.ndarray:
-    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+    return images.reshape(len(images), int(np.prod(images.shape[1:]))).astype(np.float32) / 255.0
 
 
 def _nn_distances(a: np.ndarray, b: np.ndarray, same: bool = False) -> np.ndarray:
