@@ -1,6 +1,7 @@
 """Benchmark: adapting the generator where the task's style is far from the generator's pool.
 
     python benchmarks/digits_gap.py --work /tmp/bench/gap [--seeds 0 1 2] [--epochs 20] [--adapt-steps 200]
+    python benchmarks/digits_gap.py --work /tmp/bench/lt-adapt --dataset digits-lt --rows ...   # where the gap is small
 
 The built-in ``digits-gap`` (digits-lt's counts and generator pool, task images in ``gap_style``).
 Per seed (paired: the seed fixes ``data.split_seed``, the baseline, the real start images and the
@@ -28,7 +29,7 @@ import os
 import sys
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -54,7 +55,9 @@ ROWS: dict[str, tuple[Any, dict[str, Any]]] = {
     "adapted LoRA (drop class), entropy": ({"class_condition": "drop", "method": "lora", "lr": 1e-3},
                                            {"criterion": "entropy"}),
 }
-PAIRS = [("adapted (drop class), entropy", "logit adjustment alone"),
+PAIRS = [("adapted (keep class), entropy", "logit adjustment alone"),
+         ("adapted (keep class), entropy", "unadapted, entropy"),
+         ("adapted (drop class), entropy", "logit adjustment alone"),
          ("adapted (drop class), entropy", "unadapted, entropy"),
          ("adapted (drop class), unguided", "logit adjustment alone"),
          ("adapted (drop class), entropy", "adapted (drop class), unguided"),
@@ -70,8 +73,9 @@ def bootstrap_ci(diffs: list[float], n: int = 10000, seed: int = 0) -> tuple[flo
     return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def run_seed(work: str, seed: int, epochs: int, adapt_steps: int, log) -> dict[str, dict[str, Any]]:
-    cfg = resolve_run_config("digits-gap", overrides=[f"data.split_seed={seed}", f"train.epochs={epochs}",
+def run_seed(work: str, seed: int, epochs: int, adapt_steps: int, log, dataset: str = "digits-gap",
+             rows: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
+    cfg = resolve_run_config(dataset, overrides=[f"data.split_seed={seed}", f"train.epochs={epochs}",
                                                       f"retrain.epochs={epochs}", f"train.seed={seed}",
                                                       f"retrain.seed={seed}", f"generate.seed={seed}",
                                                       f"adapt.steps={adapt_steps}", f"adapt.seed={seed}",
@@ -83,6 +87,8 @@ def run_seed(work: str, seed: int, epochs: int, adapt_steps: int, log) -> dict[s
     test = load_split(data, "test")
     out = {"logit adjustment alone": summary(evaluate(load_classifier(stages.model_url(baseline)), test, cfg.data))}
     for name, (adapt_changes, gen_changes) in ROWS.items():
+        if rows and name not in rows:
+            continue
         t0 = time.time()
         gen_cfg = replace(cfg.generate, **gen_changes)
         if adapt_changes is not None:
@@ -123,10 +129,10 @@ def _few_mean(per_class, report, few_threshold: int, data: str):
     return float(np.mean(values)) if values else None
 
 
-def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+def table(results: dict[str, dict[str, dict[str, Any]]], title: str = "digits-gap") -> str:
     seeds = sorted(results, key=int)
     rows = ["logit adjustment alone", *ROWS, "oracle"]
-    lines = [f"seeds: {', '.join(seeds)}", "",
+    lines = [f"{title}, seeds: {', '.join(seeds)}", "",
              "| setting | overall | few | off-support (generated) | discriminator (0.5 = same) | near-copy (kept) | "
              "near-copy, few-shot classes | kept / generated |", "|---|---|---|---|---|---|---|---|"]
 
@@ -161,6 +167,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--adapt-steps", type=int, default=200)
     p.add_argument("--markdown", default="")
+    p.add_argument("--dataset", default="digits-gap", help="digits-gap, or digits-lt (adaptation where the gap is small)")
+    p.add_argument("--rows", nargs="*", default=None, help="only these synthesis rows (default: all)")
     args = p.parse_args()
     os.environ.setdefault("FEEDBACK_SYNTH_CACHE", os.path.join(args.work, "cache"))
     path = os.path.join(args.work, "results.json")
@@ -170,12 +178,12 @@ def main() -> None:
         if str(seed) in results:
             continue
         results[str(seed)] = run_seed(args.work, seed, args.epochs, args.adapt_steps,
-                                      lambda m: print(m, flush=True))
+                                      lambda m: print(m, flush=True), args.dataset, args.rows)
         os.makedirs(args.work, exist_ok=True)
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
-        print(table(results), flush=True)
-    text = table(results) + f"\nwall time of this invocation: {(time.time() - t0) / 60:.1f} min\n"
+        print(table(results, args.dataset), flush=True)
+    text = table(results, args.dataset) + f"\nwall time of this invocation: {(time.time() - t0) / 60:.1f} min\n"
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:

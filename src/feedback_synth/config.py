@@ -177,11 +177,12 @@ class AdaptConfig:
     rank: Int = Field(8, ge=1)  # LoRA rank (lora_alpha = rank)
     # which layers LoRA adapts: attention projections only, or their resnet convolutions too
     layers: Literal["attention", "attention_conv"] = "attention_conv"
-    # how the class condition is used while adapting: 'drop' trains on the null condition only, so
-    # the task's style is learned from every class while each class's content stays the prior's;
-    # 'keep' trains each image with its class (rare classes then drift toward copies of their few
-    # images); 'mixed' drops it for half of the batch
-    class_condition: Literal["drop", "keep", "mixed"] = "drop"
+    # how the class condition is used while adapting: 'keep' trains each image with its class;
+    # 'drop' trains on the null condition only (the style from every class, each class's content
+    # from the prior); 'mixed' drops it for half of the batch. 'keep', from evidence: on digits-gap
+    # (5 seeds) few-shot +0.141 over 'drop' (CI +0.117..+0.160) with no near-copies at 200 steps:
+    # under classifier-free guidance the conditional branch must learn the style too
+    class_condition: Literal["drop", "keep", "mixed"] = "keep"
     class_balanced: Bool = True  # sample classes uniformly (else by frequency)
     augment: Bool = True  # random translation by up to 1/8 of the image size
     seed: Int = 0
