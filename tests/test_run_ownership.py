@@ -145,3 +145,18 @@ def test_mlflow_artifacts_stay_under_the_output_whatever_its_path_holds_and_wher
     assert main(args) == 0
     assert not out.exists()  # nothing written to where the folder used to be
     assert len(list((moved / "mlflow" / "artifacts").rglob("report.md"))) == 2 * first  # the new run's are here too
+
+
+@pytest.mark.slow
+def test_an_unreachable_tracking_server_stops_the_run_at_preflight_and_leaves_no_folder(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    out = tmp_path / "run"
+    assert main(["run", "--output", str(out), "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}",
+                 "--set", "tracking.retries=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"http://127.0.0.1:{port} cannot be reached" in err[0]
+    assert not out.exists()
