@@ -34,7 +34,9 @@ def start_tracking(mlflow_tracking_uri: str, experiment: str, registered_model: 
     off (empty URI)."""
     if not mlflow_tracking_uri:
         return ""
-    cfg = TrackingConfig(tracking_uri=mlflow_tracking_uri, experiment=experiment, registered_model=registered_model)
+    # the run's own tracking settings (retries, timeouts) where the config carries them
+    cfg = TrackingConfig(**{**(config.get("tracking") or {}), "tracking_uri": mlflow_tracking_uri,
+                            "experiment": experiment, "registered_model": registered_model})
     tracker = MLflowTracker(cfg, output_url, kfp_run_id=kfp_run_id or None)
     launch = os.environ.get(LAUNCH_ENV)  # set by the local runner, to find this run if the pipeline fails
     tracker.start(run_name, config, tags={LAUNCH_TAG: launch} if launch else None)
