@@ -63,5 +63,8 @@ def _files(url: str) -> dict[str, float]:
     out = {}
     for name, info in fs.find(root, detail=True).items():
         mtime = info.get("mtime") or info.get("created") or 0
-        out[name[len(root) + 1:]] = float(mtime.timestamp() if hasattr(mtime, "timestamp") else mtime)
+        try:
+            out[name[len(root) + 1:]] = float(mtime.timestamp() if hasattr(mtime, "timestamp") else mtime)
+        except (TypeError, ValueError):  # a store that reports its times as text: a file there before the
+            out[name[len(root) + 1:]] = float("-inf")  # stage is then never taken for the stage's own
     return out
