@@ -372,7 +372,7 @@ def test_a_finished_stage_with_the_same_fingerprint_is_resumed_and_another_is_re
         stages.train_baseline(prepared, out, TrainConfig(model="test_resnet", epochs=2, loss="balanced_softmax"),
                               DataConfig())
     msg = _one_line(err)
-    assert "train_baseline config train.epochs: 1 -> 2" in msg and "train.loss: 'ce' -> 'balanced_softmax'" in msg
+    assert "train_baseline config train.epochs: 1 -> 2" in msg and "train.loss: 'logit_adjusted' -> 'balanced_softmax'" in msg
     assert weights.stat().st_mtime_ns == stamp  # nothing overwritten
     redone = stages.train_baseline(prepared, out, TrainConfig(model="test_resnet", epochs=2), DataConfig(),
                                    overwrite=True)
