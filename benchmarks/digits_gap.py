@@ -85,7 +85,7 @@ def run_seed(work: str, seed: int, epochs: int, adapt_steps: int, log, dataset: 
     stages.prepare_data(cfg.data, data)
     stages.train_baseline(data, baseline, cfg.train, cfg.data)
     test = load_split(data, "test")
-    out = {"logit adjustment alone": summary(evaluate(load_classifier(stages.model_url(baseline)), test, cfg.data))}
+    out = {"logit adjustment alone": summary(evaluate(load_classifier(stages.model_url(baseline), "auto"), test, cfg.data))}
     for name, (adapt_changes, gen_changes) in ROWS.items():
         if rows and name not in rows:
             continue
@@ -101,7 +101,7 @@ def run_seed(work: str, seed: int, epochs: int, adapt_steps: int, log, dataset: 
         layout = RunLayout(storage.join(root, name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")))
         _, retrained, filtered = synthesis_rounds(row_cfg, layout, data, stages.model_url(baseline), NullTracker(),
                                                   generate_cfg=gen_cfg)
-        m = summary(evaluate(load_classifier(stages.model_url(retrained)), test, cfg.data))
+        m = summary(evaluate(load_classifier(stages.model_url(retrained), "auto"), test, cfg.data))
         report = storage.read_json(storage.join(filtered, "filter_report.json"))
         g = report.get("gap", {})
         m.update(generated=report["generated"], kept=report["kept"], seconds=round(time.time() - t0, 1),

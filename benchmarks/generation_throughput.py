@@ -241,7 +241,7 @@ def cpu_rows(batch_sizes: list[int], steps: int, repeats: int) -> tuple[list[Row
     device = torch.device("cpu")
     path = builtin_generator_path("digits-lt")
     if os.path.isdir(path):
-        pipe, source = load_generator("builtin", "digits-lt"), "shipped weights"
+        pipe, source = load_generator("builtin", "digits-lt", device="cpu"), "shipped weights"
     else:
         torch.manual_seed(0)
         pipe = ClassConditionalFeedbackPipeline(UNet2DModel(**unet_config(16, 1, 10)),
@@ -295,7 +295,7 @@ def build_latent_pipeline(kind: str, device: torch.device, dtype: torch.dtype, s
         CLIPVisionModelWithProjection,
     )
 
-    from feedback_synth.generation.loading import default_dtype
+    from feedback_synth.generation.parts import default_dtype
     from feedback_synth.generation.pipelines import TextFeedbackPipeline
     from feedback_synth.generation.unclip import UnCLIPFeedbackPipeline
 

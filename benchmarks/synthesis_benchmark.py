@@ -99,7 +99,7 @@ class Runner:
         layout = RunLayout(storage.join(self.work, f"seed{seed}", name), cfg.feedback.rounds)
         t0 = time.time()
         gen, retrained, filtered = synthesis_rounds(cfg, layout, data, baseline, NullTracker())
-        clf = load_classifier(stages.model_url(retrained))
+        clf = load_classifier(stages.model_url(retrained), "auto")
         m = summary(evaluate(clf, load_split(data, split), cfg.data))
         synthetic = ImageSet.load(storage.join(filtered, "synthetic.npz"))
         report = storage.read_json(storage.join(filtered, "filter_report.json"))
@@ -107,7 +107,7 @@ class Runner:
             "readmitted", 0) for r in range(1, cfg.feedback.rounds + 1))
         m.update(generated=report.get("generated_so_far", report["generated"]), kept=len(synthetic),
                  readmitted=readmitted, gen_seconds=gen["seconds"], seconds=time.time() - t0,
-                 fidelity=fidelity(data, synthetic, cfg.train.model, oracle_url=storage.join(self.work, "oracle")))
+                 fidelity=fidelity(data, synthetic, cfg.train.model, device="auto", oracle_url=storage.join(self.work, "oracle")))
         return m
 
     def oracle(self, seed: int) -> dict[str, float]:

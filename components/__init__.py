@@ -6,8 +6,8 @@ feedback_synth and calls the stage; the same definition runs through the KFP loc
 (``SubprocessRunner(use_venv=False)``) and on a cluster.
 
 The image references come from ``images/images.yaml`` (``images.yaml`` here links to it and is
-copied into wheels as package data): the GPU image for ``generate_shard`` and ``retrain``, the CPU
-image for the rest.
+copied into wheels as package data): the GPU image for the GPU tasks (``feedback_synth_kfp.placement``,
+the one place that decides which), the CPU image for the rest.
 """
 from __future__ import annotations
 
@@ -26,3 +26,10 @@ def image(kind: str) -> str:
 
 CPU_IMAGE = image("cpu")
 GPU_IMAGE = image("gpu")
+
+
+def image_for(stage: str) -> str:
+    """The image of ``stage``'s task: the GPU image where ``placement`` puts it on a GPU pod."""
+    from feedback_synth_kfp.placement import on_gpu
+
+    return GPU_IMAGE if on_gpu(stage) else CPU_IMAGE

@@ -2,10 +2,10 @@
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from . import GPU_IMAGE
+from . import image_for
 
 
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("adapt_generator"), install_kfp_package=False)
 def adapt_generator(data: Input[Dataset], baseline: Input[Model], adapted: Output[Model], samples: Output[HTML], metrics: Output[Metrics],
                     tracking: Input[Artifact], workspace_url: str = "", run_id: str = ""):
     """Adapt the generator to the task's style (``adapt.method``: none | full | lora) and say which
@@ -30,7 +30,7 @@ def adapt_generator(data: Input[Dataset], baseline: Input[Model], adapted: Outpu
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import run_config, run_task_stage
 
-    cfg = run_config(tracking)
+    cfg = run_config(tracking, "adapt_generator")
     url = artifacts.stage_output_url(adapted, workspace_url, run_id, "adapted")
     result = run_task_stage(tracking, "adapt_generator", asdict(cfg.adapt), url, lambda _: stages.adapt_generator(
         artifacts.artifact_url(data), stages.model_url(artifacts.artifact_url(baseline)), url, cfg.adapt, cfg.generate))

@@ -2,10 +2,10 @@
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-from . import CPU_IMAGE
+from . import image_for
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("evaluate"), install_kfp_package=False)
 def evaluate(data: Input[Dataset], baseline: Input[Model], adapted: Input[Model], retrained: Input[Model],
              filtered: Input[Dataset], evaluation: Output[Artifact], report: Output[Markdown],
              per_class: Output[HTML], metrics: Output[Metrics], tracking: Input[Artifact],
@@ -31,11 +31,11 @@ def evaluate(data: Input[Dataset], baseline: Input[Model], adapted: Input[Model]
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import run_config, run_task_stage
 
-    cfg = run_config(tracking)
+    cfg = run_config(tracking, "evaluate")
     url = artifacts.stage_output_url(evaluation, workspace_url, run_id, "report")
     result = run_task_stage(tracking, "evaluate", {}, url, lambda _: stages.evaluate_run(
         artifacts.artifact_url(data), artifacts.artifact_url(baseline), artifacts.artifact_url(retrained),
-        artifacts.artifact_url(filtered), url, cfg.data, adapted_url=artifacts.artifact_url(adapted)))
+        artifacts.artifact_url(filtered), url, cfg.data, device=cfg.device, adapted_url=artifacts.artifact_url(adapted)))
     artifacts.publish(evaluation, url, seconds=result.seconds, fidelity=result.summary["fidelity"])
     artifacts.log_kfp_metrics(metrics, result.metrics)
     with open(report.path, "w") as f:

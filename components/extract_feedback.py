@@ -5,10 +5,10 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from . import CPU_IMAGE
+from . import image_for
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("extract_feedback"), install_kfp_package=False)
 def extract_feedback(data: Input[Dataset], baseline: Input[Model], feedback: Output[Artifact],
                      tracking: Input[Artifact], workspace_url: str = "", run_id: str = "", round_index: int = 1,
                      rounds: int = 1, previous_feedback: Input[Artifact] = None) -> List[int]:
@@ -38,7 +38,7 @@ def extract_feedback(data: Input[Dataset], baseline: Input[Model], feedback: Out
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import run_config, run_task_stage
 
-    cfg = run_config(tracking)
+    cfg = run_config(tracking, "extract_feedback")
     if cfg.feedback.rounds != rounds:
         raise ConfigError(f"config field 'feedback.rounds': {cfg.feedback.rounds}, but this pipeline was compiled with "
                           f"{rounds} round(s); compile it with `feedback-synth compile --rounds {cfg.feedback.rounds}`")

@@ -5,10 +5,10 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from . import CPU_IMAGE
+from . import image_for
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("filter"), install_kfp_package=False)
 def filter_synthetic(data: Input[Dataset], baseline: Input[Model], feedback: Input[Artifact],
                      shards: Input[List[Dataset]], filtered: Output[Dataset], samples: Output[HTML],
                      metrics: Output[Metrics], tracking: Input[Artifact], workspace_url: str = "", run_id: str = "",
@@ -38,7 +38,7 @@ def filter_synthetic(data: Input[Dataset], baseline: Input[Model], feedback: Inp
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import run_config, run_task_stage
 
-    cfg = run_config(tracking)
+    cfg = run_config(tracking, "filter")
     url = artifacts.stage_output_url(filtered, workspace_url, run_id, RunLayout.folder("filtered", round_index, rounds))
     generated = artifacts.unique([artifacts.artifact_url(s) for s in shards])
     previous = artifacts.artifact_url(previous_filtered) if previous_filtered is not None else None

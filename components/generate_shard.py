@@ -2,10 +2,10 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from . import GPU_IMAGE
+from . import image_for
 
 
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("generate_shard"), install_kfp_package=False)
 def generate_shard(data: Input[Dataset], baseline: Input[Model], generator: Input[Model], feedback: Input[Artifact],
                    shard_id: int, shard: Output[Dataset], tracking: Input[Artifact], workspace_url: str = "",
                    run_id: str = "", round_index: int = 1, rounds: int = 1):
@@ -36,7 +36,7 @@ def generate_shard(data: Input[Dataset], baseline: Input[Model], generator: Inpu
     from feedback_synth_kfp.tracking import run_config, run_task_stage
 
     t0 = time.time()
-    cfg = stages.generate_config_for(run_config(tracking).generate, generator.metadata["generator"])
+    cfg = stages.generate_config_for(run_config(tracking, "generate_shard").generate, generator.metadata["generator"])
     url = artifacts.stage_output_url(shard, workspace_url, run_id, RunLayout.folder("generated", round_index, rounds))
     # one run per shard: the fan-out of the in-process runner's one 'generate' run
     name = RunLayout.run_name(f"generate_shard_{shard_id}", round_index, rounds)

@@ -2,10 +2,10 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Output
 
-from . import CPU_IMAGE
+from . import image_for
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("prepare_data"), install_kfp_package=False)
 def prepare_data(data: Output[Dataset], tracking: Input[Artifact], workspace_url: str = "", run_id: str = ""):
     """Load and check the dataset (built-in or URL) and write its splits.
 
@@ -21,7 +21,7 @@ def prepare_data(data: Output[Dataset], tracking: Input[Artifact], workspace_url
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import run_config, run_task_stage
 
-    cfg = run_config(tracking)
+    cfg = run_config(tracking, "prepare_data")
     url = artifacts.stage_output_url(data, workspace_url, run_id, "data")
     result = run_task_stage(tracking, "prepare_data", asdict(cfg.data), url, lambda _: stages.prepare_data(cfg.data, url))
     info = result.summary

@@ -3,10 +3,10 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output
 
-from . import CPU_IMAGE
+from . import image_for
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("promote"), install_kfp_package=False)
 def promote(data: Input[Dataset], retrained: Input[Model], evaluation: Input[Artifact], tracking: Input[Artifact],
             decision: Output[Markdown]):
     """Register the retrained model as a new version (alias ``challenger``); move ``champion`` to it
@@ -32,7 +32,7 @@ def promote(data: Input[Dataset], retrained: Input[Model], evaluation: Input[Art
     t0 = time.time()
     evaluation_url = artifacts.artifact_url(evaluation)
     result = promote_in_registry(tracking, stages.model_url(artifacts.artifact_url(retrained)), evaluation_url,
-                                 storage.read_json(storage.join(evaluation_url, "report.json")), run_config(tracking),
+                                 storage.read_json(storage.join(evaluation_url, "report.json")), run_config(tracking, "promote"),
                                  artifacts.artifact_url(data))
     artifacts.publish(decision, decision.path, seconds=round(time.time() - t0, 2),
                       promotion=json.dumps(result, default=str))

@@ -2,10 +2,10 @@
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
-from . import GPU_IMAGE
+from . import image_for
 
 
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("retrain"), install_kfp_package=False)
 def retrain(data: Input[Dataset], baseline: Input[Model], filtered: Input[Dataset], retrained: Output[Model],
             metrics: Output[Metrics], confusion: Output[ClassificationMetrics], tracking: Input[Artifact],
             workspace_url: str = "", run_id: str = "", round_index: int = 1, rounds: int = 1,
@@ -33,7 +33,7 @@ def retrain(data: Input[Dataset], baseline: Input[Model], filtered: Input[Datase
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import run_config, run_task_stage
 
-    cfg = run_config(tracking)
+    cfg = run_config(tracking, "retrain")
     url = artifacts.stage_output_url(retrained, workspace_url, run_id, RunLayout.folder("retrained", round_index, rounds))
     previous = artifacts.artifact_url(previous_retrained) if previous_retrained is not None else None
     result = run_task_stage(

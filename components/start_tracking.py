@@ -10,7 +10,7 @@ from . import CPU_IMAGE
 def start_tracking(mlflow_tracking_uri: str, mlflow_experiment: str, registered_model: str, run_name: str,
                    kfp_run_id: str, dataset: str, classifier_model: str, adapt_method: str, generator: str,
                    criterion: str, scale: float, guide_every: int, budget_fraction: float, shard_size: int,
-                   gate_metric: str, min_gain: float, max_overall_drop: float, gpu_device: str, config: str,
+                   gate_metric: str, min_gain: float, max_overall_drop: float, device: str, config: str,
                    tracking: Output[Artifact]):
     """Resolve the run configuration that the pipeline parameters stand for (``config`` with the
     named parameters over it), checked like a config file, and open the MLflow parent run that
@@ -37,7 +37,8 @@ def start_tracking(mlflow_tracking_uri: str, mlflow_experiment: str, registered_
         gate_metric (str): promote.gate_metric.
         min_gain (float): promote.min_gain.
         max_overall_drop (float): promote.max_overall_drop.
-        gpu_device (str): the device of the GPU tasks (adapt, generate, retrain).
+        device (str): the run's device: auto (CUDA where a task's pod has it) | cpu | cuda | cuda:N;
+            each task resolves it on its own pod, and a GPU task's pod without CUDA stops there.
         config (str): JSON object of the other config fields, by section.
         tracking (Output[Artifact]): metadata ``config`` (the resolved RunConfig) and ``context``
             (JSON with ``parent_run_id``; '' when tracking is off).

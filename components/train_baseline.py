@@ -2,10 +2,10 @@
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
-from . import CPU_IMAGE
+from . import image_for
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("train_baseline"), install_kfp_package=False)
 def train_baseline(data: Input[Dataset], baseline: Output[Model], metrics: Output[Metrics],
                    confusion: Output[ClassificationMetrics], tracking: Input[Artifact],
                    workspace_url: str = "", run_id: str = ""):
@@ -26,7 +26,7 @@ def train_baseline(data: Input[Dataset], baseline: Output[Model], metrics: Outpu
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import run_config, run_task_stage
 
-    cfg = run_config(tracking)
+    cfg = run_config(tracking, "train_baseline")
     url = artifacts.stage_output_url(baseline, workspace_url, run_id, "baseline")
     result = run_task_stage(tracking, "train_baseline", asdict(cfg.train), url, lambda on_epoch: stages.train_baseline(
         artifacts.artifact_url(data), url, cfg.train, cfg.data, on_epoch=on_epoch))

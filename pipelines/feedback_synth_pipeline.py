@@ -23,6 +23,7 @@ from feedback_synth_kfp.components.promote import promote
 from feedback_synth_kfp.components.retrain import retrain
 from feedback_synth_kfp.components.start_tracking import start_tracking
 from feedback_synth_kfp.components.train_baseline import train_baseline
+from feedback_synth_kfp.placement import on_gpu
 
 PIPELINE_NAME = "feedback-synth"
 
@@ -51,7 +52,7 @@ class PipelineSettings:
     """What is fixed when the pipeline is compiled (KFP takes these as constants)."""
 
     parallelism: int = 8  # generation shards (GPU pods) running at once
-    gpu_type: str = "nvidia.com/gpu"  # the accelerator resource of adapt_generator, generate_shard and retrain
+    gpu_type: str = "nvidia.com/gpu"  # the accelerator resource of the GPU tasks (feedback_synth_kfp.placement)
     gpus: int = 1  # per GPU task
     gpu_retries: int = 3  # preemptible GPU nodes: retry a GPU task this many times
     rounds: int = 1  # feedback rounds, unrolled (feedback.rounds must match: extract_feedback checks)
@@ -78,6 +79,15 @@ class PipelineSettings:
 def _sized(task: dsl.PipelineTask, name: str, res: Resources) -> dsl.PipelineTask:
     return (task.set_display_name(name).set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
             .set_memory_request(res.memory_request).set_memory_limit(res.memory_limit))
+
+
+def _placed(task: dsl.PipelineTask, stage: str, name: str, settings: PipelineSettings, node_selector,
+            tolerations) -> dsl.PipelineTask:
+    """Size and place the task of ``stage``: a GPU pod when ``placement.on_gpu(stage)`` (the one
+    place that decides), else a CPU pod."""
+    if not on_gpu(stage):
+        return _sized(task, name, settings.cpu)
+    return _on_gpu(_sized(task, name, settings.gpu), settings, node_selector, tolerations)
 
 
 def _on_gpu(task: dsl.PipelineTask, settings: PipelineSettings, node_selector, tolerations) -> dsl.PipelineTask:
@@ -109,7 +119,7 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
         gate_metric: str = "few",
         min_gain: float = 0.0,
         max_overall_drop: float = 0.01,
-        gpu_device: str = "cuda",
+        device: str = "auto",
         gpu_node_selector: dict = {},
         gpu_tolerations: list = DEFAULT_GPU_TOLERATIONS,
         config: str = "{}",
@@ -140,7 +150,9 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
             gate_metric (str): promotion gate: the metric that must improve.
             min_gain (float): promotion gate: minimum gain of the gate metric.
             max_overall_drop (float): promotion gate: largest allowed drop of overall accuracy.
-            gpu_device (str): torch device of the GPU tasks (adapt_generator, generate_shard, retrain).
+            device (str): the run's device: auto (CUDA where a GPU task's pod has it) | cpu | cuda | cuda:N;
+                the GPU tasks (feedback_synth_kfp.placement.GPU_STAGES) resolve it on their own pod, the
+                others run on their CPU pod's CPU.
             gpu_node_selector (dict): nodeSelector of the GPU pods, e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}.
             gpu_tolerations (list): tolerations of the GPU pods.
             config (str): JSON object of every other config field, by section, e.g.
@@ -164,17 +176,18 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
                 dataset=dataset, classifier_model=classifier_model, adapt_method=adapt_method, generator=generator,
                 criterion=criterion, scale=scale, guide_every=guide_every, budget_fraction=budget_fraction,
                 shard_size=shard_size, gate_metric=gate_metric, min_gain=min_gain, max_overall_drop=max_overall_drop,
-                gpu_device=gpu_device, config=config),
+                device=device, config=config),
                 "Resolve config, start MLflow run", settings.small)
             track.set_caching_options(False)  # opens a new MLflow run every time
             tracking = track.outputs["tracking"]
 
             data = _sized(prepare_data(tracking=tracking, **where), "Prepare data", settings.cpu)
-            base = _sized(train_baseline(data=data.outputs["data"], tracking=tracking, **where),
-                          "Train baseline", settings.cpu)
+            gpu = (settings, gpu_node_selector, gpu_tolerations)
+            base = _placed(train_baseline(data=data.outputs["data"], tracking=tracking, **where), "train_baseline",
+                           "Train baseline", *gpu)
             adapt = adapt_generator(data=data.outputs["data"], baseline=base.outputs["baseline"], tracking=tracking,
                                     **where)
-            _on_gpu(_sized(adapt, "Adapt the generator", settings.gpu), settings, gpu_node_selector, gpu_tolerations)
+            _placed(adapt, "adapt_generator", "Adapt the generator", *gpu)
             # feedback in rounds, unrolled at compile time (KFP v2 has no dynamic loops): round r
             # takes its feedback from the latest model and carries the previous round's outputs on
             latest, previous = base.outputs["baseline"], None
@@ -191,8 +204,7 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
                     gen = generate_shard(data=data.outputs["data"], baseline=latest, generator=adapt.outputs["adapted"],
                                          feedback=fb.outputs["feedback"], shard_id=shard_id, tracking=tracking,
                                          round_index=r, **rounds, **where)
-                    _on_gpu(_sized(gen, f"Generate shard{tag}", settings.gpu), settings, gpu_node_selector,
-                            gpu_tolerations)
+                    _placed(gen, "generate_shard", f"Generate shard{tag}", *gpu)
                     gen.set_caching_options(False)  # the cache does not check that shard files still exist
                 chain = {} if previous is None else {"previous_filtered": previous["filtered"]}
                 flt = _sized(filter_synthetic(data=data.outputs["data"], baseline=latest, feedback=fb.outputs["feedback"],
@@ -204,8 +216,7 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
                 ret = retrain(data=data.outputs["data"], baseline=base.outputs["baseline"],
                               filtered=flt.outputs["filtered"], tracking=tracking, round_index=r, **rounds, **chain,
                               **where)
-                _on_gpu(_sized(ret, f"Retrain on real + synthetic{tag}", settings.gpu), settings, gpu_node_selector,
-                        gpu_tolerations)
+                _placed(ret, "retrain", f"Retrain on real + synthetic{tag}", *gpu)
                 latest = ret.outputs["retrained"]
                 previous = {"feedback": fb.outputs["feedback"], "filtered": flt.outputs["filtered"],
                             "retrained": ret.outputs["retrained"]}

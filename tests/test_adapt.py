@@ -22,7 +22,7 @@ FAST_GEN = dict(num_inference_steps=4, criterion="none")
 
 
 def _unet_state(folder: str) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in load_generator(folder).unet.state_dict().items()}
+    return {k: v.clone() for k, v in load_generator(folder, device="cpu").unet.state_dict().items()}
 
 
 @pytest.mark.slow
@@ -79,7 +79,7 @@ def test_the_class_condition_is_dropped_or_kept(prepared, tiny_generator):
     train = load_split(prepared, "train")
     rows = {}
     for mode in ("drop", "keep"):
-        pipe = load_generator(tiny_generator)
+        pipe = load_generator(tiny_generator, device="cpu")
         start = pipe.unet.class_embedding.weight.detach().clone()
         losses = adapt_unet(pipe, adapter_of(pipe).name, train, AdaptConfig(method="full", steps=3, batch_size=8,
                                                                               class_condition=mode), list(range(10)))
@@ -102,7 +102,7 @@ def test_latent_generator_is_adapted_with_lora_and_loaded_with_diffusers_lora_me
     base = str(tmp_path / "sd")
     build_tiny_text_model(base)
     train = load_split(prepared, "train")
-    pipe = load_generator(base)
+    pipe = load_generator(base, device="cpu")
     losses = adapt_unet(pipe, "text", train, AdaptConfig(method="lora", steps=2, batch_size=4, rank=2,
                                                          layers="attention", class_condition="mixed"),
                         list(range(10)))
@@ -116,7 +116,7 @@ def test_latent_generator_is_adapted_with_lora_and_loaded_with_diffusers_lora_me
         if "lora_B" in name:
             p.data.normal_()
     save_adapted(pipe, "text", "lora", base, out, {"task_class_names": train.class_names})
-    reloaded, fresh = load_generator(out), load_generator(base)
+    reloaded, fresh = load_generator(out, device="cpu"), load_generator(base, device="cpu")
     before, after = dict(fresh.unet.named_parameters()), dict(reloaded.unet.named_parameters())
     assert set(before) == set(after)  # fused and unloaded: a plain UNet again
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -149,7 +149,7 @@ def test_adapt_resumes_after_a_kill(prepared, small_classifier, tiny_generator, 
     result = stages.adapt_generator(prepared, small_classifier[1], out, cfg,
                                     GenerateConfig(generator=tiny_generator, num_inference_steps=2, criterion="none"))
     assert not result.summary.get("resumed") and storage.exists(storage.join(out, "_STAGE.json"))
-    assert load_generator(result.summary["generator"]).unet is not None
+    assert load_generator(result.summary["generator"], device="cpu").unet is not None
 
 
 def test_generator_classes_are_matched_by_name(tmp_path, tiny_generator):

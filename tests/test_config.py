@@ -22,7 +22,8 @@ from feedback_synth.pipeline.preflight import check_names
 def test_defaults_build_and_round_trip():
     cfg = RunConfig()
     assert load_run_config(overrides=[]) == cfg
-    assert RunConfig(**{k: type(getattr(cfg, k))(**v) for k, v in dataclasses.asdict(cfg).items()}) == cfg
+    assert RunConfig(**{k: type(getattr(cfg, k))(**v) if isinstance(v, dict) else v
+                        for k, v in dataclasses.asdict(cfg).items()}) == cfg
 
 
 def test_overrides_nest_and_parse_yaml():
@@ -58,7 +59,7 @@ def test_overrides_nest_and_parse_yaml():
     ("promote.lock_uri=redis://h", "config field 'promote.lock_uri': must be '' or start with one of postgresql://"),
     ("tracking.retries=-1", "config field 'tracking.retries': input should be greater than or equal to 0, got -1"),
     ("generate.colour=red", "unknown config field 'generate.colour'; known: autocast, batch_size, cfg_scale"),
-    ("colour.red=1", "unknown config field 'colour'; known: data, train, adapt, feedback, generate"),
+    ("colour.red=1", "unknown config field 'colour'; known: device, data, train, adapt, feedback, generate"),
     ("train=3", "config field 'train': expected a mapping of 'train' fields, got int"),
 ])
 def test_bad_values_name_the_field(override, message):

@@ -63,7 +63,7 @@ def test_padding_the_last_batch_does_not_change_the_real_items(prepared, small_c
     seen = []
     from feedback_synth.generation.loading import load_generator
 
-    pipe = load_generator(tiny_generator)
+    pipe = load_generator(tiny_generator, device="cpu")
     hook = pipe.unet.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
     plain, rows = _shard(prepared, small_classifier, feedback_dir, str(tmp_path / "plain"), generator=tiny_generator,
                          batch_size=3)
@@ -100,7 +100,7 @@ def test_bfloat16_on_cpu_gives_finite_images(prepared, small_classifier, feedbac
 def test_unclip_with_autocast_and_checkpointing_on_cpu(tiny_unclip_model, small_classifier, digits):
     from feedback_synth.generation.loading import load_generator
 
-    pipe = load_generator(tiny_unclip_model)
+    pipe = load_generator(tiny_unclip_model, device="cpu")
     train = digits["train"]
     labels, real = torch.tensor(train.labels[:2]), train.to_tensor()[:2]
 
@@ -125,7 +125,7 @@ def test_unclip_with_autocast_and_checkpointing_on_cpu(tiny_unclip_model, small_
 def test_autocast_covers_the_unet_but_not_the_gradient_path(tiny_unclip_model, small_classifier):
     from feedback_synth.generation.loading import load_generator
 
-    pipe = apply_performance_options(load_generator(tiny_unclip_model), GenerateConfig(autocast="bfloat16"))
+    pipe = apply_performance_options(load_generator(tiny_unclip_model, device="cpu"), GenerateConfig(autocast="bfloat16"))
     z = torch.randn(2, 4, 16, 16)
     cond = torch.zeros(2, 32)
     text = pipe.encode_prompt(["a", "b"])
@@ -146,7 +146,7 @@ def test_attention_goes_through_sdpa(tiny_generator, tiny_unclip_model):
     from feedback_synth.generation.loading import load_generator
 
     for spec in (tiny_generator, tiny_unclip_model):
-        pipe = load_generator(spec)
+        pipe = load_generator(spec, device="cpu")
         layers = [m for part in (pipe.unet, getattr(pipe, "vae", None)) if part is not None
                   for m in part.modules() if isinstance(m, Attention)]
         assert layers and ensure_sdpa(pipe.unet, getattr(pipe, "vae", None)) == len(layers)  # the default
@@ -247,7 +247,7 @@ def test_gpu_gradient_checkpointing_lowers_peak_memory(tiny_unclip_model, small_
 def test_chunked_guidance_gives_the_same_gradient(tiny_unclip_model, small_classifier):
     from feedback_synth.generation.loading import load_generator
 
-    pipe = load_generator(tiny_unclip_model)
+    pipe = load_generator(tiny_unclip_model, device="cpu")
     torch.manual_seed(0)
     z = torch.randn(5, 4, 16, 16)
     text, cond, labels = pipe.encode_prompt(["a"] * 5), torch.randn(5, 32), torch.tensor([0, 3, 4, 7, 9])
@@ -303,7 +303,7 @@ def test_fake_mode_memory_estimate_equals_the_real_run(tiny_unclip_model, small_
             return type(part).from_config(part.config)
         return type(part)(part.config) if isinstance(part, PreTrainedModel) else part
 
-    real_pipe = load_generator(tiny_unclip_model)
+    real_pipe = load_generator(tiny_unclip_model, device="cpu")
     real_pipe.scheduler = with_int_timesteps(real_pipe.scheduler)
     clf = small_classifier[0]
     train = digits["train"]
@@ -354,9 +354,9 @@ def test_latents_and_scheduler_stay_float32_with_a_bfloat16_unet(tiny_generator,
     train = digits["train"]
     labels, real = torch.tensor(train.labels[:2]), train.to_tensor()[:2]
     build_tiny_text_model(str(tmp_path / "text"))
-    pixel = load_generator(tiny_generator, dtype=torch.bfloat16)
-    text = load_generator(str(tmp_path / "text"), dtype=torch.bfloat16)
-    unclip = load_generator(tiny_unclip_model, dtype=torch.bfloat16)
+    pixel = load_generator(tiny_generator, dtype=torch.bfloat16, device="cpu")
+    text = load_generator(str(tmp_path / "text"), dtype=torch.bfloat16, device="cpu")
+    unclip = load_generator(tiny_unclip_model, dtype=torch.bfloat16, device="cpu")
     assert pixel.unet.dtype == text.unet.dtype == unclip.unet.dtype == torch.bfloat16
     seen = []
     step = type(pixel.scheduler).step

@@ -94,7 +94,7 @@ def test_guidance_raises_the_criterion_versus_unguided(criterion, small_classifi
     from feedback_synth.generation.loading import load_generator
 
     clf = small_classifier[0]
-    pipe = load_generator(tiny_generator)
+    pipe = load_generator(tiny_generator, device="cpu")
     labels = torch.tensor([c for c in range(10) for _ in range(2)])
     train = digits["train"]
     init = torch.stack([train.to_tensor()[np.flatnonzero(train.labels == c)[0]] for c in labels.tolist()])

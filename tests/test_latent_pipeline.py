@@ -33,7 +33,7 @@ def test_latent_pipeline_loads_from_a_url_and_is_guided(tiny_text_model, small_c
     # copy the model folder to memory:// to load it the way a pod reads a bucket
     fs, _ = storage.fs_and_path(memory_url)
     fs.put(tiny_text_model + "/", memory_url.replace("memory://", "/") + "/model/", recursive=True)
-    pipe = load_generator(memory_url + "/model")
+    pipe = load_generator(memory_url + "/model", device="cpu")
     assert isinstance(pipe, TextFeedbackPipeline)
     clf = small_classifier[0]
     labels = torch.tensor([1, 7, 9])
@@ -51,7 +51,7 @@ def test_latent_pipeline_loads_from_a_url_and_is_guided(tiny_text_model, small_c
 def test_gradient_flows_through_the_vae_decode(tiny_text_model, small_classifier):
     from feedback_synth.generation.loading import load_generator
 
-    pipe = load_generator(tiny_text_model)
+    pipe = load_generator(tiny_text_model, device="cpu")
     guide = FeedbackGuidance(small_classifier[0], "loss", 0.1, decode=pipe.decode_latents)
     z = torch.randn(2, 4, 16, 16).requires_grad_(True)
     grad, values = guide.gradient(z, torch.zeros_like(z), torch.tensor(0.5), torch.tensor([3, 4]))
@@ -61,7 +61,7 @@ def test_gradient_flows_through_the_vae_decode(tiny_text_model, small_classifier
 def test_sdedit_from_real_images(tiny_text_model, small_classifier, digits):
     from feedback_synth.generation.loading import load_generator
 
-    pipe = load_generator(tiny_text_model)
+    pipe = load_generator(tiny_text_model, device="cpu")
     real = digits["train"].to_tensor()[:2]  # grey 16x16: resized and expanded to the VAE's RGB 32x32
     out = _run(pipe, FeedbackGuidance(small_classifier[0], "entropy", 0.05), torch.tensor([0, 0]), images=real,
                strength=0.5)
@@ -73,7 +73,7 @@ def test_unsupported_scheduler_raises(tiny_text_model):
 
     from feedback_synth.generation.loading import load_generator
 
-    pipe = load_generator(tiny_text_model)
+    pipe = load_generator(tiny_text_model, device="cpu")
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(ValueError, match="EulerDiscreteScheduler is not supported"):
         _run(pipe, None, torch.tensor([0]))
@@ -84,7 +84,7 @@ def test_v_prediction_is_refused_rather_than_guided_wrongly(tiny_text_model):
 
     from feedback_synth.generation.loading import load_generator
 
-    pipe = load_generator(tiny_text_model)
+    pipe = load_generator(tiny_text_model, device="cpu")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
     with pytest.raises(ValueError, match="prediction_type 'v_prediction' is not supported"):
         _run(pipe, None, torch.tensor([0]))

@@ -30,7 +30,7 @@ def test_checkpoint_roundtrip_is_safetensors(small_classifier, digits, memory_ur
     from feedback_synth import storage
 
     assert storage.read_bytes(memory_url + "/m/model.safetensors")[8:9] == b"{"  # safetensors header, no pickle
-    again = load_classifier(memory_url + "/m")
+    again = load_classifier(memory_url + "/m", "cpu")
     assert np.allclose(predict_logits(again, digits["test"]), predict_logits(clf, digits["test"]), atol=1e-5)
     assert again.spec.train_class_counts == [60, 41, 28, 19, 13, 9, 6, 4, 2, 2]
 
@@ -97,9 +97,9 @@ def test_fidelity_oracle_is_trained_once_and_cached(prepared, digits, tmp_path, 
     real_train = oracle.train_classifier
     monkeypatch.setattr(oracle, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
     short = RetrainConfig(epochs=8)
-    first = oracle.fidelity(prepared, synthetic, "test_resnet", oracle_url=str(tmp_path / "run1" / "oracle"),
+    first = oracle.fidelity(prepared, synthetic, "test_resnet", device="cpu", oracle_url=str(tmp_path / "run1" / "oracle"),
                             train_cfg=short)
-    second = oracle.fidelity(prepared, synthetic, "test_resnet", oracle_url=str(tmp_path / "run2" / "oracle"),
+    second = oracle.fidelity(prepared, synthetic, "test_resnet", device="cpu", oracle_url=str(tmp_path / "run2" / "oracle"),
                              train_cfg=short)
     assert trained == [1] and first == second and 0.3 < first <= 1  # the val images: mostly right
     assert storage.exists(str(tmp_path / "run2" / "oracle" / "config.json"))  # each run keeps its copy

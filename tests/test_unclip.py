@@ -21,7 +21,7 @@ def tiny_unclip_model(tmp_path_factory):
 def unclip_pipe(tiny_unclip_model):
     from feedback_synth.generation.loading import load_generator
 
-    return load_generator(tiny_unclip_model)
+    return load_generator(tiny_unclip_model, device="cpu")
 
 
 def _gens(n, seed=7):
@@ -62,7 +62,7 @@ def test_loads_from_a_url_and_guidance_raises_the_criterion(tiny_unclip_model, s
 
     fs, _ = storage.fs_and_path(memory_url)
     fs.put(tiny_unclip_model + "/", memory_url.replace("memory://", "/") + "/model/", recursive=True)
-    pipe = load_generator(memory_url + "/model")
+    pipe = load_generator(memory_url + "/model", device="cpu")
     assert isinstance(pipe, UnCLIPFeedbackPipeline)
     clf = small_classifier[0]
     train = digits["train"]

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar, Literal, Optional
+import re
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic import StrictBool as Bool
 from pydantic import StrictFloat as Float
 from pydantic import StrictInt as Int
@@ -37,6 +38,17 @@ POSTGRES_SCHEMES = ("postgresql://", "postgresql+psycopg2://", "postgres://")
 LOCK_SCHEMES = (*POSTGRES_SCHEMES, "file://")
 
 _SECTION = ConfigDict(extra="forbid", validate_assignment=True)
+_DEVICE_NAME = re.compile(r"(auto|cpu|mps|cuda(:[0-9]+)?)?")
+
+
+def _device_name(value: str) -> str:
+    """A device name's form (whether this machine has it: ``devices.resolve_device``, at pre-flight)."""
+    if not _DEVICE_NAME.fullmatch(value):
+        raise ValueError(f"'{value}' is not a device: auto, cpu, cuda, cuda:N or mps ('' in a section: the run's device)")
+    return value
+
+
+Device = Annotated[Str, AfterValidator(_device_name)]
 
 
 def _message(error: dict[str, Any], where: str) -> str:
@@ -141,7 +153,8 @@ class OptimConfig:
     weight_decay: Float = Field(5e-4, ge=0)
     augment: Bool = True  # random translation by up to 1/8 of the image size
     seed: Int = 0
-    device: Str = "cpu"  # a torch device: cpu, cuda, cuda:1, mps
+    device: Device = ""  # '' = the run's device (``device``); else auto, cpu, cuda, cuda:1, mps
+    runtime_fields: ClassVar[tuple[str, ...]] = ("device",)
 
 
 @section("train")
@@ -150,7 +163,7 @@ class TrainConfig(OptimConfig):
     # ce | logit_adjusted (Menon et al. 2021) | balanced_softmax (Ren et al. 2020) | group_reweighted;
     # logit adjustment (tau 2) by default: every benchmark here chose it on validation over cross-entropy
     loss: Str = "logit_adjusted"
-    tau: Float = Field(2.0, gt=0)  # logit_adjusted's temperature (balanced_softmax is tau 1)
+    tau: Float = Field(2.0, gt=0, allow_inf_nan=False)  # logit_adjusted's temperature (balanced_softmax is tau 1)
     balanced_sampler: Bool = False  # sample classes (or groups) uniformly instead of by frequency
 
 
@@ -158,7 +171,7 @@ class TrainConfig(OptimConfig):
 class RetrainConfig(OptimConfig):
     synthetic_fraction: Float = Field(0.5, ge=0, lt=1)  # share of synthetic images in each batch
     loss: Str = ""  # '' = the baseline's loss (train.loss): the run's delta is then the gain of synthesis alone
-    tau: Optional[Float] = Field(None, gt=0)  # None = the baseline's (train.tau)
+    tau: Optional[Float] = Field(None, gt=0, allow_inf_nan=False)  # None = the baseline's (train.tau)
     balanced_sampler: Optional[Bool] = None  # None = the baseline's (train.balanced_sampler)
     # the class prior of logit_adjusted / balanced_softmax once synthetic images are in the batch:
     # 'real' = the real training counts; 'batch' = the expected class mix of a batch, real + synthetic
@@ -187,7 +200,8 @@ class AdaptConfig:
     class_balanced: Bool = True  # sample classes uniformly (else by frequency)
     augment: Bool = True  # random translation by up to 1/8 of the image size
     seed: Int = 0
-    device: Str = "cpu"
+    device: Device = ""  # '' = the run's device
+    runtime_fields: ClassVar[tuple[str, ...]] = ("device",)
     samples_per_class: Int = Field(8, ge=1, le=64)  # before/after sample grid, per class
 
 
@@ -201,6 +215,8 @@ class FeedbackConfig:
     shrinkage: Float = -1.0  # covariance shrinkage in [0, 1]; -1 = Ledoit-Wolf estimate
     rounds: Int = Field(1, ge=1, le=10)  # feedback rounds: 1 = the paper's one-shot feedback from the baseline
     round_split: Literal["equal", "front_loaded"] = "equal"  # how the budget is shared across rounds
+    device: Device = ""  # where the frozen classifier's features are computed; '' = the run's device
+    runtime_fields: ClassVar[tuple[str, ...]] = ("device",)
 
     @field_validator("shrinkage")
     @classmethod
@@ -231,7 +247,11 @@ class GenerateConfig:
     prompt_template: Str = "a photo of a {class_name}"  # text-conditioned generators only
     group_prompt_template: Str = "a photo of a {class_name} on {group_name}"
     seed: Int = 0
-    device: Str = "cpu"
+    device: Device = ""  # '' = the run's device
+    # settings that change how fast (or in how much memory) images are made, not which images:
+    # recorded, but not part of a fingerprint, so a run may resume on other hardware
+    runtime_fields: ClassVar[tuple[str, ...]] = ("device", "batch_size", "compile_unet", "compile_mode",
+                                                 "pad_last_batch", "gradient_checkpointing", "guidance_chunk_size")
     dtype: Literal[DTYPE_NAMES] = "float32"  # weights of the UNet and text/image encoders
     noise_level: Int = Field(0, ge=0, le=999)  # unCLIP generators: noise on the CLIP image embedding (more = more varied)
     # GPU performance options (off = float32 on the CPU; see feedback_synth.generation.performance)
@@ -269,6 +289,8 @@ class FilterConfig:
     # (re-admission then applies), 'stop' ends the run there, before the retraining is spent
     gap_share: Float = Field(0.5, ge=0, le=1)
     on_gap: Literal["warn", "stop"] = "warn"
+    device: Device = ""  # where the classifier's features and the gap measures are computed; '' = the run's device
+    runtime_fields: ClassVar[tuple[str, ...]] = ("device",)
 
     @field_validator("filters", mode="before")
     @classmethod
@@ -283,8 +305,11 @@ class TrackingConfig:
     experiment: Str = Field("feedback-synth", min_length=1)
     registered_model: Str = Field("feedback-synth-classifier", min_length=1)
     enabled: Bool = True
-    retries: Int = Field(3, ge=0)  # MLflow's HTTP retries (with backoff) before a tracking call fails the run
-    request_timeout_s: Float = Field(30.0, gt=0)  # per HTTP request to the tracking server (a hung server fails fast)
+    # MLflow's HTTP retries (with backoff) before a tracking call fails the run; at most 10 (a dead server
+    # would otherwise hold the run for hours)
+    retries: Int = Field(3, ge=0, le=10)
+    # per HTTP request to the tracking server (a hung server fails fast); finite, at most an hour
+    request_timeout_s: Float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
 
 
 @section("promote")
@@ -309,6 +334,10 @@ class PromoteConfig:
 @section("")
 class RunConfig:
     section: ClassVar[str]
+    # the one device setting: auto (CUDA where present, else the CPU) | cpu | cuda | cuda:N | mps;
+    # every stage, the fidelity oracle and the pilot run there unless their section sets its own
+    device: Device = "auto"
+    runtime_fields: ClassVar[tuple[str, ...]] = ("device",)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
@@ -331,6 +360,8 @@ def from_dict(cls: type, data: dict[str, Any] | None) -> Any:
         for key, value in data.items():
             if key not in names:
                 raise ConfigError(f"unknown config field '{key}'; known: {', '.join(names)}")
+            if _field_class(cls, key) is None:  # a run-wide value (device), not a section
+                continue
             if not isinstance(value, dict):
                 raise ConfigError(f"config field '{key}': expected a mapping of '{key}' fields, got "
                                   f"{type(value).__name__}")
@@ -338,17 +369,53 @@ def from_dict(cls: type, data: dict[str, Any] | None) -> Any:
     return cls(**data)
 
 
+SECTION_DEVICES = ("train", "retrain", "adapt", "feedback", "generate", "filter")
+
+
+def resolve_devices(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` with the run's device and every stage section's device made concrete on
+    this machine (``devices.resolve_device``: auto -> cuda or cpu; '' -> the run's), each checked:
+    the one place where the device setting is resolved (once per process: a KFP task on its pod)."""
+    from feedback_synth.devices import resolve_device
+
+    run_device = resolve_device(cfg.device, "device")
+    sections = {}
+    for name in SECTION_DEVICES:
+        sec = getattr(cfg, name)
+        sections[name] = dataclasses.replace(sec, device=resolve_device(sec.device, f"{name}.device", run_device))
+    return dataclasses.replace(cfg, device=run_device, **sections)
+
+
+def strip_runtime(data: Any, cls: type) -> Any:
+    """``data`` (the plain dict of a config of class ``cls``) without the settings that do not
+    change results (each class's ``runtime_fields``: the device, inference batch sizes, compile,
+    chunking, checkpointing), recursively: what a fingerprint and a resume compare."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    skip = set(getattr(cls, "runtime_fields", ()))
+    return {k: strip_runtime(v, _field_class(cls, k) or object) for k, v in data.items() if k not in skip}
+
+
+def result_settings(cfg: Any) -> dict[str, Any]:
+    """The settings of ``cfg`` (any config object) that change its stage's results, as plain data."""
+    return strip_runtime(dataclasses.asdict(cfg), type(cfg))
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Turn ``["generate.scale=0.01", "train.epochs=5"]`` into a nested dict (values parsed as YAML)."""
+    from feedback_synth import storage
+
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set expects key=value, got '{pair}'")
         key, raw = pair.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+        try:  # storage.load_yaml: 1e-3 is a float, as in a config file
+            value = storage.load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: cannot parse value '{raw}': {exc}") from None
+            if isinstance(exc, storage.DuplicateKeyError):
+                raise ConfigError(f"--set {key}: duplicate key '{exc.key}' in value '{raw}'") from None
+            raise ConfigError(f"--set {key}: cannot parse value '{raw}': {' '.join(str(exc).split())}") from None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -377,6 +444,14 @@ def read_config_file(file_url: str) -> dict[str, Any]:
         loaded = storage.read_yaml(file_url) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {file_url}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {file_url} is a directory, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {file_url} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                          f"offset {exc.start}); save it as UTF-8 YAML") from None
+    except storage.DuplicateKeyError as exc:
+        raise ConfigError(f"config file {file_url}: duplicate key '{exc.key}' on line {exc.line} (first on line "
+                          f"{exc.first_line}); give each key once") from None
     except yaml.YAMLError as exc:  # one line: where (line, column, 1-based), what, and where it started
         mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
         if mark is None or not problem:
@@ -387,6 +462,8 @@ def read_config_file(file_url: str) -> dict[str, Any]:
             if context:
                 what += f" ({context}" + (f" from line {start.line + 1}, column {start.column + 1})" if start else ")")
         raise ConfigError(f"config file {file_url} is not valid YAML: {' '.join(what.split())}") from None
+    except OSError as exc:  # a special file, a permission, a store error: one line naming the file
+        raise ConfigError(f"config file {file_url}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {file_url}: expected a mapping of sections, got {type(loaded).__name__}")
     return loaded
@@ -416,7 +493,9 @@ def preset(dataset: Optional[str]) -> dict[str, Any]:
     if name is None:
         return {}
     path = resources.files("feedback_synth") / "presets" / name
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+    from feedback_synth import storage
+
+    return storage.load_yaml(path.read_text()) if path.is_file() else {}
 
 
 def resolve_run_config(dataset: Optional[str] = None, file_url: Optional[str] = None,
@@ -438,7 +517,9 @@ def resolve_run_config(dataset: Optional[str] = None, file_url: Optional[str] = 
 def stage_config(cls: type, data: dict[str, Any] | str | None) -> Any:
     """One stage's config from a dict or a JSON/YAML string (KFP inputs), checked."""
     if isinstance(data, str):
-        data = yaml.safe_load(data) if data.strip() else {}
+        from feedback_synth import storage
+
+        data = storage.load_yaml(data) if data.strip() else {}
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config section '{cls.section}': expected a mapping of fields, got {type(data).__name__}")
     return from_dict(cls, data)

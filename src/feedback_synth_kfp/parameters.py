@@ -22,14 +22,15 @@ from feedback_synth.errors import ConfigError
 NAMED_PARAMETERS: dict[str, dict[str, str]] = {
     "data": {"dataset": "dataset"},
     "train": {"model": "classifier_model"},
-    "adapt": {"method": "adapt_method", "device": "gpu_device"},
+    "adapt": {"method": "adapt_method"},
     "feedback": {"budget_fraction": "budget_fraction", "shard_size": "shard_size"},
-    "generate": {"generator": "generator", "criterion": "criterion", "scale": "scale", "guide_every": "guide_every",
-                 "device": "gpu_device"},
-    "retrain": {"device": "gpu_device"},
+    "generate": {"generator": "generator", "criterion": "criterion", "scale": "scale", "guide_every": "guide_every"},
     "tracking": {"experiment": "mlflow_experiment", "registered_model": "registered_model"},
     "promote": {"gate_metric": "gate_metric", "min_gain": "min_gain", "max_overall_drop": "max_overall_drop"},
 }
+# run-wide fields (not sections) that are named parameters: the one device setting, resolved by each
+# task on its own pod (auto: CUDA where the pod has it)
+RUN_PARAMETERS: dict[str, str] = {"device": "device"}
 CONFIG_PARAMETER = "config"
 _SHARED = {p for p in (q for named in NAMED_PARAMETERS.values() for q in named.values())
            if sum(p in named.values() for named in NAMED_PARAMETERS.values()) > 1}
@@ -43,9 +44,13 @@ def pipeline_arguments(cfg: RunConfig, mlflow_tracking_uri: str = "", workspace_
     args: dict[str, Any] = {"workspace_url": workspace_url, "mlflow_tracking_uri": mlflow_tracking_uri}
     for section, named in NAMED_PARAMETERS.items():
         for field, param in named.items():
-            args.setdefault(param, getattr(getattr(cfg, section), field))  # gpu_device: adapt's device
+            args.setdefault(param, getattr(getattr(cfg, section), field))
+    for field, param in RUN_PARAMETERS.items():
+        args[param] = getattr(cfg, field)
     rest: dict[str, dict[str, Any]] = {}
     for f in dataclasses.fields(cfg):
+        if f.name in RUN_PARAMETERS:
+            continue
         value, named = getattr(cfg, f.name), NAMED_PARAMETERS.get(f.name, {})
         defaults = type(value)()
         changed = {k.name: getattr(value, k.name) for k in dataclasses.fields(value)
@@ -77,13 +82,14 @@ def run_config_from_parameters(params: dict[str, Any]) -> RunConfig:
     sections = parse_config_parameter(params.get(CONFIG_PARAMETER, ""))
     named_values: dict[str, dict[str, Any]] = {}
     for section, named in NAMED_PARAMETERS.items():
-        # a parameter shared by several sections (gpu_device) is their default: a section's own
-        # value in ``config`` wins over it; any other named parameter wins over ``config``
+        # a parameter shared by several sections is their default: a section's own value in
+        # ``config`` wins over it; any other named parameter wins over ``config``
         values = {field: params[param] for field, param in named.items() if param in params
                   and not (param in _SHARED and field in (sections.get(section) or {}))}
         if values:
             named_values[section] = values
     sections = deep_merge(sections, named_values)
+    sections.update({field: params[param] for field, param in RUN_PARAMETERS.items() if param in params})
     if params.get("mlflow_tracking_uri"):
         sections = deep_merge(sections, {"tracking": {"tracking_uri": params["mlflow_tracking_uri"]}})
     return from_dict(RunConfig, sections)

@@ -132,19 +132,16 @@ _INFRASTRUCTURE = ("workspace_url", "mlflow_tracking_uri")
 
 def config_parameters(cfg, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The pipeline parameters that carry ``cfg`` (a ``RunConfig``), less those equal to the
-    pipeline's defaults and the infrastructure ones. The laptop default ``device: cpu`` is not
-    sent: GPU tasks keep the pipeline's ``gpu_device``."""
+    pipeline's defaults and the infrastructure ones."""
     from feedback_synth_kfp.parameters import CONFIG_PARAMETER, pipeline_arguments
 
     out = {}
     for key, value in pipeline_arguments(cfg).items():
-        if key in _INFRASTRUCTURE or key not in params or (key == "gpu_device" and value == "cpu"):
+        if key in _INFRASTRUCTURE or key not in params:
             continue
         default = params[key]["default"]
         if key == CONFIG_PARAMETER:
-            sections = {name: {k: v for k, v in fields.items() if not (k == "device" and v == "cpu")}
-                        for name, fields in json.loads(value).items()}
-            sections = {name: fields for name, fields in sections.items() if fields}
+            sections = json.loads(value)
             if sections != json.loads(default or "{}"):
                 out[key] = json.dumps(sections, sort_keys=True)
         elif value != default:

@@ -72,15 +72,33 @@ def tracking_context(tracking: Any) -> str:
 CONFIG_KEY = "config"  # metadata key of start_tracking's artifact: the run's resolved RunConfig (asdict)
 
 
-def run_config(tracking: Any) -> RunConfig:
-    """The run's resolved configuration, as start_tracking resolved it once from the pipeline's
-    parameters: every task reads its stage's section from here."""
+def config_from_artifact(tracking: Any) -> RunConfig:
+    """The run's configuration as start_tracking resolved it from the pipeline's parameters (the
+    device as asked: ``run_config`` resolves it for a task)."""
     from feedback_synth_kfp.parameters import config_from_dict
 
     config = (tracking.metadata or {}).get(CONFIG_KEY) if hasattr(tracking, "metadata") else tracking
     if not config:
         raise ConfigError("the tracking artifact carries no run configuration (was it made by start_tracking?)")
     return config_from_dict(json.loads(config) if isinstance(config, str) else config)
+
+
+def run_config(tracking: Any, stage: str) -> RunConfig:
+    """The run's configuration, as start_tracking resolved it once from the pipeline's parameters:
+    every task reads its stage's section from here, with the devices resolved on the task's own pod
+    (``config.resolve_devices``). A GPU task (``placement.GPU_STAGES``) resolves the run's device:
+    auto is CUDA where the pod has it, and a device the pod lacks is one line here, before any
+    work. Every other task runs on its CPU pod's CPU."""
+    import dataclasses
+
+    from feedback_synth.config import SECTION_DEVICES, resolve_devices
+    from feedback_synth_kfp.placement import on_gpu
+
+    cfg = config_from_artifact(tracking)
+    if not on_gpu(stage):
+        cfg = dataclasses.replace(cfg, device="cpu", **{name: dataclasses.replace(getattr(cfg, name), device="cpu")
+                                                        for name in SECTION_DEVICES})
+    return resolve_devices(cfg)
 
 
 @contextlib.contextmanager

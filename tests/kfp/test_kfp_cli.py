@@ -209,15 +209,13 @@ def test_submit_means_what_run_means(fake_kfp, capsys, tmp_path):
     from feedback_synth_kfp.parameters import pipeline_arguments
 
     host, calls = fake_kfp
-    # digits-groups: its preset's values reach the run (and the laptop device 'cpu' does not)
+    # digits-groups: its preset's values reach the run (and the default device, auto, is not sent)
     params = _submitted_parameters(host, calls, capsys, "--dataset", "digits-groups")
-    assert params["dataset"] == "digits-groups" and "gpu_device" not in params
+    assert params["dataset"] == "digits-groups" and "device" not in params
     cfg = resolve_run_config("digits-groups")
     assert cfg.promote.gate_metric == preset("digits-groups")["promote"]["gate_metric"] == params["gate_metric"]
     sent = json.loads(params.get("config", "{}"))
-    expected = {k: v for k, v in json.loads(pipeline_arguments(cfg)["config"]).items()
-                if k not in ("adapt", "retrain", "generate") or v != {"device": "cpu"}}
-    assert sent == expected
+    assert sent == json.loads(pipeline_arguments(cfg)["config"])
     # a dataset URL has no preset: nothing but the dataset differs from the defaults
     assert _submitted_parameters(host, calls, capsys, "--param", "dataset=gs://bucket/data") == {
         "dataset": "gs://bucket/data"}
@@ -235,12 +233,11 @@ def test_submit_means_what_run_means(fake_kfp, capsys, tmp_path):
 
 
 def test_pipeline_defaults_are_the_library_defaults(compiled):
-    """One source of truth: a parameter left at its default means the library's default config
-    (except the GPU tasks' device, 'cuda' in the pipeline and 'cpu' on a laptop)."""
+    """One source of truth: a parameter left at its default means the library's default config."""
     from feedback_synth.config import RunConfig
     from feedback_synth_kfp.parameters import pipeline_arguments
 
     spec = pipeline_parameters(str(compiled))
     differ = {k: (spec[k]["default"], v) for k, v in pipeline_arguments(RunConfig()).items()
-              if k in spec and spec[k]["default"] != v and k != "gpu_device"}
+              if k in spec and spec[k]["default"] != v}
     assert not differ, differ

@@ -18,7 +18,7 @@ COMMITTED = REPO / "pipelines" / "feedback_synth_pipeline.yaml"
 
 STAGES = ["prepare_data", "train_baseline", "adapt_generator", "extract_feedback", "generate_shard", "filter_synthetic",
           "retrain", "evaluate", "promote"]
-GPU_TASKS = {"adapt-generator", "generate-shard", "retrain"}
+GPU_TASKS = {"train-baseline", "adapt-generator", "generate-shard", "retrain"}  # every training task can take the GPU
 UNCACHED = {"generate-shard", "filter-synthetic", "promote", "start-tracking", "finish-tracking"}
 
 
@@ -146,7 +146,7 @@ def test_caching_is_off_where_the_cache_would_lie(spec):
 
 def test_gpu_placement_comes_from_pipeline_parameters(spec):
     executors = spec["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(executors) == {"exec-adapt-generator", "exec-generate-shard", "exec-retrain"}
+    assert set(executors) == {f"exec-{name}" for name in GPU_TASKS}
     for label, k8s in executors.items():
         sel = k8s["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"]
         (tol,) = k8s["tolerations"]

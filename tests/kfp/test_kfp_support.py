@@ -66,18 +66,19 @@ def test_pipeline_arguments_reproduce_the_run_config():
     cfg.retrain.synthetic_fraction, cfg.retrain.device = 0.3, "cuda"
     cfg.promote.min_gain = 0.02
     cfg.adapt.method, cfg.adapt.device = "lora", "cuda"
+    cfg.device = "cuda:1"
     args = pipeline_arguments(cfg, "http://mlflow:5000", "gs://b/ws")
     assert args["mlflow_tracking_uri"] == "http://mlflow:5000" and args["workspace_url"] == "gs://b/ws"
     assert args["classifier_model"] == "test_resnet" and args["adapt_method"] == "lora"
-    # gpu_device is the adapt task's device; a section whose device differs carries its own
-    assert args["gpu_device"] == "cuda"
+    # the run's device is a named parameter; a section that overrides it carries its own
+    assert args["device"] == "cuda:1"
     assert json.loads(args["config"])["generate"] == {"device": "cpu", "num_inference_steps": 4}
-    assert json.loads(args["config"])["retrain"] == {"synthetic_fraction": 0.3}
+    assert json.loads(args["config"])["retrain"] == {"device": "cuda", "synthetic_fraction": 0.3}
     args["mlflow_tracking_uri"] = ""  # the tracking URI is infrastructure, not part of the run config
     assert run_config_from_parameters(args) == cfg  # what start_tracking resolves: the same run config
     # ... and what every task reads back from start_tracking's artifact
     art = dsl.Artifact(name="tracking", uri="/nowhere", metadata={kfp_tracking.CONFIG_KEY: json.dumps(asdict(cfg))})
-    assert kfp_tracking.run_config(art) == cfg
+    assert kfp_tracking.config_from_artifact(art) == cfg
 
 
 def test_tracking_off_is_a_no_op(tmp_path):

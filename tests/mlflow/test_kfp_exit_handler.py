@@ -26,7 +26,7 @@ def test_failed_pipeline_run_closes_its_mlflow_runs(mlflow_server, tmp_path):
     with pytest.raises(RuntimeError, match="exit-handler"):
         # an unknown timm model: train_baseline fails, after start_tracking and prepare_data
         pipeline(classifier_model="no-such-model", mlflow_tracking_uri=mlflow_server.url,
-                 mlflow_experiment="exit-handler", gpu_device="cpu")
+                 mlflow_experiment="exit-handler", device="cpu")
     client = MlflowClient(mlflow_server.url)
     runs = _runs(client, "exit-handler")
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -422,6 +422,6 @@ def test_server_stopped_mid_run_fails_clearly_and_keeps_the_model(doomed_mlflow_
     msg = str(err.value)
     assert doomed_mlflow_server.url in msg and "2 times" in msg and f"outputs are kept in {out}" in msg
     tracker.finish("FAILED")  # best effort: does not raise over the original error
-    kept = load_classifier(str(out / "retrained" / "model"))
+    kept = load_classifier(str(out / "retrained" / "model"), "cpu")
     with torch.no_grad():
         np.testing.assert_array_equal(kept(torch.from_numpy(images)).numpy(), clf(torch.from_numpy(images)).numpy())

@@ -44,9 +44,11 @@ def cmd_tune(args) -> int:
 
     from feedback_synth import storage
     from feedback_synth.pipeline.run import make_tracker
+    from feedback_synth.config import resolve_devices
     from feedback_synth.pipeline.tune import parse_grid, run_pilot, validation_table
 
     cfg = load_config(args)
+    resolve_devices(cfg)  # a device this machine lacks: one line, before any work (the pilot resolves its own)
     output = args.output or _default_output().rstrip("/") + "-tune"
     grid = parse_grid(args.grid) if args.grid else None
     tracker = make_tracker(cfg.tracking, output)
@@ -80,7 +82,9 @@ def cmd_pretrain_generator(args) -> int:
     print(pretrain_generator(pool, cfg, output))
     from feedback_synth.generation.bundled import generator_fidelity
 
-    fid = generator_fidelity(output, pool)
+    from feedback_synth.devices import resolve_device
+
+    fid = generator_fidelity(output, pool, device=resolve_device(cfg.device, "pretrain.device"))
     meta = storage.read_json(storage.join(output, "generator.json"))
     storage.write_json(storage.join(output, "generator.json"), {**meta, "fidelity": fid})
     print(f"fidelity of unguided samples (pool-trained classifier): {fid['fidelity']:.3f}")
@@ -89,9 +93,10 @@ def cmd_pretrain_generator(args) -> int:
 
 
 def cmd_stage(args) -> int:
+    from feedback_synth.config import resolve_devices
     from feedback_synth.pipeline import stages
 
-    cfg = load_config(args)
+    cfg = resolve_devices(load_config(args))  # a device this machine lacks: one line, before any work
     out, again = args.output, args.overwrite
     if args.command == "prepare-data":
         result = stages.prepare_data(cfg.data, out, overwrite=again)
@@ -113,7 +118,7 @@ def cmd_stage(args) -> int:
         from feedback_synth.reporting.tables import format_report
 
         result = stages.evaluate_run(args.data, args.baseline, args.retrained, args.filtered, out, cfg.data,
-                                     overwrite=again)
+                                     device=cfg.device, overwrite=again)
         print(format_report(result.summary))
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(args.command)

@@ -125,7 +125,7 @@ class UnCLIPAdapter(GeneratorAdapter):
     def load(self, folder, dtype, weights=True):
         from feedback_synth.generation.unclip import load_unclip_pipeline
 
-        return load_unclip_pipeline(folder, "cpu", dtype, weights)
+        return load_unclip_pipeline(folder, "cpu", dtype, weights)  # on the CPU, as every adapter: load_generator moves it
 
     def conditioning(self, pipe, batch):
         init = batch.init_images

@@ -18,6 +18,7 @@ from pydantic import StrictStr as Str
 from tqdm.auto import tqdm
 
 from feedback_synth import storage
+from feedback_synth.devices import resolve_device
 from feedback_synth.config import section
 from feedback_synth.data.imageset import ImageSet
 from feedback_synth.generation.loading import load_generator
@@ -32,7 +33,7 @@ class PretrainConfig:
     class_dropout: Float = Field(0.1, ge=0, lt=1)  # share of labels replaced by the null class (classifier-free guidance)
     block_out_channels: tuple[Int, ...] = (32, 64, 64)
     seed: Int = 0
-    device: Str = "cpu"
+    device: Str = "auto"  # auto (CUDA where present) | cpu | cuda | cuda:N | mps
     joint_groups: Bool = False  # condition on (class, group) pairs (group-imbalanced data)
 
 
@@ -65,7 +66,7 @@ def pretrain_generator(pool: ImageSet, cfg: PretrainConfig, output_url: str) -> 
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
+    device = torch.device(resolve_device(cfg.device, "pretrain.device"))
     h, _, c = pool.images.shape[1:]
     cond = condition_index(pool.labels, pool.groups, pool.num_groups, cfg.joint_groups)
     num_conditions = pool.num_classes * (pool.num_groups if cfg.joint_groups else 1)
@@ -116,15 +117,17 @@ def save_generator(unet: UNet2DModel, output_url: str, meta: dict[str, Any]) -> 
 
 
 def generator_fidelity(generator_url: str, pool: ImageSet, per_class: int = 50, model: str = "resnet10t",
-                       num_inference_steps: int = 20, cfg_scale: float = 2.0, seed: int = 0) -> dict[str, Any]:
+                       num_inference_steps: int = 20, cfg_scale: float = 2.0, seed: int = 0, *,
+                       device: str) -> dict[str, Any]:
     """How recognisable the generator's unguided, purely class-conditional samples are: the accuracy
-    of a classifier trained on the balanced generator pool on ``per_class`` samples of each class."""
+    of a classifier trained on the balanced generator pool on ``per_class`` samples of each class
+    (both on ``device``)."""
     from feedback_synth.config import RetrainConfig
     from feedback_synth.training.evaluate import predict_logits
     from feedback_synth.training.train import train_classifier
 
-    pipe = load_generator(generator_url)
-    judge, _ = train_classifier(pool, RetrainConfig(seed=seed), model, desc="pool classifier")
+    pipe = load_generator(generator_url, device=device)
+    judge, _ = train_classifier(pool, RetrainConfig(seed=seed, device=device), model, desc="pool classifier")
     labels = torch.arange(pool.num_classes).repeat_interleave(per_class)
     # a joint (class, group) generator is asked for every group of the class in turn
     joint = pipe.unet.config.num_class_embeds - 1 == pool.num_classes * pool.num_groups and pool.num_groups > 1

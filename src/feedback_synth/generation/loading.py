@@ -9,6 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from feedback_synth import storage
+from feedback_synth.devices import resolve_device
 from feedback_synth.errors import ConfigError, DataError
 from feedback_synth.generation.adapters import GENERATOR_ADAPTERS, adapter_for_folder
 
@@ -56,10 +57,11 @@ def local_copy(url: str, weights: bool = True) -> str:
     return tmp
 
 
-def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cpu",
+def load_generator(spec: str, dataset_name: str = "digits-lt", *, device: str,
                    dtype: torch.dtype = torch.float32,
                    weights: bool = True) -> DiffusionPipeline:
-    """Load the bundled generator (``builtin``) or a diffusers model folder from any fsspec URL.
+    """Load the bundled generator (``builtin``) or a diffusers model folder from any fsspec URL, on
+    ``device`` (a torch device, or auto/'' for ``devices.resolve_device``).
 
     The folder's kind (unCLIP, text, pixel) is decided by the generator adapters
     (``generation.adapters``). ``weights=False`` builds the same pipeline from the configs only
@@ -81,7 +83,7 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
 
         with open(adapted) as f:
             base = json.load(f)["base"]
-        return apply_adapted_lora(load_generator(base, dataset_name, device, dtype, weights), path)
+        return apply_adapted_lora(load_generator(base, dataset_name, device=device, dtype=dtype, weights=weights), path)
     adapter = adapter_for_folder(path)
     if adapter is None:
         raise DataError(f"not a diffusers model folder this project knows: {spec} (expected unet/ and scheduler/, "
@@ -91,7 +93,8 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", device: str = "cp
         pipe = adapter.load(path, dtype, weights)
     except OSError as exc:  # diffusers/transformers: a config or weight file missing or unreadable
         raise DataError(f"generator model folder {spec}: {exc}") from None
-    if device != "cpu":
+    device = resolve_device(device, "generate.device")
+    if device != "cpu":  # diffusers loads on the CPU
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

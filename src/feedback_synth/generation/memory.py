@@ -59,7 +59,8 @@ def estimate_generation_memory(cfg: GenerateConfig, classifier_model: str, num_c
     state: dict[str, Any] = {}
 
     def build():
-        pipe = load_generator(cfg.generator, dataset_name, "cpu", DTYPES[cfg.dtype], weights=False)
+        # configs only, no weights: built on the CPU whatever the run's device (nothing runs)
+        pipe = load_generator(cfg.generator, dataset_name, device="cpu", dtype=DTYPES[cfg.dtype], weights=False)
         pipe.scheduler = with_int_timesteps(pipe.scheduler)
         pipe.check_inputs = lambda *args, **kwargs: None  # checks values, which fake tensors do not have
         apply_performance_options(pipe, replace(cfg, compile_unet=False))

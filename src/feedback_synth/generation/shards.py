@@ -18,8 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from feedback_synth import storage
-from feedback_synth.config import GenerateConfig
+from feedback_synth.config import GenerateConfig, result_settings
 from feedback_synth.data.imageset import ImageSet, load_info, load_split
+from feedback_synth.devices import resolve_device
 from feedback_synth.errors import DataError
 from feedback_synth.fingerprints import (
     digest_of,
@@ -53,7 +54,8 @@ def shard_fingerprint(plan: GenerationPlan, shard: Shard, dataset_url: str, mode
                       cfg: GenerateConfig, generator_folder: str) -> dict[str, Any]:
     """What makes a shard's images: its plan entries, the generate config, and the digests of the
     data, the classifier, the feedback (class statistics) and the generator."""
-    config = {"entries": [asdict(e) for e in shard.entries], "per_group": plan.per_group, "generate": asdict(cfg)}
+    config = {"entries": [asdict(e) for e in shard.entries], "per_group": plan.per_group,
+              "generate": result_settings(cfg)}  # not the device, batch size, compile or chunking: a shard may resume elsewhere
     inputs = {"data": input_digest(dataset_url), "model": input_digest(model_url),
               "feedback": input_digest(feedback_url), "generator": folder_digest(generator_folder)}
     return fingerprint("generate_shard", config, inputs)
@@ -149,10 +151,10 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
     storage.remove(url)  # a half-written shard from a killed run (or an overwritten one): redo it from scratch
     train = load_split(dataset_url, "train")
     check_plan_matches_data(feedback_url, dataset_url, train, plan)
-    device = torch.device(cfg.device)
-    clf = load_classifier(model_url, device=cfg.device)
+    device = resolve_device(cfg.device, "generate.device")
+    clf = load_classifier(model_url, device)
     if pipe is None:
-        pipe = load_generator(cfg.generator, info.name, cfg.device, DTYPES[cfg.dtype])
+        pipe = load_generator(cfg.generator, info.name, device=device, dtype=DTYPES[cfg.dtype])
     pipe = apply_performance_options(pipe, cfg)
     precision = GUIDANCE_DTYPES[cfg.guidance_dtype]
     stats = load_class_stats(feedback_url) if cfg.criterion != "none" else None
@@ -221,7 +223,8 @@ def generate(plan_url: str, dataset_url: str, model_url: str, feedback_url: str,
         raise DataError(f"shard {unknown[0]} is not in the plan {plan_url} (it has shards 0..{len(plan.shards) - 1})")
     info = load_info(dataset_url)
     todo = [i for i in ids if not shard_done(output_url, i)]
-    pipe = load_generator(cfg.generator, info.name, cfg.device, DTYPES[cfg.dtype]) if todo else None
+    pipe = load_generator(cfg.generator, info.name, device=resolve_device(cfg.device, "generate.device"),
+                          dtype=DTYPES[cfg.dtype]) if todo else None
     total = sum(s.num_images for s in plan.shards if s.shard_id in ids)
     results = []
     with tqdm(total=total, desc=f"generate ({cfg.criterion})", unit="img") as bar:

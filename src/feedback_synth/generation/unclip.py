@@ -225,7 +225,7 @@ class UnCLIPFeedbackPipeline(TextFeedbackPipeline):
         return FeedbackPipelineOutput(images=out.cpu(), criterion=crit)
 
 
-def load_unclip_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+def load_unclip_pipeline(path: str, device: str, dtype: torch.dtype = torch.float32,
                          weights: bool = True) -> UnCLIPFeedbackPipeline:
     """Load a stable unCLIP folder from local disk (``generation.loading.load_generator`` copies remote ones).
 

@@ -14,16 +14,17 @@ from feedback_synth.errors import DataError
 log = logging.getLogger(__name__)
 
 
-def gap_report(dataset_url: str, model_url_: str, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def gap_report(dataset_url: str, model_url_: str, images: np.ndarray, labels: np.ndarray,
+               device: str) -> dict[str, Any]:
     """The gap between synthetic ``images`` (uint8, labelled ``labels``) and the task's real images,
     per class (``synthesis.gap``): off-support rate and a real-vs-synthetic discriminator under the
-    baseline's features, the near-copy share and the diversity in pixels."""
+    baseline's features (computed on ``device``), the near-copy share and the diversity in pixels."""
     from feedback_synth.synthesis import gap
     from feedback_synth.synthesis.feedback import extract_features, fit_class_stats
     from feedback_synth.training.classifier import load_classifier
 
     train = load_split(dataset_url, "train")
-    clf = load_classifier(model_url_)
+    clf = load_classifier(model_url_, device)
     real = load_split(dataset_url, "val") if "val" in load_info(dataset_url).splits else train
     real_feats = extract_features(clf, real)
     stats = fit_class_stats(extract_features(clf, train), train.labels, train.num_classes, -1.0,

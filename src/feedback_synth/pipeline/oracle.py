@@ -5,13 +5,12 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict
 from typing import Optional
 
 import numpy as np
 
 from feedback_synth import storage
-from feedback_synth.config import RetrainConfig
+from feedback_synth.config import RetrainConfig, result_settings
 from feedback_synth.data.imageset import ImageSet, load_info, load_split
 from feedback_synth.training.classifier import load_classifier, save_classifier
 from feedback_synth.training.evaluate import predict_logits
@@ -36,28 +35,31 @@ def oracle_cache_key(split: ImageSet, model: str, cfg: RetrainConfig) -> str:
     h = hashlib.sha256()
     for part in (split.images, split.labels, split.groups):
         h.update(np.ascontiguousarray(part).tobytes())
-    h.update(json.dumps({"model": model, "train": asdict(cfg), "version": __version__}, sort_keys=True).encode())
+    h.update(json.dumps({"model": model, "train": result_settings(cfg), "version": __version__},
+                        sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
-def fidelity(dataset_url: str, synthetic: ImageSet, model: str, seed: int = 0,
+def fidelity(dataset_url: str, synthetic: ImageSet, model: str, *, device: str, seed: int = 0,
              oracle_url: Optional[str] = None, train_cfg: Optional[RetrainConfig] = None) -> Optional[float]:
     """Share of synthetic images that an oracle (trained on balanced real task data, the dataset's
     ``oracle`` split) labels as their intended class; None when the dataset has no oracle split.
 
     The oracle is trained once per (oracle split, model, config) and kept in ``cache_dir()``; a copy
     goes to ``oracle_url``. ``train_cfg``: how the oracle is trained (default: the retraining
-    defaults with ``seed``)."""
+    defaults with ``seed``). ``device``: where the oracle trains and runs (the run's device)."""
+    from dataclasses import replace
     info = load_info(dataset_url)
     if "oracle" not in info.splits or len(synthetic) == 0:
         return None
     if oracle_url and storage.exists(storage.join(oracle_url, "config.json")):
-        oracle = load_classifier(oracle_url)
+        oracle = load_classifier(oracle_url, device)
     else:
-        split, cfg = load_split(dataset_url, "oracle"), train_cfg or RetrainConfig(seed=seed)
+        split = load_split(dataset_url, "oracle")
+        cfg = replace(train_cfg or RetrainConfig(seed=seed), device=device)
         cached = storage.join(cache_dir(), "oracles", oracle_cache_key(split, model, cfg))
         if storage.exists(storage.join(cached, "config.json")):
-            oracle = load_classifier(cached)
+            oracle = load_classifier(cached, device)
         else:
             oracle, _ = train_classifier(split, cfg, model, desc="oracle")
             try:

@@ -2,11 +2,11 @@
 and nothing is written.
 
 What is checked: the names that plugins define (criteria, filters, losses); the dataset's layout,
-labels and paths, and every image of a dataset URL opened without decoding it (missing, corrupt,
-truncated, a decompression bomb), its channels decided as prepare decides them; the timm model; the
-torch devices; the generator folder (a loadable diffusers model: each component's config and weight
-files) against the data (number of classes or conditions, channels, image size), from its configs
-only; the output folder (writable).
+labels and paths, and every image of a dataset URL opened and decoded (missing, corrupt,
+truncated, a broken compressed stream, a decompression bomb), its channels decided as prepare
+decides them; the timm model; the torch devices; the generator folder (a loadable diffusers
+model: each component's config and weight files) against the data (number of classes or
+conditions, channels, image size), from its configs only; the output folder (writable).
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import uuid
 from typing import Any, Optional
 
 from feedback_synth import storage
-from feedback_synth.config import RunConfig
+from feedback_synth.config import RunConfig, resolve_devices
+from feedback_synth.devices import check_device  # noqa: F401  (re-exported: the pre-flight checks)
 from feedback_synth.errors import ConfigError, DataError
 
 WEIGHT_FILES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
@@ -33,28 +34,6 @@ def check_names(cfg: RunConfig) -> None:
     LOSSES.check(cfg.train.loss, "train.loss")
     if cfg.retrain.loss:
         LOSSES.check(cfg.retrain.loss, "retrain.loss")
-
-
-def check_device(device: str, field: str) -> None:
-    """``device`` names a torch device that this machine has (``cuda`` on a CPU-only machine, or a
-    typo, would otherwise fail with a torch traceback minutes later, in the first stage that uses it)."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"config field '{field}': '{device}' is not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"config field '{field}': '{device}' but this machine has no CUDA device "
-                              f"(torch {torch.__version__}); use cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"config field '{field}': '{device}' but this machine has "
-                              f"{torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"config field '{field}': '{device}' but MPS is not available here")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"config field '{field}': device type '{dev.type}' is not supported (cpu, cuda, mps)")
 
 
 def check_output_writable(output_url: str) -> None:
@@ -90,12 +69,15 @@ def check_generator_folder(spec: str, dataset_name: str) -> dict[str, Any]:
         if not any(f.startswith(f"{part}/") and f.endswith(WEIGHT_FILES) for f in files):
             raise DataError(f"generator model folder {spec}: {part}/ has no weight file "
                             f"({', '.join('*' + s for s in WEIGHT_FILES)})")
-    return {"kind": adapter.name, **storage.read_json(os.path.join(local, "unet", "config.json"))}
+    from feedback_synth.generation.loading import generator_meta
+
+    return {"kind": adapter.name, **storage.read_json(os.path.join(local, "unet", "config.json")),
+            "class_names": generator_meta(folder).get("class_names")}  # None: the generator names none
 
 
 def check_generator_against_data(unet: dict[str, Any], num_classes: int, num_groups: int,
                                  channels: Optional[int], spec: str, image_size: Optional[int] = None,
-                                 origin: str = "data.channels") -> None:
+                                 origin: str = "data.channels", class_names: Optional[list[str]] = None) -> None:
     """A pixel class-conditional generator must have one embedding per class (or per (class, group)
     cell) plus the null class, the data's channels and its image size (it makes images of its sample
     size only); latent generators take any classes and sizes.
@@ -105,13 +87,15 @@ def check_generator_against_data(unet: dict[str, Any], num_classes: int, num_gro
         image_size: the data's square image size (None: not known).
         origin: where the data's channels and size come from: ``data.channels`` (set in the config),
             ``decided`` (from the train split, data.channels 0) or ``built-in`` (a built-in dataset).
+        class_names: the dataset's classes, named when their count does not match the generator's.
     """
     if unet.get("kind") != "pixel":
         return
     conditions = (unet.get("num_class_embeds") or 1) - 1
     if conditions not in (num_classes, num_classes * num_groups):
         raise DataError(f"generator {spec} is conditioned on {conditions} classes; the dataset has {num_classes} "
-                        f"classes" + (f" and {num_classes * num_groups} (class, group) cells" if num_groups > 1 else ""))
+                        f"classes" + (f" and {num_classes * num_groups} (class, group) cells" if num_groups > 1 else "")
+                        + _class_difference(class_names, unet.get("class_names")))
     made = unet.get("in_channels")
     if channels and made != channels:
         fix = "use another generator" if origin == "built-in" else \
@@ -132,6 +116,23 @@ def check_generator_against_data(unet: dict[str, Any], num_classes: int, num_gro
                         f"(set data.image_size={sample}, or use another generator)")
 
 
+def _class_difference(data_classes: Optional[list[str]], generator_classes: Optional[list[str]]) -> str:
+    """`` (the dataset's classes not among the generator's: 'x'; ...)``: which classes make the counts
+    differ (by name when the generator names its classes, else the dataset's class list); '' if unknown."""
+    def shown(names: list[str]) -> str:
+        return ", ".join(repr(n) for n in names[:12]) + (", ..." if len(names) > 12 else "")
+
+    if not data_classes:
+        return ""
+    if not generator_classes:
+        return f" ({shown(list(data_classes))})"
+    extra = [c for c in data_classes if c not in set(generator_classes)]
+    missing = [c for c in generator_classes if c not in set(data_classes)]
+    parts = ([f"the dataset's classes not among the generator's: {shown(extra)}"] if extra else []) + \
+            ([f"the generator's classes not in the dataset: {shown(missing)}"] if missing else [])
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def preflight(cfg: RunConfig, output_url: Optional[str] = None) -> None:
     """Every check that needs no long work (see the module docstring), before anything is written."""
     import timm
@@ -141,13 +142,11 @@ def preflight(cfg: RunConfig, output_url: Optional[str] = None) -> None:
 
     check_names(cfg)
     builtin = cfg.data.dataset in BUILTIN
-    # layout, labels, paths; every image opened (not decoded) and the channels decided; bounded wait
+    # layout, labels, paths; every image opened and decoded and the channels decided; bounded wait
     scan = scan_dataset(cfg.data.dataset, cfg.data, images=True)
     if not timm.is_model(cfg.train.model):
         raise ConfigError(f"config field 'train.model': unknown timm model '{cfg.train.model}'")
-    for field, device in (("train.device", cfg.train.device), ("retrain.device", cfg.retrain.device),
-                          ("generate.device", cfg.generate.device)):
-        check_device(device, field)
+    resolve_devices(cfg)  # the run's device and every stage's override: a device this machine lacks stops here
     if cfg.generate.generator == BUILTIN_GENERATOR:
         if not builtin:
             raise ConfigError("config field 'generate.generator': the bundled generator only knows the built-in "
@@ -160,9 +159,8 @@ def preflight(cfg: RunConfig, output_url: Optional[str] = None) -> None:
     origin = "built-in" if builtin else "data.channels" if cfg.data.channels else "decided"
     check_generator_against_data(unet, scan["num_classes"], len(scan.get("groups") or ["all"]),
                                  scan.get("channels") or cfg.data.channels or None, cfg.generate.generator,
-                                 scan.get("image_size"), origin)
+                                 scan.get("image_size"), origin, scan.get("class_names"))
     if cfg.adapt.method != "none":
-        check_device(cfg.adapt.device, "adapt.device")
         if cfg.adapt.method == "full" and os.path.isdir(os.path.join(
                 builtin_generator_path(cfg.data.dataset) if cfg.generate.generator == BUILTIN_GENERATOR else
                 (storage.local_path(cfg.generate.generator) or ""), "vae")):

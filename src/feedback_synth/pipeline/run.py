@@ -25,9 +25,9 @@ from dataclasses import asdict
 from typing import Any, Iterator, Optional
 
 from feedback_synth import storage
-from feedback_synth.config import GenerateConfig, RunConfig
+from feedback_synth.config import GenerateConfig, RunConfig, resolve_devices, strip_runtime
 from feedback_synth.errors import ConfigError, DataError
-from feedback_synth.fingerprints import differences
+from feedback_synth.fingerprints import StaleOutputError, differences
 from feedback_synth.pipeline import stages
 from feedback_synth.pipeline.orchestration import (
     STAGE_FOLDERS,
@@ -141,7 +141,9 @@ def claim_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Optional[d
                               f"(and {len(foreign) - 1} more file(s)) is where a run writes; use an empty or new "
                               f"--output (nothing was changed)")
         return previous
-    changed = differences(storage.read_yaml(config_url) or {}, asdict(cfg))
+    # the device, inference batch sizes, compile and chunking may differ: a run may resume on other hardware
+    changed = differences(strip_runtime(storage.read_yaml(config_url) or {}, RunConfig),
+                          strip_runtime(asdict(cfg), RunConfig))
     if changed and not overwrite:
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise ConfigError(f"output {output_url} holds a run with another config ({shown}); use another --output, "
@@ -185,10 +187,18 @@ def remove_run_outputs(output_url: str) -> list[str]:
     return removed
 
 
-def write_record(output_url: str, state: str, tracker: Any) -> None:
+def stage_devices(cfg: RunConfig) -> dict[str, str]:
+    """``{"run": device, section: device}`` of a resolved config: where this process runs each stage."""
+    from feedback_synth.config import SECTION_DEVICES
+
+    return {"run": cfg.device, **{name: getattr(cfg, name).device for name in SECTION_DEVICES}}
+
+
+def write_record(output_url: str, state: str, tracker: Any, devices: Optional[dict[str, str]] = None) -> None:
     storage.write_json(storage.join(output_url, "run.json"), {
         "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "state": state, "tracking_uri": getattr(tracker, "tracking_uri", None), "parent_run_id": tracker.run_id})
+        "state": state, "tracking_uri": getattr(tracker, "tracking_uri", None), "parent_run_id": tracker.run_id,
+        **({"devices": devices} if devices else {})})
 
 
 def close_stale_runs(tracker: Any, output_url: str, previous: Optional[dict[str, Any]]) -> list[str]:
@@ -223,17 +233,23 @@ def _run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker
     layout = RunLayout(output_url, cfg.feedback.rounds)
     tracker = tracker or make_tracker(cfg.tracking, output_url)
     tracker.start(run_name or output_url.rstrip("/").rsplit("/", 1)[-1], asdict(cfg))  # an unreachable server stops here
-    storage.write_yaml(storage.join(output_url, "config.yaml"), asdict(cfg))
+    storage.write_yaml(storage.join(output_url, "config.yaml"), asdict(cfg))  # as asked (auto stays auto)
+    cfg = resolve_devices(cfg)  # once: every stage below gets a concrete device
+    devices = stage_devices(cfg)
+    tracker.set_tags({"feedback_synth.device": cfg.device})
     closed = close_stale_runs(tracker, output_url, previous)
     if closed:
         tracker.set_tags({"feedback_synth.closed_stale_runs": str(len(closed))})
-    write_record(output_url, "running", tracker)
+    write_record(output_url, "running", tracker, devices)
     timings: dict[str, float] = {}
     status = "FAILED"
+    worked, refused = [], False  # stages that did work here (not resumed); a stale output refused before any
 
     def stage(name: str, params: dict[str, Any], work) -> StageResult:
         result = run_logged_stage(tracker, name, params, work)
         timings[name] = round(timings.get(name, 0.0) + result.seconds, 2)
+        if not result.summary.get("resumed"):
+            worked.append(name)
         return result
 
     try:
@@ -248,6 +264,7 @@ def _run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker
                                                     gen_cfg)
         evaluation = stage("evaluate", {}, lambda _: stages.evaluate_run(data, baseline, retrained, filtered,
                                                                          layout.stage("report"), cfg.data,
+                                                                         device=cfg.device,
                                                                          adapted_url=layout.stage("adapted")))
         report = evaluation.summary
         tracker.log_metrics(evaluation.metrics)  # the parent run: no synthesis, with synthesis, difference
@@ -263,10 +280,16 @@ def _run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker
             if not promotion.get("resumed"):
                 timings["promote"] = round(time.time() - t0, 2)
         status = "FINISHED"
+    except StaleOutputError:  # e.g. a resume after a code change: refused before this process did any work
+        refused = previous is not None and not worked
+        raise
     finally:
         tracker.finish(status)
         try:
-            write_record(output_url, "finished" if status == "FINISHED" else "failed", tracker)
+            if refused:  # run.json stays the earlier run's record (a finished run stays finished)
+                storage.write_json(storage.join(output_url, "run.json"), previous)
+            else:
+                write_record(output_url, "finished" if status == "FINISHED" else "failed", tracker, devices)
         except OSError as exc:  # e.g. the disk is full: the run's own error is the one to report
             log.warning("could not update %s: %s", storage.join(output_url, "run.json"), exc)
     return write_run_summary(layout.stage("report"), report, timings=timings, generation=gen,

@@ -23,7 +23,9 @@ from feedback_synth.config import (
     GenerateConfig,
     RetrainConfig,
     TrainConfig,
+    result_settings,
 )
+from feedback_synth.devices import resolve_device
 from feedback_synth.data.imageset import ImageSet, load_info, load_split
 from feedback_synth.errors import DataError
 from feedback_synth.fingerprints import folder_digest
@@ -105,7 +107,7 @@ def train_baseline(dataset_url: str, output_url: str, cfg: TrainConfig, data_cfg
     Writes ``model/`` (safetensors + config.json + train_config.yaml), ``metrics.json`` and
     ``history.json`` (per-epoch metrics) under ``output_url``.
     """
-    return run_stage("train_baseline", output_url, {"train": asdict(cfg), "data": asdict(data_cfg)},
+    return run_stage("train_baseline", output_url, {"train": result_settings(cfg), "data": asdict(data_cfg)},
                      digests(data=dataset_url),
                      lambda: _train_baseline(dataset_url, output_url, cfg, data_cfg, on_epoch), overwrite)
 
@@ -139,7 +141,7 @@ def adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str, 
     sampling = {k: getattr(gen_cfg, k) for k in ("generator", "strength", "condition_on_real", "num_inference_steps",
                                                  "cfg_scale", "cond_dropout", "prompt_template", "class_map",
                                                  "noise_level")}
-    return run_stage("adapt_generator", output_url, {"adapt": asdict(cfg), "sampling": sampling},
+    return run_stage("adapt_generator", output_url, {"adapt": result_settings(cfg), "sampling": sampling},
                      {**digests(data=dataset_url, baseline=baseline_model_url), "generator": folder_digest(base)},
                      lambda: _adapt_generator(dataset_url, baseline_model_url, output_url, cfg, gen_cfg, base),
                      overwrite)
@@ -164,7 +166,7 @@ def _adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str,
     train = load_split(dataset_url, "train")
     info = load_info(dataset_url)
     index_map = class_index(base, train.class_names, gen_cfg.class_map)
-    pipe = load_generator(gen_cfg.generator, info.name, cfg.device)
+    pipe = load_generator(gen_cfg.generator, info.name, device=resolve_device(cfg.device, "adapt.device"))
     kind = adapter_of(pipe).name
     before, labels = sample_per_class(pipe, train, cfg.samples_per_class, gen_cfg, index_map, cfg.seed)
     losses = adapt_unet(pipe, kind, train, cfg, index_map, gen_cfg.prompt_template)
@@ -175,8 +177,9 @@ def _adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str,
         **{k: v for k, v in meta.items() if k in ("class_names", "group_names", "joint_groups")},
         "class_names": meta.get("class_names") or train.class_names, "task_class_names": train.class_names,
         "adapted_from": base, "adapt": asdict(cfg), "final_loss": float(np.mean(losses[-50:]))})
-    gap_before = gap_report(dataset_url, baseline_model_url, before, labels)
-    gap_after = gap_report(dataset_url, baseline_model_url, after, labels)
+    device = resolve_device(cfg.device, "adapt.device")
+    gap_before = gap_report(dataset_url, baseline_model_url, before, labels, device)
+    gap_after = gap_report(dataset_url, baseline_model_url, after, labels, device)
     report = {"method": cfg.method, "kind": kind, "generator": generator_url, "base": base, "losses": losses,
               "final_loss": float(np.mean(losses[-50:])), "class_names": train.class_names,
               "train_class_counts": train.class_counts().tolist(), "before": gap_before, "after": gap_after}
@@ -211,7 +214,7 @@ def extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str,
     steer the round's share of the budget, and ``previous_feedback_url`` (the previous round's
     output) says where each cell's image indices continue (synthesis.plan).
     """
-    return run_stage("extract_feedback", output_url, {"feedback": asdict(cfg), "round": round_index},
+    return run_stage("extract_feedback", output_url, {"feedback": result_settings(cfg), "round": round_index},
                      digests(data=dataset_url, model=baseline_model_url, previous=previous_feedback_url),
                      lambda: _extract_feedback(dataset_url, baseline_model_url, output_url, cfg, round_index,
                                                previous_feedback_url), overwrite)
@@ -224,7 +227,7 @@ def _extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str
     from feedback_synth.training.classifier import load_classifier
 
     train = load_split(dataset_url, "train")
-    clf = load_classifier(baseline_model_url)
+    clf = load_classifier(baseline_model_url, resolve_device(cfg.device, "feedback.device"))
     reference, val_errors = None, None
     if "val" in load_info(dataset_url).splits:  # held-out real images: the off_support yardstick
         val = load_split(dataset_url, "val")
@@ -237,7 +240,7 @@ def _extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str
     offsets = GenerationPlan.load(plan_url(previous_feedback_url)).next_offsets() if previous_feedback_url else None
     plan = make_plan(train, cfg, round_index, val_errors, offsets)
     plan.save(plan_url(output_url))
-    storage.write_json(storage.join(output_url, "feedback_config.json"), asdict(cfg))
+    storage.write_json(storage.join(output_url, "feedback_config.json"), result_settings(cfg))
     summary = {"num_images": plan.total, "num_shards": len(plan.shards), "target": plan.target,
                "shrinkage": stats.shrinkage, "counts": plan.counts, "round": round_index, "rounds": cfg.rounds,
                "steered_by_validation": val_errors is not None}
@@ -293,7 +296,7 @@ def filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: st
     shards = generated_digest(generated_url, GenerationPlan.load(plan_url(feedback_url)))
     inputs = {**digests(data=dataset_url, model=baseline_model_url, feedback=feedback_url,
                         previous=previous_filtered_url), "generated": shards}
-    return run_stage("filter", output_url, asdict(cfg), inputs,
+    return run_stage("filter", output_url, result_settings(cfg), inputs,
                      lambda: _filter_synthetic(dataset_url, baseline_model_url, feedback_url, generated_url, output_url,
                                                cfg, previous_filtered_url), overwrite)
 
@@ -312,7 +315,7 @@ def _filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: s
     train = load_split(dataset_url, "train")
     plan = GenerationPlan.load(plan_url(feedback_url))
     generated, rows = load_generated(generated_url, plan, train)
-    clf = load_classifier(baseline_model_url)
+    clf = load_classifier(baseline_model_url, resolve_device(cfg.device, "filter.device"))
     inp = FilterInputs(generated.images, generated.labels, np.array([r["finite"] for r in rows], bool),
                        extract_features(clf, generated), extract_features(clf, train), train.labels,
                        load_class_stats(feedback_url))
@@ -372,7 +375,8 @@ def retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output
     ``reference/``); ``rounds.json``: every round's test metrics so far (``previous_retrained_url``:
     the previous round's output).
     """
-    return run_stage("retrain", output_url, {"retrain": asdict(cfg), "data": asdict(data_cfg), "round": round_index},
+    return run_stage("retrain", output_url, {"retrain": result_settings(cfg), "data": asdict(data_cfg),
+                                             "round": round_index},
                      digests(data=dataset_url, baseline=baseline_model_url, filtered=filtered_url,
                              previous=previous_retrained_url),
                      lambda: _retrain(dataset_url, baseline_model_url, filtered_url, output_url, cfg, data_cfg,
@@ -382,7 +386,7 @@ def retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output
 def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output_url: str, cfg: RetrainConfig,
              data_cfg: DataConfig, on_epoch: EpochHook = None, previous_retrained_url: Optional[str] = None,
              round_index: int = 1) -> StageResult:
-    from feedback_synth.training.classifier import load_classifier
+    from feedback_synth.training.classifier import classifier_spec
     from feedback_synth.training.evaluate import summary as summary_of
     from feedback_synth.training.train import train_classifier
 
@@ -391,7 +395,7 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     if synthetic.class_names != train.class_names:
         raise DataError(f"synthetic images in {filtered_url} have classes {synthetic.class_names[:5]}..., "
                         f"the dataset has {train.class_names[:5]}...")
-    model = load_classifier(baseline_model_url).spec.model
+    model = classifier_spec(baseline_model_url).model
     recipe = retrain_recipe(cfg, baseline_model_url)
     base_recipe = recipe_of(baseline_model_url)
     val_eval = _val_eval(dataset_url, data_cfg)
@@ -442,25 +446,27 @@ REPORT_FILES = ("report.md", "per_class_accuracy.png", "confusion_baseline.png",
 
 
 def evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filtered_url: str, output_url: str,
-                 data_cfg: DataConfig, overwrite: bool = False, adapted_url: Optional[str] = None) -> StageResult:
+                 data_cfg: DataConfig, *, device: str, overwrite: bool = False,
+                 adapted_url: Optional[str] = None) -> StageResult:
     """Compare baseline and retrained models; write ``report.json``, ``report.md`` and the plots,
     with the gap to the real data per class (the filter's, and adapt_generator's before/after
-    when ``adapted_url`` holds an adaptation)."""
+    when ``adapted_url`` holds an adaptation). ``device``: where the fidelity oracle trains and
+    runs (the run's device; not part of the fingerprint)."""
     adapted = adapted_url if adapted_url and storage.exists(storage.join(adapted_url, "adapt_report.json")) else None
     return run_stage("evaluate", output_url, asdict(data_cfg),
                      digests(data=dataset_url, baseline=baseline_url, retrained=retrained_url, filtered=filtered_url,
                              adapted=adapted),
                      lambda: _evaluate_run(dataset_url, baseline_url, retrained_url, filtered_url, output_url, data_cfg,
-                                           adapted),
+                                           resolve_device(device), adapted),
                      overwrite)
 
 
 def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filtered_url: str, output_url: str,
-                  data_cfg: DataConfig, adapted_url: Optional[str] = None) -> StageResult:
+                  data_cfg: DataConfig, device: str, adapted_url: Optional[str] = None) -> StageResult:
     from feedback_synth.pipeline.oracle import fidelity
     from feedback_synth.reporting import plots
     from feedback_synth.reporting.tables import format_report
-    from feedback_synth.training.classifier import load_classifier
+    from feedback_synth.training.classifier import classifier_spec
     from feedback_synth.training.evaluate import summary
 
     first = storage.read_json(storage.join(baseline_url, "metrics.json"))
@@ -470,9 +476,9 @@ def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filte
     info = load_info(dataset_url)
     synthetic = ImageSet.load(storage.join(filtered_url, "synthetic.npz"))
     filter_report = storage.read_json(storage.join(filtered_url, "filter_report.json"))
-    model = load_classifier(model_url(baseline_url)).spec.model
+    model = classifier_spec(model_url(baseline_url)).model
     recipe = recipe_of(model_url(retrained_url))
-    fid = fidelity(dataset_url, synthetic, model, oracle_url=storage.join(output_url, "oracle"))
+    fid = fidelity(dataset_url, synthetic, model, device=device, oracle_url=storage.join(output_url, "oracle"))
     storage.write_bytes(storage.join(output_url, "per_class_accuracy.png"), plots.per_class_accuracy(
         reference["per_class"], after["per_class"], info.class_names, info.train_class_counts,
         labels=(f"no synthesis ({recipe.loss})", f"with synthesis ({recipe.loss})")))

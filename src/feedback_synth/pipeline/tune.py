@@ -21,7 +21,7 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 
 from feedback_synth import storage
-from feedback_synth.config import METRICS, RunConfig, deep_merge, from_dict
+from feedback_synth.config import METRICS, RunConfig, deep_merge, from_dict, resolve_devices, result_settings
 from feedback_synth.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any
 
     grid = grid or DEFAULT_GRID
     tracker = tracker or NullTracker()
-    short = replace(cfg, train=replace(cfg.train, epochs=epochs), retrain=replace(cfg.retrain, epochs=epochs),
+    resolved = resolve_devices(cfg)  # every setting runs on the run's device (chosen.yaml keeps the user's)
+    short = replace(resolved, train=replace(cfg.train, epochs=epochs), retrain=replace(cfg.retrain, epochs=epochs),
                     feedback=replace(cfg.feedback, rounds=1))
     data, baseline = storage.join(output_url, "data"), storage.join(output_url, "baseline")
     stages.prepare_data(short.data, data)
@@ -96,7 +97,7 @@ def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any
     metric = cfg.promote.gate_metric
 
     def score(model_folder: str) -> dict[str, float]:
-        return summary(evaluate(load_classifier(stages.model_url(model_folder)), val, short.data))
+        return summary(evaluate(load_classifier(stages.model_url(model_folder), short.device), val, short.data))
 
     rows = [{"setting": NO_SYNTHESIS, **score(baseline)}]
     settings = settings_of(grid)
@@ -105,7 +106,7 @@ def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any
         name = setting_name(setting)
         folder = storage.join(output_url, "settings", "-".join(f"{k}{v}" for k, v in setting.items()))
         adapt_folder = storage.join(output_url, "adapted",
-                                    "-".join(f"{k}{v}" for k, v in sorted(asdict(run_cfg.adapt).items())))
+                                    "-".join(f"{k}{v}" for k, v in sorted(result_settings(run_cfg.adapt).items())))
         with tracker.stage(name, setting) as run:
             adapted = stages.adapt_generator(data, stages.model_url(baseline), adapt_folder, run_cfg.adapt,
                                              run_cfg.generate)

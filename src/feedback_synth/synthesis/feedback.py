@@ -9,14 +9,17 @@ from sklearn.covariance import LedoitWolf, ShrunkCovariance
 
 from feedback_synth import storage
 from feedback_synth.data.imageset import ImageSet
+from feedback_synth.devices import module_device
 from feedback_synth.guidance.criteria import ClassStats
 from feedback_synth.training.classifier import Classifier
 
 
 @torch.no_grad()
-def extract_features(clf: Classifier, data: ImageSet, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
-    """Penultimate features of ``data`` (the embedding of ``hardness`` and the filters)."""
+def extract_features(clf: Classifier, data: ImageSet, batch_size: int = 256) -> np.ndarray:
+    """Penultimate features of ``data`` (the embedding of ``hardness`` and the filters), computed on
+    the classifier's own device."""
     clf.eval()
+    device = module_device(clf)
     x = data.to_tensor()
     out = [clf.features_and_logits(x[i:i + batch_size].to(device))[0].float().cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 1))

@@ -29,7 +29,8 @@ def _define_model_class(base):
         def load_context(self, context) -> None:
             from feedback_synth.training.classifier import load_classifier
 
-            self.clf = load_classifier(context.artifacts["checkpoint"])
+            # a serving pod's GPU where it has one ($FEEDBACK_SYNTH_DEVICE sets another: cpu, cuda:1, ...)
+            self.clf = load_classifier(context.artifacts["checkpoint"], os.environ.get("FEEDBACK_SYNTH_DEVICE", "auto"))
 
         # np.ndarray: a hint MLflow accepts without inferring a schema from it (the explicit
         # signature logged with the model is the contract); no hint at all draws a warning
@@ -38,9 +39,11 @@ def _define_model_class(base):
 
             if isinstance(model_input, dict) and len(model_input) == 1:
                 (model_input,) = model_input.values()
-            x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+            from feedback_synth.devices import module_device
+
+            x = torch.as_tensor(np.asarray(model_input, dtype=np.float32)).to(module_device(self.clf))
             with torch.no_grad():
-                return self.clf(x).float().numpy()
+                return self.clf(x).float().cpu().numpy()
 
     return ClassifierModel
 

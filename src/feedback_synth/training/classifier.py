@@ -95,8 +95,12 @@ def save_classifier(clf: Classifier, url: str, extra_files: Optional[dict[str, s
         storage.write_text(storage.join(url, name), text)
 
 
-def load_classifier(url: str, device: str = "cpu") -> Classifier:
-    """Rebuild a saved classifier in eval mode."""
+def load_classifier(url: str, device: str) -> Classifier:
+    """Rebuild a saved classifier in eval mode on ``device`` (a torch device, or auto/'' for
+    ``devices.resolve_device``)."""
+    from feedback_synth.devices import resolve_device
+
+    device = resolve_device(device)
     cfg_url = storage.join(url, "config.json")
     if not storage.exists(cfg_url):
         raise DataError(f"not a classifier checkpoint (no config.json): {url}")
@@ -104,3 +108,11 @@ def load_classifier(url: str, device: str = "cpu") -> Classifier:
     clf = Classifier(spec)
     clf.load_state_dict(load_safetensors_bytes(storage.read_bytes(storage.join(url, "model.safetensors"))))
     return clf.to(device).eval()
+
+
+def classifier_spec(url: str) -> ClassifierSpec:
+    """The spec (model name, classes, input size) of a saved classifier, from its config alone."""
+    cfg_url = storage.join(url, "config.json")
+    if not storage.exists(cfg_url):
+        raise DataError(f"not a classifier checkpoint (no config.json): {url}")
+    return ClassifierSpec(**storage.read_json(cfg_url))

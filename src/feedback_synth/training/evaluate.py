@@ -9,12 +9,15 @@ import torch
 
 from feedback_synth.config import METRICS, DataConfig
 from feedback_synth.data.imageset import ImageSet, shot_groups
+from feedback_synth.devices import module_device
 from feedback_synth.training.classifier import Classifier
 
 
 @torch.no_grad()
-def predict_logits(clf: Classifier, data: ImageSet, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+def predict_logits(clf: Classifier, data: ImageSet, batch_size: int = 256) -> np.ndarray:
+    """The classifier's logits on ``data``, computed on the classifier's own device."""
     clf.eval()
+    device = module_device(clf)
     x = data.to_tensor()
     out = [clf(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, clf.spec.num_classes), np.float32)
@@ -58,9 +61,9 @@ def accuracy_metrics(preds: np.ndarray, data: ImageSet, train_class_counts: list
     return metrics
 
 
-def evaluate(clf: Classifier, data: ImageSet, cfg: DataConfig, batch_size: int = 256,
-             device: str = "cpu") -> dict[str, Any]:
-    preds = predict_logits(clf, data, batch_size, device).argmax(1)
+def evaluate(clf: Classifier, data: ImageSet, cfg: DataConfig, batch_size: int = 256) -> dict[str, Any]:
+    """Every report metric of ``clf`` on ``data`` (on the classifier's own device)."""
+    preds = predict_logits(clf, data, batch_size).argmax(1)
     return accuracy_metrics(preds, data, clf.spec.train_class_counts, cfg)
 
 

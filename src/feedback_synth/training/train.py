@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from feedback_synth.config import OptimConfig
 from feedback_synth.data.imageset import ImageSet
+from feedback_synth.devices import resolve_device
 from feedback_synth.errors import FeedbackSynthError
 from feedback_synth.training.classifier import Classifier, build_classifier
 from feedback_synth.training.losses import LOSSES, LossInputs, cell_weights, class_prior
@@ -111,7 +112,7 @@ def train_classifier(
     set_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
+    device = torch.device(resolve_device(cfg.device, f"{cfg.section}.device"))
     h, w, c = train.images.shape[1:]
     counts = train.class_counts()
     clf = build_classifier(model, train.num_classes, c, h, class_names=train.class_names,
