@@ -23,7 +23,33 @@ def _tracking_uri_arg(args) -> str:
     if not uri:
         raise ConfigError("no tracking store: pass --tracking-uri URI (a run's local store is "
                           "sqlite:///RUN_FOLDER/mlflow/mlflow.db), --output RUN_FOLDER, or set MLFLOW_TRACKING_URI")
+    _check_sqlite_store(uri, new_store=False)
     return uri
+
+
+def sqlite_path(uri: str):
+    """The database file of a ``sqlite://`` tracking URI (None for another kind of store)."""
+    if not uri.startswith("sqlite://"):
+        return None
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri[len("sqlite://"):]
+    path = path.split("?", 1)[0]
+    return path if path and path != ":memory:" else None
+
+
+def _check_sqlite_store(uri: str, new_store: bool) -> None:
+    """MLflow creates a missing SQLite store (and its folders) at the first call: a typo in a URI
+    would then read an empty registry, or write one where nobody looks. A verb that only reads
+    (``compare``) needs the file; one that writes (``promote``) needs its folder. Nothing is created."""
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    if not new_store and not os.path.isfile(path):
+        raise DataError(f"no MLflow store at {uri} (no file {path}); pass an existing store, e.g. a run's "
+                        "sqlite:///RUN_FOLDER/mlflow/mlflow.db, or --output RUN_FOLDER (nothing was created)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if new_store and not os.path.isdir(folder):
+        raise DataError(f"no folder {folder} for the MLflow store {uri}; create it, or fix the URI "
+                        "(nothing was created)")
 
 
 def _check_run_folder(output: str) -> None:
@@ -70,6 +96,17 @@ def _read_report(url: str) -> dict[str, Any]:
     return report
 
 
+def check_checkpoint(model_url: str) -> None:
+    """DataError unless ``model_url`` is a classifier checkpoint folder (model.safetensors + config.json)."""
+    from feedback_synth import storage
+
+    missing = [n for n in ("model.safetensors", "config.json") if not storage.exists(storage.join(model_url, n))]
+    if missing:
+        what = "does not exist" if not storage.exists(model_url) else f"has no {' and no '.join(missing)}"
+        raise DataError(f"--model {model_url} {what}: pass a classifier checkpoint folder (model.safetensors + "
+                        "config.json), e.g. RUN_FOLDER/retrained/model (no MLflow run was opened)")
+
+
 def cmd_promote(args) -> int:
     from dataclasses import asdict
 
@@ -83,10 +120,12 @@ def cmd_promote(args) -> int:
     if args.registered_model:
         cfg.tracking.registered_model = args.registered_model
     report = _read_report(args.report)
+    check_checkpoint(args.model)  # before any run is opened (a typo left two FAILED runs)
     output = args.output or "."
     if not (cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or args.output):
         raise ConfigError("promote: pass --tracking-uri (or tracking.tracking_uri / MLFLOW_TRACKING_URI), or "
                           "--output RUN_FOLDER to use that run's local store")
+    _check_sqlite_store(cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), new_store=True)
     tracker = MLflowTracker(cfg.tracking, output, parent_run_id=args.parent_run_id, kfp_run_id=args.kfp_run_id)
     tracker.start(args.run_name or "promote", {"tracking": asdict(cfg.tracking), "promote": asdict(cfg.promote)})
     status = "FAILED"

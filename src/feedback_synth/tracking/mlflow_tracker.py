@@ -60,22 +60,27 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 
 def relocate_local_store(tracking_uri: str, old_root: str, new_root: str) -> None:
     """Point a local SQLite store's artifact locations from ``old_root`` to ``new_root`` (a run
-    folder that was moved or copied, store and artifacts together). Only for ``sqlite:///`` stores,
-    whose file is the run folder's own."""
+    folder that was moved or copied, store and artifacts together): the experiments', runs' and
+    logged models' artifact locations, and the registered model versions' storage locations and
+    sources (where a version's files are read from: ``models:/<name>@champion`` loads from there).
+    Only for ``sqlite:///`` stores, whose file is the run folder's own."""
     import sqlite3
 
     if not tracking_uri.startswith("sqlite:///"):
         return
+    old_root, new_root = old_root.rstrip("/"), new_root.rstrip("/")
+    below = old_root.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "/%"
     db = sqlite3.connect(tracking_uri[len("sqlite:///"):])
     try:
         with db:
             for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
-                                  ("logged_models", "artifact_location")):
+                                  ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                                  ("model_versions", "source")):
                 columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-                if column in columns:
-                    db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} LIKE ? ESCAPE '!'",
-                               (new_root, len(old_root) + 1,
-                                old_root.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"))
+                if column in columns:  # the root itself, or a path below it (not a sibling "<root>2")
+                    db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                               f"WHERE {column} = ? OR {column} LIKE ? ESCAPE '!'",
+                               (new_root, len(old_root) + 1, old_root, below))
     finally:
         db.close()
 
