@@ -44,7 +44,9 @@ def _class_folders(root: str, counts: dict[str, dict[str, int]], size: int = 12)
     for split, per_class in counts.items():
         for cls, n in per_class.items():
             for i in range(n):
-                storage.write_bytes(storage.join(root, split, cls, f"{i}.png"), _png(10 * i + len(cls), size))
+                # a test image differs from every train image (identical files would warn of leakage)
+                storage.write_bytes(storage.join(root, split, cls, f"{i}.png"),
+                                    _png(10 * i + len(cls) + (5 if split != "train" else 0), size))
 
 
 def _warnings(caplog, logger: str) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import uuid
 from typing import Any, Optional
 
@@ -112,8 +113,49 @@ def write_yaml(url: str, obj: Any) -> None:
     write_text(url, yaml.safe_dump(obj, sort_keys=False))
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives one key twice (YAML forbids it; PyYAML keeps the last silently)."""
+
+    def __init__(self, key: Any, node: yaml.Node, first: yaml.Node):
+        self.key, self.line, self.first_line = key, node.start_mark.line + 1, first.start_mark.line + 1
+        super().__init__(None, None, f"duplicate key '{key}' (first on line {self.first_line})", node.start_mark)
+
+
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with two changes: a number in scientific notation without a dot or an
+    exponent sign (``1e-3``, ``5e4``, ``1.0e3``) is a float, as in YAML 1.2 and Python, not the
+    string YAML 1.1 makes of it; and a key given twice in one mapping is a :class:`DuplicateKeyError`
+    (naming the key and both lines), not the last value silently winning. Quoted scalars stay strings."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first is not key_node:
+                    raise DuplicateKeyError(key, key_node, first)
+        return super().construct_mapping(node, deep=deep)
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`YamlLoader` (safe; ``1e-3`` is a float; duplicate keys refused)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(url: str) -> Any:
-    return yaml.safe_load(read_text(url))
+    return load_yaml(read_text(url))
 
 
 def write_npz(url: str, **arrays: np.ndarray) -> None:

@@ -37,14 +37,15 @@ def _is_url(dataset: str) -> bool:
 
 
 def scan_dataset(url: str, cfg: DataConfig, timeout_s: float = REACH_TIMEOUT_S, images: bool = False) -> dict:
-    """Check a dataset's structure without decoding its images, for the pre-flight check.
+    """Check a dataset's structure (and, with ``images``, its images), for the pre-flight check.
 
     Runs the layout scan and every check that needs no pixels (a missing test split, unknown
     labels, empty classes, fewer than 2 classes, paths leaving the dataset root, unreadable split
     or metadata files, an unreachable store) and raises the same DataError that
-    :func:`prepare_dataset` would. With ``images``, it also opens every image of a dataset URL
-    (``sources.inspect_images``: a missing, corrupt, truncated or oversized image is refused) and
-    decides the channels as prepare will. A built-in dataset is simply built (it takes a second).
+    :func:`prepare_dataset` would. With ``images``, it also opens and decodes every image of a
+    dataset URL (``sources.inspect_images``: a missing, corrupt, truncated or oversized image, or a
+    broken compressed stream, is refused) and decides the channels as prepare will. A built-in
+    dataset is simply built (it takes a second).
 
     Args:
         url: a built-in name or a dataset URL (usually ``cfg.dataset``).
@@ -53,7 +54,7 @@ def scan_dataset(url: str, cfg: DataConfig, timeout_s: float = REACH_TIMEOUT_S, 
         images: open every image and decide the channels (reads every file once).
 
     Returns:
-        ``{"dataset", "layout", "splits", "num_classes", "images": {split: count}, "groups"}``, plus
+        ``{"dataset", "layout", "splits", "num_classes", "class_names", "images": {split: count}, "groups"}``, plus
         ``"channels"`` and ``"image_size"`` for a built-in dataset or with ``images``.
     """
     if _is_url(url):
@@ -62,7 +63,8 @@ def scan_dataset(url: str, cfg: DataConfig, timeout_s: float = REACH_TIMEOUT_S, 
     splits = BUILTIN[url](cfg.split_seed)
     train = splits["train"]
     return {"dataset": url, "layout": "built-in", "splits": list(splits), "num_classes": train.num_classes,
-            "images": {s: len(d) for s, d in splits.items()}, "groups": list(train.group_names),
+            "class_names": list(train.class_names), "images": {s: len(d) for s, d in splits.items()},
+            "groups": list(train.group_names),
             "channels": int(train.images.shape[3]), "image_size": int(train.images.shape[1])}
 
 

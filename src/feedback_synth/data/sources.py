@@ -8,8 +8,8 @@ Three steps, the first two of which read no image:
 2. :func:`check_scan` turns the rows of any layout into a :class:`CheckedDataset`: paths stay inside
    the dataset root (a local file's real path too: no symbolic link out of it), labels are in the
    class list, no class is empty, there are at least 2 classes, train and test are not empty.
-   :func:`inspect_images` then opens every image without decoding it (PIL ``verify``) and decides the
-   channels: with it, this is all the pre-flight check needs (``prepare.scan_dataset``).
+   :func:`inspect_images` then opens and decodes every image (PIL ``verify``, then ``load``) and decides
+   the channels: with it, this is all the pre-flight check needs (``prepare.scan_dataset``).
 3. :func:`read_dataset` decides the channels from the whole train split and reads the images.
 """
 from __future__ import annotations
@@ -79,8 +79,8 @@ class CheckedDataset:
     def summary(self) -> dict:
         """A small description for the pre-flight check and logs."""
         return {"dataset": self.url, "layout": self.layout, "splits": list(self.files),
-                "num_classes": len(self.class_names), "images": {s: len(f) for s, f in self.files.items()},
-                "groups": list(self.group_names)}
+                "num_classes": len(self.class_names), "class_names": list(self.class_names),
+                "images": {s: len(f) for s, f in self.files.items()}, "groups": list(self.group_names)}
 
 
 # --------------------------------------------------------------------------- step 1: scan
@@ -124,7 +124,7 @@ def scan_url(url: str, cfg: DataConfig, timeout_s: float = REACH_TIMEOUT_S) -> S
     if storage.exists(storage.join(url, "train")):
         return _scan_class_folders(url)
     fs, path = storage.fs_and_path(url)
-    if any(_is_dir(e) for e in fs.ls(path, detail=True)):
+    if _list_folders(fs, path, set()):
         return _scan_domain_folders(url, cfg.split_seed)
     raise DataError(f"dataset {url}: expected class folders under {storage.join(url, 'train')}/, a split file "
                     f"{storage.join(url, 'train.txt')}, a {storage.join(url, 'metadata.csv')} "
@@ -190,6 +190,48 @@ def _is_dir(entry: dict) -> bool:
     return entry["type"] == "directory" or bool(entry.get("islink") and os.path.isdir(entry["name"]))
 
 
+# Folders that file managers, NAS boxes and archivers add beside the data: never a class or a domain.
+SYSTEM_FOLDERS = ("__MACOSX", "$RECYCLE.BIN", "System Volume Information", "lost+found")
+
+
+def is_hidden(name: str) -> bool:
+    """A hidden or system file or folder (``.thumbnails``, ``.DS_Store``, ``._x.png``, Synology's
+    ``@eaDir``, ``__MACOSX``): skipped when class folders, domain folders and images are listed."""
+    return name.startswith((".", "@")) or name in SYSTEM_FOLDERS
+
+
+def _visible(fs_path: str, root_path: str) -> bool:
+    """Whether no part of ``fs_path`` below ``root_path`` is hidden (:func:`is_hidden`); only its name
+    when the listing spells the path otherwise (the root's own parents never count)."""
+    prefix = root_path.rstrip("/") + "/"
+    below = fs_path[len(prefix):] if fs_path.startswith(prefix) else fs_path.rstrip("/").rsplit("/", 1)[-1]
+    return not any(is_hidden(p) for p in below.split("/"))
+
+
+def _list_folders(fs, path: str, skipped: set[str]) -> list[dict]:
+    """The sub-folders of ``path`` (sorted), without hidden or system ones (their names go to ``skipped``)."""
+    out = []
+    for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if is_hidden(name):
+            if _is_dir(entry):
+                skipped.add(name)
+        elif _is_dir(entry):
+            out.append(entry)
+    return out
+
+
+def _log_skipped(url: str, skipped: set[str]) -> None:
+    if skipped:
+        logger.info("dataset %s: skipped hidden or system folders (not classes): %s", url,
+                    ", ".join(sorted(skipped)))
+
+
+def _images_under(fs, folder: str) -> list[str]:
+    """The image files under ``folder`` (sorted), without hidden files or files in hidden folders."""
+    return sorted(f for f in fs.find(folder) if f.lower().endswith(IMAGE_SUFFIXES) and _visible(f, folder))
+
+
 def _relative(fs_path: str, root_path: str) -> str:
     """A listed file's path relative to the listed root (both as the filesystem spells them)."""
     return fs_path.removeprefix(root_path.rstrip("/") + "/")
@@ -198,18 +240,17 @@ def _relative(fs_path: str, root_path: str) -> str:
 def _scan_class_folders(url: str) -> Scan:
     """``url/split/<class>/<image>`` -> rows; the class list is the train split's folders."""
     fs, root = storage.fs_and_path(url)
-    rows, sources = {}, {}
+    rows, sources, skipped = {}, {}, set()
     for split in _splits_present(url, ""):
         rows[split], sources[split] = [], storage.join(url, split)
-        for entry in sorted(fs.ls(f"{root.rstrip('/')}/{split}", detail=True), key=lambda e: e["name"]):
-            if not _is_dir(entry):
-                continue
+        for entry in _list_folders(fs, f"{root.rstrip('/')}/{split}", skipped):
             cls = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             where = storage.join(url, split, cls)
-            images = sorted(f for f in fs.find(entry["name"]) if f.lower().endswith(IMAGE_SUFFIXES))
+            images = _images_under(fs, entry["name"])
             if not images:
                 raise DataError(f"empty class '{cls}': no images in {where}")
             rows[split].extend(Row(_relative(f, root), cls, "all", where) for f in images)
+    _log_skipped(url, skipped)
     class_names = sorted({r.label for r in rows["train"]})
     return Scan(url, "class-folders", rows, sources, class_names=class_names)
 
@@ -292,14 +333,16 @@ def _scan_domain_folders(url: str, split_seed: int) -> Scan:
     fs, root = storage.fs_and_path(url)
     cells: dict[tuple[str, str], list[str]] = {}
     where: dict[tuple[str, str], str] = {}
-    for dom in sorted(e["name"] for e in fs.ls(root, detail=True) if _is_dir(e)):
-        for cls in sorted(e["name"] for e in fs.ls(dom, detail=True) if _is_dir(e)):
-            images = sorted(f for f in fs.find(cls) if f.lower().endswith(IMAGE_SUFFIXES))
+    skipped: set[str] = set()
+    for dom in [e["name"] for e in _list_folders(fs, root, skipped)]:
+        for cls in [e["name"] for e in _list_folders(fs, dom, skipped)]:
+            images = _images_under(fs, cls)
             d, c = dom.rstrip("/").rsplit("/", 1)[-1], cls.rstrip("/").rsplit("/", 1)[-1]
             if not images:
                 raise DataError(f"empty class '{c}' in domain '{d}': no images in {storage.join(url, d, c)}")
             cells[(c, d)] = [_relative(f, root) for f in images]
             where[(c, d)] = storage.join(url, d, c)
+    _log_skipped(url, skipped)
     if not cells:
         raise DataError(f"dataset {url}: no <domain>/<class>/ image folders")
     rng = np.random.RandomState(split_seed)
@@ -484,7 +527,11 @@ def _image_errors() -> tuple[type[BaseException], ...]:
 
 
 def _unreadable(url: str, exc: BaseException) -> DataError:
-    return DataError(f"corrupt or unreadable image: {url} ({' '.join(str(exc).split()) or type(exc).__name__})")
+    """A one-line DataError naming the image's URL; PIL's "cannot identify image file <_io.BytesIO
+    object at 0x...>" (the bytes were opened from memory) names the file instead of the buffer."""
+    what = " ".join(str(exc).split()) or type(exc).__name__
+    what = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", lambda _: repr(url.rstrip("/").rsplit("/", 1)[-1]), what)
+    return DataError(f"corrupt or unreadable image: {url} ({what})")
 
 
 def _image_bytes(url: str) -> bytes:
@@ -524,13 +571,19 @@ def _decode_image(data: bytes, where: str, size: int, channels: int) -> tuple[np
     return arr, mode, original
 
 
-def _read_images(urls: list[str], size: int, channels: int, modes: Counter, sizes: Counter) -> list[np.ndarray]:
-    """Read and decode ``urls`` (see :func:`_decode_image`), counting their modes and sizes."""
+def _read_images(urls: list[str], size: int, channels: int, modes: Counter, sizes: Counter,
+                 digests: list[bytes]) -> list[np.ndarray]:
+    """Read and decode ``urls`` (see :func:`_decode_image`), counting their modes and sizes and
+    appending the sha256 of each file's bytes to ``digests``."""
+    import hashlib
+
     from tqdm.auto import tqdm
 
     out = []
     for url in tqdm(urls, desc="reading images", unit="img", leave=False, disable=len(urls) < 200):
-        arr, mode, original = _decode_image(_image_bytes(url), url, size, channels)
+        data = _image_bytes(url)
+        digests.append(hashlib.sha256(data).digest())
+        arr, mode, original = _decode_image(data, url, size, channels)
         modes[mode] += 1
         sizes[original] += 1
         out.append(arr)
@@ -538,13 +591,15 @@ def _read_images(urls: list[str], size: int, channels: int, modes: Counter, size
 
 
 def inspect_images(checked: CheckedDataset, cfg: DataConfig, workers: int = INSPECT_WORKERS) -> dict:
-    """Open every image of a checked dataset without decoding it, and decide its channels.
+    """Open and decode every image of a checked dataset, and decide its channels.
 
-    Each file is read and checked by PIL's ``verify`` (the header, the chunk checksums of a PNG, the
-    decompression-bomb limit): a missing, corrupt, truncated or oversized image is the DataError that
-    :func:`read_dataset` would raise, before anything is written. The channels are decided as
-    :func:`read_dataset` decides them (:func:`decide_channels`, :func:`is_grey`); a colour train
-    image's pixels are decoded only until one image in colour has decided for 3 channels.
+    Each file is read, checked by PIL's ``verify`` (the header, the chunk checksums of a PNG, the
+    decompression-bomb limit) and then decoded (``load``: a PNG whose chunk checksums are valid but
+    whose compressed stream is broken passes ``verify``): a missing, corrupt, truncated or oversized
+    image is the DataError that :func:`read_dataset` would raise, before anything is written. The
+    channels are decided as :func:`read_dataset` decides them (:func:`decide_channels`,
+    :func:`is_grey`); a colour train image's bands are compared only until one image in colour has
+    decided for 3 channels.
 
     Returns:
         ``{"channels": 1 or 3, "image_size": cfg.image_size}``.
@@ -562,9 +617,10 @@ def inspect_images(checked: CheckedDataset, cfg: DataConfig, workers: int = INSP
         try:
             with Image.open(_io.BytesIO(data)) as img:
                 img.verify()
-            if not (train and not cfg.channels and not decided["colour"]):
-                return True
-            with Image.open(_io.BytesIO(data)) as img:
+            with Image.open(_io.BytesIO(data)) as img:  # verify() leaves the image unusable: open it again
+                img.load()  # decode every pixel (verify reads the chunks but not the compressed stream)
+                if not (train and not cfg.channels and not decided["colour"]):
+                    return True
                 grey = is_grey(img)
         except _image_errors() as exc:
             raise _unreadable(url, exc) from None
@@ -589,10 +645,13 @@ def read_dataset(checked: CheckedDataset, cfg: DataConfig) -> dict[str, ImageSet
 
     The channels are ``cfg.channels`` when set, else decided from the whole train split: 1 when
     every train image is grey (a grey mode, or a colour mode whose bands are equal), else 3. When
-    the images mix modes, one warning says how many of which modes were converted to what.
+    the images mix modes, one warning says how many of which modes were converted to what; when
+    any image is resized (to ``data.image_size``), one warning names the sizes; when a file of one
+    split is byte-identical to a file of another (sha256), one warning counts them (leakage).
     """
     size, modes, sizes = cfg.image_size, Counter(), Counter()
-    train = _read_images(checked.files["train"], size, cfg.channels, modes, sizes)
+    digests: dict[str, list[bytes]] = {split: [] for split in checked.files}
+    train = _read_images(checked.files["train"], size, cfg.channels, modes, sizes, digests["train"])
     channels = decide_channels(cfg.channels, (a.shape[-1] == 1 for a in train))
     if not cfg.channels:
         logger.info("dataset %s: %d channel%s (%s)", checked.url, channels, "" if channels == 1 else "s",
@@ -603,9 +662,10 @@ def read_dataset(checked: CheckedDataset, cfg: DataConfig) -> dict[str, ImageSet
     del train
     for split, files in checked.files.items():
         if split != "train":
-            images[split] = _stack(_read_images(files, size, channels, modes, sizes), size, channels)
+            images[split] = _stack(_read_images(files, size, channels, modes, sizes, digests[split]), size, channels)
     _warn_mixed_modes(checked.url, modes, channels)
-    _warn_mixed_sizes(checked.url, sizes, size)
+    _warn_resized(checked.url, sizes, size)
+    warn_leakage(checked.url, checked.files, digests)
     return {split: ImageSet(images[split], checked.labels[split], checked.groups[split], np.array(files),
                             list(checked.class_names), list(checked.group_names))
             for split, files in checked.files.items()}
@@ -625,8 +685,46 @@ def _warn_mixed_modes(url: str, modes: Counter, channels: int) -> None:
                    target, f"; {deep} 16-bit image{'' if deep == 1 else 's'} scaled to 8 bits (/257)" if deep else "")
 
 
-def _warn_mixed_sizes(url: str, sizes: Counter, size: int) -> None:
-    """One warning when the images are of more than one size: how many were resized, to what."""
+def warn_leakage(url: str, files: dict[str, list[str]], digests: dict[str, list[bytes]]) -> int:
+    """One warning when files of different splits are byte-identical (same sha256): an image of val
+    or test that is also in train (or test in val) is measured on what was trained on (leakage).
+    Counts each image of a later split (train < val < test) that repeats one of an earlier split,
+    and shows one pair. Returns the count.
+    """
+    seen: dict[bytes, tuple[str, str]] = {}  # digest -> (split, file) where it was first met
+    pairs: Counter = Counter()
+    example = None
+    for split in sorted(files, key=lambda s: ("train", "val", "test").index(s) if s in ("train", "val", "test") else 3):
+        mine: dict[bytes, tuple[str, str]] = {}
+        for file, digest in zip(files[split], digests[split]):
+            first = seen.get(digest)
+            if first is not None:
+                pairs[(split, first[0])] += 1
+                example = example or (file, first[1])
+            mine.setdefault(digest, (split, file))
+        for digest, where in mine.items():
+            seen.setdefault(digest, where)
+    total = sum(pairs.values())
+    if total:
+        root = url.rstrip("/") + "/"
+        a, b = (f.removeprefix(root) for f in example)
+        logger.warning("dataset %s: %d image%s of one split %s byte-identical to images of another (sha256): %s; "
+                       "e.g. %s = %s (leakage: accuracy on them is not generalisation; remove them from one split)",
+                       url, total, "" if total == 1 else "s", "is" if total == 1 else "are",
+                       ", ".join(f"{n} {s} = {t}" for (s, t), n in sorted(pairs.items())), a, b)
+    return total
+
+
+def _warn_resized(url: str, sizes: Counter, size: int) -> None:
+    """One warning when images were resized: of one size (it and the target), or of several (how
+    many were resized, to what)."""
+    if len(sizes) == 1:
+        (w, h), n = next(iter(sizes.items()))
+        if (w, h) != (size, size):
+            keep = f"; set data.image_size={w} to keep their size" if w == h and 4 <= w <= 1024 else ""
+            logger.warning("dataset %s: its %d image%s of %dx%d %s resized to %dx%d (data.image_size %d%s)", url, n,
+                           "" if n == 1 else "s", w, h, "was" if n == 1 else "were", size, size, size, keep)
+        return
     if len(sizes) < 2:
         return
     resized = sum(n for s, n in sizes.items() if s != (size, size))
