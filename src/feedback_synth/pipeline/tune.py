@@ -38,14 +38,12 @@ NO_SYNTHESIS = "no synthesis"
 def parse_grid(pairs: list[str]) -> dict[str, list[Any]]:
     """``["generate.scale=0.01,0.03", "adapt.method=none,full"]`` -> a grid; every value is checked
     by building the config it makes."""
-    import yaml
-
     grid: dict[str, list[Any]] = {}
     for pair in pairs:
         if "=" not in pair or "." not in pair.split("=", 1)[0]:
             raise ConfigError(f"--grid expects section.field=v1,v2,..., got '{pair}'")
         key, raw = pair.split("=", 1)
-        grid[key.strip()] = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
+        grid[key.strip()] = [storage.load_yaml(v) for v in raw.split(",") if v.strip()]  # 1e-3 is a number
     return grid
 
 
