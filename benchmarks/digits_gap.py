@@ -96,11 +96,10 @@ def run_seed(work: str, seed: int, epochs: int, adapt_steps: int, log, dataset: 
             tag = "-".join(f"{k}{v}" for k, v in sorted(adapt_changes.items()))
             adapted = stages.adapt_generator(data, stages.model_url(baseline), storage.join(root, f"adapted-{tag}"),
                                              adapt_cfg, cfg.generate)
-            gen_cfg = stages.generate_config_for(gen_cfg, adapted.summary["generator"])
+            gen_cfg = replace(gen_cfg, generator=adapted.summary["generator"])
         row_cfg = replace(cfg, generate=gen_cfg)
         layout = RunLayout(storage.join(root, name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")))
-        _, retrained, filtered = synthesis_rounds(row_cfg, layout, data, stages.model_url(baseline), NullTracker(),
-                                                  generate_cfg=gen_cfg)
+        _, retrained, filtered = synthesis_rounds(row_cfg, layout, data, baseline, NullTracker())
         m = summary(evaluate(load_classifier(stages.model_url(retrained), "auto"), test, cfg.data))
         report = storage.read_json(storage.join(filtered, "filter_report.json"))
         g = report.get("gap", {})

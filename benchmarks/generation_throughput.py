@@ -345,7 +345,8 @@ def count_params(kind: str) -> dict[str, float]:
     return {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in parts.items()}
 
 
-def gpu_rows(device: torch.device, batch: int, resolution: int, steps: int, repeats: int, smoke: bool) -> tuple[list[Row], list[str]]:
+def gpu_rows(device: torch.device, batch: int, resolution: int, steps: int, repeats: int, smoke: bool,
+             estimate: bool = True) -> tuple[list[Row], list[str]]:
     from feedback_synth.config import GenerateConfig
     from feedback_synth.generation.performance import apply_performance_options
     from feedback_synth.training.classifier import build_classifier
@@ -374,18 +375,29 @@ def gpu_rows(device: torch.device, batch: int, resolution: int, steps: int, repe
         def feedback(precision=torch.float32):
             return FeedbackGuidance(clf, "entropy", 0.03, precision=precision)
 
+        # the estimate of every row (``feedback-synth estimate-memory``, no kernel run), beside the measurement
+        folder = config_folder(kind, smoke=smoke) if estimate else None
+
+        def estimated(measured: list[Row], guidance_dtype: str = "float32", **lever) -> list[Row]:
+            for r in measured if folder else ():
+                r.extra["estimate_gib"] = estimate_memory(folder, batch, resolution,
+                                                          None if r.every is None else r.through_unet,
+                                                          guidance_dtype, **lever)[1]
+            return measured
+
         sample(feedback(), [0], True)  # warm-up: cuDNN autotuning, allocator
-        rows += run_rows(label, device, "bf16 UNet, fp32 decode+clf", batch, steps, repeats, sample, feedback)
+        rows += estimated(run_rows(label, device, "bf16 UNet, fp32 decode+clf", batch, steps, repeats, sample, feedback))
         # memory levers at the reference schedule (every 5th step, gradient through the UNet)
-        rows += run_rows(label, device, "bf16 UNet, bf16 decode+clf", batch, steps, repeats, sample,
-                         lambda: feedback(torch.bfloat16), schedules=((5, True),))
+        rows += estimated(run_rows(label, device, "bf16 UNet, bf16 decode+clf", batch, steps, repeats, sample,
+                                   lambda: feedback(torch.bfloat16), schedules=((5, True),)), "bfloat16")
         for chunk in (2, 1):
-            rows += run_rows(label, device, f"bf16 UNet, fp32 decode+clf, chunks of {chunk}", batch, steps, repeats,
-                             sample, lambda: FeedbackGuidance(clf, "entropy", 0.03, chunk_size=chunk),
-                             schedules=((5, True),))
+            rows += estimated(run_rows(label, device, f"bf16 UNet, fp32 decode+clf, chunks of {chunk}", batch, steps,
+                                       repeats, sample, lambda: FeedbackGuidance(clf, "entropy", 0.03, chunk_size=chunk),
+                                       schedules=((5, True),)), chunk=chunk)
         apply_performance_options(pipe, GenerateConfig(gradient_checkpointing=True))
-        rows += run_rows(label, device, "bf16 UNet, bf16 decode+clf, ckpt", batch, steps, repeats, sample,
-                         lambda: feedback(torch.bfloat16), schedules=((5, True),))
+        rows += estimated(run_rows(label, device, "bf16 UNet, bf16 decode+clf, ckpt", batch, steps, repeats, sample,
+                                   lambda: feedback(torch.bfloat16), schedules=((5, True),)), "bfloat16",
+                          checkpointing=True)
         del pipe
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -411,14 +423,14 @@ class MemoryRow:
     peak_gib: float
 
 
-def config_folder(kind: str, dtype: torch.dtype = torch.bfloat16) -> str:
+def config_folder(kind: str, dtype: torch.dtype = torch.bfloat16, smoke: bool = False) -> str:
     """A model folder with the configs of the SD-sized components and no weights: what
     ``feedback-synth estimate-memory`` reads (its models are built on the meta device here)."""
     from diffusers import ModelMixin
     from transformers import PreTrainedModel
 
     folder = tempfile.mkdtemp(prefix=f"sd21-{kind}-configs-")
-    pipe = build_latent_pipeline(kind, torch.device("meta"), dtype, smoke=False)
+    pipe = build_latent_pipeline(kind, torch.device("meta"), dtype, smoke=smoke)
     for name, part in pipe.components.items():
         where = os.path.join(folder, name)
         if isinstance(part, ModelMixin):
@@ -500,19 +512,21 @@ def unguided_cost(rows: list[Row], row: Row) -> Optional[float]:
 
 def table(rows: list[Row]) -> str:
     lines = ["| generator | device | precision | batch | guided steps | grad through UNet | s / batch | images / s "
-             "| ms / image | CPU ms / image | cost vs unguided | peak memory (MiB) |",
-             "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| ms / image | CPU ms / image | cost vs unguided | peak memory (MiB) | estimate (MiB) | measured / estimate |",
+             "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         through = "-" if r.through_unet is None else ("yes" if r.through_unet else "no")
         head = f"| {r.model} | {r.device} | {r.precision} | {r.batch} | {r.schedule} | {through} "
         if r.note:
-            lines.append(head + f"| {r.note} | | | | | |")
+            lines.append(head + f"| {r.note} | | | | | | | |")
             continue
         ref = unguided_cost(rows, r)
         ratio = f"{r.cost / ref:.2f}x" if ref else "-"
         cpu = f"{1000 * r.cpu_seconds / r.batch:.1f}" if r.cpu_seconds == r.cpu_seconds else "-"
+        est = r.extra.get("estimate_gib")
+        versus = f"| {1024 * est:.0f} | {r.peak_mib / (1024 * est):.2f} |" if est else "| - | - |"
         lines.append(head + f"| {r.seconds:.3f} | {r.batch / r.seconds:.1f} | {1000 * r.per_image:.1f} | {cpu} "
-                     f"| {ratio} | {r.peak_mib:.0f} |")
+                     f"| {ratio} | {r.peak_mib:.0f} " + versus)
     return "\n".join(lines)
 
 
@@ -564,7 +578,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="torch threads for the CPU rows (1: per-image CPU time is not inflated by thread spinning)")
     ap.add_argument("--skip-cpu", action="store_true", help="GPU rows only")
     ap.add_argument("--skip-estimate", action="store_true",
-                    help="leave out the estimated SD-sized memory table (FakeTensorMode, ~2 min on a CPU)")
+                    help="leave out the estimated SD-sized memory (the table, and the estimate beside each measured "
+                         "GPU row; FakeTensorMode, ~2 min on a CPU)")
     ap.add_argument("--smoke", action="store_true",
                     help="run the SD-sized code path with tiny widths on this device and do not write the results")
     ap.add_argument("--output", default=RESULTS)
@@ -584,7 +599,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         res = 64 if args.smoke and not cuda else args.gpu_resolution
         batch = 2 if args.smoke and not cuda else args.gpu_batch
         steps = 4 if args.smoke and not cuda else args.gpu_steps
-        r, note = gpu_rows(device, batch, res, steps, 1 if args.smoke else args.repeats, args.smoke)
+        r, note = gpu_rows(device, batch, res, steps, 1 if args.smoke else args.repeats, args.smoke,
+                           estimate=not args.skip_estimate)
         rows, notes = rows + r, notes + note
     memory = []
     if not args.skip_estimate and not args.smoke:

@@ -95,7 +95,7 @@ class Runner:
                       generate=replace(sections["generate"], seed=seed), feedback=sections["feedback"],
                       filter=sections["filter"], retrain=replace(sections["retrain"], seed=seed))
         data = self.data(seed)
-        baseline = stages.model_url(self.baseline(seed, loss))
+        baseline = self.baseline(seed, loss)
         layout = RunLayout(storage.join(self.work, f"seed{seed}", name), cfg.feedback.rounds)
         t0 = time.time()
         gen, retrained, filtered = synthesis_rounds(cfg, layout, data, baseline, NullTracker())

@@ -23,19 +23,15 @@ def adapt_generator(data: Input[Dataset], baseline: Input[Model], adapted: Outpu
         workspace_url (str): when set, write under ``<workspace_url>/<run_id>/adapted`` instead.
         run_id (str): the KFP run id.
     """
-    from dataclasses import asdict
-
     from feedback_synth import storage
-    from feedback_synth.pipeline import stages
     from feedback_synth_kfp import artifacts
-    from feedback_synth_kfp.tracking import run_config, run_task_stage
+    from feedback_synth_kfp.tracking import run_table_stage
 
-    cfg = run_config(tracking, "adapt_generator")
     url = artifacts.stage_output_url(adapted, workspace_url, run_id, "adapted")
-    result = run_task_stage(tracking, "adapt_generator", asdict(cfg.adapt), url, lambda _: stages.adapt_generator(
-        artifacts.artifact_url(data), stages.model_url(artifacts.artifact_url(baseline)), url, cfg.adapt, cfg.generate))
+    result = run_table_stage(tracking, "adapt_generator", {"data": artifacts.artifact_url(data),
+                                                           "baseline": artifacts.artifact_url(baseline)}, url)
     artifacts.publish(adapted, url, seconds=result.seconds, generator=result.summary["generator"],
-                      method=cfg.adapt.method)
+                      method=result.summary["method"])
     artifacts.log_kfp_metrics(metrics, result.metrics)
     grid = storage.join(url, "samples_before_after.png")
     with open(samples.path, "w") as f:

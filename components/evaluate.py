@@ -27,15 +27,14 @@ def evaluate(data: Input[Dataset], baseline: Input[Model], adapted: Input[Model]
         run_id (str): the KFP run id.
     """
     from feedback_synth import storage
-    from feedback_synth.pipeline import stages
     from feedback_synth_kfp import artifacts
-    from feedback_synth_kfp.tracking import run_config, run_task_stage
+    from feedback_synth_kfp.tracking import log_epilogue, run_table_stage
 
-    cfg = run_config(tracking, "evaluate")
     url = artifacts.stage_output_url(evaluation, workspace_url, run_id, "report")
-    result = run_task_stage(tracking, "evaluate", {}, url, lambda _: stages.evaluate_run(
-        artifacts.artifact_url(data), artifacts.artifact_url(baseline), artifacts.artifact_url(retrained),
-        artifacts.artifact_url(filtered), url, cfg.data, device=cfg.device, adapted_url=artifacts.artifact_url(adapted)))
+    inputs = {name: artifacts.artifact_url(a) for name, a in (("data", data), ("baseline", baseline), ("adapted", adapted),
+                                                              ("retrained", retrained), ("filtered", filtered))}
+    result = run_table_stage(tracking, "evaluate", inputs, url)
+    log_epilogue(tracking, url, result)  # the parent run's metrics and report.md, as in process
     artifacts.publish(evaluation, url, seconds=result.seconds, fidelity=result.summary["fidelity"])
     artifacts.log_kfp_metrics(metrics, result.metrics)
     with open(report.path, "w") as f:

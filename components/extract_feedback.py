@@ -9,7 +9,7 @@ from . import image_for
 
 
 @dsl.component(base_image=image_for("extract_feedback"), install_kfp_package=False)
-def extract_feedback(data: Input[Dataset], baseline: Input[Model], feedback: Output[Artifact],
+def extract_feedback(data: Input[Dataset], latest: Input[Model], feedback: Output[Artifact],
                      tracking: Input[Artifact], workspace_url: str = "", run_id: str = "", round_index: int = 1,
                      rounds: int = 1, previous_feedback: Input[Artifact] = None) -> List[int]:
     """Freeze the latest model, fit the class statistics of ``hardness`` and plan the generation
@@ -17,7 +17,7 @@ def extract_feedback(data: Input[Dataset], baseline: Input[Model], feedback: Out
 
     Args:
         data (Input[Dataset]): the prepared dataset.
-        baseline (Input[Model]): the latest model: the baseline in round 1, the previous round's
+        latest (Input[Model]): the latest model: the baseline in round 1, the previous round's
             retrain output after that.
         feedback (Output[Artifact]): ``class_stats.safetensors``, ``plan.json``.
         tracking (Input[Artifact]): start_tracking's output: the run's config and MLflow parent run.
@@ -30,24 +30,20 @@ def extract_feedback(data: Input[Dataset], baseline: Input[Model], feedback: Out
     Returns:
         List[int]: the shard ids of the plan (the generation fan-out).
     """
-    from dataclasses import asdict
-
     from feedback_synth.errors import ConfigError
-    from feedback_synth.pipeline import stages
     from feedback_synth.pipeline.orchestration import RunLayout
     from feedback_synth_kfp import artifacts
-    from feedback_synth_kfp.tracking import run_config, run_task_stage
+    from feedback_synth_kfp.tracking import config_from_artifact, run_table_stage
 
-    cfg = run_config(tracking, "extract_feedback")
+    cfg = config_from_artifact(tracking)
     if cfg.feedback.rounds != rounds:
         raise ConfigError(f"config field 'feedback.rounds': {cfg.feedback.rounds}, but this pipeline was compiled with "
                           f"{rounds} round(s); compile it with `feedback-synth compile --rounds {cfg.feedback.rounds}`")
     url = artifacts.stage_output_url(feedback, workspace_url, run_id, RunLayout.folder("feedback", round_index, rounds))
-    previous = artifacts.artifact_url(previous_feedback) if previous_feedback is not None else None
-    result = run_task_stage(
-        tracking, RunLayout.run_name("extract_feedback", round_index, rounds), {**asdict(cfg.feedback), "round": round_index},
-        url, lambda _: stages.extract_feedback(artifacts.artifact_url(data), stages.model_url(artifacts.artifact_url(baseline)),
-                                               url, cfg.feedback, round_index, previous))
+    inputs = {"data": artifacts.artifact_url(data), "latest": artifacts.artifact_url(latest)}
+    if previous_feedback is not None:
+        inputs["previous_feedback"] = artifacts.artifact_url(previous_feedback)
+    result = run_table_stage(tracking, "extract_feedback", inputs, url, round_index, rounds)
     artifacts.publish(feedback, url, seconds=result.seconds, planned_images=result.summary["num_images"],
                       shards=result.summary["num_shards"])
     return list(range(result.summary["num_shards"]))

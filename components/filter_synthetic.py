@@ -9,17 +9,17 @@ from . import image_for
 
 
 @dsl.component(base_image=image_for("filter"), install_kfp_package=False)
-def filter_synthetic(data: Input[Dataset], baseline: Input[Model], feedback: Input[Artifact],
-                     shards: Input[List[Dataset]], filtered: Output[Dataset], samples: Output[HTML],
+def filter_synthetic(data: Input[Dataset], latest: Input[Model], feedback: Input[Artifact],
+                     generated: Input[List[Dataset]], filtered: Output[Dataset], samples: Output[HTML],
                      metrics: Output[Metrics], tracking: Input[Artifact], workspace_url: str = "", run_id: str = "",
                      round_index: int = 1, rounds: int = 1, previous_filtered: Input[Dataset] = None):
     """Join the generated shards and filter them; every shard of the plan must be committed.
 
     Args:
         data (Input[Dataset]): the prepared dataset.
-        baseline (Input[Model]): the latest classifier (features for the filters).
+        latest (Input[Model]): the latest classifier (features for the filters).
         feedback (Input[Artifact]): extract_feedback's output (plan, class statistics).
-        shards (Input[List[Dataset]]): the generate_shard outputs (dsl.Collected).
+        generated (Input[List[Dataset]]): the generate_shard outputs (dsl.Collected).
         filtered (Output[Dataset]): ``synthetic.npz`` (kept), ``filter_report.json``, ``samples.png``.
         samples (Output[HTML]): a grid of real and kept synthetic images per class.
         metrics (Output[Metrics]): generated, kept, per filter.
@@ -30,25 +30,21 @@ def filter_synthetic(data: Input[Dataset], baseline: Input[Model], feedback: Inp
         rounds (int): the rounds the pipeline was compiled with.
         previous_filtered (Input[Dataset]): the previous round's filter output (rounds > 1).
     """
-    from dataclasses import asdict
-
     from feedback_synth import storage
-    from feedback_synth.pipeline import stages
     from feedback_synth.pipeline.orchestration import RunLayout
     from feedback_synth_kfp import artifacts
-    from feedback_synth_kfp.tracking import run_config, run_task_stage
+    from feedback_synth_kfp.tracking import run_table_stage
 
-    cfg = run_config(tracking, "filter")
     url = artifacts.stage_output_url(filtered, workspace_url, run_id, RunLayout.folder("filtered", round_index, rounds))
-    generated = artifacts.unique([artifacts.artifact_url(s) for s in shards])
-    previous = artifacts.artifact_url(previous_filtered) if previous_filtered is not None else None
-    result = run_task_stage(
-        tracking, RunLayout.run_name("filter", round_index, rounds), asdict(cfg.filter), url,
-        lambda _: stages.filter_synthetic(artifacts.artifact_url(data), stages.model_url(artifacts.artifact_url(baseline)),
-                                          artifacts.artifact_url(feedback), generated, url, cfg.filter, previous))
+    inputs = {"data": artifacts.artifact_url(data), "latest": artifacts.artifact_url(latest),
+              "feedback": artifacts.artifact_url(feedback),
+              "generated": artifacts.unique([artifacts.artifact_url(s) for s in generated])}
+    if previous_filtered is not None:
+        inputs["previous_filtered"] = artifacts.artifact_url(previous_filtered)
+    result = run_table_stage(tracking, "filter", inputs, url, round_index, rounds)
     report = result.summary
     artifacts.publish(filtered, url, seconds=result.seconds, generated=report["generated"], kept=report["kept"],
-                      generation=artifacts.generation_summary([dict(s.metadata) for s in shards]))
+                      generation=artifacts.generation_summary([dict(s.metadata) for s in generated]))
     artifacts.log_kfp_metrics(metrics, result.metrics)
     with open(samples.path, "w") as f:
         f.write(artifacts.png_html(storage.read_bytes(storage.join(url, "samples.png")),

@@ -5,8 +5,8 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 from . import image_for
 
 
-@dsl.component(base_image=image_for("generate_shard"), install_kfp_package=False)
-def generate_shard(data: Input[Dataset], baseline: Input[Model], generator: Input[Model], feedback: Input[Artifact],
+@dsl.component(base_image=image_for("generate"), install_kfp_package=False)
+def generate_shard(data: Input[Dataset], latest: Input[Model], adapted: Input[Model], feedback: Input[Artifact],
                    shard_id: int, shard: Output[Dataset], tracking: Input[Artifact], workspace_url: str = "",
                    run_id: str = "", round_index: int = 1, rounds: int = 1):
     """Generate one shard of the plan with feedback guidance; a committed shard is skipped.
@@ -16,8 +16,8 @@ def generate_shard(data: Input[Dataset], baseline: Input[Model], generator: Inpu
 
     Args:
         data (Input[Dataset]): the prepared dataset (real images to condition on).
-        baseline (Input[Model]): the frozen latest classifier (the feedback): the baseline in round 1.
-        generator (Input[Model]): adapt_generator's output: the generator folder to sample from.
+        latest (Input[Model]): the frozen latest classifier (the feedback): the baseline in round 1.
+        adapted (Input[Model]): adapt_generator's output (the generator to sample from: stage_table.generate_config).
         feedback (Input[Artifact]): extract_feedback's output (plan, class statistics).
         shard_id (int): which shard of the plan.
         shard (Output[Dataset]): ``shards/shard-NNNNN/`` (images.npz, metadata.csv, _SUCCESS).
@@ -28,21 +28,18 @@ def generate_shard(data: Input[Dataset], baseline: Input[Model], generator: Inpu
         rounds (int): the rounds the pipeline was compiled with.
     """
     import time
-    from dataclasses import asdict
 
-    from feedback_synth.pipeline import stages
     from feedback_synth.pipeline.orchestration import RunLayout
     from feedback_synth_kfp import artifacts
-    from feedback_synth_kfp.tracking import run_config, run_task_stage
+    from feedback_synth_kfp.tracking import run_table_stage
 
     t0 = time.time()
-    cfg = stages.generate_config_for(run_config(tracking, "generate_shard").generate, generator.metadata["generator"])
     url = artifacts.stage_output_url(shard, workspace_url, run_id, RunLayout.folder("generated", round_index, rounds))
+    inputs = {name: artifacts.artifact_url(a) for name, a in (("data", data), ("latest", latest), ("adapted", adapted),
+                                                              ("feedback", feedback))}
     # one run per shard: the fan-out of the in-process runner's one 'generate' run
-    name = RunLayout.run_name(f"generate_shard_{shard_id}", round_index, rounds)
-    result = run_task_stage(tracking, name, {**asdict(cfg), "shard_id": shard_id}, url, lambda _: stages.generate(
-        artifacts.artifact_url(data), stages.model_url(artifacts.artifact_url(baseline)), artifacts.artifact_url(feedback),
-        url, cfg, shard_ids=[shard_id]))
+    result = run_table_stage(tracking, "generate", inputs, url, round_index, rounds, shard_ids=[shard_id],
+                             run_name=RunLayout.run_name(f"generate_shard_{shard_id}", round_index, rounds))
     s = result.summary
     artifacts.publish(shard, url, started=t0, seconds=result.seconds, shard_id=shard_id, num_images=s["num_images"],
                       generation_seconds=s["seconds"], skipped=bool(s["skipped"]), criterion=s["criterion"])

@@ -15,15 +15,11 @@ def prepare_data(data: Output[Dataset], tracking: Input[Artifact], workspace_url
         workspace_url (str): when set, write under ``<workspace_url>/<run_id>/data`` instead.
         run_id (str): the KFP run id.
     """
-    from dataclasses import asdict
-
-    from feedback_synth.pipeline import stages
     from feedback_synth_kfp import artifacts
-    from feedback_synth_kfp.tracking import run_config, run_task_stage
+    from feedback_synth_kfp.tracking import run_table_stage
 
-    cfg = run_config(tracking, "prepare_data")
     url = artifacts.stage_output_url(data, workspace_url, run_id, "data")
-    result = run_task_stage(tracking, "prepare_data", asdict(cfg.data), url, lambda _: stages.prepare_data(cfg.data, url))
+    result = run_table_stage(tracking, "prepare_data", {}, url)
     info = result.summary
     artifacts.publish(data, url, seconds=result.seconds, dataset=info["name"], num_classes=len(info["class_names"]),
                       train_images=sum(info["train_class_counts"]))

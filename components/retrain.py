@@ -26,21 +26,16 @@ def retrain(data: Input[Dataset], baseline: Input[Model], filtered: Input[Datase
         rounds (int): the rounds the pipeline was compiled with.
         previous_retrained (Input[Model]): the previous round's retrain output (rounds > 1).
     """
-    from dataclasses import asdict
-
-    from feedback_synth.pipeline import stages
     from feedback_synth.pipeline.orchestration import RunLayout
     from feedback_synth_kfp import artifacts
-    from feedback_synth_kfp.tracking import run_config, run_task_stage
+    from feedback_synth_kfp.tracking import run_table_stage
 
-    cfg = run_config(tracking, "retrain")
     url = artifacts.stage_output_url(retrained, workspace_url, run_id, RunLayout.folder("retrained", round_index, rounds))
-    previous = artifacts.artifact_url(previous_retrained) if previous_retrained is not None else None
-    result = run_task_stage(
-        tracking, RunLayout.run_name("retrain", round_index, rounds), asdict(cfg.retrain), url,
-        lambda on_epoch: stages.retrain(artifacts.artifact_url(data), stages.model_url(artifacts.artifact_url(baseline)),
-                                        artifacts.artifact_url(filtered), url, cfg.retrain, cfg.data, on_epoch=on_epoch,
-                                        previous_retrained_url=previous, round_index=round_index))
+    inputs = {name: artifacts.artifact_url(a) for name, a in (("data", data), ("baseline", baseline),
+                                                              ("filtered", filtered))}
+    if previous_retrained is not None:
+        inputs["previous_retrained"] = artifacts.artifact_url(previous_retrained)
+    result = run_table_stage(tracking, "retrain", inputs, url, round_index, rounds)
     artifacts.publish(retrained, url, seconds=result.seconds, num_synthetic=result.summary["num_synthetic"],
                       framework="timm")
     artifacts.log_kfp_metrics(metrics, result.metrics)

@@ -20,16 +20,14 @@ def train_baseline(data: Input[Dataset], baseline: Output[Model], metrics: Outpu
         workspace_url (str): when set, write under ``<workspace_url>/<run_id>/baseline`` instead.
         run_id (str): the KFP run id.
     """
-    from dataclasses import asdict
-
-    from feedback_synth.pipeline import stages
+    from feedback_synth.pipeline.stages import model_url
+    from feedback_synth.training.classifier import classifier_spec
     from feedback_synth_kfp import artifacts
-    from feedback_synth_kfp.tracking import run_config, run_task_stage
+    from feedback_synth_kfp.tracking import run_table_stage
 
-    cfg = run_config(tracking, "train_baseline")
     url = artifacts.stage_output_url(baseline, workspace_url, run_id, "baseline")
-    result = run_task_stage(tracking, "train_baseline", asdict(cfg.train), url, lambda on_epoch: stages.train_baseline(
-        artifacts.artifact_url(data), url, cfg.train, cfg.data, on_epoch=on_epoch))
-    artifacts.publish(baseline, url, seconds=result.seconds, model=cfg.train.model, framework="timm")
+    result = run_table_stage(tracking, "train_baseline", {"data": artifacts.artifact_url(data)}, url)
+    artifacts.publish(baseline, url, seconds=result.seconds, model=classifier_spec(model_url(url)).model,
+                      framework="timm")
     artifacts.log_kfp_metrics(metrics, result.metrics)
     confusion.log_confusion_matrix(artifacts.class_names(data), result.summary["confusion_matrix"])

@@ -12,6 +12,8 @@ from typing import Callable, NamedTuple
 
 from kfp import dsl, kubernetes
 
+from feedback_synth.pipeline import stage_table
+
 from feedback_synth_kfp.components.adapt_generator import adapt_generator
 from feedback_synth_kfp.components.evaluate import evaluate
 from feedback_synth_kfp.components.extract_feedback import extract_feedback
@@ -23,12 +25,16 @@ from feedback_synth_kfp.components.promote import promote
 from feedback_synth_kfp.components.retrain import retrain
 from feedback_synth_kfp.components.start_tracking import start_tracking
 from feedback_synth_kfp.components.train_baseline import train_baseline
-from feedback_synth_kfp.placement import on_gpu
 
 PIPELINE_NAME = "feedback-synth"
 
 # The usual taint of GPU node pools (GKE, the NVIDIA GPU operator): generation pods tolerate it.
 DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+# each stage table row's KFP component, by name
+COMPONENTS = {"prepare_data": prepare_data, "train_baseline": train_baseline, "adapt_generator": adapt_generator,
+              "extract_feedback": extract_feedback, "generate_shard": generate_shard,
+              "filter_synthetic": filter_synthetic, "retrain": retrain, "evaluate": evaluate, "promote": promote}
 
 # The pipeline's outputs: the tracking context and every stage's main artifact.
 PipelineOutputs = NamedTuple("PipelineOutputs", [
@@ -81,13 +87,13 @@ def _sized(task: dsl.PipelineTask, name: str, res: Resources) -> dsl.PipelineTas
             .set_memory_request(res.memory_request).set_memory_limit(res.memory_limit))
 
 
-def _placed(task: dsl.PipelineTask, stage: str, name: str, settings: PipelineSettings, node_selector,
+def _placed(task: dsl.PipelineTask, row: stage_table.Stage, name: str, settings: PipelineSettings, node_selector,
             tolerations) -> dsl.PipelineTask:
-    """Size and place the task of ``stage``: a GPU pod when ``placement.on_gpu(stage)`` (the one
-    place that decides), else a CPU pod."""
-    if not on_gpu(stage):
-        return _sized(task, name, settings.cpu)
-    return _on_gpu(_sized(task, name, settings.gpu), settings, node_selector, tolerations)
+    """Size and place the task of a stage table row: a GPU pod where the table says ``gpu`` (the one
+    place that decides), a small pod for a ``light`` one, else a CPU pod."""
+    if row.gpu:
+        return _on_gpu(_sized(task, name, settings.gpu), settings, node_selector, tolerations)
+    return _sized(task, name, settings.small if row.light else settings.cpu)
 
 
 def _on_gpu(task: dsl.PipelineTask, settings: PipelineSettings, node_selector, tolerations) -> dsl.PipelineTask:
@@ -181,58 +187,58 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
             track.set_caching_options(False)  # opens a new MLflow run every time
             tracking = track.outputs["tracking"]
 
-            data = _sized(prepare_data(tracking=tracking, **where), "Prepare data", settings.cpu)
-            gpu = (settings, gpu_node_selector, gpu_tolerations)
-            base = _placed(train_baseline(data=data.outputs["data"], tracking=tracking, **where), "train_baseline",
-                           "Train baseline", *gpu)
-            adapt = adapt_generator(data=data.outputs["data"], baseline=base.outputs["baseline"], tracking=tracking,
-                                    **where)
-            _placed(adapt, "adapt_generator", "Adapt the generator", *gpu)
-            # feedback in rounds, unrolled at compile time (KFP v2 has no dynamic loops): round r
+            # one task per row of the stage table, inputs wired to the outputs of the same names;
+            # feedback in rounds is unrolled at compile time (KFP v2 has no dynamic loops): round r
             # takes its feedback from the latest model and carries the previous round's outputs on
-            latest, previous = base.outputs["baseline"], None
-            rounds = dict(rounds=settings.rounds)
-            for r in range(1, settings.rounds + 1):
-                tag = "" if settings.rounds == 1 else f" (round {r})"
-                chain = {} if previous is None else {"previous_feedback": previous["feedback"]}
-                fb = _sized(extract_feedback(data=data.outputs["data"], baseline=latest, tracking=tracking,
-                                             round_index=r, **rounds, **chain, **where),
-                            f"Extract feedback and plan{tag}", settings.cpu)
-                with dsl.ParallelFor(items=fb.outputs["Output"], parallelism=settings.parallelism,
-                                     name="generate-shards" if settings.rounds == 1 else f"generate-shards-round-{r}") \
-                        as shard_id:
-                    gen = generate_shard(data=data.outputs["data"], baseline=latest, generator=adapt.outputs["adapted"],
-                                         feedback=fb.outputs["feedback"], shard_id=shard_id, tracking=tracking,
-                                         round_index=r, **rounds, **where)
-                    _placed(gen, "generate_shard", f"Generate shard{tag}", *gpu)
-                    gen.set_caching_options(False)  # the cache does not check that shard files still exist
-                chain = {} if previous is None else {"previous_filtered": previous["filtered"]}
-                flt = _sized(filter_synthetic(data=data.outputs["data"], baseline=latest, feedback=fb.outputs["feedback"],
-                                              shards=dsl.Collected(gen.outputs["shard"]), tracking=tracking,
-                                              round_index=r, **rounds, **chain, **where),
-                             f"Filter synthetic images{tag}", settings.cpu)
-                flt.set_caching_options(False)
-                chain = {} if previous is None else {"previous_retrained": previous["retrained"]}
-                ret = retrain(data=data.outputs["data"], baseline=base.outputs["baseline"],
-                              filtered=flt.outputs["filtered"], tracking=tracking, round_index=r, **rounds, **chain,
-                              **where)
-                _placed(ret, "retrain", f"Retrain on real + synthetic{tag}", *gpu)
-                latest = ret.outputs["retrained"]
-                previous = {"feedback": fb.outputs["feedback"], "filtered": flt.outputs["filtered"],
-                            "retrained": ret.outputs["retrained"]}
-            ev = _sized(evaluate(data=data.outputs["data"], baseline=base.outputs["baseline"],
-                                 adapted=adapt.outputs["adapted"], retrained=ret.outputs["retrained"],
-                                 filtered=flt.outputs["filtered"], tracking=tracking, **where), "Evaluate", settings.cpu)
-            pro = _sized(promote(data=data.outputs["data"], retrained=ret.outputs["retrained"],
-                                 evaluation=ev.outputs["evaluation"], tracking=tracking), "Promote", settings.small)
-            pro.set_caching_options(False)  # the registry changes between runs
+            produced: dict = {}
+            tasks: dict = {}
+            place = (settings, gpu_node_selector, gpu_tolerations)
+
+            def add(row, available: dict, r: int = 1):
+                tag = f" (round {r})" if row.per_round and settings.rounds > 1 else ""
+                args = {**stage_table.inputs_of(row, available), "tracking": tracking}
+                if row.name != "promote":
+                    args.update(where)
+                if row.per_round:
+                    args.update(round_index=r, rounds=settings.rounds)
+                component = COMPONENTS[row.component_name]
+                if row.sharded:  # one task per shard of the plan that the fan-out input's task returned
+                    loop = "generate-shards" if settings.rounds == 1 else f"generate-shards-round-{r}"
+                    with dsl.ParallelFor(items=tasks[row.fan_out_over].outputs["Output"],
+                                         parallelism=settings.parallelism, name=loop) as shard_id:
+                        task = _placed(component(**args, shard_id=shard_id), row, f"{row.title}{tag}", *place)
+                    output = dsl.Collected(task.outputs["shard"])
+                else:
+                    task = _placed(component(**args), row, f"{row.title}{tag}", *place)
+                    output = task.outputs[row.output]
+                if not row.cached:  # the cache checks neither shard files nor the registry
+                    task.set_caching_options(False)
+                tasks[row.output] = task
+                return output
+
+            rows = list(stage_table.STAGES)
+            i = 0
+            while i < len(rows):
+                if not rows[i].per_round:
+                    produced[rows[i].output] = add(rows[i], produced)
+                    i += 1
+                    continue
+                group = []
+                while i < len(rows) and rows[i].per_round:
+                    group.append(rows[i])
+                    i += 1
+                previous = None
+                for r in range(1, settings.rounds + 1):
+                    this_round: dict = {}
+                    for row in group:
+                        this_round[row.output] = add(row, {**stage_table.round_inputs(produced, previous), **this_round}, r)
+                    previous = {k: v for k, v in this_round.items() if k != "generated"}
+                produced.update(previous or {})
 
         if settings.exit_handler:
             return None
-        return PipelineOutputs(tracking=tracking, data=data.outputs["data"], baseline=base.outputs["baseline"],
-                               adapted=adapt.outputs["adapted"], feedback=fb.outputs["feedback"],
-                               filtered=flt.outputs["filtered"], retrained=ret.outputs["retrained"],
-                               evaluation=ev.outputs["evaluation"], decision=pro.outputs["decision"])
+        return PipelineOutputs(tracking=tracking, **{name: produced[name] for name in PipelineOutputs._fields
+                                                     if name != "tracking"})
 
     feedback_synth_pipeline.__annotations__["return"] = None if settings.exit_handler else PipelineOutputs
     return dsl.pipeline(name=PIPELINE_NAME, description="Fix an imbalanced image classifier with feedback-guided "

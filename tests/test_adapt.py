@@ -64,8 +64,12 @@ def test_method_none_names_the_original_generator(prepared, small_classifier, tm
                                     GenerateConfig(generator="builtin"))
     assert result.summary == {"generator": "builtin", "method": "none"}
     assert not os.path.exists(tmp_path / "a")
-    assert stages.generate_config_for(GenerateConfig(), "builtin") == GenerateConfig()
-    assert stages.generate_config_for(GenerateConfig(), "/x/generator").generator == "/x/generator"
+    from feedback_synth.config import RunConfig
+    from feedback_synth.pipeline.stage_table import generate_config
+
+    assert generate_config(RunConfig(), "/x/adapted") == GenerateConfig()  # adapt.method none: the generator as given
+    adapted = RunConfig(adapt=AdaptConfig(method="full"))
+    assert generate_config(adapted, "/x/adapted").generator == "/x/adapted/generator"
 
 
 @pytest.mark.slow

@@ -179,25 +179,26 @@ def test_compiled_gpu_tasks_resolve_the_device_they_request(tmp_path):
     from feedback_synth_kfp import tracking as kfp_tracking
     from feedback_synth_kfp.components import GPU_IMAGE
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import compile_pipeline
+    from feedback_synth.pipeline.stage_table import STAGES
     from feedback_synth_kfp.placement import GPU_STAGES, on_gpu
 
     spec = next(yaml.safe_load_all(Path(compile_pipeline(str(tmp_path / "p.yaml"))).read_text()))
     executors = spec["deploymentSpec"]["executors"]
-    on_accelerator = {name.removeprefix("exec-").replace("-", "_") for name, e in executors.items()
+    stage_of_task = {s.component_name: s.name for s in STAGES}
+    on_accelerator = {stage_of_task[name.removeprefix("exec-").replace("-", "_")] for name, e in executors.items()
                       if "accelerator" in e["container"].get("resources", {})}
-    assert on_accelerator == GPU_STAGES
+    assert on_accelerator == GPU_STAGES == {"train_baseline", "adapt_generator", "generate", "retrain"}
     for name, e in executors.items():
-        stage = name.removeprefix("exec-").replace("-", "_")
-        assert (e["container"]["image"] == GPU_IMAGE) == (stage in GPU_STAGES), name
-    stage_of_task = {"filter_synthetic": "filter"}
-    for task in [n.removeprefix("exec-").replace("-", "_") for n in executors]:
-        stage = stage_of_task.get(task, task)
+        task = name.removeprefix("exec-").replace("-", "_")
+        assert (e["container"]["image"] == GPU_IMAGE) == (stage_of_task.get(task) in GPU_STAGES), name
+    tasks = [n.removeprefix("exec-").replace("-", "_") for n in executors]
+    assert set(tasks) - set(stage_of_task) == {"start_tracking", "finish_tracking"}  # no stage: tracking only
+    for task in set(tasks) & set(stage_of_task):
+        stage = stage_of_task[task]
         for asked in ("auto", "cuda"):
             cfg = RunConfig(device=asked)
             art = dsl.Artifact(name="tracking", uri="/nowhere",
                                metadata={kfp_tracking.CONFIG_KEY: json.dumps(asdict(cfg))})
-            if not on_gpu(stage) and task in ("start_tracking", "finish_tracking"):
-                continue
             if on_gpu(stage) and asked == "cuda" and not torch.cuda.is_available():
                 with pytest.raises(ConfigError, match="no CUDA device"):
                     kfp_tracking.run_config(art, stage)
@@ -209,17 +210,18 @@ def test_compiled_gpu_tasks_resolve_the_device_they_request(tmp_path):
 
 
 def test_every_component_resolves_its_config_for_its_own_stage():
-    """Each stage component reads its config through ``run_config(tracking, <its stage>)``."""
-    from feedback_synth_kfp.placement import GPU_STAGES
+    """Each stage component runs its stage table row (``run_table_stage(tracking, <its stage>, ...)``,
+    which resolves the config on the task's pod), on the image of its row."""
+    from feedback_synth.pipeline.stage_table import STAGES
 
-    stages_seen = set()
-    for path in sorted((ROOT / "components").glob("*.py")):
-        text = path.read_text()
-        for call in ast.walk(ast.parse(text)):
-            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "run_config":
-                assert len(call.args) == 2 and isinstance(call.args[1], ast.Constant), path.name
-                stages_seen.add(call.args[1].value)
-    assert GPU_STAGES <= stages_seen
+    for row in STAGES:
+        if row.name == "promote":
+            continue
+        tree = ast.parse((ROOT / "components" / f"{row.component_name}.py").read_text())
+        calls = [c for c in ast.walk(tree) if isinstance(c, ast.Call) and getattr(c.func, "id", "") == "run_table_stage"]
+        assert [c.args[1].value for c in calls] == [row.name], row.name
+        images = [c for c in ast.walk(tree) if isinstance(c, ast.Call) and getattr(c.func, "id", "") == "image_for"]
+        assert [c.args[0].value for c in images] == [row.name], row.name
 
 
 # ------------------------------------------------------------------ the benchmark's GPU code path, on the CPU

@@ -476,7 +476,7 @@ def test_a_generator_for_other_classes_is_refused_before_training(tmp_path, caps
 
 
 @pytest.mark.parametrize("device, message", [
-    ("cuad", "'cuad' is not a torch device"),
+    ("cuad", "config field 'train.device': 'cuad' is not a device"),
     ("cuda:7", "cuda:7"),
 ])
 def test_devices_are_checked_before_any_work(tmp_path, capsys, device, message):

@@ -73,7 +73,8 @@ def test_compiled_pipeline_unrolls_two_rounds(tmp_path):
     assert len(loops) == 2  # one ParallelFor of shards per round
     inputs = lambda task: dag[task]["inputs"]  # noqa: E731
     # round 2 takes its feedback from round 1's retrained model, and carries round 1's outputs on
-    assert inputs("extract-feedback-2")["artifacts"]["baseline"]["taskOutputArtifact"]["producerTask"] == "retrain"
+    assert inputs("extract-feedback-2")["artifacts"]["latest"]["taskOutputArtifact"]["producerTask"] == "retrain"
+    assert inputs("extract-feedback")["artifacts"]["latest"]["taskOutputArtifact"]["producerTask"] == "train-baseline"
     assert inputs("extract-feedback-2")["artifacts"]["previous_feedback"]["taskOutputArtifact"]["producerTask"] == \
         "extract-feedback"
     assert inputs("filter-synthetic-2")["artifacts"]["previous_filtered"]["taskOutputArtifact"]["producerTask"] == \
@@ -84,10 +85,10 @@ def test_compiled_pipeline_unrolls_two_rounds(tmp_path):
     for task in ("extract-feedback", "extract-feedback-2"):
         assert inputs(task)["parameters"]["rounds"]["runtimeValue"]["constant"] == 2
     assert inputs("extract-feedback-2")["parameters"]["round_index"]["runtimeValue"]["constant"] == 2
-    # the GPU request of the adaptation and of every round's shards and retraining
+    # the GPU request of the baseline, the adaptation and every round's shards and retraining
     gpu_tasks = [e for e in spec["deploymentSpec"]["executors"].values()
                  if e["container"].get("resources", {}).get("accelerator")]
-    assert len(gpu_tasks) == 5
+    assert len(gpu_tasks) == 6
 
 
 # ------------------------------------------------------------------------------ runs

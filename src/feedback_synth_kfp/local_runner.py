@@ -20,6 +20,7 @@ from feedback_synth import storage
 from feedback_synth.config import RunConfig
 from feedback_synth.errors import FeedbackSynthError
 from feedback_synth.pipeline.orchestration import write_run_summary
+from feedback_synth.pipeline.stage_table import STAGE_NAMES, STAGES
 from feedback_synth.tracking.client import tracking_location
 from feedback_synth_kfp.artifacts import artifact_url
 from feedback_synth_kfp.parameters import pipeline_arguments
@@ -32,12 +33,10 @@ class KFPRunError(FeedbackSynthError, RuntimeError):
     """A task of the pipeline failed in the KFP local runner (its log is printed above)."""
 
 
-# pipeline output -> the in-process runner's stage name (``timings`` keys)
-_TIMED = (("data", "prepare_data"), ("baseline", "train_baseline"), ("adapted", "adapt_generator"),
-          ("feedback", "extract_feedback"), ("filtered", "filter"), ("retrained", "retrain"), ("evaluation", "evaluate"),
-          ("decision", "promote"))
-STAGE_ORDER = ("prepare_data", "train_baseline", "adapt_generator", "extract_feedback", "generate", "filter", "retrain",
-               "evaluate", "promote")
+# pipeline output -> its stage's name (``timings`` keys), from the stage table; a sharded stage's
+# time is the wall time of its fan-out (the filter's ``generation`` metadata)
+_TIMED = tuple((s.output, s.name) for s in STAGES if not s.sharded)
+STAGE_ORDER = STAGE_NAMES
 
 
 def _num(v: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from feedback_synth.config import RunConfig, TrackingConfig
 from feedback_synth.errors import ConfigError, FeedbackSynthError
-from feedback_synth.pipeline.orchestration import promote_once, run_logged_stage
+from feedback_synth.pipeline.orchestration import log_run_epilogue, promote_once, run_logged_stage
 from feedback_synth.pipeline.result import StageResult
 from feedback_synth.tracking.base import NullTracker
 from feedback_synth.tracking.stale import running_runs
@@ -134,6 +134,30 @@ def run_task_stage(tracking: Any, name: str, params: dict[str, Any], output_url:
             with open(errors, "a", encoding="utf-8") as f:
                 f.write(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
         raise
+
+
+def log_epilogue(tracking: Any, output_url: str, evaluation: StageResult) -> None:
+    """The parent run's epilogue (``orchestration.log_run_epilogue``: the evaluation's metrics,
+    ``report.md``, the rounds), as the in-process runner logs it."""
+    with attached(tracking, output_url) as tracker:
+        log_run_epilogue(tracker, evaluation)
+
+
+def run_table_stage(tracking: Any, name: str, inputs: dict[str, Any], output_url: str, round_index: int = 1,
+                    rounds: int = 1, shard_ids: Optional[list[int]] = None,
+                    run_name: Optional[str] = None) -> StageResult:
+    """A stage task's whole body: its row of the stage table (``pipeline.stage_table``) called with
+    the run's config (resolved on this pod, ``run_config``), its inputs' URLs by name and its
+    output, logged as the in-process runner logs it (``run_task_stage``)."""
+    from dataclasses import replace
+
+    from feedback_synth.pipeline.orchestration import RunLayout
+    from feedback_synth.pipeline.stage_table import StageContext, stage
+
+    row = stage(name)
+    ctx = StageContext(run_config(tracking, name), inputs, output_url, round_index, shard_ids=shard_ids)
+    return run_task_stage(tracking, run_name or RunLayout.run_name(name, round_index, rounds), row.params(ctx),
+                          output_url, lambda on_epoch: row.call(replace(ctx, on_epoch=on_epoch)))
 
 
 def promote(tracking: Any, model_url: str, report_url: str, report: dict[str, Any], cfg: RunConfig,

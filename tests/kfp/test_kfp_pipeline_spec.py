@@ -113,7 +113,7 @@ def test_generation_fans_out_over_the_plan_with_parallelism(spec):
     shard_id = body["generate-shard"]["inputs"]["parameters"]["shard_id"]
     assert shard_id["componentInputParameter"] == loop["parameterIterator"]["itemInput"]
     # the join: filter_synthetic takes the collected outputs of every shard task
-    shards = _tasks(spec)["filter-synthetic"]["inputs"]["artifacts"]["shards"]
+    shards = _tasks(spec)["filter-synthetic"]["inputs"]["artifacts"]["generated"]
     assert shards["taskOutputArtifact"] == {"outputArtifactKey": "pipelinechannel--generate-shard-shard",
                                             "producerTask": _loop(spec)}
     # extract_feedback returns the shard ids as a list

@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from feedback_synth import storage
 from feedback_synth.pipeline.result import StageResult, log_stage_result
+from feedback_synth.pipeline.stage_table import ROUND_FOLDERS, STAGE_FOLDERS
 
 if TYPE_CHECKING:
     from feedback_synth.reporting.tables import EvaluationReport
 
 RESUMED_TAG = "feedback_synth.resumed"
-ROUND_STAGES = ("feedback", "generated", "filtered", "retrained")  # the folders repeated per round
-# every folder a run writes at the top of its output (a run deletes nothing else: pipeline.run)
-STAGE_FOLDERS = ("data", "baseline", "adapted", *ROUND_STAGES, "rounds", "report")
+ROUND_STAGES = ROUND_FOLDERS  # the folders repeated per round (from the stage table)
+__all__ = ["STAGE_FOLDERS", "ROUND_STAGES", "RunLayout", "run_logged_stage", "promote_once", "log_run_epilogue",
+           "write_run_summary"]
 
 EpochHook = Optional[Callable[[dict[str, Any]], None]]
 
@@ -116,6 +117,20 @@ def promote_once(parent: Any, retrained_model_url: str, report_url: str, report:
         log.log_metrics({"seconds": round(time.time() - t0, 2)})
     storage.write_json(decision_url, {"key": key, "promotion": promotion, "seconds": round(time.time() - t0, 2)})
     return promotion
+
+
+def log_run_epilogue(parent: Any, evaluation: StageResult) -> None:
+    """What the MLflow parent run gets at the end, whichever runner ran (both call this): the
+    evaluation's metrics (no synthesis, with synthesis, difference, fidelity, gap), ``report.md``,
+    and each round's gate metrics per step."""
+    from feedback_synth.reporting.tables import format_report
+
+    report = evaluation.summary
+    parent.log_metrics(evaluation.metrics)
+    parent.log_text(format_report(report), "report.md")
+    for r in report["rounds"]:
+        parent.log_metrics({f"round_{k}": r[k] for k in ("few", "worst_class", "worst_group", "overall") if k in r},
+                           step=r["round"])
 
 
 def write_run_summary(report_url: str, report: "EvaluationReport", *, timings: dict[str, float],

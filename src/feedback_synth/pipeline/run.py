@@ -21,24 +21,26 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Iterator, Optional
 
 from feedback_synth import storage
-from feedback_synth.config import GenerateConfig, RunConfig, resolve_devices, strip_runtime
+from feedback_synth.config import RunConfig, resolve_devices, strip_runtime
 from feedback_synth.errors import ConfigError, DataError
 from feedback_synth.fingerprints import StaleOutputError, differences
 from feedback_synth.pipeline import stages
+from feedback_synth.pipeline import stage_table
 from feedback_synth.pipeline.orchestration import (
     STAGE_FOLDERS,
     RunLayout,
+    log_run_epilogue,
     promote_once,
     run_logged_stage,
     write_run_summary,
 )
 from feedback_synth.pipeline.preflight import preflight
 from feedback_synth.pipeline.result import StageResult
-from feedback_synth.reporting.tables import format_report
+from feedback_synth.pipeline.stage_table import STAGES, Stage, StageContext
 from feedback_synth.tracking.base import NullTracker
 
 log = logging.getLogger(__name__)
@@ -245,38 +247,17 @@ def _run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker
     status = "FAILED"
     worked, refused = [], False  # stages that did work here (not resumed); a stale output refused before any
 
-    def stage(name: str, params: dict[str, Any], work) -> StageResult:
-        result = run_logged_stage(tracker, name, params, work)
-        timings[name] = round(timings.get(name, 0.0) + result.seconds, 2)
-        if not result.summary.get("resumed"):
-            worked.append(name)
-        return result
-
     try:
-        data, baseline = layout.stage("data"), layout.stage("baseline")
-        stage("prepare_data", asdict(cfg.data), lambda _: stages.prepare_data(cfg.data, data))
-        stage("train_baseline", asdict(cfg.train),
-              lambda on_epoch: stages.train_baseline(data, baseline, cfg.train, cfg.data, on_epoch=on_epoch))
-        adapted = stage("adapt_generator", asdict(cfg.adapt), lambda _: stages.adapt_generator(
-            data, stages.model_url(baseline), layout.stage("adapted"), cfg.adapt, cfg.generate))
-        gen_cfg = stages.generate_config_for(cfg.generate, adapted.summary["generator"])
-        gen, retrained, filtered = synthesis_rounds(cfg, layout, data, stages.model_url(baseline), tracker, timings,
-                                                    gen_cfg)
-        evaluation = stage("evaluate", {}, lambda _: stages.evaluate_run(data, baseline, retrained, filtered,
-                                                                         layout.stage("report"), cfg.data,
-                                                                         device=cfg.device,
-                                                                         adapted_url=layout.stage("adapted")))
+        produced: dict[str, Any] = {}
+        results, gen = run_table(cfg, layout, tracker, produced, timings, worked=worked)
+        evaluation = results["evaluate"]
         report = evaluation.summary
-        tracker.log_metrics(evaluation.metrics)  # the parent run: no synthesis, with synthesis, difference
-        tracker.log_text(format_report(report), "report.md")
-        for r in report["rounds"]:
-            tracker.log_metrics({f"round_{k}": r[k] for k in ("few", "worst_class", "worst_group", "overall") if k in r},
-                                step=r["round"])
+        log_run_epilogue(tracker, evaluation)  # the parent run: no synthesis, with synthesis, difference
         promotion = None
         if tracker.run_id is not None:  # a registry to promote in
             t0 = time.time()
-            promotion = promote_once(tracker, stages.model_url(retrained), layout.stage("report"), report, cfg.promote,
-                                     cfg.tracking, test_dataset_url=data)
+            promotion = promote_once(tracker, stages.model_url(produced["retrained"]), produced["evaluation"], report,
+                                     cfg.promote, cfg.tracking, test_dataset_url=produced["data"])
             if not promotion.get("resumed"):
                 timings["promote"] = round(time.time() - t0, 2)
         status = "FINISHED"
@@ -297,43 +278,68 @@ def _run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker
                              closed_stale_runs=len(closed))
 
 
-def synthesis_rounds(cfg: RunConfig, layout: RunLayout, data: str, baseline_model: str, tracker: Any,
-                     timings: Optional[dict[str, float]] = None, generate_cfg: Optional[GenerateConfig] = None
-                     ) -> tuple[dict[str, Any], str, str]:
-    """Feedback, generation, filtering and retraining, once (``feedback.rounds`` 1) or in rounds,
-    each stage logged under ``tracker`` (``orchestration.run_logged_stage``; its seconds added to
-    ``timings``); ``generate_cfg``: ``cfg.generate`` with the adapted generator, if any.
+def run_table(cfg: RunConfig, layout: RunLayout, tracker: Any, produced: dict[str, Any],
+              timings: Optional[dict[str, float]] = None, names: Optional[list[str]] = None,
+              worked: Optional[list[str]] = None) -> tuple[dict[str, StageResult], dict[str, Any]]:
+    """Run the rows of the stage table (``pipeline.stage_table.STAGES``) named in ``names`` (default:
+    every row but promote, which the runner does itself), in table order. A row that runs once gets
+    the outputs ``produced`` so far; consecutive per-round rows run ``feedback.rounds`` times, round
+    r reading ``latest`` (the baseline, then the previous round's retrained model) and the previous
+    round's outputs. Each stage runs in its nested MLflow run (``orchestration.run_logged_stage``; its
+    seconds added to ``timings``); ``produced`` (output name -> URL) is filled in as stages finish,
+    and ``worked`` gets the names of those that did work (were not resumed).
 
-    Round r extracts feedback from the latest model (the baseline, then the previous round's
-    retrained model), generates its share of the budget with guidance from that model, filters,
-    and retrains (from scratch, with the baseline's recipe) on real + every image kept so far.
-    Returns (generation summary over all rounds, the last retrained output, the last filter output).
+    Returns (the last result of each stage, the generation summary over all rounds).
     """
-    rounds = cfg.feedback.rounds
+    rows = [stage_table.stage(n) for n in (names or [s.name for s in STAGES if s.name != "promote"])]
     timings = {} if timings is None else timings
-    gen_cfg = generate_cfg or cfg.generate
-    latest, previous = baseline_model, None
+    rounds = cfg.feedback.rounds
+    results: dict[str, StageResult] = {}
     generation = {"shards": 0, "skipped": 0, "num_images": 0, "seconds": 0.0, "criterion": cfg.generate.criterion}
 
-    def stage(name: str, r: int, params: dict[str, Any], work) -> StageResult:
-        result = run_logged_stage(tracker, RunLayout.run_name(name, r, rounds), params, work)
-        timings[name] = round(timings.get(name, 0.0) + result.seconds, 2)
-        return result
+    def run_row(row: Stage, available: dict[str, Any], r: int, in_rounds: int) -> str:
+        out = storage.join(layout.output, RunLayout.folder(row.folder, r, in_rounds))
+        ctx = StageContext(cfg, stage_table.inputs_of(row, available), out, r)
+        result = run_logged_stage(tracker, RunLayout.run_name(row.name, r, in_rounds), row.params(ctx),
+                                  lambda on_epoch: row.call(replace(ctx, on_epoch=on_epoch)))
+        timings[row.name] = round(timings.get(row.name, 0.0) + result.seconds, 2)
+        results[row.name] = result
+        if worked is not None and not result.summary.get("resumed"):
+            worked.append(row.name)
+        if row.name == "generate":
+            for key in ("shards", "skipped", "num_images"):
+                generation[key] += result.summary[key]
+            generation["seconds"] = round(generation["seconds"] + result.summary["seconds"], 3)
+        return out
 
-    for r in range(1, rounds + 1):
-        urls = layout.round(r)
-        prev = previous
-        stage("extract_feedback", r, {**asdict(cfg.feedback), "round": r}, lambda _: stages.extract_feedback(
-            data, latest, urls.feedback, cfg.feedback, r, prev.feedback if prev else None))
-        gen = stage("generate", r, asdict(gen_cfg), lambda _: stages.generate(
-            data, latest, urls.feedback, urls.generated, gen_cfg))
-        stage("filter", r, asdict(cfg.filter), lambda _: stages.filter_synthetic(
-            data, latest, urls.feedback, urls.generated, urls.filtered, cfg.filter, prev.filtered if prev else None))
-        stage("retrain", r, asdict(cfg.retrain), lambda on_epoch: stages.retrain(
-            data, baseline_model, urls.filtered, urls.retrained, cfg.retrain, cfg.data, on_epoch=on_epoch,
-            previous_retrained_url=prev.retrained if prev else None, round_index=r))
-        for key in ("shards", "skipped", "num_images"):
-            generation[key] += gen.summary[key]
-        generation["seconds"] = round(generation["seconds"] + gen.summary["seconds"], 3)
-        latest, previous = stages.model_url(urls.retrained), urls
-    return generation, previous.retrained, previous.filtered
+    i = 0
+    while i < len(rows):
+        if not rows[i].per_round:
+            produced[rows[i].output] = run_row(rows[i], produced, 1, 1)
+            i += 1
+            continue
+        group = []
+        while i < len(rows) and rows[i].per_round:
+            group.append(rows[i])
+            i += 1
+        previous: Optional[dict[str, Any]] = None
+        for r in range(1, rounds + 1):
+            this_round: dict[str, Any] = {}
+            for row in group:
+                available = {**stage_table.round_inputs(produced, previous), **this_round}
+                this_round[row.output] = run_row(row, available, r, rounds)
+            previous = this_round
+        produced.update(previous or {})
+    return results, generation
+
+
+def synthesis_rounds(cfg: RunConfig, layout: RunLayout, data: str, baseline: str, tracker: Any,
+                     timings: Optional[dict[str, float]] = None, adapted: Optional[str] = None
+                     ) -> tuple[dict[str, Any], str, str]:
+    """The per-round rows of the stage table alone (feedback, generation, filtering, retraining,
+    once or in rounds) on top of a finished ``baseline`` stage folder (and ``adapted``, if the
+    generator was adapted): what the pilot and the benchmarks run. Returns (generation summary over
+    all rounds, the last retrained output, the last filter output)."""
+    produced = {"data": data, "baseline": baseline, **({"adapted": adapted} if adapted else {})}
+    _, generation = run_table(cfg, layout, tracker, produced, timings, [s.name for s in STAGES if s.per_round])
+    return generation, produced["retrained"], produced["filtered"]

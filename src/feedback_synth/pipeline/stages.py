@@ -147,13 +147,6 @@ def adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str, 
                      overwrite)
 
 
-def generate_config_for(gen_cfg: GenerateConfig, generator: str) -> GenerateConfig:
-    """The generate config with the generator that adapt_generator names (the adapted folder)."""
-    from dataclasses import replace
-
-    return gen_cfg if generator == gen_cfg.generator else replace(gen_cfg, generator=generator)
-
-
 def _adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str, cfg: AdaptConfig,
                      gen_cfg: GenerateConfig, base: str) -> StageResult:
     import numpy as np

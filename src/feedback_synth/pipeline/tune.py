@@ -106,11 +106,10 @@ def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any
         adapt_folder = storage.join(output_url, "adapted",
                                     "-".join(f"{k}{v}" for k, v in sorted(result_settings(run_cfg.adapt).items())))
         with tracker.stage(name, setting) as run:
-            adapted = stages.adapt_generator(data, stages.model_url(baseline), adapt_folder, run_cfg.adapt,
+            stages.adapt_generator(data, stages.model_url(baseline), adapt_folder, run_cfg.adapt,
                                              run_cfg.generate)
-            gen_cfg = stages.generate_config_for(run_cfg.generate, adapted.summary["generator"])
-            _, retrained, filtered = synthesis_rounds(run_cfg, RunLayout(folder), data, stages.model_url(baseline),
-                                                      NullTracker(), generate_cfg=gen_cfg)
+            _, retrained, filtered = synthesis_rounds(run_cfg, RunLayout(folder), data, baseline, NullTracker(),
+                                                      adapted=adapt_folder)
             row = {"setting": name, **score(retrained),
                    "kept": storage.read_json(storage.join(filtered, "filter_report.json"))["kept"]}
             run.log_metrics({f"val_{k}": v for k, v in row.items() if isinstance(v, float)})
