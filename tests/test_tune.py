@@ -56,3 +56,17 @@ def test_tune_picks_a_setting_on_validation(tmp_path, tiny_generator, capsys):
         assert report["chosen"] == NO_SYNTHESIS and "no setting beats no synthesis" in printed
     assert chosen["train"]["epochs"] == load_run_config().train.epochs  # the full run's epochs, not the pilot's
     assert "| setting (validation, 2 epochs) |" in (out / "validation_table.md").read_text()
+
+
+def test_the_choice_goes_to_the_best_setting_only_when_it_beats_no_synthesis():
+    """Both outcomes of the pilot's choice, on rows whose answer is known."""
+    from feedback_synth.pipeline.tune import choose
+
+    rows = [{"setting": NO_SYNTHESIS, "few": 0.5, "overall": 0.8},
+            {"setting": "a", "few": 0.6, "overall": 0.7}, {"setting": "b", "few": 0.6, "overall": 0.75},
+            {"setting": "c", "few": 0.4, "overall": 0.9}]
+    best, beats = choose(rows, "few")
+    assert best["setting"] == "b" and beats  # ties on few go to overall
+    rows[0]["few"] = 0.6  # a tie with no synthesis is not a gain
+    assert choose(rows, "few") == (rows[2], False)
+    assert choose(rows, "overall")[0]["setting"] == "c" and choose(rows, "overall")[1]

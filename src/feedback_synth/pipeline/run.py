@@ -45,11 +45,6 @@ from feedback_synth.tracking.base import NullTracker
 
 log = logging.getLogger(__name__)
 
-def stage_urls(output_url: str, rounds: int = 1) -> dict[str, str]:
-    """The run's main outputs (``RunLayout.outputs``)."""
-    return RunLayout(output_url, rounds).outputs()
-
-
 # ------------------------------------------------------------------------------ owning the output
 
 

@@ -115,8 +115,7 @@ def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any
             run.log_metrics({f"val_{k}": v for k, v in row.items() if isinstance(v, float)})
         rows.append(row)
     reference = rows[0]
-    best = max(rows[1:], key=lambda r: (r.get(metric) or 0.0, r.get("overall") or 0.0))
-    beats = (best.get(metric) or 0.0) > (reference.get(metric) or 0.0)
+    best, beats = choose(rows, metric)
     chosen_setting = settings[rows.index(best) - 1] if beats else {}
     chosen = apply_setting(cfg, chosen_setting) if beats else cfg
     report = {"rows": rows, "metric": metric, "epochs": epochs, "grid": grid, "chosen": best["setting"] if beats else
@@ -130,6 +129,13 @@ def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any
     tracker.log_metrics({f"best_val_{metric}": best.get(metric) or 0.0,
                          f"no_synthesis_val_{metric}": reference.get(metric) or 0.0})
     return report
+
+
+def choose(rows: list[dict[str, Any]], metric: str) -> tuple[dict[str, Any], bool]:
+    """The best synthesis row (``rows[1:]``) by ``metric``, then overall accuracy, and whether it
+    beats the no-synthesis row (``rows[0]``) on ``metric``, strictly."""
+    best = max(rows[1:], key=lambda r: (r.get(metric) or 0.0, r.get("overall") or 0.0))
+    return best, (best.get(metric) or 0.0) > (rows[0].get(metric) or 0.0)
 
 
 def validation_table(report: dict[str, Any]) -> str:

@@ -79,19 +79,6 @@ def confusion_matrix(cm: list[list[int]], class_names: list[str], title: str = "
     return _png(fig)
 
 
-def training_curves(history: list[dict], title: str = "") -> bytes:
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ep = [h["epoch"] for h in history]
-    ax.plot(ep, [h["loss"] for h in history], label="train loss")
-    if history and "val_accuracy" in history[0]:
-        ax2 = ax.twinx()
-        ax2.plot(ep, [h["val_accuracy"] for h in history], color="C1", label="val accuracy")
-        ax2.set_ylim(0, 1)
-    ax.set_xlabel("epoch")
-    ax.set_title(title)
-    return _png(fig)
-
-
 def rounds_curve(reference: dict[str, float], rounds: list[dict[str, Any]]) -> bytes:
     """Few-shot (or worst-group) and worst-class test accuracy per round; round 0 = no synthesis."""
     keys = [k for k in ("few", "worst_group", "worst_class") if k in reference]

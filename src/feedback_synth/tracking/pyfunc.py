@@ -101,13 +101,6 @@ def _model_kwargs(checkpoint_dir: str, spec: dict[str, Any], folder: str) -> dic
                           "input": "float32 images in [0, 1], (N, C, H, W); output: logits"})
 
 
-def save_pyfunc(checkpoint_dir: str, spec: dict[str, Any], path: str) -> None:
-    """Write the pyfunc model folder (MLmodel, code, signature, input example) to ``path``."""
-    import mlflow.pyfunc
-
-    mlflow.pyfunc.save_model(path, **_model_kwargs(checkpoint_dir, spec, os.path.dirname(path)))
-
-
 def log_pyfunc(checkpoint_dir: str, spec: dict[str, Any], model_id: str, run_id: Optional[str] = None,
                name: str = "classifier"):
     """Log the pyfunc model into the MLflow 3 LoggedModel ``model_id`` (``models:/<model_id>``)
