@@ -12,8 +12,10 @@ def start_tracking(mlflow_tracking_uri: str, mlflow_experiment: str, registered_
                    criterion: str, scale: float, guide_every: int, budget_fraction: float, shard_size: int,
                    gate_metric: str, min_gain: float, max_overall_drop: float, device: str, config: str,
                    tracking: Output[Artifact]):
-    """Resolve the run configuration that the pipeline parameters stand for (``config`` with the
-    named parameters over it), checked like a config file, and open the MLflow parent run that
+    """Resolve the run configuration that the pipeline parameters stand for (the dataset's preset,
+    ``config``, the named parameters that differ from their defaults), checked like a config file,
+    run pre-flight on it (the dataset, the generator, the model, the tracking server), and open the
+    MLflow parent run that
     every stage task logs a nested run under. Every task reads the configuration from this
     task's artifact: one value, resolved once.
 
@@ -47,11 +49,17 @@ def start_tracking(mlflow_tracking_uri: str, mlflow_experiment: str, registered_
     import json
     from dataclasses import asdict
 
+    from feedback_synth.pipeline.preflight import preflight
     from feedback_synth_kfp.parameters import run_config_from_parameters
-    from feedback_synth_kfp.tracking import CONFIG_KEY, TRACKING_KEY
+    from feedback_synth_kfp.tracking import CONFIG_KEY, TRACKING_KEY, reported_errors
     from feedback_synth_kfp.tracking import start_tracking as open_parent_run
 
-    cfg = asdict(run_config_from_parameters(params))
+    with reported_errors("start_tracking"):
+        run_cfg = run_config_from_parameters(params)
+        # pre-flight, as a local run makes it, before any work; the devices' form only: each GPU
+        # pod checks that it has the device (feedback_synth_kfp.tracking.run_config)
+        preflight(run_cfg, check_devices=False)
+    cfg = asdict(run_cfg)
     context = open_parent_run(mlflow_tracking_uri, mlflow_experiment, registered_model, run_name, kfp_run_id, cfg)
     tracking.metadata[TRACKING_KEY] = context
     tracking.metadata[CONFIG_KEY] = json.dumps(cfg)

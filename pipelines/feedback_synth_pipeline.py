@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 from kfp import dsl, kubernetes
 
 from feedback_synth.pipeline import stage_table
+from feedback_synth_kfp.parameters import named_defaults
 
 from feedback_synth_kfp.components.adapt_generator import adapt_generator
 from feedback_synth_kfp.components.evaluate import evaluate
@@ -30,6 +31,10 @@ PIPELINE_NAME = "feedback-synth"
 
 # The usual taint of GPU node pools (GKE, the NVIDIA GPU operator): generation pods tolerate it.
 DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+# the named parameters' defaults: the library's (feedback_synth.config), never hand-written copies;
+# a parameter left at its default leaves the dataset's preset in force (feedback_synth_kfp.parameters)
+_D = named_defaults()
 
 # each stage table row's KFP component, by name
 COMPONENTS = {"prepare_data": prepare_data, "train_baseline": train_baseline, "adapt_generator": adapt_generator,
@@ -109,23 +114,23 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
     """The pipeline function, compiled with ``settings``."""
 
     def feedback_synth_pipeline(
-        dataset: str = "digits-lt",
-        classifier_model: str = "resnet10t",
-        adapt_method: str = "none",
-        generator: str = "builtin",
-        criterion: str = "entropy",
-        scale: float = 0.02,
-        guide_every: int = 5,
-        budget_fraction: float = 1.0,
-        shard_size: int = 256,
+        dataset: str = _D["dataset"],
+        classifier_model: str = _D["classifier_model"],
+        adapt_method: str = _D["adapt_method"],
+        generator: str = _D["generator"],
+        criterion: str = _D["criterion"],
+        scale: float = _D["scale"],
+        guide_every: int = _D["guide_every"],
+        budget_fraction: float = _D["budget_fraction"],
+        shard_size: int = _D["shard_size"],
         workspace_url: str = "",
         mlflow_tracking_uri: str = "",
-        mlflow_experiment: str = "feedback-synth",
-        registered_model: str = "feedback-synth-classifier",
-        gate_metric: str = "few",
-        min_gain: float = 0.0,
-        max_overall_drop: float = 0.01,
-        device: str = "auto",
+        mlflow_experiment: str = _D["mlflow_experiment"],
+        registered_model: str = _D["registered_model"],
+        gate_metric: str = _D["gate_metric"],
+        min_gain: float = _D["min_gain"],
+        max_overall_drop: float = _D["max_overall_drop"],
+        device: str = _D["device"],
         gpu_node_selector: dict = {},
         gpu_tolerations: list = DEFAULT_GPU_TOLERATIONS,
         config: str = "{}",

@@ -2,8 +2,10 @@
 
 A few fields are parameters of their own (``dataset``, ``criterion``, ...: what a user changes most
 in the KFP UI, ``NAMED_PARAMETERS``); every other field travels in one JSON object parameter,
-``config``: ``{"<section>": {"<field>": value}}``, only what differs from the defaults. The named
-parameters apply over it. ``start_tracking`` resolves them once into the run's ``RunConfig``,
+``config``: ``{"<section>": {"<field>": value}}``, only what differs from the defaults. The run's
+configuration is the dataset's preset (as ``feedback-synth run`` applies it: a run started from the
+KFP UI gets it too), then ``config``, then the named parameters that differ from their defaults
+(which are the library's, ``named_defaults``: not hand-written copies). ``start_tracking`` resolves them once into the run's ``RunConfig``,
 which then travels to every task as one value (the metadata of its ``tracking`` artifact:
 ``feedback_synth_kfp.tracking.run_config``), so that no component rebuilds it from parameters.
 ``pipeline_arguments(cfg)`` turns a RunConfig into parameters and ``run_config_from_parameters``
@@ -32,30 +34,37 @@ NAMED_PARAMETERS: dict[str, dict[str, str]] = {
 # task on its own pod (auto: CUDA where the pod has it)
 RUN_PARAMETERS: dict[str, str] = {"device": "device"}
 CONFIG_PARAMETER = "config"
-_SHARED = {p for p in (q for named in NAMED_PARAMETERS.values() for q in named.values())
-           if sum(p in named.values() for named in NAMED_PARAMETERS.values()) > 1}
 # run settings that are not part of the config: where the cluster, not the run, decides
 _NOT_CONFIG = {("tracking", "tracking_uri")}
 
 
+def named_defaults() -> dict[str, Any]:
+    """The named parameters' defaults: the library's defaults (``RunConfig()``), from the config code.
+    A named parameter left at its default does not override the dataset's preset."""
+    cfg = RunConfig()
+    out = {param: getattr(getattr(cfg, section), field) for section, named in NAMED_PARAMETERS.items()
+           for field, param in named.items()}
+    out.update({param: getattr(cfg, field) for field, param in RUN_PARAMETERS.items()})
+    return out
+
+
 def pipeline_arguments(cfg: RunConfig, mlflow_tracking_uri: str = "", workspace_url: str = "") -> dict[str, Any]:
     """The pipeline parameters that reproduce ``cfg`` exactly: the named ones, and ``config`` with
-    every other field that differs from its default."""
+    every other field that differs from what the named ones and the dataset's preset make."""
     args: dict[str, Any] = {"workspace_url": workspace_url, "mlflow_tracking_uri": mlflow_tracking_uri}
     for section, named in NAMED_PARAMETERS.items():
         for field, param in named.items():
             args.setdefault(param, getattr(getattr(cfg, section), field))
     for field, param in RUN_PARAMETERS.items():
         args[param] = getattr(cfg, field)
+    reference = run_config_from_parameters({k: v for k, v in args.items() if k != "mlflow_tracking_uri"})
     rest: dict[str, dict[str, Any]] = {}
     for f in dataclasses.fields(cfg):
         if f.name in RUN_PARAMETERS:
             continue
-        value, named = getattr(cfg, f.name), NAMED_PARAMETERS.get(f.name, {})
-        defaults = type(value)()
+        value, ref = getattr(cfg, f.name), getattr(reference, f.name)
         changed = {k.name: getattr(value, k.name) for k in dataclasses.fields(value)
-                   if (f.name, k.name) not in _NOT_CONFIG
-                   and getattr(value, k.name) != (args[named[k.name]] if k.name in named else getattr(defaults, k.name))}
+                   if (f.name, k.name) not in _NOT_CONFIG and getattr(value, k.name) != getattr(ref, k.name)}
         if changed:
             rest[f.name] = changed
     args[CONFIG_PARAMETER] = json.dumps(rest, sort_keys=True)
@@ -78,18 +87,24 @@ def parse_config_parameter(config: str) -> dict[str, Any]:
 
 def run_config_from_parameters(params: dict[str, Any]) -> RunConfig:
     """The RunConfig that pipeline parameters ``params`` stand for (the inverse of
-    ``pipeline_arguments``): ``config``, with the named parameters over it, checked."""
+    ``pipeline_arguments``), checked: the dataset's preset (as ``feedback-synth run`` applies it, so
+    that a run started from the KFP UI means what it means on a laptop) < ``config`` < the named
+    parameters that differ from their defaults (``named_defaults``)."""
+    from feedback_synth.config import preset
+
     sections = parse_config_parameter(params.get(CONFIG_PARAMETER, ""))
+    defaults = named_defaults()
+    dataset = params.get("dataset") or (sections.get("data") or {}).get("dataset")
+    sections = deep_merge(preset(dataset), sections)
     named_values: dict[str, dict[str, Any]] = {}
     for section, named in NAMED_PARAMETERS.items():
-        # a parameter shared by several sections is their default: a section's own value in
-        # ``config`` wins over it; any other named parameter wins over ``config``
-        values = {field: params[param] for field, param in named.items() if param in params
-                  and not (param in _SHARED and field in (sections.get(section) or {}))}
+        values = {field: params[param] for field, param in named.items()
+                  if param in params and (params[param] != defaults[param] or param == "dataset")}
         if values:
             named_values[section] = values
     sections = deep_merge(sections, named_values)
-    sections.update({field: params[param] for field, param in RUN_PARAMETERS.items() if param in params})
+    sections.update({field: params[param] for field, param in RUN_PARAMETERS.items()
+                     if param in params and params[param] != defaults[param]})
     if params.get("mlflow_tracking_uri"):
         sections = deep_merge(sections, {"tracking": {"tracking_uri": params["mlflow_tracking_uri"]}})
     return from_dict(RunConfig, sections)

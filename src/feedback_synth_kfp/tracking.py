@@ -125,10 +125,18 @@ def run_task_stage(tracking: Any, name: str, params: dict[str, Any], output_url:
                    work: Callable[[Any], StageResult]) -> StageResult:
     """One stage task: the stage's work, logged as the in-process runner logs it
     (``orchestration.run_logged_stage``: a nested run under the pipeline's parent run)."""
-    try:
+    with reported_errors(name):
         with attached(tracking, output_url) as tracker:
             return run_logged_stage(tracker, name, params, work)
-    except FeedbackSynthError as exc:  # the one line a runner reports (the local runner reads it back)
+
+
+@contextlib.contextmanager
+def reported_errors(name: str) -> Iterator[None]:
+    """A task's one-line error (a FeedbackSynthError) is also written where the runner reads it back
+    (the local runner: ``$TASK_ERRORS_ENV``), so that the run ends with that line, not KFP's."""
+    try:
+        yield
+    except FeedbackSynthError as exc:
         errors = os.environ.get(TASK_ERRORS_ENV)
         if errors:
             with open(errors, "a", encoding="utf-8") as f:

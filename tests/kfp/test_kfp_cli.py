@@ -233,11 +233,14 @@ def test_submit_means_what_run_means(fake_kfp, capsys, tmp_path):
 
 
 def test_pipeline_defaults_are_the_library_defaults(compiled):
-    """One source of truth: a parameter left at its default means the library's default config."""
-    from feedback_synth.config import RunConfig
-    from feedback_synth_kfp.parameters import pipeline_arguments
+    """One source of truth: the compiled parameters' defaults are the library's (``named_defaults``,
+    read from the config code), and a run left at every default means `feedback-synth run`: the
+    default dataset's preset."""
+    from feedback_synth.config import RunConfig, resolve_run_config
+    from feedback_synth_kfp.parameters import named_defaults, run_config_from_parameters
 
     spec = pipeline_parameters(str(compiled))
-    differ = {k: (spec[k]["default"], v) for k, v in pipeline_arguments(RunConfig()).items()
-              if k in spec and spec[k]["default"] != v}
-    assert not differ, differ
+    assert {k: spec[k]["default"] for k in named_defaults()} == named_defaults()
+    assert spec["scale"]["default"] == RunConfig().generate.scale == 0.02  # the library default, not digits-lt's
+    ui = run_config_from_parameters({k: v["default"] for k, v in spec.items() if "default" in v})
+    assert ui == resolve_run_config(None)  # ... and a UI run at the defaults is digits-lt with its preset

@@ -34,9 +34,13 @@ def test_publish_records_the_real_location(tmp_path):
 
 
 def test_the_config_parameter_is_checked_and_named_parameters_apply_over_it():
+    # a named parameter that differs from its default wins over ``config``; one left at its default
+    # (resnet10t) leaves ``config``'s value in force
     cfg = run_config_from_parameters({"config": '{"train": {"epochs": 3, "model": "test_resnet"}}',
                                       "classifier_model": "resnet10t", "scale": 0.1})
-    assert cfg.train.epochs == 3 and cfg.train.model == "resnet10t" and cfg.generate.scale == 0.1
+    assert cfg.train.epochs == 3 and cfg.train.model == "test_resnet" and cfg.generate.scale == 0.1
+    cfg = run_config_from_parameters({"config": '{"train": {"model": "test_resnet"}}', "classifier_model": "resnet18"})
+    assert cfg.train.model == "resnet18"
     with pytest.raises(ConfigError, match="'config': expected a JSON object of sections"):
         run_config_from_parameters({"config": "[1, 2]"})
     with pytest.raises(ConfigError, match="'config': not valid JSON"):
@@ -45,6 +49,21 @@ def test_the_config_parameter_is_checked_and_named_parameters_apply_over_it():
         run_config_from_parameters({"config": '{"train": {"epochs": 0}}'})
     with pytest.raises(ConfigError, match="unknown config field 'trian'"):
         run_config_from_parameters({"config": '{"trian": {"epochs": 3}}'})
+
+
+def test_a_run_started_from_the_ui_gets_the_datasets_preset(compiled_defaults=None):
+    """The pipeline's own defaults (what a run started from the KFP UI sends) mean what
+    `feedback-synth run --dataset D` means: the preset of D, not the bare library defaults."""
+    from feedback_synth.config import resolve_run_config
+    from feedback_synth_kfp.parameters import named_defaults
+
+    for dataset in ("digits-lt", "digits-gap", "digits-groups"):
+        ui = run_config_from_parameters({**named_defaults(), "dataset": dataset, "config": "{}"})
+        assert ui == resolve_run_config(dataset), dataset
+    ui = run_config_from_parameters({**named_defaults(), "config": "{}"})
+    assert (ui.generate.scale, ui.feedback.shard_size) == (0.03, 128)  # the tuned digits-lt values, not 0.02 and 256
+    # a dataset URL has no preset: the library defaults
+    assert run_config_from_parameters({**named_defaults(), "dataset": "gs://b/data"}).generate.scale == 0.02
 
 
 def test_generation_summary_from_shard_metadata():
