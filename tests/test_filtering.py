@@ -25,7 +25,7 @@ def _inputs(n=6, d=4):
 
 
 def test_registry():
-    assert set(FILTERS) == {"degenerate", "near_duplicate", "off_support"}
+    assert set(FILTERS) == {"degenerate", "near_copy", "near_duplicate", "off_support"}
 
 
 def test_degenerate_catches_nan_black_and_constant():
@@ -41,12 +41,14 @@ def test_degenerate_catches_nan_black_and_constant():
     assert "near-black" in report["filters"][0]["reason"]
 
 
-def test_near_duplicate_catches_copies_of_real_and_of_each_other():
+def test_near_duplicate_catches_duplicates_among_synthetic_images():
     inp = _inputs()
-    inp.features[1] = inp.real_features[2] * 3.0  # same direction as a real image of class 0
+    inp.features[1] = inp.real_features[2] * 3.0  # same direction as a real image: near_copy's business, not this
+    inp.features[2] = inp.features[0] * 2.0  # a duplicate of a kept synthetic image of class 0
     inp.features[5] = inp.features[4] + 1e-6  # a copy of a kept synthetic image of class 1
-    mask, report = apply_filters(inp, FilterConfig(filters=["near_duplicate"], duplicate_cosine=0.999), ["a", "b"])
-    assert not mask[1] and not mask[5] and mask[4]
+    mask, report = apply_filters(inp, FilterConfig(filters=["near_duplicate"], duplicate_cosine=0.999,
+                                                   min_kept_fraction=0), ["a", "b"])
+    assert mask[1] and not mask[2] and not mask[5] and mask[4]
     assert report["per_class"]["a"]["dropped"]["near_duplicate"] == 1
 
 

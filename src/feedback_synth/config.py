@@ -203,6 +203,14 @@ class AdaptConfig:
     device: Device = ""  # '' = the run's device
     runtime_fields: ClassVar[tuple[str, ...]] = ("device",)
     samples_per_class: Int = Field(8, ge=1, le=64)  # before/after sample grid, per class
+    # the guard against memorising the rarest classes (docs/method.md: Copies): every copy_check_every
+    # steps, sample copy_check_samples images of each class with at most copy_check_max_images train
+    # images, as generation does; at the first check where a class's near-copy share (synthesis.copies)
+    # exceeds copy_share, stop and go back to the last checkpoint that passed (0 = off)
+    copy_check_every: Int = Field(50, ge=0)
+    copy_check_samples: Int = Field(20, ge=1, le=256)
+    copy_check_max_images: Int = Field(20, ge=1)
+    copy_share: Float = Field(0.05, ge=0, le=1)
 
 
 @section("feedback")
@@ -275,10 +283,13 @@ class GenerateConfig:
 @section("filter")
 class FilterConfig:
     section: ClassVar[str]
-    filters: list[Str] = Field(default_factory=lambda: ["degenerate", "near_duplicate", "off_support"])
+    filters: list[Str] = Field(default_factory=lambda: ["degenerate", "near_copy", "near_duplicate", "off_support"])
     dark_threshold: Float = 0.02  # degenerate: mean intensity below this is "near-black"
     flat_threshold: Float = 1e-3  # degenerate: pixel std below this is "constant"
     duplicate_cosine: Float = Field(0.995, gt=0, le=1)  # near_duplicate: feature cosine above this is a duplicate
+    # a class whose kept synthetic images are still more than this share near-copies of its training
+    # images (synthesis.copies) is named in a warning and in the report (docs/method.md: Copies)
+    copy_share: Float = Field(0.05, ge=0, le=1)
     support_quantile: Float = Field(0.99, gt=0, le=1)  # off_support: drop if farther than this quantile of real ...
     support_margin: Float = Field(1.5, gt=0)  # off_support: ... distances times this margin
     # a class that keeps less than this share of its generated images is "starved": its dropped images

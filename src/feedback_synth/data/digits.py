@@ -1,5 +1,6 @@
 """The built-in datasets: long-tailed digits (digits-lt), the same in a style far from the
-generator's pool (digits-gap), and group-imbalanced digits (digits-groups)."""
+generator's pool (digits-gap), and group-imbalanced digits (digits-groups); and a benchmark-only
+variant, digits-rare (digits-gap whose few-shot classes are drawn in a style of their own)."""
 from __future__ import annotations
 
 import math
@@ -100,6 +101,28 @@ def make_digits_gap(split_seed: int = 0) -> dict[str, ImageSet]:
     crisp, thin, small, back-slanted digits that the bundled generator (soft, large, upright digits)
     has never seen. The benchmark of adapting the generator (benchmarks/digits_gap.py)."""
     return make_digits_lt(split_seed, style=gap_style)
+
+
+RARE_MAX_IMAGES = 5  # digits-rare: classes with at most this many train images (4, 2, 2) get their own style
+
+
+def make_digits_rare(split_seed: int = 0) -> dict[str, ImageSet]:
+    """Benchmark-only (benchmarks/copies.py; not a ``data.dataset`` name): digits-gap, except that
+    its few-shot classes (at most ``RARE_MAX_IMAGES`` train images: 7, 8, 9 with 4, 2, 2) are drawn
+    in a style of their own, in every split: digits-lt's ``task_style`` (thick, italic, light ink
+    on black), which neither the generator's pool nor any other class of the task has. Adapting
+    the generator with the class condition kept can learn that style only from those 2-4 images:
+    the case where adaptation copies the rarest classes (docs/method.md: Copies)."""
+    counts = digits_lt_counts()
+    rare = {c for c, n in enumerate(counts) if n <= RARE_MAX_IMAGES}
+    own = make_digits_lt(split_seed, style=task_style)
+    out = make_digits_gap(split_seed)
+    for split, data in out.items():
+        if split == "pool":
+            continue
+        mine = np.isin(data.labels, sorted(rare))
+        data.images[mine] = own[split].images[np.isin(own[split].labels, sorted(rare))]
+    return out
 
 
 def make_digits_lt(split_seed: int = 0, style=task_style) -> dict[str, ImageSet]:

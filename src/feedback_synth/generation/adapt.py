@@ -16,6 +16,15 @@ one), so the task's *style* is learned from all classes together while each clas
 comes from the pretrained class embedding; ``keep`` trains each image with its own class (a class
 with 2 images is then pulled toward copies of them); ``mixed`` drops it for half of each batch.
 The training loss is the usual noise-prediction loss of the generator's own scheduler.
+
+The copy guard (``copy_check_every`` > 0; docs/method.md: Copies): a class with 2-4 images, each
+drawn hundreds of times by class-balanced sampling, is learned by heart, and SDEdit from those
+images then gives them back. So every ``copy_check_every`` steps, ``copy_check_samples`` images of
+each class with at most ``copy_check_max_images`` training images are sampled as generation makes
+them, and their near-copy share is measured (``synthesis.copies``, the definition the ``near_copy``
+filter and the report use). At the first check where a class exceeds ``copy_share``, adaptation
+stops and the trainable weights go back to the last checkpoint that passed (early stopping on the
+near-copy share; the start, the pretrained generator, is the first checkpoint).
 """
 from __future__ import annotations
 
@@ -137,11 +146,45 @@ def class_balanced_indices(labels: np.ndarray, num_classes: int, n: int, gen: to
     return torch.tensor(out)
 
 
+class AdaptLosses(list):
+    """The loss per step (a list), with what the copy guard saw: ``copy_guard`` = {"checks": [{step,
+    per_class near-copy share of the checked classes}], "stopped_at": the step whose weights were
+    kept (None: ran to the end), "classes": the checked classes, "threshold": the copy distance}."""
+
+    copy_guard: Optional[dict[str, Any]] = None
+
+
+def _copy_check(pipe: Any, train: ImageSet, classes: list[int], cfg: AdaptConfig, gen_cfg: Any,
+                class_index: list[int], threshold: float) -> dict[str, float]:
+    """The near-copy share of ``cfg.copy_check_samples`` fresh samples of each of ``classes``."""
+    from feedback_synth.synthesis import copies
+
+    unet = pipe.unet
+    was_training = unet.training
+    unet.eval()
+    images, labels = sample_per_class(pipe, train, cfg.copy_check_samples, gen_cfg, class_index, cfg.seed + 7919,
+                                      classes=classes)
+    if was_training:
+        unet.train()
+    close = copies.is_near_copy(images, labels, train.images, train.labels, threshold)
+    return {train.class_names[c]: float(close[labels == c].mean()) for c in classes}
+
+
 def adapt_unet(pipe: Any, kind: str, train: ImageSet, cfg: AdaptConfig, class_index: list[int],
                prompt_template: str = "a photo of a {class_name}",
-               on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
+               on_step: Optional[Callable[[int, float], None]] = None, gen_cfg: Any = None) -> AdaptLosses:
     """Fine-tune ``pipe.unet`` in place on ``train`` by ``cfg`` (``class_index``: the generator's
-    condition index of each task class). Returns the loss per step."""
+    condition index of each task class), guarded against copies when ``cfg.copy_check_every`` > 0
+    (samples drawn as ``gen_cfg`` generates; default ``GenerateConfig()``). Returns the loss per step
+    (``AdaptLosses``, with the guard's checks)."""
+    import logging
+
+    from feedback_synth.synthesis import copies
+
+    if gen_cfg is None:
+        from feedback_synth.config import GenerateConfig
+
+        gen_cfg = GenerateConfig()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     trainee = _Trainee(pipe, kind, cfg, class_index)
@@ -150,8 +193,15 @@ def adapt_unet(pipe: Any, kind: str, train: ImageSet, cfg: AdaptConfig, class_in
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     images, labels = train.to_tensor(), torch.from_numpy(train.labels)
+    counts = train.class_counts()
+    checked = [c for c in range(train.num_classes) if 0 < counts[c] <= cfg.copy_check_max_images]
+    guard = cfg.copy_check_every > 0 and bool(checked)
+    threshold = copies.copy_threshold(train.images, train.labels) if guard else None
+    saved = {id(p): p.detach().to("cpu", copy=True) for p in params} if guard else {}
+    losses = AdaptLosses()
+    losses.copy_guard = {"classes": [train.class_names[c] for c in checked], "threshold": threshold, "checks": [],
+                         "stopped_at": None, "share": cfg.copy_share} if guard else None
     trainee.unet.train()
-    losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc=f"adapt generator ({cfg.method})", unit="step", mininterval=2)
     for step in bar:
         idx = class_balanced_indices(train.labels, train.num_classes, cfg.batch_size, gen) if cfg.class_balanced \
@@ -174,6 +224,23 @@ def adapt_unet(pipe: Any, kind: str, train: ImageSet, cfg: AdaptConfig, class_in
             on_step(step, losses[-1])
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        done = step + 1
+        if guard and (done % cfg.copy_check_every == 0 or done == cfg.steps):
+            shares = _copy_check(pipe, train, checked, cfg, gen_cfg, class_index, threshold)
+            losses.copy_guard["checks"].append({"step": done, "per_class": shares})
+            above = {k: v for k, v in shares.items() if v > cfg.copy_share}
+            if above:
+                last = losses.copy_guard["checks"][-2]["step"] if len(losses.copy_guard["checks"]) > 1 else 0
+                with torch.no_grad():
+                    for p in params:
+                        p.copy_(saved[id(p)].to(p.device))
+                losses.copy_guard["stopped_at"] = last
+                logging.getLogger(__name__).warning(
+                    "adapt: at step %d the samples of %s are near-copies of their training images (more than %.0f%%);"
+                    " stopped, keeping the weights of step %d (adapt.copy_check_every)", done,
+                    ", ".join(f"{k} ({v:.0%})" for k, v in above.items()), 100 * cfg.copy_share, last)
+                break
+            saved = {id(p): p.detach().to("cpu", copy=True) for p in params}
     trainee.unet.eval()
     trainee.unet.requires_grad_(False)
     return losses
@@ -233,15 +300,17 @@ def save_adapted(pipe: Any, kind: str, method: str, base_folder_url: str, output
 
 
 def sample_per_class(pipe: Any, train: ImageSet, per_class: int, gen_cfg: Any, class_index_map: list[int],
-                     seed: int = 0, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """``per_class`` unguided samples of every class, as generation makes them (SDEdit from real
-    images of the class at ``gen_cfg.strength`` when ``gen_cfg.condition_on_real``); uint8 (N, H, W, C)."""
+                     seed: int = 0, batch_size: int = 64, classes: Optional[list[int]] = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` unguided samples of every class (or of ``classes``), as generation makes them
+    (SDEdit from real images of the class at ``gen_cfg.strength`` when ``gen_cfg.condition_on_real``);
+    uint8 (N, H, W, C)."""
     from feedback_synth.generation.adapters import BatchConditions, adapter_of
     from feedback_synth.generation.shards import _images_to_uint8
 
     adapter = adapter_of(pipe)
     gen = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(train.num_classes), per_class)
+    labels = np.repeat(np.arange(train.num_classes) if classes is None else np.asarray(classes, np.int64), per_class)
     sources = np.array([gen.choice(np.flatnonzero(train.labels == c)) for c in labels])
     real = train.to_tensor()
     out = []

@@ -162,7 +162,7 @@ def _adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str,
     pipe = load_generator(gen_cfg.generator, info.name, device=resolve_device(cfg.device, "adapt.device"))
     kind = adapter_of(pipe).name
     before, labels = sample_per_class(pipe, train, cfg.samples_per_class, gen_cfg, index_map, cfg.seed)
-    losses = adapt_unet(pipe, kind, train, cfg, index_map, gen_cfg.prompt_template)
+    losses = adapt_unet(pipe, kind, train, cfg, index_map, gen_cfg.prompt_template, gen_cfg=gen_cfg)
     after, _ = sample_per_class(pipe, train, cfg.samples_per_class, gen_cfg, index_map, cfg.seed)
     meta = generator_meta(base)
     generator_url = storage.join(output_url, "generator")
@@ -175,7 +175,8 @@ def _adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str,
     gap_after = gap_report(dataset_url, baseline_model_url, after, labels, device)
     report = {"method": cfg.method, "kind": kind, "generator": generator_url, "base": base, "losses": losses,
               "final_loss": float(np.mean(losses[-50:])), "class_names": train.class_names,
-              "train_class_counts": train.class_counts().tolist(), "before": gap_before, "after": gap_after}
+              "train_class_counts": train.class_counts().tolist(), "before": gap_before, "after": gap_after,
+              "copy_guard": getattr(losses, "copy_guard", None)}
     storage.write_json(storage.join(output_url, "adapt_report.json"), report)
     storage.write_bytes(storage.join(output_url, "loss.png"), plots.loss_curve(losses, f"adapting the generator ({cfg.method})"))
     storage.write_bytes(storage.join(output_url, "samples_before_after.png"), plots.sample_grid(
@@ -311,7 +312,7 @@ def _filter_synthetic(dataset_url: str, baseline_model_url: str, feedback_url: s
     clf = load_classifier(baseline_model_url, resolve_device(cfg.device, "filter.device"))
     inp = FilterInputs(generated.images, generated.labels, np.array([r["finite"] for r in rows], bool),
                        extract_features(clf, generated), extract_features(clf, train), train.labels,
-                       load_class_stats(feedback_url))
+                       load_class_stats(feedback_url), real_images=train.images)
     keep, report = apply_filters(inp, cfg, train.class_names)
     report["gap"] = filter_gap(dataset_url, clf, inp, generated, keep, train)
     kept = generated.subset(np.flatnonzero(keep))
@@ -487,6 +488,7 @@ def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filte
               "generated": filter_report.get("generated_so_far", filter_report["generated"]),
               "kept": len(synthetic), "readmitted": filter_report.get("readmitted", 0),
               "starved": filter_report.get("starved", []), "off_support_classes": filter_report.get("off_support_classes", []),
+              "copy_classes": filter_report.get("copy_classes", []),
               "fidelity": fid,
               "rounds": [{"round": r["round"], "num_synthetic": r["num_synthetic"], **r["test"]} for r in rounds],
               "per_class": {"baseline": reference["per_class"], "retrained": after["per_class"]},

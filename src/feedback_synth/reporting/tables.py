@@ -22,6 +22,7 @@ class EvaluationReport(TypedDict, total=False):
     readmitted: int
     starved: list[str]  # classes below filter.min_kept_fraction even after re-admission
     off_support_classes: list[str]  # classes named by the early gap warning
+    copy_classes: list[str]  # classes whose kept images are above filter.copy_share near-copies (synthesis.copies)
     fidelity: Optional[float]  # the oracle's agreement with the intended class (built-in data)
     rounds: list[dict[str, Any]]
     per_class: dict[str, list[Optional[float]]]
@@ -65,6 +66,9 @@ def format_report(report: EvaluationReport) -> str:
         lines += ["", gap.rstrip()]
     if report.get("starved"):
         lines.append(f"warning: classes {', '.join(report['starved'])} kept too few synthetic images (see filter_table.md)")
+    if report.get("copy_classes"):
+        lines.append(f"warning: the kept synthetic images of classes {', '.join(report['copy_classes'])} are near-copies "
+                     f"of their training images above the threshold share (filter.copy_share; see filter_report.json)")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ the guidance deliberately makes samples the classifier is unsure about (docs/met
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -14,6 +15,9 @@ import torch
 from feedback_synth.config import FilterConfig
 from feedback_synth.guidance.criteria import ClassStats
 from feedback_synth.plugins import Registry
+from feedback_synth.synthesis import copies
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +31,7 @@ class FilterInputs:
     real_features: np.ndarray
     real_labels: np.ndarray
     stats: ClassStats
+    real_images: Optional[np.ndarray] = None  # uint8, the real training images (``near_copy``; aligned with real_labels)
 
 
 @dataclass
@@ -57,27 +62,38 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
+@register_filter("near_copy")
+def near_copy(inp: FilterInputs, idx: np.ndarray, cfg: FilterConfig) -> Verdict:
+    """Drop near-copies of the real training images (``synthesis.copies.is_near_copy``: closer in
+    pixels to a training image of its class than the median nearest-neighbour distance among real
+    images; the same definition the near-copy measure reports). Never re-admitted for a starved class:
+    a near-copy adds a training image again, not a new one."""
+    if inp.real_images is None:
+        return Verdict(np.ones(len(idx), bool), "skipped: no real training images given")
+    threshold = copies.copy_threshold(inp.real_images, inp.real_labels)
+    close = copies.is_near_copy(inp.images[idx], inp.labels[idx], inp.real_images, inp.real_labels, threshold)
+    return Verdict(~close, f"near-copy of a training image of its class (pixel L2 < {threshold:.3f}, the median "
+                           f"nearest-neighbour distance among real images of a class)")
+
+
 @register_filter("near_duplicate")
 def near_duplicate(inp: FilterInputs, idx: np.ndarray, cfg: FilterConfig) -> Verdict:
-    """Greedy, per class: drop an image whose feature cosine to a real image of its class, or to an
-    already kept synthetic one, exceeds the threshold."""
+    """Duplicates among the synthetic images (copies of the real ones are ``near_copy``'s): greedy,
+    per class, drop an image whose feature cosine to an already kept synthetic image of its class
+    exceeds the threshold."""
     keep = np.ones(len(idx), dtype=bool)
     excess = np.zeros(len(idx))
     feats = _unit(inp.features[idx])
-    real = _unit(inp.real_features)
     labels = inp.labels[idx]
     for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        kept = [real[inp.real_labels == c]]
-        for m in members:
-            ref = np.concatenate(kept) if kept else np.zeros((0, feats.shape[1]))
-            top = float((ref @ feats[m]).max()) if len(ref) else -1.0
+        kept: list[np.ndarray] = []
+        for m in np.flatnonzero(labels == c):
+            top = float((np.concatenate(kept) @ feats[m]).max()) if kept else -1.0
             if top > cfg.duplicate_cosine:
                 keep[m], excess[m] = False, top - cfg.duplicate_cosine
             else:
                 kept.append(feats[m:m + 1])
-    return Verdict(keep, f"feature cosine > {cfg.duplicate_cosine} to a real or kept synthetic image of its class",
-                   excess)
+    return Verdict(keep, f"feature cosine > {cfg.duplicate_cosine} to a kept synthetic image of its class", excess)
 
 
 def support_limits(stats: ClassStats, cfg: FilterConfig) -> np.ndarray:
@@ -160,7 +176,27 @@ def apply_filters(inp: FilterInputs, cfg: FilterConfig, class_names: list[str]) 
     report["kept"] = int(mask.sum())
     report["readmitted"] = int(sum(pc["readmitted"] for pc in per_class.values()))
     report["starved"] = starved  # still below the floor after re-admission (e.g. all degenerate)
+    report.update(kept_copies(inp, mask, cfg, class_names))
     return mask, report
+
+
+def kept_copies(inp: FilterInputs, mask: np.ndarray, cfg: FilterConfig, class_names: list[str]) -> dict[str, Any]:
+    """The near-copy share of the kept images per class (``synthesis.copies``) and the classes above
+    ``cfg.copy_share``, named in a warning (``near_copy`` off, or a user's own filter list, may keep
+    copies)."""
+    if inp.real_images is None:
+        return {"kept_near_copy": None, "copy_classes": []}
+    threshold = copies.copy_threshold(inp.real_images, inp.real_labels)
+    close = copies.is_near_copy(inp.images[mask], inp.labels[mask], inp.real_images, inp.real_labels, threshold)
+    per_class = copies.share_per_class(close, inp.labels[mask], len(class_names))
+    above = copies.classes_above(per_class, class_names, cfg.copy_share)
+    if above:
+        log.warning("filter: the kept synthetic images of %d class(es) are more than %.0f%% near-copies of their "
+                    "training images: %s (filter.filters: %s; add near_copy, or guard the adaptation: "
+                    "adapt.copy_check_every)", len(above), 100 * cfg.copy_share, ", ".join(above),
+                    ",".join(cfg.filters))
+    return {"kept_near_copy": {"per_class": per_class, "threshold": threshold, "share": cfg.copy_share},
+            "copy_classes": above}
 
 
 def filter_table(report: dict[str, Any]) -> str:

@@ -8,9 +8,10 @@ task's own classifier's (the baseline), the copies are measured in pixel space.
 - ``discriminator_gap``: a real-vs-synthetic two-sample test: a logistic regression on the
   baseline's features, scored on held-out folds; per class its balanced accuracy
   (0.5 = indistinguishable, 1.0 = always told apart).
-- ``near_copy_share``: per class, the share of synthetic images whose nearest real training image
-  of their class is closer (pixel L2) than the median nearest-neighbour distance among real images
-  of the classes with at least ``min_images`` images: closer than real images are to each other.
+- ``near_copy_share``: per class, the share of near-copies (``synthesis.copies``, the one definition
+  the ``near_copy`` filter uses too): synthetic images whose nearest real training image of their
+  class is closer (pixel L2) than the median nearest-neighbour distance among real images of the
+  classes with at least ``min_images`` images: closer than real images are to each other.
 - ``diversity``: per class, the mean pairwise pixel distance of the synthetic images over that of
   the real images of the classes with enough images (1.0 = as varied as real data).
 """
@@ -22,47 +23,33 @@ import numpy as np
 import torch
 
 from feedback_synth.config import FilterConfig
+from feedback_synth.synthesis import copies
 
 
 def _flat(images: np.ndarray) -> np.ndarray:
-    return images.reshape(len(images), int(np.prod(images.shape[1:]))).astype(np.float32) / 255.0
+    return copies.flat(images)
 
 
 def _nn_distances(a: np.ndarray, b: np.ndarray, same: bool = False) -> np.ndarray:
-    """For each row of ``a``, the L2 distance to its nearest row of ``b`` (itself excluded if ``same``)."""
-    d = torch.cdist(torch.from_numpy(a), torch.from_numpy(b))
-    if same:
-        d.fill_diagonal_(float("inf"))
-    return d.min(1).values.numpy()
+    return copies.nn_distances(a, b, same)
 
 
-def real_copy_threshold(real: np.ndarray, labels: np.ndarray, min_images: int = 5) -> float:
-    """The median nearest-neighbour distance among real images of one class, over the classes with
-    at least ``min_images`` images (the typical distance between two different real images)."""
-    x = _flat(real)
-    dists = [_nn_distances(x[labels == c], x[labels == c], same=True)
-             for c in np.unique(labels) if (labels == c).sum() >= min_images]
-    if not dists:  # every class is tiny: fall back to all pairs across classes
-        return float(np.median(_nn_distances(x, x, same=True)))
-    return float(np.median(np.concatenate(dists)))
+def real_copy_threshold(real: np.ndarray, labels: np.ndarray, min_images: int = copies.MIN_IMAGES) -> float:
+    """``synthesis.copies.copy_threshold``: the median nearest-neighbour distance among real images of
+    one class, over the classes with at least ``min_images`` images."""
+    return copies.copy_threshold(real, labels, min_images)
 
 
 def near_copy_share(synthetic: np.ndarray, synthetic_labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray,
-                    num_classes: int, min_images: int = 5) -> dict[str, Any]:
-    """Per class (None where a class has no synthetic image) and overall."""
-    threshold = real_copy_threshold(real, real_labels, min_images)
-    xs, xr = _flat(synthetic), _flat(real)
-    per_class: list[Optional[float]] = []
-    copies = np.zeros(len(xs), bool)
-    for c in range(num_classes):
-        s, r = synthetic_labels == c, real_labels == c
-        if not s.any() or not r.any():
-            per_class.append(None)
-            continue
-        close = _nn_distances(xs[s], xr[r]) < threshold
-        copies[s] = close
-        per_class.append(float(close.mean()))
-    return {"per_class": per_class, "overall": float(copies.mean()) if len(xs) else None, "threshold": threshold}
+                    num_classes: int, min_images: int = copies.MIN_IMAGES) -> dict[str, Any]:
+    """Per class (None where a class has no synthetic image or no real one) and overall, the share of
+    near-copies (``synthesis.copies.is_near_copy``: the definition the ``near_copy`` filter uses)."""
+    threshold = copies.copy_threshold(real, real_labels, min_images)
+    close = copies.is_near_copy(synthetic, synthetic_labels, real, real_labels, threshold)
+    present = set(np.unique(real_labels).tolist())
+    per_class = [v if c in present else None for c, v in enumerate(copies.share_per_class(close, synthetic_labels,
+                                                                                          num_classes))]
+    return {"per_class": per_class, "overall": float(close.mean()) if len(close) else None, "threshold": threshold}
 
 
 def diversity(synthetic: np.ndarray, synthetic_labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray,
