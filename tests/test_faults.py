@@ -544,7 +544,7 @@ def test_sigterm_and_sigint_close_the_runs_failed_with_one_line(tmp_path, tiny_g
     proc = subprocess.Popen([sys.executable, "-m", "feedback_synth.cli", "run", "--output", str(out), *sets],
                             env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    record = out / "run.json"
+    record = out / "config.yaml"  # written once the parent run is open (run.json comes first, at the claim)
     deadline = time.time() + 300
     while not record.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)

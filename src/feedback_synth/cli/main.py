@@ -20,9 +20,12 @@ def _default_output() -> str:
 
 def cmd_run(args) -> int:
     from feedback_synth import storage
+    from feedback_synth.pipeline.run import check_lasting_output
 
     cfg = load_config(args)
+    args.tracking_enabled = cfg.tracking.enabled
     output = args.output or _default_output()
+    check_lasting_output(output, "run")
     t0 = time.time()
     if args.runner == "kfp-local":
         from feedback_synth_kfp.local_runner import run_kfp_local
@@ -45,17 +48,24 @@ def cmd_tune(args) -> int:
     from feedback_synth import storage
     from feedback_synth.pipeline.run import make_tracker
     from feedback_synth.config import resolve_devices
-    from feedback_synth.pipeline.tune import parse_grid, run_pilot, validation_table
+    from feedback_synth.pipeline.preflight import preflight
+    from feedback_synth.pipeline.run import check_lasting_output, check_output_outside_dataset
+    from feedback_synth.pipeline.tune import DEFAULT_GRID, check_grid, parse_grid, run_pilot, validation_table
 
     cfg = load_config(args)
+    args.tracking_enabled = cfg.tracking.enabled
     resolve_devices(cfg)  # a device this machine lacks: one line, before any work (the pilot resolves its own)
     output = args.output or _default_output().rstrip("/") + "-tune"
+    check_lasting_output(output, "tune")
+    check_output_outside_dataset(cfg.data.dataset, output)
     grid = parse_grid(args.grid) if args.grid else None
+    check_grid(cfg, grid or DEFAULT_GRID)  # every setting builds a valid config, before any work
+    preflight(cfg, output)  # the data, the generator against it (class names too), the output (writable)
     tracker = make_tracker(cfg.tracking, output)
     tracker.start(f"tune {output.rstrip('/').rsplit('/', 1)[-1]}", asdict(cfg))
     status = "FAILED"
     try:
-        report = run_pilot(cfg, output, grid, args.epochs, tracker)
+        report = run_pilot(cfg, output, grid, args.epochs, tracker, overwrite=args.overwrite)
         status = "FINISHED"
     finally:
         tracker.finish(status)
@@ -273,13 +283,19 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"--output) and run the same command again to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("feedback-synth: interrupted (SIGINT): open MLflow runs were closed FAILED; run the same command "
-              "again to resume", file=sys.stderr)
+        print(f"feedback-synth: interrupted (SIGINT): {_closed_runs(args)}run the same command again to resume",
+              file=sys.stderr)
         return 130
     except Terminated:
-        print("feedback-synth: terminated (SIGTERM): open MLflow runs were closed FAILED; run the same command "
-              "again to resume", file=sys.stderr)
+        print(f"feedback-synth: terminated (SIGTERM): {_closed_runs(args)}run the same command again to resume",
+              file=sys.stderr)
         return 143
+
+
+def _closed_runs(args) -> str:
+    """What an interrupted command says of its MLflow runs: only a command that tracks opened any
+    (``run`` and ``tune`` record ``tracking.enabled`` once their config is read; ``promote`` always tracks)."""
+    return "open MLflow runs were closed FAILED; " if getattr(args, "tracking_enabled", args.command == "promote") else ""
 
 
 if __name__ == "__main__":

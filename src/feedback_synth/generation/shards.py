@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Union
@@ -44,6 +45,23 @@ METADATA_COLUMNS = ("index", "class_index", "class_name", "group_index", "group_
 
 def shard_url(output_url: str, shard_id: int) -> str:
     return storage.join(output_url, "shards", f"shard-{shard_id:05d}")
+
+
+SHARD_FILES = ("images.npz", "metadata.csv", "_SUCCESS")  # what a shard writes in its folder (_SUCCESS last)
+
+
+def remove_shard_files(url: str) -> list[str]:
+    """Remove what a shard wrote in its folder ``url`` (``SHARD_FILES``, and the temporary files of a
+    write that a kill cut short), then the folder if that left it empty; a file of the user's there
+    stays. Returns the removed URLs."""
+    removed = [u for u in storage.find(url)
+               if u.rsplit("/", 1)[-1] in SHARD_FILES or u.rsplit("/", 1)[-1].split(".tmp-")[0] in SHARD_FILES]
+    for u in removed:
+        storage.remove(u)
+    local = storage.local_path(url)
+    if local is not None and os.path.isdir(local) and not os.listdir(local):
+        os.rmdir(local)
+    return removed
 
 
 def shard_done(output_url: str, shard_id: int) -> bool:
@@ -148,7 +166,7 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
     done = finished_output(storage.join(url, "_SUCCESS"), fp, "a shard", overwrite)
     if done is not None:
         return {"shard_id": shard_id, "skipped": True, **done["summary"]}
-    storage.remove(url)  # a half-written shard from a killed run (or an overwritten one): redo it from scratch
+    remove_shard_files(url)  # a half-written shard from a killed run (or an overwritten one): redo it from scratch
     train = load_split(dataset_url, "train")
     check_plan_matches_data(feedback_url, dataset_url, train, plan)
     device = resolve_device(cfg.device, "generate.device")

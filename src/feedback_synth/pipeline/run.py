@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, replace
 from typing import Any, Iterator, Optional
 
+import yaml
+
 from feedback_synth import storage
 from feedback_synth.config import RunConfig, resolve_devices, strip_runtime
 from feedback_synth.errors import ConfigError, DataError
@@ -71,6 +73,34 @@ def _alive(pid: int) -> bool:
 LOCK_FILE = ".feedback-synth.lock"  # held by the process that writes a local output folder
 
 
+def check_lasting_output(output_url: str, verb: str = "run") -> None:
+    """A whole run's ``--output`` must outlive the process: ``memory://`` is this process's memory
+    (the stage verbs and the library take it; a whole run from the command line would lose it all)."""
+    if output_url.startswith("memory://"):
+        raise ConfigError(f"--output {output_url}: a memory:// folder is gone when this process ends, and a whole "
+                          f"{verb} would lose every output; use a local folder or a bucket (gs://...)")
+
+
+def check_output_outside_dataset(dataset: str, output_url: str) -> None:
+    """A run's ``--output`` must not lie inside the dataset root: its outputs would become part of
+    the dataset (a new class, a domain, a changed dataset digest on resume)."""
+    if "://" not in dataset and "/" not in dataset and not os.path.exists(dataset):
+        return  # a built-in dataset (or an unknown name, refused by pre-flight)
+    data_local, out_local = storage.local_path(dataset), storage.local_path(output_url)
+    if (data_local is None) != (out_local is None):
+        return
+    if data_local is not None:
+        root, out = os.path.realpath(data_local), os.path.realpath(out_local)
+    else:
+        (data_fs, root), (out_fs, out) = storage.fs_and_path(dataset), storage.fs_and_path(output_url)
+        if data_fs.protocol != out_fs.protocol:
+            return
+        root, out = root.rstrip("/"), out.rstrip("/")
+    if out == root or out.startswith(root.rstrip("/") + "/"):
+        raise ConfigError(f"--output {output_url} is inside the dataset root {dataset}: the run's outputs would "
+                          f"become part of the dataset; use an --output outside it")
+
+
 @contextlib.contextmanager
 def owned_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Iterator[Optional[dict[str, Any]]]:
     """Own ``output_url`` for the whole run, the first thing a run does (both runners):
@@ -81,11 +111,18 @@ def owned_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Iterator[O
        run created is removed again);
     3. ``claim_output``: the config check, and with ``overwrite`` the removal of what runs wrote.
 
+    Once claimed, the folder gets this process's record (``run.json``, state ``running``) before the
+    runner writes ``config.yaml``, so a ``config.yaml`` with no record beside it is never a run's; when
+    the runner leaves the record ``running`` (kfp-local writes none of its own), it is settled here
+    (``finished`` or ``failed``). A run refused before any work (pre-flight, the claim, or a runner
+    that wrote no ``config.yaml``) leaves the folder as it found it: no lock file, no record.
+
     Yields the previous process's record (``run.json``), if any.
     """
+    check_output_outside_dataset(cfg.data.dataset, output_url)  # before anything is created
     local = storage.local_path(output_url)
     existed = storage.exists(output_url)
-    lock = None
+    lock, lock_existed, claimed, previous = None, False, False, None
     if local is not None:
         from filelock import FileLock, Timeout
 
@@ -93,12 +130,18 @@ def owned_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Iterator[O
             os.makedirs(local, exist_ok=True)
         except OSError as exc:
             raise DataError(f"cannot write to the output folder {output_url}: {exc.strerror or exc}") from None
+        lock_existed = os.path.lexists(os.path.join(local, LOCK_FILE))
         lock = FileLock(os.path.join(local, LOCK_FILE))
         try:
             lock.acquire(timeout=0)
         except Timeout:
             raise ConfigError(f"output {output_url} is being written by another feedback-synth process (it holds "
                               f"{LOCK_FILE}); wait for it to finish, or use another --output") from None
+        except OSError as exc:  # a read-only file system, a folder in the lock's place, ...
+            if not existed:
+                shutil.rmtree(local, ignore_errors=True)
+            raise DataError(f"cannot write to the output folder {output_url}: cannot create its lock file "
+                            f"{LOCK_FILE}: {exc.strerror or exc}") from None
     try:
         try:
             preflight(cfg, output_url)
@@ -108,15 +151,47 @@ def owned_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Iterator[O
                 lock = None
                 shutil.rmtree(local, ignore_errors=True)
             raise
-        yield claim_output(cfg, output_url, overwrite)
+        previous = claim_output(cfg, output_url, overwrite)
+        write_record(output_url, "running", NullTracker(), fresh=True)
+        claimed = True
+        state = "failed"
+        try:
+            yield previous
+            state = "finished"
+        finally:
+            _settle_record(output_url, state, previous)
     finally:
         if lock is not None:
             lock.release()
-            if not storage.exists(storage.join(output_url, "config.yaml")):  # refused before any work: no trace
+            if not claimed or not storage.exists(storage.join(output_url, "config.yaml")):  # refused before any work
                 with contextlib.suppress(OSError):
-                    os.remove(os.path.join(local, LOCK_FILE))
+                    if not lock_existed:
+                        os.remove(os.path.join(local, LOCK_FILE))
                     if not existed:
                         os.rmdir(local)  # only if empty
+
+
+def _settle_record(output_url: str, state: str, previous: Optional[dict[str, Any]]) -> None:
+    """After the runner: a record this process left ``running`` becomes ``state``; a run that wrote
+    no ``config.yaml`` (refused before any work) gets the previous record back (or none)."""
+    record_url = storage.join(output_url, "run.json")
+    try:
+        if not storage.exists(storage.join(output_url, "config.yaml")):
+            if previous is not None:
+                storage.write_json(record_url, previous)
+            elif storage.exists(record_url):
+                storage.remove(record_url)
+            return
+        record = storage.read_json(record_url) if storage.exists(record_url) else None
+        if _ours(record) and record.get("state") == "running":
+            storage.write_json(record_url, {**record, "state": state})
+    except (OSError, ValueError) as exc:  # e.g. the disk is full: the run's own error is the one to report
+        log.warning("could not update %s: %s", record_url, exc)
+
+
+def _ours(record: Any) -> bool:
+    """Was ``record`` (a ``run.json``) written by this process?"""
+    return isinstance(record, dict) and record.get("pid") == os.getpid() and record.get("host") == socket.gethostname()
 
 
 def claim_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Optional[dict[str, Any]]:
@@ -124,13 +199,22 @@ def claim_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Optional[d
     the fields), one that a live process is writing, or (a first run) one whose stage folders hold
     files that no run wrote; with ``overwrite`` remove what runs wrote there (``remove_run_outputs``:
     the local MLflow store stays, it is the history, and so does every file of the user's).
+
+    A ``config.yaml`` that no run wrote (no ``run.json`` beside it and no finished stage) is the
+    user's: refused, even with ``overwrite``. In a local folder the lock is the truth about a live
+    writer (whoever held it is gone once this process holds it); a remote folder has no lock, so a
+    ``running`` record of a live process on this host is refused there.
     Returns the previous process's record (``run.json``)."""
     config_url, record_url = storage.join(output_url, "config.yaml"), storage.join(output_url, "run.json")
-    previous = storage.read_json(record_url) if storage.exists(record_url) else None
-    if previous and previous.get("host") == socket.gethostname() and previous.get("pid") != os.getpid() \
-            and _alive(int(previous.get("pid", -1))) and previous.get("state") == "running":
+    previous = _read_record(record_url, output_url)
+    if storage.local_path(output_url) is None and previous and previous.get("host") == socket.gethostname() \
+            and previous.get("pid") != os.getpid() and _alive(int(previous.get("pid", -1))) \
+            and previous.get("state") == "running":
         raise ConfigError(f"output {output_url} is being written by process {previous['pid']} (started "
                           f"{previous.get('started')}); wait for it, or use another --output")
+    if storage.exists(config_url) and previous is None and not _has_run_outputs(output_url):
+        raise ConfigError(f"output {output_url} holds a config.yaml that no run wrote (no run.json beside it); "
+                          f"move it away or use another --output (nothing was changed)")
     if not storage.exists(config_url):
         foreign = [u for name in STAGE_FOLDERS for u in storage.find(storage.join(output_url, name))]
         if foreign:
@@ -138,10 +222,17 @@ def claim_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Optional[d
                               f"(and {len(foreign) - 1} more file(s)) is where a run writes; use an empty or new "
                               f"--output (nothing was changed)")
         return previous
+    try:
+        recorded = storage.read_yaml(config_url) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:  # not YAML (or not text): not a run's config
+        recorded = exc
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"output {output_url} holds a config.yaml that is not a run's config (not a YAML mapping); "
+                          f"move it away or use another --output (nothing was changed)")
     # the device, inference batch sizes, compile and chunking may differ: a run may resume on other hardware
-    changed = differences(strip_runtime(storage.read_yaml(config_url) or {}, RunConfig),
-                          strip_runtime(asdict(cfg), RunConfig))
+    changed = differences(strip_runtime(recorded, RunConfig), strip_runtime(asdict(cfg), RunConfig))
     if changed and not overwrite:
+        changed = [c if len(c) <= 120 else c[:117] + "..." for c in changed]
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise ConfigError(f"output {output_url} holds a run with another config ({shown}); use another --output, "
                           f"or --overwrite to start over there")
@@ -150,15 +241,42 @@ def claim_output(cfg: RunConfig, output_url: str, overwrite: bool) -> Optional[d
     return previous
 
 
-def remove_run_outputs(output_url: str) -> list[str]:
-    """Remove what runs wrote under ``output_url`` and nothing else: the files each finished stage
-    lists in its marker (``_STAGE.json``: ``files``), every committed shard folder, the run's own
-    files (``run_summary.json``, ``promotion.json``), then the folders left empty. A file of the
-    user's in one of these folders stays. Returns the removed URLs."""
+def _read_record(record_url: str, output_url: str) -> Optional[dict[str, Any]]:
+    """``run.json``, or None; one that is not a run's record is refused in one line."""
+    if not storage.exists(record_url):
+        return None
+    try:
+        record = storage.read_json(record_url)
+    except (ValueError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise ConfigError(f"output {output_url} holds a run.json that is not a run's record (not a JSON object); "
+                          f"move it away or use another --output (nothing was changed)")
+    return record
+
+
+def _has_run_outputs(output_url: str) -> bool:
+    """Does ``output_url`` hold a finished stage or shard (a run's), or a kfp-local pipeline root?"""
     from feedback_synth.fingerprints import MARKER
 
+    if storage.exists(storage.join(output_url, "kfp")):
+        return True
+    return any(u.rsplit("/", 1)[-1] in (MARKER, "_SUCCESS") for name in STAGE_FOLDERS
+               for u in storage.find(storage.join(output_url, name)))
+
+
+def remove_run_outputs(output_url: str, folders: tuple[str, ...] = tuple(STAGE_FOLDERS)) -> list[str]:
+    """Remove what runs wrote under ``output_url`` and nothing else: the files each finished stage
+    lists in its marker (``_STAGE.json``: ``files``), the files each committed shard wrote
+    (``generation.shards.SHARD_FILES``), the run's own files (``run_summary.json``, ``promotion.json``), then the
+    folders left empty. A file of the user's in one of these folders stays, a shard folder's too.
+    ``folders``: the top-level folders that runs write (default: the pipeline's stage folders).
+    Returns the removed URLs."""
+    from feedback_synth.fingerprints import MARKER
+    from feedback_synth.generation.shards import remove_shard_files
+
     removed = []
-    for name in STAGE_FOLDERS:
+    for name in folders:
         for url in storage.find(storage.join(output_url, name)):
             folder, base = url.rsplit("/", 1)
             if base == MARKER:
@@ -170,14 +288,13 @@ def remove_run_outputs(output_url: str) -> list[str]:
                 storage.remove(url)
                 removed.append(url)
             elif base == "_SUCCESS" and folder.rsplit("/", 1)[-1].startswith("shard-"):
-                storage.remove(folder)
-                removed.append(folder)
+                removed += remove_shard_files(folder)
             elif base in ("run_summary.json", "promotion.json") or ".tmp-" in base:
                 storage.remove(url)
                 removed.append(url)
     local = storage.local_path(output_url)
     if local is not None:  # the folders left empty, deepest first
-        for name in STAGE_FOLDERS:
+        for name in folders:
             for root, dirs, files in sorted(os.walk(os.path.join(local, name)), key=lambda t: -len(t[0])):
                 if not os.listdir(root):
                     os.rmdir(root)
@@ -191,9 +308,20 @@ def stage_devices(cfg: RunConfig) -> dict[str, str]:
     return {"run": cfg.device, **{name: getattr(cfg, name).device for name in SECTION_DEVICES}}
 
 
-def write_record(output_url: str, state: str, tracker: Any, devices: Optional[dict[str, str]] = None) -> None:
-    storage.write_json(storage.join(output_url, "run.json"), {
-        "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+def write_record(output_url: str, state: str, tracker: Any, devices: Optional[dict[str, str]] = None,
+                 fresh: bool = False) -> None:
+    """``run.json``: which process writes the run (pid, host, when it started), its state and its
+    MLflow parent run. ``started`` is kept from this process's own ``running`` record (the time the
+    run claimed the folder), unless ``fresh`` (the claim itself)."""
+    record_url = storage.join(output_url, "run.json")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if not fresh:
+        with contextlib.suppress(OSError, ValueError):
+            record = storage.read_json(record_url) if storage.exists(record_url) else None
+            if _ours(record) and record.get("state") == "running" and record.get("started"):
+                started = record["started"]
+    storage.write_json(record_url, {
+        "pid": os.getpid(), "host": socket.gethostname(), "started": started,
         "state": state, "tracking_uri": getattr(tracker, "tracking_uri", None), "parent_run_id": tracker.run_id,
         **({"devices": devices} if devices else {})})
 

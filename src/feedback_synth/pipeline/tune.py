@@ -44,7 +44,31 @@ def parse_grid(pairs: list[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"--grid expects section.field=v1,v2,..., got '{pair}'")
         key, raw = pair.split("=", 1)
         grid[key.strip()] = [storage.load_yaml(v) for v in raw.split(",") if v.strip()]  # 1e-3 is a number
+        if not grid[key.strip()]:
+            raise ConfigError(f"--grid {pair}: no values (expected {key.strip()}=v1,v2,...)")
     return grid
+
+
+# fields the pilot cannot try: it scores one-shot settings (feedback.rounds 1) on short trainings
+UNTUNABLE = {"feedback.rounds": "the pilot scores one-shot settings (feedback.rounds 1); set feedback.rounds in "
+                                "the run config instead"}
+
+
+def check_grid(cfg: RunConfig, grid: dict[str, list[Any]]) -> None:
+    """Before any work: every axis has values and names a field the pilot may try, and every setting
+    of the grid builds a valid config (types, ranges, known names: criteria, filters, losses)."""
+    from feedback_synth.pipeline.preflight import check_names
+
+    for key, values in grid.items():
+        if not values:
+            raise ConfigError(f"--grid {key}: no values (expected {key}=v1,v2,...)")
+        if key in UNTUNABLE:
+            raise ConfigError(f"--grid {key}: not a setting the pilot can try ({UNTUNABLE[key]})")
+    for setting in settings_of(grid):
+        try:
+            check_names(apply_setting(cfg, setting))
+        except ConfigError as exc:
+            raise ConfigError(f"--grid {setting_name(setting, full=True)}: {exc}") from None
 
 
 def settings_of(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -62,16 +86,24 @@ def apply_setting(cfg: RunConfig, setting: dict[str, Any]) -> RunConfig:
     return from_dict(RunConfig, deep_merge(asdict(cfg), update))
 
 
-def setting_name(setting: dict[str, Any]) -> str:
-    return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in setting.items())
+def setting_name(setting: dict[str, Any], full: bool = False) -> str:
+    return ", ".join(f"{k if full else k.split('.', 1)[1]}={v}" for k, v in setting.items())
+
+
+TUNE_FOLDERS = ("data", "baseline", "adapted", "settings")  # where the pilot's stages write
+TUNE_FILES = ("tune_report.json", "validation_table.md", "chosen.yaml")
 
 
 def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any]]] = None, epochs: int = 15,
-              tracker: Any = None) -> dict[str, Any]:
+              tracker: Any = None, overwrite: bool = False) -> dict[str, Any]:
     """Try every setting of ``grid`` (default ``DEFAULT_GRID``) with ``epochs``-epoch trainings and
     score each on the validation split. Returns ``{"rows": [...], "chosen": name, "beats_no_synthesis":
     bool, "config": the chosen RunConfig as a dict}`` and writes ``validation_table.md``,
-    ``tune_report.json`` and ``chosen.yaml`` under ``output_url``."""
+    ``tune_report.json`` and ``chosen.yaml`` under ``output_url``.
+
+    A re-run into the same ``output_url`` reuses its finished stages; ``overwrite`` first removes what
+    an earlier pilot wrote there (``run.remove_run_outputs`` on ``TUNE_FOLDERS``, and ``TUNE_FILES``;
+    a file of the user's stays, and so does the MLflow store)."""
     from feedback_synth.data.imageset import load_info, load_split
     from feedback_synth.pipeline import stages
     from feedback_synth.pipeline.orchestration import RunLayout
@@ -81,7 +113,15 @@ def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any
     from feedback_synth.training.evaluate import evaluate, summary
 
     grid = grid or DEFAULT_GRID
+    check_grid(cfg, grid)
     tracker = tracker or NullTracker()
+    if overwrite:
+        from feedback_synth.pipeline.run import remove_run_outputs
+
+        remove_run_outputs(output_url, TUNE_FOLDERS)
+        for name in TUNE_FILES:
+            if storage.exists(storage.join(output_url, name)):
+                storage.remove(storage.join(output_url, name))
     resolved = resolve_devices(cfg)  # every setting runs on the run's device (chosen.yaml keeps the user's)
     short = replace(resolved, train=replace(cfg.train, epochs=epochs), retrain=replace(cfg.retrain, epochs=epochs),
                     feedback=replace(cfg.feedback, rounds=1))
