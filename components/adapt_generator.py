@@ -7,7 +7,7 @@ from . import image_for
 
 @dsl.component(base_image=image_for("adapt_generator"), install_kfp_package=False)
 def adapt_generator(data: Input[Dataset], baseline: Input[Model], adapted: Output[Model], samples: Output[HTML], metrics: Output[Metrics],
-                    tracking: Input[Artifact], workspace_url: str = "", run_id: str = ""):
+                    tracking: Input[Artifact], workspace_url: str = "", run_id: str = "", run_folder: str = ""):
     """Adapt the generator to the task's style (``adapt.method``: none | full | lora) and say which
     generator folder generation loads (metadata ``generator``: the adapted folder, or the original
     one when ``adapt.method`` is none).
@@ -22,12 +22,14 @@ def adapt_generator(data: Input[Dataset], baseline: Input[Model], adapted: Outpu
         tracking (Input[Artifact]): start_tracking's output: the run's config and MLflow parent run.
         workspace_url (str): when set, write under ``<workspace_url>/<run_id>/adapted`` instead.
         run_id (str): the KFP run id.
+        run_folder (str): when set, write the run's layout under this folder instead (kfp-local: its
+            --output), so that a re-run resumes.
     """
     from feedback_synth import storage
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import run_table_stage
 
-    url = artifacts.stage_output_url(adapted, workspace_url, run_id, "adapted")
+    url = artifacts.stage_output_url(adapted, workspace_url, run_id, "adapted", run_folder)
     result = run_table_stage(tracking, "adapt_generator", {"data": artifacts.artifact_url(data),
                                                            "baseline": artifacts.artifact_url(baseline)}, url)
     artifacts.publish(adapted, url, seconds=result.seconds, generator=result.summary["generator"],

@@ -9,7 +9,7 @@ from . import image_for
 def evaluate(data: Input[Dataset], baseline: Input[Model], adapted: Input[Model], retrained: Input[Model],
              filtered: Input[Dataset], evaluation: Output[Artifact], report: Output[Markdown],
              per_class: Output[HTML], metrics: Output[Metrics], tracking: Input[Artifact],
-             workspace_url: str = "", run_id: str = ""):
+             workspace_url: str = "", run_id: str = "", run_folder: str = ""):
     """Compare the baseline and retrained models on the test set; write the report and plots.
 
     Args:
@@ -25,12 +25,14 @@ def evaluate(data: Input[Dataset], baseline: Input[Model], adapted: Input[Model]
         tracking (Input[Artifact]): start_tracking's output: the run's config and MLflow parent run.
         workspace_url (str): when set, write under ``<workspace_url>/<run_id>/report`` instead.
         run_id (str): the KFP run id.
+        run_folder (str): when set, write the run's layout under this folder instead (kfp-local: its
+            --output), so that a re-run resumes.
     """
     from feedback_synth import storage
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import log_epilogue, run_table_stage
 
-    url = artifacts.stage_output_url(evaluation, workspace_url, run_id, "report")
+    url = artifacts.stage_output_url(evaluation, workspace_url, run_id, "report", run_folder)
     inputs = {name: artifacts.artifact_url(a) for name, a in (("data", data), ("baseline", baseline), ("adapted", adapted),
                                                               ("retrained", retrained), ("filtered", filtered))}
     result = run_table_stage(tracking, "evaluate", inputs, url)

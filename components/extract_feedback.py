@@ -10,7 +10,8 @@ from . import image_for
 
 @dsl.component(base_image=image_for("extract_feedback"), install_kfp_package=False)
 def extract_feedback(data: Input[Dataset], latest: Input[Model], feedback: Output[Artifact],
-                     tracking: Input[Artifact], workspace_url: str = "", run_id: str = "", round_index: int = 1,
+                     tracking: Input[Artifact], workspace_url: str = "", run_id: str = "",
+                     run_folder: str = "", round_index: int = 1,
                      rounds: int = 1, previous_feedback: Input[Artifact] = None) -> List[int]:
     """Freeze the latest model, fit the class statistics of ``hardness`` and plan the generation
     (of round ``round_index`` of ``rounds``: the pipeline is compiled with its rounds unrolled).
@@ -23,6 +24,8 @@ def extract_feedback(data: Input[Dataset], latest: Input[Model], feedback: Outpu
         tracking (Input[Artifact]): start_tracking's output: the run's config and MLflow parent run.
         workspace_url (str): when set, write under ``<workspace_url>/<run_id>/...`` instead.
         run_id (str): the KFP run id.
+        run_folder (str): when set, write the run's layout under this folder instead (kfp-local: its
+            --output), so that a re-run resumes.
         round_index (int): this round (1-based).
         rounds (int): the rounds the pipeline was compiled with.
         previous_feedback (Input[Artifact]): the previous round's feedback output (rounds > 1).
@@ -39,7 +42,8 @@ def extract_feedback(data: Input[Dataset], latest: Input[Model], feedback: Outpu
     if cfg.feedback.rounds != rounds:
         raise ConfigError(f"config field 'feedback.rounds': {cfg.feedback.rounds}, but this pipeline was compiled with "
                           f"{rounds} round(s); compile it with `feedback-synth compile --rounds {cfg.feedback.rounds}`")
-    url = artifacts.stage_output_url(feedback, workspace_url, run_id, RunLayout.folder("feedback", round_index, rounds))
+    url = artifacts.stage_output_url(feedback, workspace_url, run_id, RunLayout.folder("feedback", round_index, rounds),
+                                     run_folder)
     inputs = {"data": artifacts.artifact_url(data), "latest": artifacts.artifact_url(latest)}
     if previous_feedback is not None:
         inputs["previous_feedback"] = artifacts.artifact_url(previous_feedback)

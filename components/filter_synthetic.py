@@ -12,7 +12,7 @@ from . import image_for
 def filter_synthetic(data: Input[Dataset], latest: Input[Model], feedback: Input[Artifact],
                      generated: Input[List[Dataset]], filtered: Output[Dataset], samples: Output[HTML],
                      metrics: Output[Metrics], tracking: Input[Artifact], workspace_url: str = "", run_id: str = "",
-                     round_index: int = 1, rounds: int = 1, previous_filtered: Input[Dataset] = None):
+                     run_folder: str = "",                     round_index: int = 1, rounds: int = 1, previous_filtered: Input[Dataset] = None):
     """Join the generated shards and filter them; every shard of the plan must be committed.
 
     Args:
@@ -26,6 +26,8 @@ def filter_synthetic(data: Input[Dataset], latest: Input[Model], feedback: Input
         tracking (Input[Artifact]): start_tracking's output: the run's config and MLflow parent run.
         workspace_url (str): when set, write under ``<workspace_url>/<run_id>/filtered`` instead.
         run_id (str): the KFP run id.
+        run_folder (str): when set, write the run's layout under this folder instead (kfp-local: its
+            --output), so that a re-run resumes.
         round_index (int): this round (1-based).
         rounds (int): the rounds the pipeline was compiled with.
         previous_filtered (Input[Dataset]): the previous round's filter output (rounds > 1).
@@ -35,7 +37,8 @@ def filter_synthetic(data: Input[Dataset], latest: Input[Model], feedback: Input
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import run_table_stage
 
-    url = artifacts.stage_output_url(filtered, workspace_url, run_id, RunLayout.folder("filtered", round_index, rounds))
+    url = artifacts.stage_output_url(filtered, workspace_url, run_id, RunLayout.folder("filtered", round_index, rounds),
+                                     run_folder)
     inputs = {"data": artifacts.artifact_url(data), "latest": artifacts.artifact_url(latest),
               "feedback": artifacts.artifact_url(feedback),
               "generated": artifacts.unique([artifacts.artifact_url(s) for s in generated])}

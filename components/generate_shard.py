@@ -8,7 +8,7 @@ from . import image_for
 @dsl.component(base_image=image_for("generate"), install_kfp_package=False)
 def generate_shard(data: Input[Dataset], latest: Input[Model], adapted: Input[Model], feedback: Input[Artifact],
                    shard_id: int, shard: Output[Dataset], tracking: Input[Artifact], workspace_url: str = "",
-                   run_id: str = "", round_index: int = 1, rounds: int = 1):
+                   run_id: str = "", run_folder: str = "", round_index: int = 1, rounds: int = 1):
     """Generate one shard of the plan with feedback guidance; a committed shard is skipped.
 
     Idempotent: with a ``workspace_url`` every shard task of a run writes to the same stable folder,
@@ -24,6 +24,8 @@ def generate_shard(data: Input[Dataset], latest: Input[Model], adapted: Input[Mo
         tracking (Input[Artifact]): start_tracking's output: the run's config and MLflow parent run.
         workspace_url (str): when set, write under ``<workspace_url>/<run_id>/generated`` instead.
         run_id (str): the KFP run id.
+        run_folder (str): when set, write the run's layout under this folder instead (kfp-local: its
+            --output), so that a re-run resumes.
         round_index (int): this round (1-based).
         rounds (int): the rounds the pipeline was compiled with.
     """
@@ -34,7 +36,8 @@ def generate_shard(data: Input[Dataset], latest: Input[Model], adapted: Input[Mo
     from feedback_synth_kfp.tracking import run_table_stage
 
     t0 = time.time()
-    url = artifacts.stage_output_url(shard, workspace_url, run_id, RunLayout.folder("generated", round_index, rounds))
+    url = artifacts.stage_output_url(shard, workspace_url, run_id, RunLayout.folder("generated", round_index, rounds),
+                                     run_folder)
     inputs = {name: artifacts.artifact_url(a) for name, a in (("data", data), ("latest", latest), ("adapted", adapted),
                                                               ("feedback", feedback))}
     # one run per shard: the fan-out of the in-process runner's one 'generate' run

@@ -124,6 +124,7 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
         budget_fraction: float = _D["budget_fraction"],
         shard_size: int = _D["shard_size"],
         workspace_url: str = "",
+        run_folder: str = "",
         mlflow_tracking_uri: str = "",
         mlflow_experiment: str = _D["mlflow_experiment"],
         registered_model: str = _D["registered_model"],
@@ -155,6 +156,8 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
             shard_size (int): images per generation shard (one GPU pod each).
             workspace_url (str): e.g. gs://bucket/feedback-synth: stages write under <workspace_url>/<run id>/
                 (a stable place, so retried shard pods resume); '' = into the task's output artifacts.
+            run_folder (str): when set, stages write the run's layout under this folder (as the in-process
+                runner does), so that a re-run into it resumes; kfp-local sets it to its --output.
             mlflow_tracking_uri (str): MLflow tracking server; '' = no tracking and no promotion.
             mlflow_experiment (str): MLflow experiment name.
             registered_model (str): registered model name in the MLflow registry.
@@ -171,7 +174,7 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
                 parameters above apply over it.
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        where = dict(workspace_url=workspace_url, run_id=run_id)
+        where = dict(workspace_url=workspace_url, run_id=run_id, run_folder=run_folder)
 
         stages = contextlib.nullcontext()
         if settings.exit_handler:  # runs whatever happens inside it: a failed run's MLflow runs get closed

@@ -23,12 +23,16 @@ from feedback_synth.pipeline.result import scalar_metrics
 URL_KEY = "url"  # artifact metadata key: where the stage really wrote (a workspace URL)
 
 
-def stage_output_url(artifact: Any, workspace_url: str, run_id: str, stage: str) -> str:
-    """Where a stage task writes: ``<workspace_url>/<run_id>/<stage>``, or the artifact's own path.
+def stage_output_url(artifact: Any, workspace_url: str, run_id: str, stage: str, run_folder: str = "") -> str:
+    """Where a stage task writes: ``<run_folder>/<stage>`` (the in-process runner's layout: kfp-local
+    writes into its ``--output``, so that a re-run resumes and ``--overwrite`` treats both runners'
+    folders alike), ``<workspace_url>/<run_id>/<stage>``, or the artifact's own path.
 
     Shard tasks of one run share ``<workspace_url>/<run_id>/generated`` (each writes its own
     ``shards/shard-NNNNN``), so that a retried pod finds the committed shards of its run.
     """
+    if run_folder:
+        return storage.join(run_folder, stage)
     if not workspace_url:
         return artifact.path
     if not run_id:

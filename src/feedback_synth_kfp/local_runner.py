@@ -50,29 +50,41 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
 
     Args:
         cfg: the resolved run config (every stage's config is passed as pipeline parameters).
-        output_url: the run's folder. A local folder holds the KFP pipeline root (``kfp/``) and the
-            stages write into their artifacts there; for a remote URL (gs://...) the stages write
-            under ``<output_url>/<run id>/`` (the pipeline's ``workspace_url``) and the pipeline root is
-            a temporary local folder.
+        output_url: the run's folder. The stages write the in-process runner's layout into it (the
+            pipeline's ``run_folder``), so that a re-run resumes from the stages' fingerprints and
+            ``--overwrite`` treats it as it treats an in-process run; a local folder also holds the
+            KFP pipeline root (``kfp/``: the tasks' executor records), a remote one (gs://...) gets
+            a temporary local pipeline root.
         parallelism: generation shards running at once (default: half the CPU cores, at least 1).
         overwrite: start over in a folder that holds a run with another config.
     """
     from feedback_synth.pipeline.run import owned_output
 
-    with owned_output(cfg, output_url, overwrite):
-        return _run_kfp_local(cfg, output_url, parallelism)
+    with owned_output(cfg, output_url, overwrite) as previous:
+        return _run_kfp_local(cfg, output_url, parallelism, previous)
 
 
-def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int]) -> dict[str, Any]:
+def _write_record(output_url: str, state: str, launch_id: str, started: str) -> None:
+    """``run.json``, as the in-process runner writes it (who writes the folder, in what state), with
+    the launch id that finds this run's MLflow runs if it dies."""
+    import socket
+
+    storage.write_json(storage.join(output_url, "run.json"), {
+        "pid": os.getpid(), "host": socket.gethostname(), "started": started, "state": state,
+        "runner": "kfp-local", "launch_id": launch_id})
+
+
+def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
+                   previous: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     import kfp.local
 
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, build_pipeline
 
     storage.write_yaml(storage.join(output_url, "config.yaml"), asdict(cfg))
     if storage.local_path(output_url):
-        root, workspace = os.path.join(storage.local_path(output_url), "kfp"), ""
+        root = os.path.join(storage.local_path(output_url), "kfp")
     else:
-        root, workspace = tempfile.mkdtemp(prefix="feedback-synth-kfp-"), output_url
+        root = tempfile.mkdtemp(prefix="feedback-synth-kfp-")
     parallelism = parallelism or max(1, (os.cpu_count() or 2) // 2)
     # no retries here: a failure on this machine is not a preempted node
     pipeline = build_pipeline(PipelineSettings(parallelism=parallelism, gpu_retries=0, exit_handler=False,
@@ -83,6 +95,15 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int]) 
     # compiled without the exit handler (its outputs are read below): a failed run's MLflow runs
     # are closed here instead, found by a launch id that start_tracking tags on the parent run
     launch_id = uuid.uuid4().hex
+    if tracking_uri and previous and previous.get("state") == "running" and previous.get("launch_id"):
+        # a killed kfp-local run into this folder left its MLflow runs RUNNING: close them first
+        try:
+            finish_tracking(tracking_uri, cfg.tracking.experiment, None, "FAILED",
+                            "killed: closed by a re-run into the same output", launch_id=previous["launch_id"])
+        except FeedbackSynthError as exc:
+            log.warning("could not close the MLflow runs of the killed run: %s", exc)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    _write_record(output_url, "running", launch_id, started)
     before = {k: os.environ.get(k) for k in (LAUNCH_ENV, TASK_ERRORS_ENV)}
     errors_file = os.path.join(tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-"), "errors.txt")
     os.environ[LAUNCH_ENV] = launch_id  # the task processes inherit both
@@ -93,8 +114,9 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int]) 
             # ignores the Kubernetes settings (resources, accelerators, display names)
             warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-            task = pipeline(**pipeline_arguments(cfg, tracking_uri, workspace))
+            task = pipeline(**pipeline_arguments(cfg, tracking_uri, ""), run_folder=output_url)
     except RuntimeError as exc:
+        _write_record(output_url, "failed", launch_id, started)
         reported = open(errors_file, encoding="utf-8").read().strip().splitlines() if os.path.exists(errors_file) else []
         # a task's own one-line error when it gave one (as the in-process runner reports it), else KFP's
         message = reported[-1] if reported else \
@@ -111,6 +133,7 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int]) 
             else:
                 os.environ[key] = value
     out = task.outputs
+    _write_record(output_url, "finished", launch_id, started)
     urls = {name: artifact_url(out[name]) for name in ("data", "baseline", "adapted", "feedback", "filtered",
                                                         "retrained", "evaluation")}
     report = storage.read_json(storage.join(urls["evaluation"], "report.json"))

@@ -38,6 +38,13 @@ def _artifact(out: dict, name: str) -> dict:
     return art
 
 
+def _where(art: dict) -> Path:
+    """Where a task wrote an output: the run folder's layout it published (kfp-local), else its KFP path."""
+    from feedback_synth_kfp.artifacts import URL_KEY
+
+    return Path((art.get("metadata") or {}).get(URL_KEY) or art["uri"])
+
+
 def _run_tree(store: Path) -> dict:
     """The MLflow run tree of the one pipeline run in ``store``: the parent's status, and each
     child's (name, status, parent) with the fan-out's per-shard runs named as the one they stand for."""
@@ -50,6 +57,16 @@ def _run_tree(store: Path) -> dict:
     children = sorted((re.sub(r"generate_shard_\d+", "generate", r.info.run_name), r.info.status,
                        r.data.tags["mlflow.parentRunId"] == parent.info.run_id) for r in runs if r is not parent)
     return {"parent": parent.info.status, "children": sorted(set(children))}
+
+
+def _parent_run(store: Path) -> tuple[dict, list[str]]:
+    """The parent run's metrics and its artifacts' paths."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "feedback-synth"]
+    (parent,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    return parent.data.metrics, sorted(a.path for a in client.list_artifacts(parent.info.run_id))
 
 
 def _fingerprints(urls: dict) -> dict:
@@ -88,6 +105,14 @@ def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, ge
     assert all(status == "FINISHED" and nested for _, status, nested in tree["children"])
     for key in ("promoted", "version", "model_name", "reason"):
         assert report["promotion"][key] == in_process["promotion"][key], key
+    # the parent run's epilogue is one function for both runners: the same metrics and report.md
+    (kfp_metrics, kfp_files), (own_metrics, own_files) = _parent_run(output / "mlflow"), \
+        _parent_run(tmp_path / "in-process" / "mlflow")
+    assert "delta_few" in kfp_metrics and "report.md" in kfp_files
+    assert kfp_metrics == own_metrics and kfp_files == own_files
+    # kfp-local writes the in-process layout into --output, and records itself in run.json
+    assert Path(report["outputs"]["baseline"]) == output / "baseline"
+    assert json.loads((output / "run.json").read_text())["state"] == "finished"
 
     # the in-process runner's report keys
     for key in ("baseline", "retrained", "delta", "generated", "kept", "fidelity", "per_class", "timings",
@@ -115,7 +140,7 @@ def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, ge
     for task, out in outs.items():
         for name, arts in out.get("artifacts", {}).items():
             for art in arts["artifacts"]:
-                path = Path(art["uri"])
+                path = _where(art)
                 if name in ("metrics", "confusion"):  # KFP metrics artifacts live in their metadata
                     assert art.get("metadata"), f"{task}: output {name} has no metrics"
                 else:
@@ -133,7 +158,8 @@ def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, ge
     for i in (0, 1):
         shard = _artifact(outs[f"for-loop-1-iteration-{i}/generate-shard"], "shard")
         assert shard["metadata"]["shard_id"] == i and shard["metadata"]["skipped"] is False
-        assert (Path(shard["uri"]) / "shards" / f"shard-{i:05d}" / "_SUCCESS").is_file()
+        assert (_where(shard) / "shards" / f"shard-{i:05d}" / "_SUCCESS").is_file()
+        assert _where(shard) == output / "generated"
     samples = Path(_artifact(outs["filter-synthetic"], "samples")["uri"]).read_text()
     assert "data:image/png;base64," in samples
     assert _artifact(outs["filter-synthetic"], "metrics")["metadata"]["generated"] == 47
@@ -143,6 +169,13 @@ def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, ge
     assert "data:image/png;base64," in Path(_artifact(outs["evaluate"], "per_class")["uri"]).read_text()
     decision = Path(_artifact(outs["promote"], "decision")["uri"]).read_text()
     assert "feedback-synth-classifier" in decision
+
+    # a re-run into the same folder resumes every stage from its fingerprint (no new outputs)
+    markers = {p: p.read_text() for p in output.rglob("_STAGE.json") if "kfp" not in p.parts}
+    again = run_kfp_local(cfg, str(output), parallelism=2)
+    assert again["generation"]["skipped"] == again["generation"]["shards"] == 2
+    assert again["retrained"] == report["retrained"] and again["promotion"]["resumed"]
+    assert {p: p.read_text() for p in output.rglob("_STAGE.json") if "kfp" not in p.parts} == markers
 
 
 @pytest.mark.slow
