@@ -224,24 +224,7 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
                 tasks[row.output] = task
                 return output
 
-            rows = list(stage_table.STAGES)
-            i = 0
-            while i < len(rows):
-                if not rows[i].per_round:
-                    produced[rows[i].output] = add(rows[i], produced)
-                    i += 1
-                    continue
-                group = []
-                while i < len(rows) and rows[i].per_round:
-                    group.append(rows[i])
-                    i += 1
-                previous = None
-                for r in range(1, settings.rounds + 1):
-                    this_round: dict = {}
-                    for row in group:
-                        this_round[row.output] = add(row, {**stage_table.round_inputs(produced, previous), **this_round}, r)
-                    previous = {k: v for k, v in this_round.items() if k != "generated"}
-                produced.update(previous or {})
+            stage_table.walk(list(stage_table.STAGES), settings.rounds, produced, add)
 
         if settings.exit_handler:
             return None

@@ -420,7 +420,8 @@ def run_table(cfg: RunConfig, layout: RunLayout, tracker: Any, produced: dict[st
     results: dict[str, StageResult] = {}
     generation = {"shards": 0, "skipped": 0, "num_images": 0, "seconds": 0.0, "criterion": cfg.generate.criterion}
 
-    def run_row(row: Stage, available: dict[str, Any], r: int, in_rounds: int) -> str:
+    def run_row(row: Stage, available: dict[str, Any], r: int) -> str:
+        in_rounds = rounds if row.per_round else 1
         out = storage.join(layout.output, RunLayout.folder(row.folder, r, in_rounds))
         ctx = StageContext(cfg, stage_table.inputs_of(row, available), out, r)
         result = run_logged_stage(tracker, RunLayout.run_name(row.name, r, in_rounds), row.params(ctx),
@@ -435,24 +436,7 @@ def run_table(cfg: RunConfig, layout: RunLayout, tracker: Any, produced: dict[st
             generation["seconds"] = round(generation["seconds"] + result.summary["seconds"], 3)
         return out
 
-    i = 0
-    while i < len(rows):
-        if not rows[i].per_round:
-            produced[rows[i].output] = run_row(rows[i], produced, 1, 1)
-            i += 1
-            continue
-        group = []
-        while i < len(rows) and rows[i].per_round:
-            group.append(rows[i])
-            i += 1
-        previous: Optional[dict[str, Any]] = None
-        for r in range(1, rounds + 1):
-            this_round: dict[str, Any] = {}
-            for row in group:
-                available = {**stage_table.round_inputs(produced, previous), **this_round}
-                this_round[row.output] = run_row(row, available, r, rounds)
-            previous = this_round
-        produced.update(previous or {})
+    stage_table.walk(rows, rounds, produced, run_row)
     return results, generation
 
 

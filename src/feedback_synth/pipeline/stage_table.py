@@ -198,6 +198,32 @@ def round_inputs(produced: dict[str, Any], previous_round: Optional[dict[str, An
     return out
 
 
+def walk(rows: list[Stage], rounds: int, produced: dict[str, Any],
+         run_row: Callable[[Stage, dict[str, Any], int], Any]) -> None:
+    """Walk ``rows`` in table order, as both runners do: ``run_row(row, available, round_index)``
+    runs (or, for KFP, adds) one stage and returns its output (a URL, a task output). A row that
+    runs once gets what is ``produced`` so far; consecutive per-round rows run ``rounds`` times,
+    round r reading ``latest`` and the previous round's outputs (``round_inputs``). ``produced`` is
+    filled in as rows finish (the last round's outputs at the end)."""
+    i = 0
+    while i < len(rows):
+        if not rows[i].per_round:
+            produced[rows[i].output] = run_row(rows[i], produced, 1)
+            i += 1
+            continue
+        group = []
+        while i < len(rows) and rows[i].per_round:
+            group.append(rows[i])
+            i += 1
+        previous: Optional[dict[str, Any]] = None
+        for r in range(1, rounds + 1):
+            this_round: dict[str, Any] = {}
+            for row in group:
+                this_round[row.output] = run_row(row, {**round_inputs(produced, previous), **this_round}, r)
+            previous = this_round
+        produced.update(previous or {})
+
+
 def inputs_of(entry: Stage, available: dict[str, Any]) -> dict[str, Any]:
     """The inputs of ``entry`` that ``available`` has (a ``previous_*`` is absent in round 1)."""
     return {name: available[name] for name in entry.inputs if name in available}
