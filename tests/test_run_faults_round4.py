@@ -231,6 +231,31 @@ def test_a_resume_is_not_refused_when_the_old_pid_is_another_process(tmp_path, t
         other.wait()
 
 
+# --- 25, 26: the dataset's classes against the generator's, by name, in pre-flight
+
+
+@pytest.mark.parametrize("classes, extra, message", [
+    ([*"abcdefghi", "zz"], (), "has no class 'zz'"),  # as many classes as the generator's: one name differs
+    ([*"abcdefghij"], ('generate.class_map={"q": "a"}',), "config field 'generate.class_map': ['q'] are not classes"),
+])
+def test_class_names_are_checked_in_preflight(tmp_path, named_generator, capsys, classes, extra, message):
+    src = _dataset(tmp_path / "mine", classes, per_class=2)
+    out = tmp_path / "run"
+    assert _run(out, named_generator, *extra, flags=("--dataset", src)) == 2
+    assert message in _one_line(capsys)
+    assert not out.exists()  # found before any work
+
+
+@pytest.mark.slow
+def test_a_dataset_of_some_of_the_generators_classes_runs(tmp_path, named_generator, capsys):
+    src = _dataset(tmp_path / "mine", ["b", "e", "h"], per_class=6)
+    out = tmp_path / "run"
+    assert _run(out, named_generator, "feedback.budget_fraction=0.5", flags=("--dataset", src)) == 0, \
+        capsys.readouterr().err
+    summary = json.loads((out / "report" / "run_summary.json").read_text())
+    assert summary["generation"]["num_images"] > 0
+
+
 # --- 31: an interrupt with tracking off says nothing of MLflow runs
 
 

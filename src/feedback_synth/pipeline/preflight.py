@@ -6,7 +6,8 @@ labels and paths, and every image of a dataset URL opened and decoded (missing, 
 truncated, a broken compressed stream, a decompression bomb), its channels decided as prepare
 decides them; the timm model; the torch devices; the generator folder (a loadable diffusers
 model: each component's config and weight files) against the data (number of classes or
-conditions, channels, image size), from its configs only; the output folder (writable).
+conditions, channels, image size), from its configs only; the dataset's class names among the
+generator's (its ``generator.json``) and ``generate.class_map``; the output folder (writable).
 """
 from __future__ import annotations
 
@@ -88,11 +89,17 @@ def check_generator_against_data(unet: dict[str, Any], num_classes: int, num_gro
         origin: where the data's channels and size come from: ``data.channels`` (set in the config),
             ``decided`` (from the train split, data.channels 0) or ``built-in`` (a built-in dataset).
         class_names: the dataset's classes, named when their count does not match the generator's.
+
+    A generator that names its classes (``generator.json``, one condition per class) takes a
+    dataset of some of them: classes are matched by name (``generation.loading.class_index``, which
+    pre-flight runs too).
     """
     if unet.get("kind") != "pixel":
         return
     conditions = (unet.get("num_class_embeds") or 1) - 1
-    if conditions not in (num_classes, num_classes * num_groups):
+    named = unet.get("class_names") or []
+    subset = len(named) == conditions and num_classes <= conditions and num_groups == 1
+    if conditions not in (num_classes, num_classes * num_groups) and not subset:
         raise DataError(f"generator {spec} is conditioned on {conditions} classes; the dataset has {num_classes} "
                         f"classes" + (f" and {num_classes * num_groups} (class, group) cells" if num_groups > 1 else "")
                         + _class_difference(class_names, unet.get("class_names")))
@@ -133,8 +140,10 @@ def _class_difference(data_classes: Optional[list[str]], generator_classes: Opti
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-def preflight(cfg: RunConfig, output_url: Optional[str] = None) -> None:
-    """Every check that needs no long work (see the module docstring), before anything is written."""
+def preflight(cfg: RunConfig, output_url: Optional[str] = None, check_devices: bool = True) -> None:
+    """Every check that needs no long work (see the module docstring), before anything is written.
+    ``check_devices=False``: the device names' form only, not whether this machine has them (the
+    first task of a Kubeflow run, on a CPU pod: each GPU pod checks its own)."""
     import timm
 
     from feedback_synth.data.prepare import BUILTIN, scan_dataset
@@ -146,7 +155,8 @@ def preflight(cfg: RunConfig, output_url: Optional[str] = None) -> None:
     scan = scan_dataset(cfg.data.dataset, cfg.data, images=True)
     if not timm.is_model(cfg.train.model):
         raise ConfigError(f"config field 'train.model': unknown timm model '{cfg.train.model}'")
-    resolve_devices(cfg)  # the run's device and every stage's override: a device this machine lacks stops here
+    if check_devices:
+        resolve_devices(cfg)  # the run's device and every stage's override: a device this machine lacks stops here
     if cfg.generate.generator == BUILTIN_GENERATOR:
         if not builtin:
             raise ConfigError("config field 'generate.generator': the bundled generator only knows the built-in "
@@ -160,6 +170,10 @@ def preflight(cfg: RunConfig, output_url: Optional[str] = None) -> None:
     check_generator_against_data(unet, scan["num_classes"], len(scan.get("groups") or ["all"]),
                                  scan.get("channels") or cfg.data.channels or None, cfg.generate.generator,
                                  scan.get("image_size"), origin, scan.get("class_names"))
+    from feedback_synth.generation.loading import class_index, generator_path
+
+    # the dataset's classes by name among the generator's (and generate.class_map's keys among the dataset's)
+    class_index(generator_path(cfg.generate.generator, cfg.data.dataset), scan["class_names"], cfg.generate.class_map)
     if cfg.adapt.method != "none":
         if cfg.adapt.method == "full" and os.path.isdir(os.path.join(
                 builtin_generator_path(cfg.data.dataset) if cfg.generate.generator == BUILTIN_GENERATOR else
