@@ -29,11 +29,9 @@ def _tracking_uri_arg(args) -> str:
 
 def sqlite_path(uri: str):
     """The database file of a ``sqlite://`` tracking URI (None for another kind of store)."""
-    if not uri.startswith("sqlite://"):
-        return None
-    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri[len("sqlite://"):]
-    path = path.split("?", 1)[0]
-    return path if path and path != ":memory:" else None
+    from feedback_synth.tracking.client import sqlite_file
+
+    return sqlite_file(uri)
 
 
 def _check_sqlite_store(uri: str, new_store: bool) -> None:

@@ -183,8 +183,9 @@ def preflight(cfg: RunConfig, output_url: Optional[str] = None, check_devices: b
     if output_url is not None:
         check_output_writable(output_url)
     if cfg.tracking.enabled:  # an unreachable tracking server stops the run here, before any work
-        from feedback_synth.tracking.client import check_reachable, resolve_tracking_uri
+        from feedback_synth.tracking.client import check_local_store, check_reachable, resolve_tracking_uri
 
+        check_local_store(cfg.tracking, output_url or "")
         uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         if uri.startswith(("http://", "https://")):
             check_reachable(resolve_tracking_uri(cfg.tracking, output_url or "")[0], cfg.tracking.retries,

@@ -140,7 +140,9 @@ def _local_store_dir(tracking_uri: str) -> Optional[str]:
     """The folder of a local store (sqlite file or file: store), else None."""
     if tracking_uri.startswith("sqlite:///"):
         # sqlite:////abs/file.db or sqlite:///relative/file.db (SQLAlchemy's convention)
-        return os.path.dirname(os.path.abspath(tracking_uri[len("sqlite:///"):].split("?", 1)[0]))
+        from feedback_synth.tracking.client import sqlite_file
+
+        return os.path.dirname(os.path.abspath(sqlite_file(tracking_uri)))
     if tracking_uri.startswith("file:"):
         return os.path.abspath(urlparse(tracking_uri).path)
     if "://" not in tracking_uri and tracking_uri:

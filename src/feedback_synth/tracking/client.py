@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from feedback_synth import storage
 from feedback_synth.config import TrackingConfig
-from feedback_synth.errors import TrackingError
+from feedback_synth.errors import ConfigError, TrackingError
 from feedback_synth.interrupts import deferred
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
@@ -72,12 +72,36 @@ def resolve_tracking_uri(cfg: TrackingConfig, output_url: str) -> tuple[str, Opt
     uri = tracking_location(cfg, output_url)
     if re.match(r"^[a-z][a-z0-9+.-]*:", uri) or uri.startswith("databricks"):
         return uri, None
+    check_local_store(cfg, output_url)
     return _sqlite_store(os.path.abspath(uri))
+
+
+def check_local_store(cfg: TrackingConfig, output_url: str) -> None:
+    """A local store's folder must be one a ``sqlite:///`` URI can name: SQLAlchemy unquotes a URL's
+    path (``a%41b`` opens ``aAb``, ``%zz`` fails) and MLflow does not, so no URI serves a path with
+    '%'. A one-line ConfigError before any work, instead of retries and a traceback."""
+    uri = tracking_location(cfg, output_url)
+    if not (re.match(r"^[a-z][a-z0-9+.-]*:", uri) or uri.startswith("databricks")) and "%" in os.path.abspath(uri):
+        raise ConfigError(f"a local MLflow store cannot be kept in {os.path.abspath(uri)}: its path holds '%', which "
+                          f"SQLAlchemy and MLflow read differently; use an --output without '%', set "
+                          f"tracking.tracking_uri, or --set tracking.enabled=false")
 
 
 def _sqlite_store(folder: str) -> tuple[str, str]:
     os.makedirs(folder, exist_ok=True)
     return f"sqlite:///{os.path.join(folder, 'mlflow.db')}", os.path.join(folder, "artifacts")
+
+
+def sqlite_file(uri: str) -> Optional[str]:
+    """The database file of a ``sqlite:///`` tracking URI, as SQLAlchemy reads it (None for another
+    kind of store or an in-memory one)."""
+    from urllib.parse import unquote
+
+    if not uri.startswith("sqlite://"):
+        return None
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri[len("sqlite://"):]
+    path = unquote(path.split("?", 1)[0])
+    return path if path and path != ":memory:" else None
 
 
 # -- MLflow's HTTP settings ----------------------------------------------------------------------------

@@ -70,7 +70,9 @@ def relocate_local_store(tracking_uri: str, old_root: str, new_root: str) -> Non
         return
     old_root, new_root = old_root.rstrip("/"), new_root.rstrip("/")
     below = old_root.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "/%"
-    db = sqlite3.connect(tracking_uri[len("sqlite:///"):])
+    from feedback_synth.tracking.client import sqlite_file
+
+    db = sqlite3.connect(sqlite_file(tracking_uri))
     try:
         with db:
             for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
