@@ -34,3 +34,38 @@ def test_a_run_into_a_folder_with_a_percent_is_one_line_before_any_work(tmp_path
     else:  # with tracking off the folder is fine: pre-flight goes on (and stops at the unknown model)
         assert "unknown timm model" in err[-1]
     assert not out.exists()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 2 MB tmpfs, filled up (needs root, as CI and this machine have; skipped elsewhere)."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        with open(mount / "fill", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        assert shutil.disk_usage(mount).free < 65536
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_run_started_on_a_full_disk_is_one_line_and_leaves_nothing(full_disk, capsys):
+    """Issue 25, item 19: with tracking on, a run started on a full disk said "failed 'create_run' 4
+    times" over pages of SQLAlchemy tracebacks; now the output's own first write says it, in one line."""
+    out = full_disk / "run"
+    assert main(["run", "--output", str(out), "--set", "train.model=test_resnet", "--set", "train.epochs=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"feedback-synth: error: no space left on the device of {out}; free some space (or use another "
+                   "--output) and run the same command again to resume"]
+    assert sorted(p.name for p in full_disk.iterdir()) == ["fill"]
