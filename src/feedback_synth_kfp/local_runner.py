@@ -126,6 +126,13 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
         except FeedbackSynthError as close_error:  # the pipeline's own error matters more
             log.warning("could not close the MLflow runs of the failed run: %s", close_error)
         raise KFPRunError(message) from None
+    except BaseException:  # Ctrl-C or SIGTERM: the parent run and the open stage runs are closed too
+        _write_record(output_url, "failed", launch_id, started)
+        try:
+            finish_tracking(tracking_uri, cfg.tracking.experiment, None, "FAILED", "interrupted", launch_id=launch_id)
+        except Exception as close_error:  # noqa: BLE001 - the interrupt is what to report
+            log.warning("could not close the MLflow runs of the interrupted run: %s", close_error)
+        raise
     finally:
         for key, value in before.items():
             if value is None:
