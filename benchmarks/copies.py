@@ -102,7 +102,7 @@ def run_seed(work: str, seed: int, epochs: int, adapt_steps: int, log, guard_alo
     adapted: dict[bool, str] = {}
     for guarded in (False, True):
         t0 = time.time()
-        adapt_cfg = cfg.adapt if guarded else replace(cfg.adapt, copy_check_every=0)
+        adapt_cfg = replace(cfg.adapt, copy_check_every=50 if guarded else 0)  # the guard is off by default
         folder = storage.join(root, "adapted-guarded" if guarded else "adapted")
         stages.adapt_generator(data, stages.model_url(baseline), folder, adapt_cfg, cfg.generate)
         adapted[guarded] = folder
