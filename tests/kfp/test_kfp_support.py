@@ -165,3 +165,23 @@ def test_tracking_parent_nested_runs_and_promotion(tmp_path, small_classifier):
     assert "seconds" in by_name["train_baseline"].data.metrics
     assert by_name["retrain"].info.status == "FAILED"
     assert str(client.get_model_version_by_alias("kfp-test-model", "champion").version) == str(result["version"])
+
+
+def test_the_first_task_runs_preflight_before_opening_any_run(tmp_path):
+    """start_tracking (the cluster path's first task) refuses a bad run as pre-flight does in process,
+    in one line, before an MLflow run is opened; a GPU device is only checked for its form there."""
+    from feedback_synth_kfp.components.start_tracking import start_tracking
+    from feedback_synth_kfp.parameters import named_defaults
+
+    def call(**changes):
+        art = dsl.Artifact(name="tracking", uri=str(tmp_path / "t"), metadata={})
+        params = {**named_defaults(), "mlflow_tracking_uri": "", "run_name": "r", "kfp_run_id": "k", "config": "{}",
+                  **changes}
+        start_tracking.python_func(tracking=art, **params)
+        return art
+
+    with pytest.raises(ConfigError, match="unknown timm model 'no-such-model'"):
+        call(classifier_model="no-such-model")
+    assert not (tmp_path / "t").exists()
+    art = call(device="cuda")  # this CPU pod has no CUDA: the GPU pods check that
+    assert json.loads(art.metadata["config"])["device"] == "cuda"

@@ -24,9 +24,11 @@ def test_failed_pipeline_run_closes_its_mlflow_runs(mlflow_server, tmp_path):
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
                    raise_on_error=True)
     with pytest.raises(RuntimeError, match="exit-handler"):
-        # an unknown timm model: train_baseline fails, after start_tracking and prepare_data
-        pipeline(classifier_model="no-such-model", mlflow_tracking_uri=mlflow_server.url,
-                 mlflow_experiment="exit-handler", device="cpu")
+        # a learning rate that turns the loss inf: train_baseline fails, after start_tracking (whose
+        # pre-flight cannot know it) and prepare_data
+        pipeline(classifier_model="test_resnet", mlflow_tracking_uri=mlflow_server.url,
+                 mlflow_experiment="exit-handler", device="cpu",
+                 config='{"train": {"epochs": 1, "lr": 1.0e+30}}')
     client = MlflowClient(mlflow_server.url)
     runs = _runs(client, "exit-handler")
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
