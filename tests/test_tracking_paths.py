@@ -11,14 +11,28 @@ from feedback_synth.errors import ConfigError
 from feedback_synth.tracking.client import check_local_store, resolve_tracking_uri, sqlite_file
 
 
-@pytest.mark.parametrize("name", ["a%41b", "50%", "x%zz"])
-def test_a_local_store_in_a_folder_with_a_percent_is_refused(tmp_path, name):
-    with pytest.raises(ConfigError, match="holds '%'"):
+@pytest.mark.parametrize("name", ["a%41b", "x%2fy"])
+def test_a_local_store_in_a_folder_with_a_percent_escape_is_refused(tmp_path, name):
+    with pytest.raises(ConfigError, match="holds '%XX'"):
         resolve_tracking_uri(TrackingConfig(), str(tmp_path / name))
     assert list(tmp_path.iterdir()) == []
     check_local_store(TrackingConfig(tracking_uri="http://127.0.0.1:5000"), str(tmp_path / name))  # a server: fine
     uri, _ = resolve_tracking_uri(TrackingConfig(), str(tmp_path / "plain"))
     assert sqlite_file(uri) == str(tmp_path / "plain" / "mlflow" / "mlflow.db")
+
+
+@pytest.mark.parametrize("name", ["50%", "x%zz"])
+def test_a_lone_percent_is_fine(tmp_path, name):
+    from mlflow import MlflowClient
+
+    uri, artifacts = resolve_tracking_uri(TrackingConfig(), str(tmp_path / name))
+    MlflowClient(tracking_uri=uri).create_experiment("e", artifact_location=artifacts)
+    assert (tmp_path / name / "mlflow" / "mlflow.db").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_store_named_by_uri_keeps_new_artifacts_beside_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    assert resolve_tracking_uri(TrackingConfig(tracking_uri=uri), "") == (uri, str(tmp_path / "store" / "artifacts"))
 
 
 @pytest.mark.parametrize("tracking, refused", [("true", True), ("false", False)])
@@ -30,7 +44,7 @@ def test_a_run_into_a_folder_with_a_percent_is_one_line_before_any_work(tmp_path
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     if refused:
-        assert len(err) == 1 and "holds '%'" in err[0] and "tracking.enabled=false" in err[0]
+        assert len(err) == 1 and "holds '%XX'" in err[0] and "tracking.enabled=false" in err[0]
     else:  # with tracking off the folder is fine: pre-flight goes on (and stops at the unknown model)
         assert "unknown timm model" in err[-1]
     assert not out.exists()

@@ -71,18 +71,22 @@ def resolve_tracking_uri(cfg: TrackingConfig, output_url: str) -> tuple[str, Opt
     from ``tracking_location``: a bare folder is a SQLite store in that folder."""
     uri = tracking_location(cfg, output_url)
     if re.match(r"^[a-z][a-z0-9+.-]*:", uri) or uri.startswith("databricks"):
-        return uri, None
+        db = sqlite_file(uri)  # a SQLite store named by URI keeps a new experiment's artifacts beside it,
+        # not in MLflow's default ./mlruns of whatever folder the command runs in
+        return uri, (os.path.join(os.path.dirname(os.path.abspath(db)), "artifacts") if db else None)
     check_local_store(cfg, output_url)
     return _sqlite_store(os.path.abspath(uri))
 
 
 def check_local_store(cfg: TrackingConfig, output_url: str) -> None:
     """A local store's folder must be one a ``sqlite:///`` URI can name: SQLAlchemy unquotes a URL's
-    path (``a%41b`` opens ``aAb``, ``%zz`` fails) and MLflow does not, so no URI serves a path with
-    '%'. A one-line ConfigError before any work, instead of retries and a traceback."""
+    path (``a%41b`` opens ``aAb``) and MLflow does not, so no URI serves a path with '%' and two hex
+    digits (a lone '%' is fine). A one-line ConfigError before any work, instead of retries and a
+    traceback."""
     uri = tracking_location(cfg, output_url)
-    if not (re.match(r"^[a-z][a-z0-9+.-]*:", uri) or uri.startswith("databricks")) and "%" in os.path.abspath(uri):
-        raise ConfigError(f"a local MLflow store cannot be kept in {os.path.abspath(uri)}: its path holds '%', which "
+    if not (re.match(r"^[a-z][a-z0-9+.-]*:", uri) or uri.startswith("databricks")) \
+            and re.search(r"%[0-9A-Fa-f]{2}", os.path.abspath(uri)):
+        raise ConfigError(f"a local MLflow store cannot be kept in {os.path.abspath(uri)}: its path holds '%XX', which "
                           f"SQLAlchemy and MLflow read differently; use an --output without '%', set "
                           f"tracking.tracking_uri, or --set tracking.enabled=false")
 
