@@ -64,14 +64,12 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
         return _run_kfp_local(cfg, output_url, parallelism, previous)
 
 
-def _write_record(output_url: str, state: str, launch_id: str, started: str) -> None:
-    """``run.json``, as the in-process runner writes it (who writes the folder, in what state), with
-    the launch id that finds this run's MLflow runs if it dies."""
-    import socket
-
-    storage.write_json(storage.join(output_url, "run.json"), {
-        "pid": os.getpid(), "host": socket.gethostname(), "started": started, "state": state,
-        "runner": "kfp-local", "launch_id": launch_id})
+def _mark_record(output_url: str, launch_id: str) -> None:
+    """Add to the claim's ``run.json`` (``pipeline.run.owned_output`` writes it, and settles its state
+    when the run ends) the launch id that finds this run's MLflow runs if it dies."""
+    record_url = storage.join(output_url, "run.json")
+    record = storage.read_json(record_url) if storage.exists(record_url) else {}
+    storage.write_json(record_url, {**record, "runner": "kfp-local", "launch_id": launch_id})
 
 
 def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
@@ -102,8 +100,7 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
                             "killed: closed by a re-run into the same output", launch_id=previous["launch_id"])
         except FeedbackSynthError as exc:
             log.warning("could not close the MLflow runs of the killed run: %s", exc)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    _write_record(output_url, "running", launch_id, started)
+    _mark_record(output_url, launch_id)
     before = {k: os.environ.get(k) for k in (LAUNCH_ENV, TASK_ERRORS_ENV)}
     errors_file = os.path.join(tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-"), "errors.txt")
     os.environ[LAUNCH_ENV] = launch_id  # the task processes inherit both
@@ -116,7 +113,6 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
             task = pipeline(**pipeline_arguments(cfg, tracking_uri, ""), run_folder=output_url)
     except RuntimeError as exc:
-        _write_record(output_url, "failed", launch_id, started)
         reported = open(errors_file, encoding="utf-8").read().strip().splitlines() if os.path.exists(errors_file) else []
         # a task's own one-line error when it gave one (as the in-process runner reports it), else KFP's
         message = reported[-1] if reported else \
@@ -127,7 +123,6 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
             log.warning("could not close the MLflow runs of the failed run: %s", close_error)
         raise KFPRunError(message) from None
     except BaseException:  # Ctrl-C or SIGTERM: the parent run and the open stage runs are closed too
-        _write_record(output_url, "failed", launch_id, started)
         try:
             finish_tracking(tracking_uri, cfg.tracking.experiment, None, "FAILED", "interrupted", launch_id=launch_id)
         except Exception as close_error:  # noqa: BLE001 - the interrupt is what to report
@@ -140,7 +135,6 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
             else:
                 os.environ[key] = value
     out = task.outputs
-    _write_record(output_url, "finished", launch_id, started)
     urls = {name: artifact_url(out[name]) for name in ("data", "baseline", "adapted", "feedback", "filtered",
                                                         "retrained", "evaluation")}
     report = storage.read_json(storage.join(urls["evaluation"], "report.json"))
