@@ -136,3 +136,21 @@ def test_retraining_takes_the_baselines_recipe_or_trains_a_same_recipe_reference
     baseline = storage.read_json(f"{base}/metrics.json")
     assert reference["source"] == "reference" and reference["per_class"] != baseline["per_class"]
     assert storage.read_yaml(str(tmp_path / "other" / "reference" / "model" / "train_config.yaml"))["num_synthetic"] == 0
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 10, 20, 37])
+def test_the_one_cycle_schedule_runs_any_number_of_steps(total_steps):
+    """torch's OneCycleLR divides by zero when the warm-up is exactly one step (10 steps at 10%):
+    ``adapt.steps=10`` crashed adaptation, and 5 epochs of 2 batches crashed training."""
+    from feedback_synth.training.train import one_cycle
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = one_cycle(opt, 0.1, total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert len(lrs) == total_steps and all(0 < lr <= 0.1 + 1e-12 for lr in lrs)
+    if total_steps >= 4:  # warm-up to the peak, then decay below it
+        assert max(lrs) > 0.09 and lrs[-1] < 0.01 and lrs[0] < 0.05

@@ -176,6 +176,12 @@ class RetrainConfig(OptimConfig):
     # the class prior of logit_adjusted / balanced_softmax once synthetic images are in the batch:
     # 'real' = the real training counts; 'batch' = the expected class mix of a batch, real + synthetic
     prior: Literal["real", "batch"] = "real"
+    # no class group loses (docs/method.md): after training, add lambda x the offset from this prior to
+    # the batch prior to the logits, lambda in [0, 1] chosen on the validation split so that no class
+    # group (many / medium / few, average group) is below the model it replaces, and the
+    # calibration_metric is best; 'none' keeps the model as trained
+    calibration: Literal["no_group_loses", "none"] = "no_group_loses"
+    calibration_metric: Literal[("",) + METRICS] = ""  # '' = few, or worst_group for group data without shot buckets
 
 
 @section("adapt")

@@ -43,6 +43,7 @@ from feedback_synth.data.imageset import ImageSet
 from feedback_synth.errors import ConfigError
 
 from feedback_synth.generation.loading import ADAPTED_JSON, LORA_FILE
+from feedback_synth.training.train import one_cycle
 PIXEL_TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
                  "attention_conv": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}
 LATENT_TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -191,7 +192,7 @@ def adapt_unet(pipe: Any, kind: str, train: ImageSet, cfg: AdaptConfig, class_in
     trainee.class_names, trainee.prompt_template = train.class_names, prompt_template
     params = trainee.attach()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    lr_sched = one_cycle(opt, cfg.lr, cfg.steps, 0.1)
     images, labels = train.to_tensor(), torch.from_numpy(train.labels)
     counts = train.class_counts()
     checked = [c for c in range(train.num_classes) if 0 < counts[c] <= cfg.copy_check_max_images]

@@ -22,6 +22,7 @@ from feedback_synth.devices import resolve_device
 from feedback_synth.config import section
 from feedback_synth.data.imageset import ImageSet
 from feedback_synth.generation.loading import load_generator
+from feedback_synth.training.train import one_cycle
 
 
 @section("pretrain")
@@ -73,7 +74,7 @@ def pretrain_generator(pool: ImageSet, cfg: PretrainConfig, output_url: str) -> 
     unet = UNet2DModel(**unet_config(h, c, num_conditions, cfg.block_out_channels)).to(device)
     sched = training_scheduler()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    lr_sched = one_cycle(opt, cfg.lr, cfg.steps, 0.05)
     x_all = pool.to_tensor() * 2 - 1
     y_all = torch.from_numpy(cond)
     ema = torch.optim.swa_utils.AveragedModel(unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999))

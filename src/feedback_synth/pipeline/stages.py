@@ -413,6 +413,8 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
                                  "source": "reference"}
     clf, history = train_classifier(train, cfg, model, synthetic=synthetic, synthetic_fraction=cfg.synthetic_fraction,
                                     recipe=recipe, on_epoch=on_epoch, eval_fn=val_eval, desc=f"retrain (round {round_index})")
+    calibration = _calibrate(clf, dataset_url, baseline_model_url, train, synthetic, cfg, recipe, data_cfg)
+    storage.write_json(storage.join(output_url, "calibration.json"), calibration)
     result = _finish_training("retrain", clf, history, dataset_url, output_url, cfg, data_cfg,
                               {"model": model, "num_synthetic": len(synthetic), "recipe": asdict(recipe)})
     rounds = history_so_far + [{"round": round_index, "num_synthetic": len(synthetic),
@@ -422,7 +424,29 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     result.summary.update(round=round_index, reference=reference_metrics.get("source"))
     result.datasets.append(synthetic_set(filtered_url, "training", load_info(dataset_url).name))
     result.metrics["num_synthetic"] = float(len(synthetic))
+    if calibration.get("weight") is not None:
+        result.metrics["calibration_weight"] = float(calibration["weight"])
     return result
+
+
+def _calibrate(clf, dataset_url: str, replaced_model_url: str, train: ImageSet, synthetic: ImageSet,
+               cfg: RetrainConfig, recipe, data_cfg: DataConfig) -> dict[str, Any]:
+    """No class group loses (training.calibration): set ``clf``'s logit offset, chosen on the
+    validation split against the model it replaces; what was chosen and why."""
+    from feedback_synth.training.calibration import calibrate
+    from feedback_synth.training.classifier import load_classifier
+
+    if cfg.calibration == "none":
+        return {"weight": None, "reason": "retrain.calibration is 'none'"}
+    if not len(synthetic):
+        return {"weight": None, "reason": "no synthetic image was kept: nothing to calibrate"}
+    if "val" not in load_info(dataset_url).splits:
+        return {"weight": None, "reason": "the dataset has no validation split"}
+    from feedback_synth.devices import module_device
+
+    replaced = load_classifier(replaced_model_url, str(module_device(clf)))
+    return calibrate(clf, load_split(dataset_url, "val"), replaced, train, synthetic, cfg.synthetic_fraction, recipe,
+                     data_cfg, cfg.calibration_metric).to_dict()
 
 
 def generate_config_of(generated_url: str | list[str], plan) -> dict[str, Any]:

@@ -33,6 +33,8 @@ class ClassifierSpec:
     class_names: list[str] = field(default_factory=list)
     group_names: list[str] = field(default_factory=lambda: ["all"])
     train_class_counts: list[int] = field(default_factory=list)
+    # added to every logit: retraining's calibration (training.calibration); empty = none
+    logit_bias: list[float] = field(default_factory=list)
 
 
 class Classifier(nn.Module):
@@ -46,6 +48,17 @@ class Classifier(nn.Module):
             raise ConfigError(f"config field 'train.model': {exc}") from None
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
+        bias = spec.logit_bias or [0.0] * spec.num_classes
+        if len(bias) != spec.num_classes:
+            raise DataError(f"classifier config: logit_bias has {len(bias)} values for {spec.num_classes} classes")
+        self.register_buffer("logit_bias", torch.tensor(bias, dtype=torch.float32), persistent=False)
+
+    def set_logit_bias(self, bias: list[float]) -> None:
+        """Set the offset added to every logit (saved in the spec, so it travels with the checkpoint)."""
+        if len(bias) != self.spec.num_classes:
+            raise ValueError(f"logit_bias: {len(bias)} values for {self.spec.num_classes} classes")
+        self.spec.logit_bias = [float(b) for b in bias]
+        self.logit_bias.copy_(torch.tensor(self.spec.logit_bias, dtype=torch.float32))
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> the backbone's input (size, channels, mean/std)."""
@@ -63,10 +76,11 @@ class Classifier(nn.Module):
         """Penultimate features (the ``hardness`` embedding) and logits."""
         h = self.backbone.forward_features(self.preprocess(x))
         feats = self.backbone.forward_head(h, pre_logits=True)
-        return feats, self.backbone.get_classifier()(feats)
+        return feats, self.backbone.get_classifier()(feats) + self.logit_bias.to(feats.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.preprocess(x))
+        logits = self.backbone(self.preprocess(x))
+        return logits + self.logit_bias.to(logits.dtype)
 
 
 def build_classifier(model: str, num_classes: int, in_chans: int, image_size: int, **meta) -> Classifier:

@@ -40,6 +40,22 @@ def random_translate(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> t
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
+def one_cycle(opt: torch.optim.Optimizer, max_lr: float, total_steps: int, pct_start: float = 0.1):
+    """torch's one-cycle schedule (warm-up, then cosine decay), for any number of steps.
+
+    ``OneCycleLR`` divides by the length of each phase, so it fails when the warm-up rounds to no
+    step at all (``pct_start * total_steps == 1``, e.g. 10 steps at 0.1) and cannot run one or two
+    steps; the warm-up is stretched to at least two steps, and a run that short keeps ``max_lr``.
+    """
+    if total_steps < 4:
+        for group in opt.param_groups:
+            group["lr"] = max_lr
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    pct = min(max(pct_start, 2.0 / total_steps), 1.0 - 1.0 / total_steps)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct,
+                                               anneal_strategy="cos")
+
+
 @dataclass
 class Recipe:
     """How to train: the loss and how real samples are drawn (docs/method.md, "Balanced retraining").
@@ -133,8 +149,7 @@ def train_classifier(
                           nesterov=True)
     steps_per_epoch = sum(1 for _ in _batches(len(x_real), len(x_syn), cfg, synthetic_fraction,
                                               np.random.default_rng(0), None))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.1, anneal_strategy="cos")
+    sched = one_cycle(opt, cfg.lr, cfg.epochs * steps_per_epoch)
     max_shift = max(1, h // 8) if cfg.augment else 0
     history: list[dict[str, Any]] = []
     bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", leave=False)

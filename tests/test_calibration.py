@@ -1,0 +1,122 @@
+"""No class group loses: retraining's post-hoc offset, chosen on validation (training.calibration)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from feedback_synth.config import DataConfig, RetrainConfig, TrainConfig
+from feedback_synth.data.imageset import ImageSet
+from feedback_synth.training.calibration import choose_weight, prior_offset
+from feedback_synth.training.evaluate import accuracy_metrics
+
+# 2 classes: 0 is many-shot (100 train images), 1 is few-shot (5)
+COUNTS = [100, 5]
+CFG = DataConfig(many_threshold=50, few_threshold=10)
+
+
+def _val(n: int = 10) -> ImageSet:
+    labels = np.repeat([0, 1], n)
+    return ImageSet(np.zeros((2 * n, 4, 4, 1), np.uint8), labels, np.zeros(2 * n, np.int64),
+                    np.array([f"v{i}" for i in range(2 * n)]), ["many", "few"])
+
+
+def test_the_offset_undoes_the_double_correction_toward_the_rare_class():
+    # synthesis balanced the stream: the real prior over-corrects, so the offset lowers the rare class
+    offset = prior_offset("logit_adjusted", 2.0, np.array(COUNTS), np.array([1, 95]), 0.5)
+    assert offset[1] < offset[0] and abs(offset.sum()) < 1e-9
+    # by hand: tau (log p_real - log p_batch), centred
+    p_real = np.array(COUNTS) / 105
+    p_batch = 0.5 * p_real + 0.5 * np.array([1, 95]) / 96
+    want = 2.0 * (np.log(p_real) - np.log(p_batch))
+    assert np.allclose(offset, want - want.mean())
+    # no synthetic image: the two priors agree and there is nothing to undo
+    assert np.allclose(prior_offset("logit_adjusted", 2.0, np.array(COUNTS), np.array([0, 0]), 0.5), 0)
+    # cross-entropy has no prior in its loss: the offset is the post-hoc adjustment toward balance,
+    # -log p_batch (here the stream, 20% synthetic, still favours class 0)
+    ce = prior_offset("ce", 1.0, np.array(COUNTS), np.array([1, 20]), 0.2)
+    p_batch = 0.8 * p_real + 0.2 * np.array([1, 20]) / 21
+    assert ce[1] > ce[0] and np.allclose(ce, -np.log(p_batch) + np.log(p_batch).mean())
+
+
+def test_the_weight_keeps_every_group_then_maximises_the_metric():
+    val = _val()
+    # margins (logit 0 - logit 1) of the retrained model on validation: it over-predicts the rare
+    # class, so 4 many-shot images fall to it; an offset of +1 per unit weight for class 0
+    margins = np.r_[[2, 2, 2, 2, 2, 2, -0.3, -0.3, -0.6, -0.9], [-2, -2, -2, -2, -2, -2, -2, -0.2, -0.4, -0.8]]
+    logits = np.stack([margins, np.zeros_like(margins)], 1)
+    offset = np.array([1.0, 0.0])
+    # the replaced model: many-shot 0.9, few-shot 0.5
+    ref = accuracy_metrics(np.r_[[0] * 9 + [1], [1] * 5 + [0] * 5], val, COUNTS, CFG)
+    chosen = choose_weight(logits, val, COUNTS, CFG, offset, ref, grid=(0.0, 0.25, 0.5, 0.75, 1.0))
+    rows = {r["weight"]: r for r in chosen.table}
+    assert rows[0.0]["many"] == 0.6 and rows[0.0]["few"] == 1.0  # as trained: many-shot loses
+    # weight 0.75: many 0.9 (= the replaced model), few 0.8; weight 1.0: many 1.0, few 0.7
+    assert rows[0.75]["many"] == 0.9 and rows[0.75]["few"] == 0.8 and rows[1.0]["few"] == 0.7
+    assert chosen.feasible and chosen.weight == 0.75 and chosen.metric == "few"
+    assert np.allclose(chosen.logit_bias, [0.75, 0.0])
+    # a replaced model no weight can match (perfect): the smallest worst loss, -0.2 at weights 0.5
+    # (many 0.8, few 0.8) and 0.75 (many 0.9, few 0.8); the tie goes to the better overall
+    better = accuracy_metrics(val.labels, val, COUNTS, CFG)
+    fallback = choose_weight(logits, val, COUNTS, CFG, offset, better)
+    assert not fallback.feasible and fallback.weight == 0.75
+    assert [round(r["worst_change"], 6) for r in fallback.table] == [-0.4, -0.4, -0.2, -0.2, -0.3]
+
+
+def test_the_offset_travels_with_the_checkpoint(small_classifier, digits, memory_url):
+    from feedback_synth.training.classifier import load_classifier, save_classifier
+    from feedback_synth.training.evaluate import predict_logits
+
+    clf, _ = small_classifier
+    before = predict_logits(clf, digits["test"])
+    bias = [0.5 * i for i in range(clf.spec.num_classes)]
+    clf.set_logit_bias(bias)
+    try:
+        after = predict_logits(clf, digits["test"])
+        assert np.allclose(after - before, np.array(bias)[None, :], atol=1e-5)
+        _, logits = clf.features_and_logits(digits["test"].to_tensor()[:8])  # guidance sees the same logits
+        assert np.allclose(logits.detach().numpy(), after[:8], atol=1e-5)
+        save_classifier(clf, memory_url + "/calibrated")
+        again = load_classifier(memory_url + "/calibrated", "cpu")
+        assert again.spec.logit_bias == bias
+        assert np.allclose(predict_logits(again, digits["test"]), after, atol=1e-5)
+        with pytest.raises(ValueError, match="3 values for 10 classes"):
+            clf.set_logit_bias([0.0, 1.0, 2.0])
+    finally:
+        clf.set_logit_bias([0.0] * clf.spec.num_classes)
+
+
+@pytest.mark.slow
+def test_retrain_ships_the_chosen_offset_and_says_why(prepared, digits, tmp_path):
+    from feedback_synth import storage
+    from feedback_synth.data.imageset import load_split
+    from feedback_synth.pipeline import stages
+    from feedback_synth.training.classifier import load_classifier
+
+    base = str(tmp_path / "baseline")
+    stages.train_baseline(prepared, base, TrainConfig(model="test_resnet", epochs=2, loss="logit_adjusted", tau=2.0),
+                          DataConfig())
+    filtered = str(tmp_path / "filtered")
+    pool = digits["pool"]
+    rare = np.flatnonzero(np.isin(pool.labels, [7, 8, 9]))[:60]  # synthesis for the rare classes only
+    pool.subset(rare).save(f"{filtered}/synthetic.npz")
+    storage.write_json(f"{filtered}/filter_report.json", {"generated": 60, "kept": 60})
+    out = stages.retrain(prepared, stages.model_url(base), filtered, str(tmp_path / "retrained"),
+                         RetrainConfig(epochs=2), DataConfig())
+    cal = storage.read_json(str(tmp_path / "retrained" / "calibration.json"))
+    assert cal["weight"] in [r["weight"] for r in cal["table"]] and cal["metric"] == "few" and cal["reason"]
+    clf = load_classifier(stages.model_url(str(tmp_path / "retrained")), "cpu")
+    assert np.allclose(clf.spec.logit_bias, cal["logit_bias"])
+    assert out.metrics["calibration_weight"] == cal["weight"]
+    chosen = next(r for r in cal["table"] if r["weight"] == cal["weight"])
+    if cal["feasible"]:  # every class group at or above the replaced model on validation
+        assert all(v >= 0 for v in chosen["changes"].values())
+    # the shipped model's validation metrics are the chosen row's
+    val = load_split(prepared, "val")
+    from feedback_synth.training.evaluate import evaluate
+
+    assert evaluate(clf, val, DataConfig())["few"] == pytest.approx(chosen["few"])
+    # 'none' ships the model as trained
+    plain = stages.retrain(prepared, stages.model_url(base), filtered, str(tmp_path / "plain"),
+                           RetrainConfig(epochs=2, calibration="none"), DataConfig())
+    assert "calibration_weight" not in plain.metrics
+    assert load_classifier(stages.model_url(str(tmp_path / "plain")), "cpu").spec.logit_bias == []
