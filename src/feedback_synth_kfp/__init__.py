@@ -8,3 +8,8 @@ where there is no repository checkout (in a container). Beside them: ``parameter
 ``tracking`` (MLflow runs of KFP tasks, the exit handler), ``local_runner`` (``run --runner
 kfp-local``), ``submit`` and ``cli`` (``compile`` and ``submit``). The library never imports any of it.
 """
+
+from feedback_synth_kfp.launcher import watch_launcher as _watch_launcher
+
+# inside a kfp-local task process only (the launcher sets the variable): end with the launcher
+_watch_launcher()

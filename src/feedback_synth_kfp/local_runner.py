@@ -23,6 +23,7 @@ from feedback_synth.pipeline.orchestration import write_run_summary
 from feedback_synth.pipeline.stage_table import STAGE_NAMES, STAGES
 from feedback_synth.tracking.client import tracking_location
 from feedback_synth_kfp.artifacts import artifact_url
+from feedback_synth_kfp.launcher import LAUNCHER_ENV, launcher_id, stop_tasks
 from feedback_synth_kfp.parameters import pipeline_arguments
 from feedback_synth_kfp.tracking import LAUNCH_ENV, TASK_ERRORS_ENV, finish_tracking, tracking_context
 
@@ -101,10 +102,11 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
         except FeedbackSynthError as exc:
             log.warning("could not close the MLflow runs of the killed run: %s", exc)
     _mark_record(output_url, launch_id)
-    before = {k: os.environ.get(k) for k in (LAUNCH_ENV, TASK_ERRORS_ENV)}
+    before = {k: os.environ.get(k) for k in (LAUNCH_ENV, TASK_ERRORS_ENV, LAUNCHER_ENV)}
     errors_file = os.path.join(tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-"), "errors.txt")
-    os.environ[LAUNCH_ENV] = launch_id  # the task processes inherit both
+    os.environ[LAUNCH_ENV] = launch_id  # the task processes inherit these
     os.environ[TASK_ERRORS_ENV] = errors_file
+    os.environ[LAUNCHER_ENV] = launcher_id()  # a task ends when this process is gone (launcher.py)
     try:
         with warnings.catch_warnings():
             # expected here: our images' components run in this environment, and the local runner
@@ -123,6 +125,7 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
             log.warning("could not close the MLflow runs of the failed run: %s", close_error)
         raise KFPRunError(message) from None
     except BaseException:  # Ctrl-C or SIGTERM: the parent run and the open stage runs are closed too
+        stop_tasks()  # a signal sent to this process alone would leave the running task at work
         try:
             finish_tracking(tracking_uri, cfg.tracking.experiment, None, "FAILED", "interrupted", launch_id=launch_id)
         except Exception as close_error:  # noqa: BLE001 - the interrupt is what to report

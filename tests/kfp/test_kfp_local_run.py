@@ -52,10 +52,10 @@ def _run_tree(store: Path) -> dict:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
     (exp,) = [e for e in client.search_experiments() if e.name == "feedback-synth"]
-    runs = client.search_runs([exp.experiment_id])
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = sorted((re.sub(r"generate_shard_\d+", "generate", r.info.run_name), r.info.status,
-                       r.data.tags["mlflow.parentRunId"] == parent.info.run_id) for r in runs if r is not parent)
+    parent = _last_parent(client, exp.experiment_id)
+    runs = [r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = sorted((re.sub(r"generate_shard_\d+", "generate", r.info.run_name), r.info.status, True) for r in runs)
     return {"parent": parent.info.status, "children": sorted(set(children))}
 
 
@@ -65,8 +65,44 @@ def _parent_run(store: Path) -> tuple[dict, list[str]]:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
     (exp,) = [e for e in client.search_experiments() if e.name == "feedback-synth"]
-    (parent,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    parent = _last_parent(client, exp.experiment_id)
     return parent.data.metrics, sorted(a.path for a in client.list_artifacts(parent.info.run_id))
+
+
+def _last_parent(client, experiment_id: str):
+    """The parent run of the last launch into a store (a killed launch before it has its own)."""
+    parents = [r for r in client.search_runs([experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    return max(parents, key=lambda r: r.info.start_time)
+
+
+def _sigkilled_kfp_local_run(cfg, output: Path, config_file: Path) -> dict:
+    """Start `run --runner kfp-local` in a process of its own and SIGKILL it while its
+    train_baseline task is at work; its task processes must end by themselves (they watch their
+    launcher). Returns the run.json it left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from dataclasses import asdict
+
+    import psutil
+
+    from feedback_synth import storage
+
+    storage.write_yaml(str(config_file), asdict(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "feedback_synth.cli", "run", "--runner", "kfp-local", "--config",
+                             str(config_file), "--output", str(output)], env={**os.environ, "TQDM_DISABLE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(output.glob("kfp/*/train-baseline")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before train_baseline started"
+    tasks = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(tasks, timeout=20)
+    assert not alive, f"task processes outlived their SIGKILLed launcher: {[t.pid for t in alive]}"
+    return json.loads((output / "run.json").read_text())
 
 
 def _fingerprints(urls: dict) -> dict:
@@ -84,9 +120,21 @@ def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, ge
         "train.model=test_resnet", "train.epochs=2", "retrain.epochs=2", "feedback.budget_fraction=0.1",
         "feedback.shard_size=24", "generate.num_inference_steps=4", f"generate.generator={generator}",
         "filter.filters=[degenerate]", "promote.min_gain=0.0", "adapt.method=full", "adapt.steps=2",
-        "adapt.batch_size=8", "adapt.samples_per_class=1"], base=preset("digits-lt"))
+        "adapt.batch_size=8", "adapt.samples_per_class=1", "feedback.rounds=2"], base=preset("digits-lt"))
     output = tmp_path / "run"
+    # issue 23: a SIGKILLed kfp-local run, resumed; the resumed run is the one compared below
+    killed = _sigkilled_kfp_local_run(cfg, output, tmp_path / "config.yaml")
+    assert killed["state"] == "running" and killed["launch_id"]  # nothing could settle it
+    data_marker = (output / "data" / "_STAGE.json").read_text()
     report = run_kfp_local(cfg, str(output), parallelism=2)
+    assert (output / "data" / "_STAGE.json").read_text() == data_marker  # finished stages are not redone
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{output / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("feedback-synth").experiment_id])
+    assert "RUNNING" not in {r.info.status for r in runs}  # the killed launch's runs were closed
+    (old_parent,) = [r for r in runs if r.data.tags.get("feedback_synth.launch_id") == killed["launch_id"]]
+    assert old_parent.info.status == "FAILED"
     in_process = run_pipeline(cfg, str(tmp_path / "in-process"))
 
     # one orchestration: the same numbers, stage fingerprints, run tree and registry decision
@@ -170,12 +218,6 @@ def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, ge
     decision = Path(_artifact(outs["promote"], "decision")["uri"]).read_text()
     assert "feedback-synth-classifier" in decision
 
-    # a re-run into the same folder resumes every stage from its fingerprint (no new outputs)
-    markers = {p: p.read_text() for p in output.rglob("_STAGE.json") if "kfp" not in p.parts}
-    again = run_kfp_local(cfg, str(output), parallelism=2)
-    assert again["generation"]["skipped"] == again["generation"]["shards"] == 2
-    assert again["retrained"] == report["retrained"] and again["promotion"]["resumed"]
-    assert {p: p.read_text() for p in output.rglob("_STAGE.json") if "kfp" not in p.parts} == markers
 
 
 @pytest.mark.slow
@@ -202,6 +244,7 @@ def test_an_interrupted_kfp_local_run_closes_its_runs(tmp_path, generator):
     import sys
     import time
 
+    import psutil
     from mlflow import MlflowClient
 
     out = tmp_path / "run"
@@ -211,14 +254,20 @@ def test_an_interrupted_kfp_local_run_closes_its_runs(tmp_path, generator):
                              str(out), *sets], env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    baseline = out / "baseline"  # the train_baseline task is at work once its folder exists
+    # the train_baseline task is at work once KFP made its task folder (the stage's own folder in the
+    # run's layout appears only when it writes its outputs, after 2000 epochs)
     deadline = time.time() + 300
-    while not baseline.exists() and proc.poll() is None and time.time() < deadline:
+    while not list(out.glob("kfp/*/train-baseline")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
+    assert proc.poll() is None and list(out.glob("kfp/*/train-baseline")), "train_baseline never started"
     time.sleep(3)
-    proc.send_signal(signal.SIGINT)
+    tasks = psutil.Process(proc.pid).children(recursive=True)
+    assert any("executor_main" in " ".join(t.cmdline()) for t in tasks)
+    proc.send_signal(signal.SIGINT)  # to the launcher alone, as `kill -INT` or a supervisor sends it
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
+    _, alive = psutil.wait_procs(tasks, timeout=15)
+    assert not alive, f"task processes outlived the interrupted run: {[t.cmdline()[:4] for t in alive]}"
     assert json.loads((out / "run.json").read_text())["state"] == "failed"
     client = MlflowClient(f"sqlite:///{out}/mlflow/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("feedback-synth").experiment_id])

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from feedback_synth.config import OptimConfig
 from feedback_synth.data.imageset import ImageSet
-from feedback_synth.devices import resolve_device
+from feedback_synth.devices import module_device, resolve_device
 from feedback_synth.errors import FeedbackSynthError
 from feedback_synth.training.classifier import Classifier, build_classifier
 from feedback_synth.training.losses import LOSSES, LossInputs, cell_weights, class_prior
@@ -191,3 +191,41 @@ def train_classifier(
                                f"lower {getattr(cfg, 'section', '') or 'train'}.lr (now {cfg.lr:g})")
     clf.eval()
     return clf, history
+
+
+def refit_head(clf: Classifier, train: ImageSet, cfg: OptimConfig, recipe: Recipe, epochs: int,
+               desc: str = "head") -> list[dict[str, Any]]:
+    """Re-fit the classifier's last layer on the real images alone, the representation frozen
+    (decoupled training, Kang et al. 2020): the head then sees the real class prior its loss
+    assumes. Features are computed once, without augmentation; returns per-epoch losses."""
+    loss_fn = LOSSES[LOSSES.check(recipe.loss, "retrain.loss")]
+    device = module_device(clf)
+    head = clf.backbone.get_classifier()
+    clf.eval()
+    with torch.no_grad():
+        x = train.to_tensor()
+        feats = torch.cat([clf.features_and_logits(x[i:i + 256].to(device))[0] for i in range(0, len(x), 256)])
+    y = torch.from_numpy(train.labels).to(device)
+    weights = cell_weights(train.labels, train.groups, train.num_classes, train.num_groups).to(device)
+    prior = class_prior(train.class_counts())
+    log_prior = torch.log(torch.from_numpy(prior).float().clamp_min(1e-12)).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps = max(1, math.ceil(len(y) / cfg.batch_size))
+    sched = one_cycle(opt, cfg.lr, epochs * steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(y), generator=gen).to(device)
+        total = 0.0
+        for s in range(steps):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            logits = head(feats[idx])  # the calibration offset is not part of training
+            loss = loss_fn(LossInputs(logits, y[idx], log_prior, weights[idx], recipe.tau)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        history.append({"epoch": epoch + 1, "head_loss": total / len(y)})
+    clf.eval()
+    return history

@@ -1,0 +1,146 @@
+"""Benchmark: which retraining keeps every class group? (issue 24, item 1; docs/method.md: No class group loses)
+
+    python benchmarks/retrain_variants.py --work /tmp/bench/ngl [--datasets digits-gap digits-lt digits-groups]
+        [--seeds 0 1 2 3 4] [--out benchmarks/results/retrain_variants]
+
+Runs on the folders ``benchmarks/no_group_loses.py`` left in ``--work`` (each dataset with its
+preset: data, baseline, the kept synthetic images of the run), so every variant retrains on the
+same real and synthetic images (paired by seed). Variants of retraining, each from scratch:
+
+- real prior (today): logit adjustment with the real-count prior, half of each batch synthetic;
+- real prior + head on real: the same model, its last layer re-fit on the real images alone;
+- batch prior + head on real: the representation trained with the stream's own prior (no double
+  correction), the last layer re-fit on the real images with the real prior (decoupled training);
+- real prior, a quarter synthetic: ``synthetic_fraction`` 0.25.
+
+Per variant: validation and test metrics. The choice is made on validation (the best gate metric
+among the variants no class group of which is below no synthesis on validation); the test split
+shows whether it holds. Paired differences against no synthesis, 95% bootstrap CIs over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from feedback_synth import storage  # noqa: E402
+from feedback_synth.config import resolve_run_config  # noqa: E402
+from feedback_synth.data.imageset import ImageSet, load_split  # noqa: E402
+from feedback_synth.pipeline import stages  # noqa: E402
+from feedback_synth.pipeline.recipes import retrain_recipe  # noqa: E402
+from feedback_synth.training.classifier import load_classifier  # noqa: E402
+from feedback_synth.training.evaluate import accuracy_metrics, predict_logits  # noqa: E402
+from feedback_synth.training.train import refit_head, train_classifier  # noqa: E402
+
+NO_SYN = "no synthesis"
+VARIANTS = ("real prior (today)", "real prior + head on real", "batch prior + head on real",
+            "real prior, a quarter synthetic")
+HEAD_EPOCHS = 20
+KEYS = ("overall", "many", "medium", "few", "average_group", "worst_group")
+
+
+def scores(clf, data: ImageSet, train: ImageSet, data_cfg) -> dict[str, float]:
+    m = accuracy_metrics(predict_logits(clf, data).argmax(1), data, train.class_counts().tolist(), data_cfg)
+    return {k: float(m[k]) for k in KEYS if m.get(k) is not None}
+
+
+def run_seed(work: str, dataset: str, seed: int, log) -> dict[str, Any]:
+    cfg = resolve_run_config(dataset, overrides=[f"data.split_seed={seed}", f"train.seed={seed}",
+                                                 f"retrain.seed={seed}", "tracking.enabled=false"])
+    root = storage.join(work, dataset, f"seed{seed}")
+    data, baseline = storage.join(root, "data"), storage.join(root, "baseline")
+    train, val, test = (load_split(data, s) for s in ("train", "val", "test"))
+    synthetic = ImageSet.load(storage.join(root, "run", "filtered", "synthetic.npz"))
+    recipe = retrain_recipe(cfg.retrain, stages.model_url(baseline))
+    base = load_classifier(stages.model_url(baseline), "cpu")
+    out: dict[str, Any] = {NO_SYN: {"val": scores(base, val, train, cfg.data), "test": scores(base, test, train, cfg.data)}}
+    t0 = time.time()
+
+    def fit(prior: str, fraction: float, head: bool):
+        clf, _ = train_classifier(train, cfg.retrain, cfg.train.model, synthetic=synthetic, synthetic_fraction=fraction,
+                                  recipe=replace(recipe, prior=prior), desc="variant")
+        plain = {"val": scores(clf, val, train, cfg.data), "test": scores(clf, test, train, cfg.data)}
+        if not head:
+            return plain, None
+        refit_head(clf, train, cfg.retrain, recipe, HEAD_EPOCHS)
+        return plain, {"val": scores(clf, val, train, cfg.data), "test": scores(clf, test, train, cfg.data)}
+
+    out[VARIANTS[0]], out[VARIANTS[1]] = fit("real", cfg.retrain.synthetic_fraction, True)
+    _, out[VARIANTS[2]] = fit("batch", cfg.retrain.synthetic_fraction, True)
+    out[VARIANTS[3]], _ = fit("real", 0.25, False)
+    out["seconds"] = round(time.time() - t0, 1)
+    log(f"{dataset} seed {seed}: " + "; ".join(
+        f"{v}: " + ", ".join(f"{k} {out[v]['test'][k] - out[NO_SYN]['test'][k]:+.3f}" for k in out[v]["test"])
+        for v in VARIANTS) + f" ({out['seconds']} s)")
+    return out
+
+
+def bootstrap_ci(diffs: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    d = np.asarray(diffs, np.float64)
+    means = d[np.random.default_rng(seed).integers(0, len(d), (n, len(d)))].mean(1)
+    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def markdown(results: dict[str, dict[str, Any]], command: str, minutes: float) -> str:
+    lines = ["# Which retraining keeps every class group? (issue 24, item 1)", "", "```", command, "```", "",
+             f"Wall time {minutes:.1f} min on this {os.cpu_count()}-CPU machine. Each dataset with its preset; every "
+             "variant retrains from scratch on the same real and kept synthetic images of the seed's run "
+             f"(benchmarks/no_group_loses.py); heads re-fit for {HEAD_EPOCHS} epochs on frozen features. Paired "
+             "differences against no synthesis (the baseline, same loss), mean over seeds and 95% bootstrap CI.", ""]
+    for dataset, by_seed in results.items():
+        seeds = sorted(by_seed, key=int)
+        cols = [k for k in KEYS if k in by_seed[seeds[0]][NO_SYN]["test"]]
+        for split in ("test", "val"):
+            lines += [f"## {dataset}, {split} split (seeds {', '.join(seeds)})", "",
+                      "| variant vs no synthesis | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+            for v in VARIANTS:
+                cells = []
+                for c in cols:
+                    mean, lo, hi = bootstrap_ci([by_seed[s][v][split][c] - by_seed[s][NO_SYN][split][c] for s in seeds])
+                    cells.append(f"{mean:+.3f} ({lo:+.3f} .. {hi:+.3f})")
+                lines.append(f"| {v} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", required=True)
+    p.add_argument("--datasets", nargs="+", default=["digits-gap", "digits-lt", "digits-groups"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:7.0f}s] {msg}", flush=True)
+
+    url = storage.join(args.work, "variants.json")
+    results = storage.read_json(url) if storage.exists(url) else {}
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            if str(seed) not in results.get(dataset, {}):
+                results.setdefault(dataset, {})[str(seed)] = run_seed(args.work, dataset, seed, log)
+                storage.write_json(url, results)
+    chosen = {d: {str(s): results[d][str(s)] for s in args.seeds} for d in args.datasets}
+    md = markdown(chosen, command, (time.time() - t_start) / 60)
+    print(md)
+    if args.out:
+        storage.write_text(args.out + ".md", md)
+        storage.write_text(args.out + ".json", json.dumps({"command": command, "results": chosen}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
