@@ -36,7 +36,7 @@ def extract_feedback(data: Input[Dataset], latest: Input[Model], feedback: Outpu
     from feedback_synth.errors import ConfigError
     from feedback_synth.pipeline.orchestration import RunLayout
     from feedback_synth_kfp import artifacts
-    from feedback_synth_kfp.tracking import config_from_artifact, run_table_stage
+    from feedback_synth_kfp.tracking import GENERATE_RUN_KEY, config_from_artifact, open_stage_run, run_table_stage
 
     cfg = config_from_artifact(tracking)
     if cfg.feedback.rounds != rounds:
@@ -48,6 +48,9 @@ def extract_feedback(data: Input[Dataset], latest: Input[Model], feedback: Outpu
     if previous_feedback is not None:
         inputs["previous_feedback"] = artifacts.artifact_url(previous_feedback)
     result = run_table_stage(tracking, "extract_feedback", inputs, url, round_index, rounds)
-    artifacts.publish(feedback, url, seconds=result.seconds, planned_images=result.summary["num_images"],
-                      shards=result.summary["num_shards"])
+    # the round's generate run, as in process; the shard tasks nest under it, filter_synthetic closes it
+    generate_run = open_stage_run(tracking, RunLayout.run_name("generate", round_index, rounds), url)
+    artifacts.publish(feedback, url, seconds=result.seconds, rounds_seconds=artifacts.rounds_seconds(
+                          previous_feedback, result.seconds), planned_images=result.summary["num_images"],
+                      shards=result.summary["num_shards"], **{GENERATE_RUN_KEY: generate_run})
     return list(range(result.summary["num_shards"]))

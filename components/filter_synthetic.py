@@ -35,7 +35,7 @@ def filter_synthetic(data: Input[Dataset], latest: Input[Model], feedback: Input
     from feedback_synth import storage
     from feedback_synth.pipeline.orchestration import RunLayout
     from feedback_synth_kfp import artifacts
-    from feedback_synth_kfp.tracking import run_table_stage
+    from feedback_synth_kfp.tracking import GENERATE_RUN_KEY, close_stage_run, run_table_stage
 
     url = artifacts.stage_output_url(filtered, workspace_url, run_id, RunLayout.folder("filtered", round_index, rounds),
                                      run_folder)
@@ -44,10 +44,16 @@ def filter_synthetic(data: Input[Dataset], latest: Input[Model], feedback: Input
               "generated": artifacts.unique([artifacts.artifact_url(s) for s in generated])}
     if previous_filtered is not None:
         inputs["previous_filtered"] = artifacts.artifact_url(previous_filtered)
+    generation = artifacts.generation_summary([dict(s.metadata) for s in generated])
+    # the round's generate run ends with the fan-out it stands for
+    close_stage_run(tracking, (feedback.metadata or {}).get(GENERATE_RUN_KEY, ""),
+                    {"num_images": generation.get("num_images"), "seconds": generation.get("wall_seconds"),
+                     "shards": generation.get("shards"), "skipped": generation.get("skipped")}, url)
     result = run_table_stage(tracking, "filter", inputs, url, round_index, rounds)
     report = result.summary
-    artifacts.publish(filtered, url, seconds=result.seconds, generated=report["generated"], kept=report["kept"],
-                      generation=artifacts.generation_summary([dict(s.metadata) for s in generated]))
+    artifacts.publish(filtered, url, seconds=result.seconds, rounds_seconds=artifacts.rounds_seconds(
+                          previous_filtered, result.seconds), generated=report["generated"], kept=report["kept"],
+                      generation=artifacts.rounds_generation(previous_filtered, generation))
     artifacts.log_kfp_metrics(metrics, result.metrics)
     with open(samples.path, "w") as f:
         f.write(artifacts.png_html(storage.read_bytes(storage.join(url, "samples.png")),

@@ -33,15 +33,18 @@ def generate_shard(data: Input[Dataset], latest: Input[Model], adapted: Input[Mo
 
     from feedback_synth.pipeline.orchestration import RunLayout
     from feedback_synth_kfp import artifacts
-    from feedback_synth_kfp.tracking import run_table_stage
+    from feedback_synth_kfp.tracking import GENERATE_RUN_KEY, run_table_stage, under_run
 
     t0 = time.time()
     url = artifacts.stage_output_url(shard, workspace_url, run_id, RunLayout.folder("generated", round_index, rounds),
                                      run_folder)
     inputs = {name: artifacts.artifact_url(a) for name, a in (("data", data), ("latest", latest), ("adapted", adapted),
                                                               ("feedback", feedback))}
-    # one run per shard: the fan-out of the in-process runner's one 'generate' run
-    result = run_table_stage(tracking, "generate", inputs, url, round_index, rounds, shard_ids=[shard_id],
+    # one run per shard, under the round's generate run (extract_feedback opened it): the fan-out of
+    # the in-process runner's one 'generate' run
+    generate_run = (feedback.metadata or {}).get(GENERATE_RUN_KEY, "")
+    result = run_table_stage(under_run(tracking, generate_run), "generate", inputs, url, round_index, rounds,
+                             shard_ids=[shard_id],
                              run_name=RunLayout.run_name(f"generate_shard_{shard_id}", round_index, rounds))
     s = result.summary
     artifacts.publish(shard, url, started=t0, seconds=result.seconds, shard_id=shard_id, num_images=s["num_images"],

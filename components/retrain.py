@@ -39,7 +39,8 @@ def retrain(data: Input[Dataset], baseline: Input[Model], filtered: Input[Datase
     if previous_retrained is not None:
         inputs["previous_retrained"] = artifacts.artifact_url(previous_retrained)
     result = run_table_stage(tracking, "retrain", inputs, url, round_index, rounds)
-    artifacts.publish(retrained, url, seconds=result.seconds, num_synthetic=result.summary["num_synthetic"],
+    artifacts.publish(retrained, url, seconds=result.seconds, rounds_seconds=artifacts.rounds_seconds(
+                          previous_retrained, result.seconds), num_synthetic=result.summary["num_synthetic"],
                       framework="timm")
     artifacts.log_kfp_metrics(metrics, result.metrics)
     confusion.log_confusion_matrix(artifacts.class_names(data), result.summary["confusion_matrix"])

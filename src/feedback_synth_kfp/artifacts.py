@@ -66,6 +66,28 @@ def png_html(png: bytes, title: str, caption: str = "") -> str:
             f"src='data:image/png;base64,{data}'/></body></html>")
 
 
+def rounds_seconds(previous: Any, seconds: float) -> float:
+    """A per-round task's seconds over the rounds so far (``previous``: the same task's output in
+    the previous round, or None), as the in-process runner's timings sum them."""
+    before = dict(getattr(previous, "metadata", None) or {}) if previous is not None else {}
+    return round(float(before.get("rounds_seconds", before.get("seconds", 0.0))) + seconds, 2)
+
+
+def rounds_generation(previous: Any, this_round: dict[str, Any]) -> dict[str, Any]:
+    """The generation summary over the rounds so far: this round's (``generation_summary``) plus
+    the one the previous round's filter output carries (None in round 1)."""
+    before = dict((getattr(previous, "metadata", None) or {}).get("generation") or {}) if previous is not None else {}
+    if not before:
+        return this_round
+    out = dict(this_round)
+    for key in ("shards", "skipped", "num_images"):
+        out[key] = int(before.get(key, 0)) + int(this_round.get(key, 0))
+    for key in ("seconds", "wall_seconds"):
+        if before.get(key) is not None and this_round.get(key) is not None:
+            out[key] = round(float(before[key]) + float(this_round[key]), 3)
+    return out
+
+
 def generation_summary(shards: list[dict[str, Any]]) -> dict[str, Any]:
     """The in-process ``generate`` summary, from the metadata of the shard tasks (``publish``ed
     with ``started``, ``seconds`` (task wall time), ``generation_seconds``, ``num_images``,

@@ -142,8 +142,9 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
                                                         "retrained", "evaluation")}
     report = storage.read_json(storage.join(urls["evaluation"], "report.json"))
     generation = {k: _num(v) for k, v in dict(out["filtered"].metadata.get("generation", {})).items()}
-    timings = {stage: round(float(out[name].metadata["seconds"]), 2) for name, stage in _TIMED
-               if "seconds" in out[name].metadata}
+    # per-round tasks carry their seconds over the rounds so far, as the in-process timings sum them
+    timings = {stage: round(float(out[name].metadata.get("rounds_seconds", out[name].metadata["seconds"])), 2)
+               for name, stage in _TIMED if "seconds" in out[name].metadata}
     if generation.get("wall_seconds") is not None:
         timings["generate"] = generation["wall_seconds"]
     promotion = json.loads(out["decision"].metadata.get("promotion") or "null")

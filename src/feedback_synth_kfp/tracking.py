@@ -121,6 +121,41 @@ def attached(tracking: Any, output_url: str) -> Iterator[Any]:
         tracker.finish(status)
 
 
+# metadata key of extract_feedback's output: the round's generate run, where the shard tasks log
+GENERATE_RUN_KEY = "generate_run_id"
+
+
+def open_stage_run(tracking: Any, name: str, output_url: str) -> str:
+    """Open a stage run under the pipeline's parent run and leave it open, for a fan-out's tasks to
+    log under (``under_run``) and a later task to close (``close_stage_run``); its id, '' when
+    tracking is off. The in-process runner's one ``generate`` run per round is, on KFP, this run
+    with a ``generate_shard_N`` child per shard."""
+    with attached(tracking, output_url) as tracker:
+        return tracker.open_stage(name)
+
+
+def under_run(tracking: Any, run_id: str) -> Any:
+    """start_tracking's artifact as the tasks read it, with ``run_id`` as the run their stage runs
+    nest under (the parent run when ``run_id`` is '')."""
+    from types import SimpleNamespace
+
+    context = tracking_context(tracking)
+    if not context or not run_id:
+        return tracking
+    metadata = dict(getattr(tracking, "metadata", None) or {})
+    metadata[TRACKING_KEY] = json.dumps({**json.loads(context), "parent_run_id": run_id})
+    return SimpleNamespace(metadata=metadata)
+
+
+def close_stage_run(tracking: Any, run_id: str, metrics: dict[str, Any], output_url: str) -> None:
+    """Log ``metrics`` to a run ``open_stage_run`` opened, and end it FINISHED."""
+    if not run_id or not tracking_context(tracking):
+        return
+    with attached(under_run(tracking, run_id), output_url) as tracker:
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tracker.client.set_terminated(run_id, "FINISHED")
+
+
 def run_task_stage(tracking: Any, name: str, params: dict[str, Any], output_url: str,
                    work: Callable[[Any], StageResult]) -> StageResult:
     """One stage task: the stage's work, logged as the in-process runner logs it

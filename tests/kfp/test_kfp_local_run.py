@@ -46,8 +46,9 @@ def _where(art: dict) -> Path:
 
 
 def _run_tree(store: Path) -> dict:
-    """The MLflow run tree of the one pipeline run in ``store``: the parent's status, and each
-    child's (name, status, parent) with the fan-out's per-shard runs named as the one they stand for."""
+    """The MLflow run tree of the last pipeline run in ``store``: the parent's status, and each
+    child's (name, status, nested). On KFP the per-shard runs are grandchildren, under their
+    round's generate run, as the in-process runner has one generate run per round."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
@@ -55,7 +56,7 @@ def _run_tree(store: Path) -> dict:
     parent = _last_parent(client, exp.experiment_id)
     runs = [r for r in client.search_runs([exp.experiment_id])
             if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    children = sorted((re.sub(r"generate_shard_\d+", "generate", r.info.run_name), r.info.status, True) for r in runs)
+    children = sorted((r.info.run_name, r.info.status, True) for r in runs)
     return {"parent": parent.info.status, "children": sorted(set(children))}
 
 
@@ -67,6 +68,22 @@ def _parent_run(store: Path) -> tuple[dict, list[str]]:
     (exp,) = [e for e in client.search_experiments() if e.name == "feedback-synth"]
     parent = _last_parent(client, exp.experiment_id)
     return parent.data.metrics, sorted(a.path for a in client.list_artifacts(parent.info.run_id))
+
+
+def _shard_runs(store: Path) -> dict[str, tuple[str, bool]]:
+    """The last pipeline run's per-shard runs: name -> (status, nested under a generate run)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "feedback-synth"]
+    parent = _last_parent(client, exp.experiment_id)
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+    generate = {i for i, r in runs.items() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and r.info.run_name.endswith("generate")}
+    return {r.info.run_name: (r.info.status, r.data.tags.get("mlflow.parentRunId") in generate)
+            for r in runs.values() if "generate_shard_" in r.info.run_name
+            and runs.get(r.data.tags.get("mlflow.parentRunId")) is not None
+            and runs[r.data.tags["mlflow.parentRunId"]].data.tags.get("mlflow.parentRunId") == parent.info.run_id}
 
 
 def _last_parent(client, experiment_id: str):
@@ -148,9 +165,13 @@ def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, ge
     tree = _run_tree(output / "mlflow")
     assert tree == _run_tree(tmp_path / "in-process" / "mlflow")
     assert tree["parent"] == "FINISHED" and {c[0] for c in tree["children"]} == {
-        "prepare_data", "train_baseline", "adapt_generator", "extract_feedback", "generate", "filter", "retrain",
-        "evaluate", "promote"}
+        "prepare_data", "train_baseline", "adapt_generator", "evaluate", "promote",
+        *(f"round_{r}/{s}" for r in (1, 2) for s in ("extract_feedback", "generate", "filter", "retrain"))}
     assert all(status == "FINISHED" and nested for _, status, nested in tree["children"])
+    # on KFP each round's generate run has one child per shard task
+    shard_runs = _shard_runs(output / "mlflow")
+    assert sorted(shard_runs) == [f"round_{r}/generate_shard_{i}" for r in (1, 2) for i in range(
+        report["generation"]["shards"] // 2)] and set(shard_runs.values()) == {("FINISHED", True)}
     for key in ("promoted", "version", "model_name", "reason"):
         assert report["promotion"][key] == in_process["promotion"][key], key
     # the parent run's epilogue is one function for both runners: the same metrics and report.md
@@ -166,8 +187,11 @@ def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, ge
     for key in ("baseline", "retrained", "delta", "generated", "kept", "fidelity", "per_class", "timings",
                 "generation", "outputs", "promotion", "mlflow_run_id"):
         assert key in report, key
-    assert report["generated"] == 47 and report["generation"]["num_images"] == 47
+    # two rounds of the plan (47 images at budget 0.1), one shard each
+    assert report["generated"] == report["generation"]["num_images"] == in_process["generated"]
     assert report["generation"]["shards"] == 2 and report["generation"]["skipped"] == 0
+    counts = ("shards", "skipped", "num_images")  # summed over the rounds by both runners
+    assert {k: report["generation"][k] for k in counts} == {k: in_process["generation"][k] for k in counts}
     assert set(report["timings"]) == {"prepare_data", "train_baseline", "adapt_generator", "extract_feedback",
                                       "generate", "filter", "retrain", "evaluate", "promote"}
     urls = report["outputs"]
@@ -183,8 +207,9 @@ def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, ge
     # every task ran and wrote every output it declares
     outs = _outputs(Path(urls["kfp_pipeline_root"]))
     assert set(outs) == {"start-tracking", "prepare-data", "train-baseline", "adapt-generator", "extract-feedback",
-                         "for-loop-1-iteration-0/generate-shard", "for-loop-1-iteration-1/generate-shard",
-                         "filter-synthetic", "retrain", "evaluate", "promote"}
+                         "for-loop-1-iteration-0/generate-shard", "filter-synthetic", "retrain", "extract-feedback-2",
+                         "for-loop-2-iteration-0/generate-shard-2", "filter-synthetic-2", "retrain-2", "evaluate",
+                         "promote"}
     for task, out in outs.items():
         for name, arts in out.get("artifacts", {}).items():
             for art in arts["artifacts"]:
@@ -201,16 +226,19 @@ def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, ge
         assert 0 <= metrics["test_overall"] <= 1, task
         confusion = _artifact(outs[task], "confusion")["metadata"]["confusionMatrix"]
         assert len(confusion["rows"]) == 10 and len(confusion["annotationSpecs"]) == 10, task
-    assert outs["extract-feedback"]["parameterValues"]["Output"] == [0, 1]
+    assert outs["extract-feedback"]["parameterValues"]["Output"] == [0]
+    assert outs["extract-feedback-2"]["parameterValues"]["Output"] == [0]
     assert (Path(urls["feedback"]) / "plan.json").is_file()
-    for i in (0, 1):
-        shard = _artifact(outs[f"for-loop-1-iteration-{i}/generate-shard"], "shard")
-        assert shard["metadata"]["shard_id"] == i and shard["metadata"]["skipped"] is False
-        assert (_where(shard) / "shards" / f"shard-{i:05d}" / "_SUCCESS").is_file()
-        assert _where(shard) == output / "generated"
-    samples = Path(_artifact(outs["filter-synthetic"], "samples")["uri"]).read_text()
+    for r, task in ((1, "for-loop-1-iteration-0/generate-shard"), (2, "for-loop-2-iteration-0/generate-shard-2")):
+        shard = _artifact(outs[task], "shard")
+        assert shard["metadata"]["shard_id"] == 0 and shard["metadata"]["skipped"] is False
+        assert (_where(shard) / "shards" / "shard-00000" / "_SUCCESS").is_file()
+        assert _where(shard) == output / "rounds" / f"round-{r}" / "generated"
+    samples = Path(_artifact(outs["filter-synthetic-2"], "samples")["uri"]).read_text()
     assert "data:image/png;base64," in samples
-    assert _artifact(outs["filter-synthetic"], "metrics")["metadata"]["generated"] == 47
+    filtered = _artifact(outs["filter-synthetic-2"], "filtered")["metadata"]
+    assert filtered["generation"]["num_images"] == report["generated"]  # both rounds'
+    assert filtered["rounds_seconds"] > filtered["seconds"]
     md = Path(_artifact(outs["evaluate"], "report")["uri"]).read_text()
     assert md == (Path(urls["report"]) / "report.md").read_text() and "| no synthesis (logit_adjusted) |" in md
     assert "delta_overall" in _artifact(outs["evaluate"], "metrics")["metadata"]

@@ -20,6 +20,11 @@ class NullTracker:
         """A nested run for one stage; metrics and artifacts logged inside go to it."""
         yield self
 
+    def open_stage(self, name: str, params: Optional[dict[str, Any]] = None) -> str:
+        """A nested run for one stage, left open for other processes to log under (a KFP fan-out:
+        the shard tasks' runs go under the round's generate run); its id ('' when not tracking)."""
+        return ""
+
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None, prefix: str = "") -> None:
         """Log scalar metrics (non-scalars and None are skipped)."""
 

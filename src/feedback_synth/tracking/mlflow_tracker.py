@@ -247,6 +247,16 @@ class MLflowTracker:
         return self.client.create_once("create_run", lambda: raw.create_run(self.experiment_id, run_name=run_name,
                                                                             tags=tags), find)
 
+    def open_stage(self, name: str, params: Optional[dict[str, Any]] = None) -> str:
+        """A nested run for one stage under the current run, left open (``stage`` closes its own);
+        its id; tagged as ``stage`` tags its own."""
+        parent = self.current_run_id()
+        with mlflow_errors(f"open the run of stage '{name}'"):
+            run = self._create_run(name, {"mlflow.parentRunId": parent, STAGE_TAG: name, **self._base_tags()})
+            if params:
+                self._log_params(run.info.run_id, flatten(params))
+        return run.info.run_id
+
     @contextlib.contextmanager
     def stage(self, name: str, params: Optional[dict[str, Any]] = None) -> Iterator[_RunLogger]:
         """A nested run for one stage; its params are the stage's resolved config."""
