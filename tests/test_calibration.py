@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from feedback_synth.config import DataConfig, RetrainConfig, TrainConfig
 from feedback_synth.data.imageset import ImageSet
@@ -101,7 +102,7 @@ def test_retrain_ships_the_chosen_offset_and_says_why(prepared, digits, tmp_path
     pool.subset(rare).save(f"{filtered}/synthetic.npz")
     storage.write_json(f"{filtered}/filter_report.json", {"generated": 60, "kept": 60})
     out = stages.retrain(prepared, stages.model_url(base), filtered, str(tmp_path / "retrained"),
-                         RetrainConfig(epochs=2), DataConfig())
+                         RetrainConfig(epochs=2, calibration="no_group_loses", head_epochs=0), DataConfig())
     cal = storage.read_json(str(tmp_path / "retrained" / "calibration.json"))
     assert cal["weight"] in [r["weight"] for r in cal["table"]] and cal["metric"] == "few" and cal["reason"]
     clf = load_classifier(stages.model_url(str(tmp_path / "retrained")), "cpu")
@@ -117,6 +118,15 @@ def test_retrain_ships_the_chosen_offset_and_says_why(prepared, digits, tmp_path
     assert evaluate(clf, val, DataConfig())["few"] == pytest.approx(chosen["few"])
     # 'none' ships the model as trained
     plain = stages.retrain(prepared, stages.model_url(base), filtered, str(tmp_path / "plain"),
-                           RetrainConfig(epochs=2, calibration="none"), DataConfig())
-    assert "calibration_weight" not in plain.metrics
-    assert load_classifier(stages.model_url(str(tmp_path / "plain")), "cpu").spec.logit_bias == []
+                           RetrainConfig(epochs=2, calibration="none", head_epochs=0), DataConfig())
+    assert "calibration_weight" not in plain.metrics and plain.summary["head_epochs"] == 0
+    plain_clf = load_classifier(stages.model_url(str(tmp_path / "plain")), "cpu")
+    assert plain_clf.spec.logit_bias == []
+    # the default: the head re-fit on the real images; the representation is the same model's
+    head = stages.retrain(prepared, stages.model_url(base), filtered, str(tmp_path / "head"),
+                          RetrainConfig(epochs=2, head_epochs=3), DataConfig())
+    assert head.summary["head_epochs"] == 3
+    head_clf = load_classifier(stages.model_url(str(tmp_path / "head")), "cpu")
+    fc_name = plain_clf.backbone.default_cfg.get("classifier", "fc")
+    changed = {k for k, v in head_clf.state_dict().items() if not torch.equal(v, plain_clf.state_dict()[k])}
+    assert changed and all(k.startswith(f"backbone.{fc_name}.") for k in changed), changed

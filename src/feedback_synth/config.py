@@ -176,11 +176,17 @@ class RetrainConfig(OptimConfig):
     # the class prior of logit_adjusted / balanced_softmax once synthetic images are in the batch:
     # 'real' = the real training counts; 'batch' = the expected class mix of a batch, real + synthetic
     prior: Literal["real", "batch"] = "real"
-    # no class group loses (docs/method.md): after training, add lambda x the offset from this prior to
-    # the batch prior to the logits, lambda in [0, 1] chosen on the validation split so that no class
-    # group (many / medium / few, average group) is below the model it replaces, and the
-    # calibration_metric is best; 'none' keeps the model as trained
-    calibration: Literal["no_group_loses", "none"] = "no_group_loses"
+    # no class group loses (docs/method.md): after training on real + synthetic, re-fit the last layer
+    # on the real images alone, the representation frozen, for this many epochs (decoupled training:
+    # the head then sees the real prior its loss assumes; 0 = off). From evidence:
+    # benchmarks/results/retrain_variants.md
+    head_epochs: Int = Field(20, ge=0)
+    # an alternative, measured and off by default: add lambda x the offset from this prior to the
+    # batch prior to the logits, lambda in [0, 1] chosen on the validation split so that no class group
+    # (many / medium / few, average group) is below the model it replaces, then the best
+    # calibration_metric (on digits-gap it removed the many-shot loss and the few-shot gain with it:
+    # benchmarks/results/no_group_loses.md)
+    calibration: Literal["no_group_loses", "none"] = "none"
     calibration_metric: Literal[("",) + METRICS] = ""  # '' = few, or worst_group for group data without shot buckets
 
 

@@ -382,7 +382,7 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
              round_index: int = 1) -> StageResult:
     from feedback_synth.training.classifier import classifier_spec
     from feedback_synth.training.evaluate import summary as summary_of
-    from feedback_synth.training.train import train_classifier
+    from feedback_synth.training.train import refit_head, train_classifier
 
     train = load_split(dataset_url, "train")
     synthetic = ImageSet.load(storage.join(filtered_url, "synthetic.npz"))
@@ -413,6 +413,10 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
                                  "source": "reference"}
     clf, history = train_classifier(train, cfg, model, synthetic=synthetic, synthetic_fraction=cfg.synthetic_fraction,
                                     recipe=recipe, on_epoch=on_epoch, eval_fn=val_eval, desc=f"retrain (round {round_index})")
+    if cfg.head_epochs and len(synthetic):  # no class group loses: the head re-fit on the real images
+        history[-1:] = [{**(history[-1] if history else {}),
+                         "head_loss": refit_head(clf, train, cfg, recipe, cfg.head_epochs)[-1]["head_loss"],
+                         **(val_eval(clf) if val_eval else {})}]
     calibration = _calibrate(clf, dataset_url, baseline_model_url, train, synthetic, cfg, recipe, data_cfg)
     storage.write_json(storage.join(output_url, "calibration.json"), calibration)
     result = _finish_training("retrain", clf, history, dataset_url, output_url, cfg, data_cfg,
@@ -421,7 +425,8 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
                                 "test": summary_of(result.summary), "val": (history[-1] if history else {})}]
     storage.write_json(storage.join(output_url, "rounds.json"), rounds)
     storage.write_json(storage.join(output_url, "reference_metrics.json"), reference_metrics)
-    result.summary.update(round=round_index, reference=reference_metrics.get("source"))
+    result.summary.update(round=round_index, reference=reference_metrics.get("source"),
+                          head_epochs=cfg.head_epochs if len(synthetic) else 0)
     result.datasets.append(synthetic_set(filtered_url, "training", load_info(dataset_url).name))
     result.metrics["num_synthetic"] = float(len(synthetic))
     if calibration.get("weight") is not None:
