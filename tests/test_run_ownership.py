@@ -160,3 +160,21 @@ def test_an_unreachable_tracking_server_stops_the_run_at_preflight_and_leaves_no
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"http://127.0.0.1:{port} cannot be reached" in err[0]
     assert not out.exists()
+
+
+def test_overwrite_removes_the_kfp_local_task_records_too(tmp_path):
+    """Issue 23: --overwrite treats a kfp-local run's folder as an in-process one's: the KFP local
+    runner's task records (kfp/feedback-synth-<timestamp>/) go; a folder of the user's under kfp/ stays."""
+    from feedback_synth.pipeline.run import remove_run_outputs
+
+    record = tmp_path / "kfp" / "feedback-synth-2026-12-05-00-03-03-189859" / "prepare-data"
+    record.mkdir(parents=True)
+    (record / "executor_output.json").write_text("{}")
+    mine = tmp_path / "kfp" / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("keep me")
+    removed = remove_run_outputs(str(tmp_path))
+    assert str(tmp_path / "kfp" / "feedback-synth-2026-12-05-00-03-03-189859") in removed
+    assert not (tmp_path / "kfp" / "feedback-synth-2026-12-05-00-03-03-189859").exists()
+    assert (mine / "todo.txt").read_text() == "keep me"
+    remove_run_outputs(str(tmp_path / "nothing-here"))  # no kfp/ folder: nothing to do

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -265,6 +266,28 @@ def _has_run_outputs(output_url: str) -> bool:
                for u in storage.find(storage.join(output_url, name)))
 
 
+KFP_RECORDS = "kfp"  # kfp-local's pipeline root in a local --output: one folder per KFP run
+_KFP_RUN_FOLDER = re.compile(r"^feedback-synth-\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2}-\d+$")
+
+
+def _remove_kfp_records(output_url: str) -> list[str]:
+    """The task records the KFP local runner wrote (``kfp/feedback-synth-<timestamp>/``: executor
+    outputs and artifacts), so that ``--overwrite`` treats a kfp-local run's folder as an in-process
+    one's; other folders under ``kfp/`` are not a run's and stay."""
+    records = storage.join(output_url, KFP_RECORDS)
+    if not storage.exists(records):
+        return []
+    fs, path = storage.fs_and_path(records)
+    removed = []
+    for child in fs.ls(path, detail=False):
+        name = child.rstrip("/").rsplit("/", 1)[-1]
+        if _KFP_RUN_FOLDER.match(name) and fs.isdir(child):
+            url = storage.join(records, name)
+            storage.remove(url)
+            removed.append(url)
+    return removed
+
+
 def remove_run_outputs(output_url: str, folders: tuple[str, ...] = tuple(STAGE_FOLDERS)) -> list[str]:
     """Remove what runs wrote under ``output_url`` and nothing else: the files each finished stage
     lists in its marker (``_STAGE.json``: ``files``), the files each committed shard wrote
@@ -292,9 +315,10 @@ def remove_run_outputs(output_url: str, folders: tuple[str, ...] = tuple(STAGE_F
             elif base in ("run_summary.json", "promotion.json") or ".tmp-" in base:
                 storage.remove(url)
                 removed.append(url)
+    removed += _remove_kfp_records(output_url)
     local = storage.local_path(output_url)
     if local is not None:  # the folders left empty, deepest first
-        for name in folders:
+        for name in (*folders, KFP_RECORDS):
             for root, dirs, files in sorted(os.walk(os.path.join(local, name)), key=lambda t: -len(t[0])):
                 if not os.listdir(root):
                     os.rmdir(root)
