@@ -4,7 +4,9 @@
     python benchmarks/no_group_loses.py --work /tmp/bench/ngl [--datasets digits-lt digits-gap digits-groups]
         [--seeds 0 1 2 3 4] [--set retrain.epochs=20 ...] [--out benchmarks/results/no_group_loses]
 
-Each dataset runs as a user's ``feedback-synth run`` does: its preset (digits-gap adapts the
+Measures the opt-in calibration (``retrain.calibration``): run it with ``--set
+retrain.calibration=no_group_loses --set retrain.head_epochs=0`` (the defaults when the committed
+results were made). Each dataset runs as a user's ``feedback-synth run`` does: its preset (digits-gap adapts the
 generator, ``adapt.method: full``), tracking off. Per seed (paired: the seed fixes
 ``data.split_seed``, the baseline, the start images and the shard seeds), from one retrained
 model:
