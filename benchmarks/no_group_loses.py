@@ -46,15 +46,11 @@ from feedback_synth.pipeline.run import synthesis_rounds  # noqa: E402
 from feedback_synth.tracking.base import NullTracker  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import accuracy_metrics, predict_logits  # noqa: E402
+from synthesis_benchmark import bootstrap_ci  # noqa: E402  (the benchmarks' shared statistics)
 
 NO_SYN = "no synthesis"
 ROWS = (NO_SYN, "retrained, as trained", "retrained, calibrated", "retrained, batch prior (post hoc)")
 
-
-def bootstrap_ci(diffs: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    d = np.asarray(diffs, np.float64)
-    means = d[np.random.default_rng(seed).integers(0, len(d), (n, len(d)))].mean(1)
-    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def metrics_of(logits: np.ndarray, test: ImageSet, train: ImageSet, data_cfg) -> dict[str, float]:

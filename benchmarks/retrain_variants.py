@@ -40,6 +40,7 @@ from feedback_synth.pipeline import stages  # noqa: E402
 from feedback_synth.pipeline.recipes import retrain_recipe  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import accuracy_metrics, predict_logits  # noqa: E402
+from synthesis_benchmark import bootstrap_ci  # noqa: E402  (the benchmarks' shared statistics)
 from feedback_synth.training.train import refit_head, train_classifier  # noqa: E402
 
 NO_SYN = "no synthesis"
@@ -85,11 +86,6 @@ def run_seed(work: str, dataset: str, seed: int, log) -> dict[str, Any]:
     return out
 
 
-def bootstrap_ci(diffs: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    d = np.asarray(diffs, np.float64)
-    means = d[np.random.default_rng(seed).integers(0, len(d), (n, len(d)))].mean(1)
-    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
 
 def markdown(results: dict[str, dict[str, Any]], command: str, minutes: float) -> str:
     lines = ["# Which retraining keeps every class group? (issue 24, item 1)", "", "```", command, "```", "",
@@ -110,7 +106,27 @@ def markdown(results: dict[str, dict[str, Any]], command: str, minutes: float) -
                     cells.append(f"{mean:+.3f} ({lo:+.3f} .. {hi:+.3f})")
                 lines.append(f"| {v} | " + " | ".join(cells) + " |")
             lines.append("")
+        lines += [validation_choice(by_seed, seeds), ""]
     return "\n".join(lines)
+
+
+def validation_choice(by_seed: dict[str, Any], seeds: list[str]) -> str:
+    """The variant validation picks: among those no class group of which is below no synthesis on
+    validation (mean over seeds), the best mean validation gate metric (few, or worst_group)."""
+    first = by_seed[seeds[0]][NO_SYN]["val"]
+    metric = "few" if "few" in first else "worst_group"
+    groups = [k for k in ("many", "medium", "few", "average_group") if k in first]
+    rows = []
+    for v in VARIANTS:
+        change = {k: float(np.mean([by_seed[s][v]["val"][k] - by_seed[s][NO_SYN]["val"][k] for s in seeds]))
+                  for k in groups}
+        rows.append((v, min(change.values()) >= 0, float(np.mean([by_seed[s][v]["val"][metric] for s in seeds]))))
+    keeping = [r for r in rows if r[1]]
+    best = max(keeping or rows, key=lambda r: r[2])
+    return (f"Validation's choice: **{best[0]}** (val {metric} {best[2]:.3f}; "
+            + ("no class group below no synthesis on validation" if keeping else "no variant keeps every group")
+            + "). Per variant: " + "; ".join(f"{v}: val {metric} {m:.3f}, every group kept: {'yes' if k else 'no'}"
+                                             for v, k, m in rows) + ".")
 
 
 def main(argv=None) -> int:
@@ -126,13 +142,14 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.time() - t_start:7.0f}s] {msg}", flush=True)
 
-    url = storage.join(args.work, "variants.json")
-    results = storage.read_json(url) if storage.exists(url) else {}
-    for dataset in args.datasets:
+    results = {}
+    for dataset in args.datasets:  # one results file per dataset: datasets can run in parallel
+        url = storage.join(args.work, f"variants-{dataset}.json")
+        results[dataset] = storage.read_json(url) if storage.exists(url) else {}
         for seed in args.seeds:
-            if str(seed) not in results.get(dataset, {}):
-                results.setdefault(dataset, {})[str(seed)] = run_seed(args.work, dataset, seed, log)
-                storage.write_json(url, results)
+            if str(seed) not in results[dataset]:
+                results[dataset][str(seed)] = run_seed(args.work, dataset, seed, log)
+                storage.write_json(url, results[dataset])
     chosen = {d: {str(s): results[d][str(s)] for s in args.seeds} for d in args.datasets}
     md = markdown(chosen, command, (time.time() - t_start) / 60)
     print(md)
