@@ -1,0 +1,123 @@
+"""Benchmark: does the classifier's feedback still help once the generator is adapted?
+(issue 24, item 3)
+
+    python benchmarks/guidance_after_adaptation.py --work /tmp/bench/ngl [--seeds 0 1 2 3 4]
+        [--criteria none entropy loss hardness] [--out benchmarks/results/guidance_after_adaptation]
+
+Runs on the folders ``benchmarks/no_group_loses.py`` left in ``--work`` for digits-gap (its
+preset: the generator adapted with ``adapt.method: full``, class condition kept), so every row
+shares the seed's data, baseline and adapted generator (paired by seed). Per criterion, at the
+same budget and SDEdit strength: feedback, generation, filtering and retraining with today's
+defaults (the head re-fit on the real images). Rows: test overall, many / medium / few-shot;
+paired differences of each guided criterion against unguided (``none``), 95% bootstrap CIs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from feedback_synth import storage  # noqa: E402
+from feedback_synth.config import resolve_run_config  # noqa: E402
+from feedback_synth.data.imageset import load_split  # noqa: E402
+from feedback_synth.pipeline import stages  # noqa: E402
+from feedback_synth.pipeline.orchestration import RunLayout  # noqa: E402
+from feedback_synth.pipeline.run import synthesis_rounds  # noqa: E402
+from feedback_synth.tracking.base import NullTracker  # noqa: E402
+from feedback_synth.training.classifier import load_classifier  # noqa: E402
+from feedback_synth.training.evaluate import evaluate, summary  # noqa: E402
+from synthesis_benchmark import bootstrap_ci  # noqa: E402  (the benchmarks' shared statistics)
+
+DATASET = "digits-gap"
+KEYS = ("overall", "many", "medium", "few")
+
+
+def run_seed(work: str, seed: int, criteria: list[str], log) -> dict[str, Any]:
+    cfg = resolve_run_config(DATASET, overrides=[f"data.split_seed={seed}", f"train.seed={seed}",
+                                                 f"retrain.seed={seed}", f"generate.seed={seed}", f"adapt.seed={seed}",
+                                                 "tracking.enabled=false"])
+    root = storage.join(work, DATASET, f"seed{seed}")
+    data, baseline, adapted = (storage.join(root, n) for n in ("data", "baseline", "adapted"))
+    test = load_split(data, "test")
+    out: dict[str, Any] = {"no synthesis": summary(evaluate(load_classifier(stages.model_url(baseline), "cpu"), test,
+                                                            cfg.data))}
+    for criterion in criteria:
+        t0 = time.time()
+        row_cfg = replace(cfg, generate=replace(cfg.generate, criterion=criterion))
+        layout = RunLayout(storage.join(root, f"criterion-{criterion}"), cfg.feedback.rounds)
+        _, retrained, filtered = synthesis_rounds(row_cfg, layout, data, baseline, NullTracker(), adapted=adapted)
+        m = summary(evaluate(load_classifier(stages.model_url(retrained), "cpu"), test, cfg.data))
+        report = storage.read_json(storage.join(filtered, "filter_report.json"))
+        m.update(generated=report["generated"], kept=report["kept"], seconds=round(time.time() - t0, 1))
+        out[criterion] = m
+        log(f"seed {seed} {criterion}: " + ", ".join(f"{k} {m[k]:.3f}" for k in KEYS if k in m)
+            + f", kept {m['kept']}/{m['generated']} ({m['seconds']} s)")
+    return out
+
+
+def markdown(results: dict[str, Any], criteria: list[str], command: str, minutes: float) -> str:
+    seeds = sorted(results, key=int)
+    lines = ["# Guidance after adaptation (issue 24, item 3)", "", "```", command, "```", "",
+             f"digits-gap with its preset (generator adapted, class condition kept; SDEdit strength 0.8, scale 0.03 "
+             f"for the guided rows; retraining with the head re-fit), seeds {', '.join(seeds)}; wall time {minutes:.1f} "
+             f"min on this {os.cpu_count()}-CPU machine. Test split, mean ± std over seeds.", "",
+             "| row | " + " | ".join(KEYS) + " | kept / generated |", "|---|" + "---|" * (len(KEYS) + 1)]
+    for row in ["no synthesis", *criteria]:
+        cells = [f"{np.mean([results[s][row][k] for s in seeds]):.3f} ± {np.std([results[s][row][k] for s in seeds]):.3f}"
+                 for k in KEYS]
+        kept = ("-" if row == "no synthesis" else f"{np.mean([results[s][row]['kept'] for s in seeds]):.0f} / "
+                f"{np.mean([results[s][row]['generated'] for s in seeds]):.0f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {kept} |")
+    lines += ["", "Paired differences (95% bootstrap CI over seeds):", "",
+              "| comparison | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
+    pairs = [(c, "none") for c in criteria if c != "none"] + [(c, "no synthesis") for c in criteria]
+    for a, b in pairs:
+        cells = []
+        for k in KEYS:
+            mean, lo, hi = bootstrap_ci([results[s][a][k] - results[s][b][k] for s in seeds])
+            cells.append(f"{mean:+.3f} ({lo:+.3f} .. {hi:+.3f})")
+        lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--criteria", nargs="+", default=["none", "entropy", "loss", "hardness"])
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:7.0f}s] {msg}", flush=True)
+
+    url = storage.join(args.work, "guidance.json")
+    results = storage.read_json(url) if storage.exists(url) else {}
+    for seed in args.seeds:
+        done = results.get(str(seed), {})
+        if not all(c in done for c in args.criteria):
+            results[str(seed)] = {**done, **run_seed(args.work, seed, [c for c in args.criteria if c not in done], log)}
+            storage.write_json(url, results)
+    chosen = {str(s): results[str(s)] for s in args.seeds}
+    md = markdown(chosen, args.criteria, command, (time.time() - t_start) / 60)
+    print(md)
+    if args.out:
+        storage.write_text(args.out + ".md", md)
+        storage.write_text(args.out + ".json", json.dumps({"command": command, "results": chosen}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
