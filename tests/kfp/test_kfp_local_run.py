@@ -28,8 +28,9 @@ def generator(tmp_path_factory) -> str:
 
 
 def _outputs(root: Path) -> dict[str, dict]:
-    """task path (e.g. 'train-baseline', 'for-loop-1-iteration-0/generate-shard') -> executor output."""
-    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+    """task path (e.g. 'train-baseline', 'for-loop-1-iteration-0/generate-shard') -> executor output,
+    of the last KFP run in ``root`` (its folders are named by start time)."""
+    run_dir = max(p for p in root.iterdir() if p.is_dir())
     return {str(f.parent.relative_to(run_dir)): json.loads(f.read_text()) for f in run_dir.rglob("executor_output.json")}
 
 
@@ -123,8 +124,12 @@ def _sigkilled_kfp_local_run(cfg, output: Path, config_file: Path) -> dict:
 
 
 def _fingerprints(urls: dict) -> dict:
-    return {name: json.loads((Path(urls[name]) / "_STAGE.json").read_text())["digest"]
-            for name in ("data", "baseline", "adapted", "feedback")}
+    """The stage fingerprints that do not depend on where the run folder is: the shards' record
+    the adapted generator's path, under each run's own output, and every stage after them digests those."""
+    root = Path(urls["data"]).parent
+    return {name: json.loads((root / folder / "_STAGE.json").read_text())["digest"]
+            for name, folder in (("data", "data"), ("baseline", "baseline"), ("adapted", "adapted"),
+                                 ("feedback", "rounds/round-1/feedback"))}
 
 
 @pytest.mark.slow
