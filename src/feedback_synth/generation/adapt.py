@@ -191,7 +191,13 @@ def adapt_unet(pipe: Any, kind: str, train: ImageSet, cfg: AdaptConfig, class_in
     trainee = _Trainee(pipe, kind, cfg, class_index)
     trainee.class_names, trainee.prompt_template = train.class_names, prompt_template
     params = trainee.attach()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    # no weight decay on embedding tables (as usual): a class the batch never conditions on (every
+    # class under class_condition 'drop') must keep its row, not decay toward zero
+    embedding_rows = {id(p) for m in trainee.unet.modules() if isinstance(m, torch.nn.Embedding)
+                      for p in m.parameters(recurse=False)}
+    opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in embedding_rows], "weight_decay": 1e-4},
+                             {"params": [p for p in params if id(p) in embedding_rows], "weight_decay": 0.0}],
+                            lr=cfg.lr)
     lr_sched = one_cycle(opt, cfg.lr, cfg.steps, 0.1)
     images, labels = train.to_tensor(), torch.from_numpy(train.labels)
     counts = train.class_counts()
