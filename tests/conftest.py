@@ -16,12 +16,16 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gc
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share the cores (scripts/test.sh): one thread each, and the same in the CLI and KFP
+    # task subprocesses they start (they inherit the variable), because tests compare those
+    # processes' numbers with in-process ones to the last digit
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# two threads, also in each pytest-xdist worker: the CLI and KFP task subprocesses use two (the
-# cores), and tests compare their numbers with in-process ones to the last digit
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session", autouse=True)

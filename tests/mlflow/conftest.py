@@ -232,7 +232,7 @@ def checkpoint(tmp_path_factory):
     from feedback_synth.data.digits import make_digits_lt
     from feedback_synth.training.classifier import save_classifier
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
     ds = make_digits_lt()
     url = str(tmp_path_factory.mktemp("ckpt") / "model")
     clf = build_small_classifier(ds["train"], url, epochs=1)
