@@ -14,9 +14,7 @@ paired differences of each guided criterion against unguided (``none``), 95% boo
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 import time
 from dataclasses import replace
@@ -36,7 +34,7 @@ from feedback_synth.pipeline.run import synthesis_rounds  # noqa: E402
 from feedback_synth.tracking.base import NullTracker  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import evaluate, summary  # noqa: E402
-from synthesis_benchmark import bootstrap_ci  # noqa: E402  (the benchmarks' shared statistics)
+from synthesis_benchmark import Session, bootstrap_ci  # noqa: E402  (the benchmarks' shared parts)
 
 DATASET = "digits-gap"
 KEYS = ("overall", "many", "medium", "few")
@@ -97,27 +95,17 @@ def main(argv=None) -> int:
     p.add_argument("--criteria", nargs="+", default=["none", "entropy", "loss", "hardness"])
     p.add_argument("--out")
     args = p.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    t_start = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t_start:7.0f}s] {msg}", flush=True)
-
+    session = Session()
     url = storage.join(args.work, "guidance.json")
     results = storage.read_json(url) if storage.exists(url) else {}
     for seed in args.seeds:
         done = results.get(str(seed), {})
         if not all(c in done for c in args.criteria):
-            results[str(seed)] = {**done, **run_seed(args.work, seed, [c for c in args.criteria if c not in done], log)}
+            results[str(seed)] = {**done, **run_seed(args.work, seed, [c for c in args.criteria if c not in done],
+                                                     session.log)}
             storage.write_json(url, results)
     chosen = {str(s): results[str(s)] for s in args.seeds}
-    md = markdown(chosen, args.criteria, command, (time.time() - t_start) / 60)
-    print(md)
-    if args.out:
-        storage.write_text(args.out + ".md", md)
-        storage.write_text(args.out + ".json", json.dumps({"command": command, "results": chosen}, indent=1))
-    return 0
-
+    return session.finish(markdown(chosen, args.criteria, session.command, session.minutes()), chosen, args.out)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -25,9 +25,7 @@ differences against no synthesis with 95% bootstrap CIs over seeds. A re-run wit
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 import time
 from typing import Any
@@ -46,7 +44,7 @@ from feedback_synth.pipeline.run import synthesis_rounds  # noqa: E402
 from feedback_synth.tracking.base import NullTracker  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import accuracy_metrics, predict_logits  # noqa: E402
-from synthesis_benchmark import bootstrap_ci  # noqa: E402  (the benchmarks' shared statistics)
+from synthesis_benchmark import Session, bootstrap_ci  # noqa: E402  (the benchmarks' shared parts)
 
 NO_SYN = "no synthesis"
 ROWS = (NO_SYN, "retrained, as trained", "retrained, calibrated", "retrained, batch prior (post hoc)")
@@ -166,26 +164,15 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="config override for every run")
     p.add_argument("--out", help="write OUT.md and OUT.json")
     args = p.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    t_start = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t_start:7.0f}s] {msg}", flush=True)
-
+    session = Session()
     results_url = storage.join(args.work, "results.json")
     results = storage.read_json(results_url) if storage.exists(results_url) else {}
     for dataset in args.datasets:
         for seed in args.seeds:
-            results.setdefault(dataset, {})[str(seed)] = run_seed(args.work, dataset, seed, args.set, log)
+            results.setdefault(dataset, {})[str(seed)] = run_seed(args.work, dataset, seed, args.set, session.log)
             storage.write_json(results_url, results)
-    chosen = {d: {s: results[d][str(s)] for s in map(str, args.seeds)} for d in args.datasets}
-    md = markdown(chosen, command, (time.time() - t_start) / 60)
-    print(md)
-    if args.out:
-        storage.write_text(args.out + ".md", md)
-        storage.write_text(args.out + ".json", json.dumps({"command": command, "results": chosen}, indent=1))
-    return 0
-
+    chosen = {d: {str(s): results[d][str(s)] for s in args.seeds} for d in args.datasets}
+    return session.finish(markdown(chosen, session.command, session.minutes()), chosen, args.out)
 
 if __name__ == "__main__":
     raise SystemExit(main())

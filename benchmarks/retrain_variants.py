@@ -20,9 +20,7 @@ shows whether it holds. Paired differences against no synthesis, 95% bootstrap C
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 import time
 from dataclasses import replace
@@ -40,7 +38,7 @@ from feedback_synth.pipeline import stages  # noqa: E402
 from feedback_synth.pipeline.recipes import retrain_recipe  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import accuracy_metrics, predict_logits  # noqa: E402
-from synthesis_benchmark import bootstrap_ci  # noqa: E402  (the benchmarks' shared statistics)
+from synthesis_benchmark import Session, bootstrap_ci  # noqa: E402  (the benchmarks' shared parts)
 from feedback_synth.training.train import refit_head, train_classifier  # noqa: E402
 
 NO_SYN = "no synthesis"
@@ -136,28 +134,17 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out")
     args = p.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    t_start = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t_start:7.0f}s] {msg}", flush=True)
-
+    session = Session()
     results = {}
     for dataset in args.datasets:  # one results file per dataset: datasets can run in parallel
         url = storage.join(args.work, f"variants-{dataset}.json")
         results[dataset] = storage.read_json(url) if storage.exists(url) else {}
         for seed in args.seeds:
             if str(seed) not in results[dataset]:
-                results[dataset][str(seed)] = run_seed(args.work, dataset, seed, log)
+                results[dataset][str(seed)] = run_seed(args.work, dataset, seed, session.log)
                 storage.write_json(url, results[dataset])
     chosen = {d: {str(s): results[d][str(s)] for s in args.seeds} for d in args.datasets}
-    md = markdown(chosen, command, (time.time() - t_start) / 60)
-    print(md)
-    if args.out:
-        storage.write_text(args.out + ".md", md)
-        storage.write_text(args.out + ".json", json.dumps({"command": command, "results": chosen}, indent=1))
-    return 0
-
+    return session.finish(markdown(chosen, session.command, session.minutes()), chosen, args.out)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -129,6 +129,28 @@ def bootstrap_ci(diffs: list[float], n: int = 10000, seed: int = 0) -> tuple[flo
     return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+class Session:
+    """One benchmark command: its command line, a log with elapsed seconds, and where its
+    results go (``OUT.md`` and ``OUT.json`` beside the Markdown printed on stdout)."""
+
+    def __init__(self) -> None:
+        self.command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+        self.started = time.time()
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.time() - self.started:7.0f}s] {msg}", flush=True)
+
+    def minutes(self) -> float:
+        return (time.time() - self.started) / 60
+
+    def finish(self, md: str, results: Any, out: Optional[str]) -> int:
+        print(md)
+        if out:
+            storage.write_text(out + ".md", md)
+            storage.write_text(out + ".json", json.dumps({"command": self.command, "results": results}, indent=1))
+        return 0
+
+
 def verdict(label: str, metric: str, mean: float, lo: float, hi: float) -> str:
     if lo > 0:
         return f"{label}: {metric} {mean:+.3f} (95% CI {lo:+.3f} .. {hi:+.3f}); the CI excludes zero: it pays off."
