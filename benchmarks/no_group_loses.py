@@ -93,7 +93,7 @@ def run_seed(work: str, dataset: str, seed: int, sets: list[str], log) -> dict[s
         full = raw + bias[None, :] / calibration["weight"]
     elif table:  # weight 0 chosen: rebuild lambda 1 from the offset the stage would have used
         from feedback_synth.training.calibration import prior_offset
-        from feedback_synth.pipeline.recipes import retrain_recipe
+        from feedback_synth.training.recipes import retrain_recipe
 
         recipe = retrain_recipe(cfg.retrain, stages.model_url(baseline))
         syn = ImageSet.load(storage.join(filtered, "synthetic.npz"))

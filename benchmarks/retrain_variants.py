@@ -35,7 +35,7 @@ from feedback_synth import storage  # noqa: E402
 from feedback_synth.config import resolve_run_config  # noqa: E402
 from feedback_synth.data.imageset import ImageSet, load_split  # noqa: E402
 from feedback_synth.pipeline import stages  # noqa: E402
-from feedback_synth.pipeline.recipes import retrain_recipe  # noqa: E402
+from feedback_synth.training.recipes import retrain_recipe  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import accuracy_metrics, predict_logits  # noqa: E402
 from synthesis_benchmark import Session, bootstrap_ci  # noqa: E402  (the benchmarks' shared parts)

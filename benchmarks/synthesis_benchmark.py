@@ -32,7 +32,7 @@ from feedback_synth.config import RunConfig, load_run_config, preset  # noqa: E4
 from feedback_synth.data.imageset import ImageSet, load_split  # noqa: E402
 from feedback_synth.errors import DataError  # noqa: E402
 from feedback_synth.pipeline import stages  # noqa: E402
-from feedback_synth.pipeline.oracle import fidelity  # noqa: E402
+from feedback_synth.training.oracle import fidelity  # noqa: E402
 from feedback_synth.pipeline.run import RunLayout, synthesis_rounds  # noqa: E402
 from feedback_synth.tracking.base import NullTracker  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402

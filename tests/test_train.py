@@ -89,7 +89,7 @@ def test_recipe_loss_changes_training_and_unknown_loss_is_named(digits):
 def test_fidelity_oracle_is_trained_once_and_cached(prepared, digits, tmp_path, monkeypatch):
     """The oracle depends only on the oracle split, model and config: later runs load it."""
     from feedback_synth import storage
-    from feedback_synth.pipeline import oracle
+    from feedback_synth.training import oracle
 
     monkeypatch.setenv("FEEDBACK_SYNTH_CACHE", str(tmp_path / "cache"))
     synthetic = digits["val"]

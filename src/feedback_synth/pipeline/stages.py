@@ -29,9 +29,9 @@ from feedback_synth.devices import resolve_device
 from feedback_synth.data.imageset import ImageSet, load_info, load_split
 from feedback_synth.errors import DataError
 from feedback_synth.fingerprints import folder_digest
-from feedback_synth.pipeline.descriptors import splits, synthetic_set
-from feedback_synth.pipeline.gaps import GapError, check_gap, filter_gap, gap_report  # noqa: F401  (re-exported)
-from feedback_synth.pipeline.recipes import baseline_recipe, recipe_of, retrain_recipe, same_training
+from feedback_synth.tracking.descriptors import splits, synthetic_set
+from feedback_synth.synthesis.gap_checks import GapError, check_gap, filter_gap, gap_report  # noqa: F401  (re-exported)
+from feedback_synth.training.recipes import baseline_recipe, recipe_of, retrain_recipe, same_training
 from feedback_synth.pipeline.result import StageResult, scalar_metrics
 from feedback_synth.pipeline.resume import digests, run_stage
 
@@ -486,7 +486,7 @@ def evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filter
 
 def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filtered_url: str, output_url: str,
                   data_cfg: DataConfig, device: str, adapted_url: Optional[str] = None) -> StageResult:
-    from feedback_synth.pipeline.oracle import fidelity
+    from feedback_synth.training.oracle import fidelity
     from feedback_synth.reporting import plots
     from feedback_synth.reporting.tables import format_report
     from feedback_synth.training.classifier import classifier_spec
