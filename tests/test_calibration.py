@@ -82,6 +82,14 @@ def test_the_offset_travels_with_the_checkpoint(small_classifier, digits, memory
         assert np.allclose(predict_logits(again, digits["test"]), after, atol=1e-5)
         with pytest.raises(ValueError, match="3 values for 10 classes"):
             clf.set_logit_bias([0.0, 1.0, 2.0])
+        # a checkpoint whose config.json carries a bias of the wrong length: one line naming the file
+        from feedback_synth import storage
+        from feedback_synth.errors import DataError
+
+        cfg = storage.read_json(memory_url + "/calibrated/config.json")
+        storage.write_json(memory_url + "/calibrated/config.json", {**cfg, "logit_bias": [0.0, 1.0]})
+        with pytest.raises(DataError, match=r"calibrated/config.json: .*logit_bias has 2 values for 10 classes"):
+            load_classifier(memory_url + "/calibrated", "cpu")
     finally:
         clf.set_logit_bias([0.0] * clf.spec.num_classes)
 

@@ -414,9 +414,8 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     clf, history = train_classifier(train, cfg, model, synthetic=synthetic, synthetic_fraction=cfg.synthetic_fraction,
                                     recipe=recipe, on_epoch=on_epoch, eval_fn=val_eval, desc=f"retrain (round {round_index})")
     if cfg.head_epochs and len(synthetic):  # no class group loses: the head re-fit on the real images
-        history[-1:] = [{**(history[-1] if history else {}),
-                         "head_loss": refit_head(clf, train, cfg, recipe, cfg.head_epochs)[-1]["head_loss"],
-                         **(val_eval(clf) if val_eval else {})}]
+        head_loss = refit_head(clf, train, cfg, recipe, cfg.head_epochs)[-1]["head_loss"]
+        history[-1].update(head_loss=head_loss, **(val_eval(clf) if val_eval else {}))  # the shipped model's
     calibration = _calibrate(clf, dataset_url, baseline_model_url, train, synthetic, cfg, recipe, data_cfg)
     storage.write_json(storage.join(output_url, "calibration.json"), calibration)
     result = _finish_training("retrain", clf, history, dataset_url, output_url, cfg, data_cfg,
@@ -438,6 +437,7 @@ def _calibrate(clf, dataset_url: str, replaced_model_url: str, train: ImageSet, 
                cfg: RetrainConfig, recipe, data_cfg: DataConfig) -> dict[str, Any]:
     """No class group loses (training.calibration): set ``clf``'s logit offset, chosen on the
     validation split against the model it replaces; what was chosen and why."""
+    from feedback_synth.devices import module_device
     from feedback_synth.training.calibration import calibrate
     from feedback_synth.training.classifier import load_classifier
 
@@ -447,8 +447,6 @@ def _calibrate(clf, dataset_url: str, replaced_model_url: str, train: ImageSet, 
         return {"weight": None, "reason": "no synthetic image was kept: nothing to calibrate"}
     if "val" not in load_info(dataset_url).splits:
         return {"weight": None, "reason": "the dataset has no validation split"}
-    from feedback_synth.devices import module_device
-
     replaced = load_classifier(replaced_model_url, str(module_device(clf)))
     return calibrate(clf, load_split(dataset_url, "val"), replaced, train, synthetic, cfg.synthetic_fraction, recipe,
                      data_cfg, cfg.calibration_metric).to_dict()

@@ -121,13 +121,11 @@ def calibrate(clf, val: ImageSet, reference_clf, train: ImageSet, synthetic: Ima
     """Choose and set ``clf``'s logit offset on ``val`` against ``reference_clf`` (the model it
     replaces); returns how it was chosen. ``recipe`` is the ``training.train.Recipe`` it was trained with."""
     from feedback_synth.training.evaluate import accuracy_metrics, predict_logits
-    from feedback_synth.training.train import sampling_probabilities
+    from feedback_synth.training.train import drawn_class_mix
 
     counts = train.class_counts()
     syn_counts = np.bincount(synthetic.labels, minlength=train.num_classes)
-    drawn = (np.bincount(train.labels, weights=sampling_probabilities(train), minlength=train.num_classes)
-             if recipe.balanced_sampler else None)
-    offset = prior_offset(recipe.loss, recipe.tau, counts, syn_counts, synthetic_fraction, drawn)
+    offset = prior_offset(recipe.loss, recipe.tau, counts, syn_counts, synthetic_fraction, drawn_class_mix(train, recipe))
     reference = accuracy_metrics(predict_logits(reference_clf, val).argmax(1), val, counts.tolist(), data_cfg)
     chosen = choose_weight(predict_logits(clf, val), val, counts.tolist(), data_cfg, offset, reference, metric)
     clf.set_logit_bias(chosen.logit_bias)

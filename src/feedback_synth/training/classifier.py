@@ -119,7 +119,10 @@ def load_classifier(url: str, device: str) -> Classifier:
     if not storage.exists(cfg_url):
         raise DataError(f"not a classifier checkpoint (no config.json): {url}")
     spec = ClassifierSpec(**storage.read_json(cfg_url))
-    clf = Classifier(spec)
+    try:
+        clf = Classifier(spec)
+    except DataError as exc:  # e.g. a logit_bias of the wrong length: name the file
+        raise DataError(f"{cfg_url}: {exc}") from None
     clf.load_state_dict(load_safetensors_bytes(storage.read_bytes(storage.join(url, "model.safetensors"))))
     return clf.to(device).eval()
 

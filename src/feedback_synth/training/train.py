@@ -95,6 +95,14 @@ def _batches(n_real: int, n_syn: int, cfg: OptimConfig, synthetic_fraction: floa
         yield real, syn
 
 
+def drawn_class_mix(train: ImageSet, recipe: "Recipe") -> Optional[np.ndarray]:
+    """How the recipe draws real images per class (the balanced sampler's mix), or None for the
+    counts themselves: ``losses.class_prior``'s ``real_sampling``."""
+    if not recipe.balanced_sampler:
+        return None
+    return np.bincount(train.labels, weights=sampling_probabilities(train), minlength=train.num_classes)
+
+
 def sampling_probabilities(train: ImageSet) -> np.ndarray:
     """Per-sample probabilities of a balanced sampler: uniform over (class, group) cells."""
     cell = train.labels * train.num_groups + train.groups
@@ -140,7 +148,7 @@ def train_classifier(
     else:
         x_syn, y_syn = x_real[:0], y_real[:0]
     sample_probs = sampling_probabilities(train) if recipe.balanced_sampler else None
-    drawn = None if sample_probs is None else np.bincount(train.labels, weights=sample_probs, minlength=train.num_classes)
+    drawn = drawn_class_mix(train, recipe)
     prior = class_prior(counts, np.bincount(y_syn.numpy(), minlength=train.num_classes) if len(y_syn) else None,
                         synthetic_fraction if len(y_syn) else 0.0, recipe.prior, drawn)
     log_prior = torch.log(torch.from_numpy(prior).float().clamp_min(1e-12)).to(device)
