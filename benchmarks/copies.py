@@ -43,9 +43,11 @@ from feedback_synth.config import resolve_run_config  # noqa: E402
 from feedback_synth.data.digits import make_digits_rare  # noqa: E402
 from feedback_synth.data.imageset import DatasetInfo, load_split  # noqa: E402
 from feedback_synth.generation.loading import builtin_generator_path  # noqa: E402
-from feedback_synth.pipeline import stages  # noqa: E402
-from feedback_synth.pipeline.orchestration import RunLayout  # noqa: E402
-from feedback_synth.pipeline.run import synthesis_rounds  # noqa: E402
+from feedback_synth.orchestration.run import synthesis_rounds  # noqa: E402
+from feedback_synth.orchestration.shared import RunLayout  # noqa: E402
+from feedback_synth.stages.adapt_generator import adapt_generator  # noqa: E402
+from feedback_synth.stages.outputs import model_url  # noqa: E402
+from feedback_synth.stages.train_baseline import train_baseline  # noqa: E402
 from feedback_synth.tracking.base import NullTracker  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import evaluate, summary  # noqa: E402
@@ -94,17 +96,17 @@ def run_seed(work: str, seed: int, epochs: int, adapt_steps: int, log, guard_alo
     root = storage.join(work, f"seed{seed}")
     data, baseline = storage.join(root, "data"), storage.join(root, "baseline")
     write_dataset(data, seed)
-    stages.train_baseline(data, baseline, cfg.train, cfg.data)
+    train_baseline(data, baseline, cfg.train, cfg.data)
     test, train = load_split(data, "test"), load_split(data, "train")
     counts = train.class_counts().tolist()
     out: dict[str, dict[str, Any]] = {
-        BASE: summary(evaluate(load_classifier(stages.model_url(baseline), "auto"), test, cfg.data))}
+        BASE: summary(evaluate(load_classifier(model_url(baseline), "auto"), test, cfg.data))}
     adapted: dict[bool, str] = {}
     for guarded in (False, True):
         t0 = time.time()
         adapt_cfg = replace(cfg.adapt, copy_check_every=50 if guarded else 0)  # the guard is off by default
         folder = storage.join(root, "adapted-guarded" if guarded else "adapted")
-        stages.adapt_generator(data, stages.model_url(baseline), folder, adapt_cfg, cfg.generate)
+        adapt_generator(data, model_url(baseline), folder, adapt_cfg, cfg.generate)
         adapted[guarded] = folder
         rep = storage.read_json(storage.join(folder, "adapt_report.json"))
         log(f"seed {seed} adaptation ({'guarded' if guarded else 'unguarded'}): copy guard "
@@ -124,7 +126,7 @@ def run_seed(work: str, seed: int, epochs: int, adapt_steps: int, log, guard_alo
                     shutil.copytree(src, dst)
         _, retrained, filtered = synthesis_rounds(row_cfg, layout, data, baseline, NullTracker(),
                                                   adapted=adapted[guarded])
-        m = summary(evaluate(load_classifier(stages.model_url(retrained), "auto"), test, cfg.data))
+        m = summary(evaluate(load_classifier(model_url(retrained), "auto"), test, cfg.data))
         report = storage.read_json(storage.join(filtered, "filter_report.json"))
         pcs = report["per_class"]
         m.update(generated=report["generated"], kept=report["kept"], seconds=round(time.time() - t0, 1),

@@ -38,9 +38,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from feedback_synth import storage  # noqa: E402
 from feedback_synth.config import resolve_run_config  # noqa: E402
 from feedback_synth.data.imageset import load_split  # noqa: E402
-from feedback_synth.pipeline import stages  # noqa: E402
-from feedback_synth.pipeline.orchestration import RunLayout  # noqa: E402
-from feedback_synth.pipeline.run import synthesis_rounds  # noqa: E402
+from feedback_synth.orchestration.run import synthesis_rounds  # noqa: E402
+from feedback_synth.orchestration.shared import RunLayout  # noqa: E402
+from feedback_synth.stages.adapt_generator import adapt_generator  # noqa: E402
+from feedback_synth.stages.outputs import model_url  # noqa: E402
+from feedback_synth.stages.prepare_data import prepare_data  # noqa: E402
+from feedback_synth.stages.train_baseline import train_baseline  # noqa: E402
 from feedback_synth.tracking.base import NullTracker  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import evaluate, summary  # noqa: E402
@@ -82,10 +85,10 @@ def run_seed(work: str, seed: int, epochs: int, adapt_steps: int, log, dataset: 
                                                       "tracking.enabled=false"])
     root = storage.join(work, f"seed{seed}")
     data, baseline = storage.join(root, "data"), storage.join(root, "baseline")
-    stages.prepare_data(cfg.data, data)
-    stages.train_baseline(data, baseline, cfg.train, cfg.data)
+    prepare_data(cfg.data, data)
+    train_baseline(data, baseline, cfg.train, cfg.data)
     test = load_split(data, "test")
-    out = {"logit adjustment alone": summary(evaluate(load_classifier(stages.model_url(baseline), "auto"), test, cfg.data))}
+    out = {"logit adjustment alone": summary(evaluate(load_classifier(model_url(baseline), "auto"), test, cfg.data))}
     for name, (adapt_changes, gen_changes) in ROWS.items():
         if rows and name not in rows:
             continue
@@ -94,13 +97,13 @@ def run_seed(work: str, seed: int, epochs: int, adapt_steps: int, log, dataset: 
         if adapt_changes is not None:
             adapt_cfg = replace(cfg.adapt, **{"method": "full", **adapt_changes})
             tag = "-".join(f"{k}{v}" for k, v in sorted(adapt_changes.items()))
-            adapted = stages.adapt_generator(data, stages.model_url(baseline), storage.join(root, f"adapted-{tag}"),
+            adapted = adapt_generator(data, model_url(baseline), storage.join(root, f"adapted-{tag}"),
                                              adapt_cfg, cfg.generate)
             gen_cfg = replace(gen_cfg, generator=adapted.summary["generator"])
         row_cfg = replace(cfg, generate=gen_cfg)
         layout = RunLayout(storage.join(root, name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")))
         _, retrained, filtered = synthesis_rounds(row_cfg, layout, data, baseline, NullTracker())
-        m = summary(evaluate(load_classifier(stages.model_url(retrained), "auto"), test, cfg.data))
+        m = summary(evaluate(load_classifier(model_url(retrained), "auto"), test, cfg.data))
         report = storage.read_json(storage.join(filtered, "filter_report.json"))
         g = report.get("gap", {})
         m.update(generated=report["generated"], kept=report["kept"], seconds=round(time.time() - t0, 1),

@@ -234,8 +234,8 @@ def cpu_rows(batch_sizes: list[int], steps: int, repeats: int) -> tuple[list[Row
     from diffusers import DDIMScheduler, UNet2DModel
 
     from feedback_synth.generation.bundled import training_scheduler, unet_config
+    from feedback_synth.generation.diffusion import ClassConditionalFeedbackPipeline
     from feedback_synth.generation.loading import builtin_generator_path, load_generator
-    from feedback_synth.generation.pipelines import ClassConditionalFeedbackPipeline
     from feedback_synth.training.classifier import build_classifier
 
     device = torch.device("cpu")
@@ -295,8 +295,8 @@ def build_latent_pipeline(kind: str, device: torch.device, dtype: torch.dtype, s
         CLIPVisionModelWithProjection,
     )
 
+    from feedback_synth.generation.diffusion import TextFeedbackPipeline
     from feedback_synth.generation.parts import default_dtype
-    from feedback_synth.generation.pipelines import TextFeedbackPipeline
     from feedback_synth.generation.unclip import UnCLIPFeedbackPipeline
 
     def cfg(base, key):

@@ -25,16 +25,17 @@ import numpy as np
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from synthesis_benchmark import Session, bootstrap_ci  # noqa: E402  (the benchmarks' shared parts)
+
 from feedback_synth import storage  # noqa: E402
 from feedback_synth.config import resolve_run_config  # noqa: E402
 from feedback_synth.data.imageset import load_split  # noqa: E402
-from feedback_synth.pipeline import stages  # noqa: E402
-from feedback_synth.pipeline.orchestration import RunLayout  # noqa: E402
-from feedback_synth.pipeline.run import synthesis_rounds  # noqa: E402
+from feedback_synth.orchestration.run import synthesis_rounds  # noqa: E402
+from feedback_synth.orchestration.shared import RunLayout  # noqa: E402
+from feedback_synth.stages.outputs import model_url  # noqa: E402
 from feedback_synth.tracking.base import NullTracker  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import evaluate, summary  # noqa: E402
-from synthesis_benchmark import Session, bootstrap_ci  # noqa: E402  (the benchmarks' shared parts)
 
 DATASET = "digits-gap"
 KEYS = ("overall", "many", "medium", "few")
@@ -47,14 +48,14 @@ def run_seed(work: str, seed: int, criteria: list[str], log) -> dict[str, Any]:
     root = storage.join(work, DATASET, f"seed{seed}")
     data, baseline, adapted = (storage.join(root, n) for n in ("data", "baseline", "adapted"))
     test = load_split(data, "test")
-    out: dict[str, Any] = {"no synthesis": summary(evaluate(load_classifier(stages.model_url(baseline), "cpu"), test,
+    out: dict[str, Any] = {"no synthesis": summary(evaluate(load_classifier(model_url(baseline), "cpu"), test,
                                                             cfg.data))}
     for criterion in criteria:
         t0 = time.time()
         row_cfg = replace(cfg, generate=replace(cfg.generate, criterion=criterion))
         layout = RunLayout(storage.join(root, f"criterion-{criterion}"), cfg.feedback.rounds)
         _, retrained, filtered = synthesis_rounds(row_cfg, layout, data, baseline, NullTracker(), adapted=adapted)
-        m = summary(evaluate(load_classifier(stages.model_url(retrained), "cpu"), test, cfg.data))
+        m = summary(evaluate(load_classifier(model_url(retrained), "cpu"), test, cfg.data))
         report = storage.read_json(storage.join(filtered, "filter_report.json"))
         m.update(generated=report["generated"], kept=report["kept"], seconds=round(time.time() - t0, 1))
         out[criterion] = m

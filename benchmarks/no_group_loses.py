@@ -35,16 +35,20 @@ import numpy as np
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from synthesis_benchmark import Session, bootstrap_ci  # noqa: E402  (the benchmarks' shared parts)
+
 from feedback_synth import storage  # noqa: E402
 from feedback_synth.config import resolve_run_config  # noqa: E402
 from feedback_synth.data.imageset import ImageSet, load_split  # noqa: E402
-from feedback_synth.pipeline import stages  # noqa: E402
-from feedback_synth.pipeline.orchestration import RunLayout  # noqa: E402
-from feedback_synth.pipeline.run import synthesis_rounds  # noqa: E402
+from feedback_synth.orchestration.run import synthesis_rounds  # noqa: E402
+from feedback_synth.orchestration.shared import RunLayout  # noqa: E402
+from feedback_synth.stages.adapt_generator import adapt_generator  # noqa: E402
+from feedback_synth.stages.outputs import model_url  # noqa: E402
+from feedback_synth.stages.prepare_data import prepare_data  # noqa: E402
+from feedback_synth.stages.train_baseline import train_baseline  # noqa: E402
 from feedback_synth.tracking.base import NullTracker  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import accuracy_metrics, predict_logits  # noqa: E402
-from synthesis_benchmark import Session, bootstrap_ci  # noqa: E402  (the benchmarks' shared parts)
 
 NO_SYN = "no synthesis"
 ROWS = (NO_SYN, "retrained, as trained", "retrained, calibrated", "retrained, batch prior (post hoc)")
@@ -72,17 +76,17 @@ def run_seed(work: str, dataset: str, seed: int, sets: list[str], log) -> dict[s
     root = storage.join(work, dataset, f"seed{seed}")
     data, baseline = storage.join(root, "data"), storage.join(root, "baseline")
     t0 = time.time()
-    stages.prepare_data(cfg.data, data)
-    stages.train_baseline(data, baseline, cfg.train, cfg.data)
+    prepare_data(cfg.data, data)
+    train_baseline(data, baseline, cfg.train, cfg.data)
     adapted = None
     if cfg.adapt.method != "none":
         adapted = storage.join(root, "adapted")
-        stages.adapt_generator(data, stages.model_url(baseline), adapted, cfg.adapt, cfg.generate)
+        adapt_generator(data, model_url(baseline), adapted, cfg.adapt, cfg.generate)
     _, retrained, filtered = synthesis_rounds(cfg, RunLayout(storage.join(root, "run"), cfg.feedback.rounds), data,
                                               baseline, NullTracker(), adapted=adapted)
     test, train = load_split(data, "test"), load_split(data, "train")
-    base = load_classifier(stages.model_url(baseline), "cpu")
-    clf = load_classifier(stages.model_url(retrained), "cpu")
+    base = load_classifier(model_url(baseline), "cpu")
+    clf = load_classifier(model_url(retrained), "cpu")
     calibration = storage.read_json(storage.join(retrained, "calibration.json"))
     shipped = predict_logits(clf, test)
     bias = np.asarray(clf.spec.logit_bias or [0.0] * train.num_classes)
@@ -95,7 +99,7 @@ def run_seed(work: str, dataset: str, seed: int, sets: list[str], log) -> dict[s
         from feedback_synth.training.calibration import prior_offset
         from feedback_synth.training.recipes import retrain_recipe
 
-        recipe = retrain_recipe(cfg.retrain, stages.model_url(baseline))
+        recipe = retrain_recipe(cfg.retrain, model_url(baseline))
         syn = ImageSet.load(storage.join(filtered, "synthetic.npz"))
         full = raw + prior_offset(recipe.loss, recipe.tau, train.class_counts(),
                                   np.bincount(syn.labels, minlength=train.num_classes),

@@ -31,14 +31,15 @@ import numpy as np
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from synthesis_benchmark import Session, bootstrap_ci  # noqa: E402  (the benchmarks' shared parts)
+
 from feedback_synth import storage  # noqa: E402
 from feedback_synth.config import resolve_run_config  # noqa: E402
 from feedback_synth.data.imageset import ImageSet, load_split  # noqa: E402
-from feedback_synth.pipeline import stages  # noqa: E402
-from feedback_synth.training.recipes import retrain_recipe  # noqa: E402
+from feedback_synth.stages.outputs import model_url  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import accuracy_metrics, predict_logits  # noqa: E402
-from synthesis_benchmark import Session, bootstrap_ci  # noqa: E402  (the benchmarks' shared parts)
+from feedback_synth.training.recipes import retrain_recipe  # noqa: E402
 from feedback_synth.training.train import refit_head, train_classifier  # noqa: E402
 
 NO_SYN = "no synthesis"
@@ -60,8 +61,8 @@ def run_seed(work: str, dataset: str, seed: int, log) -> dict[str, Any]:
     data, baseline = storage.join(root, "data"), storage.join(root, "baseline")
     train, val, test = (load_split(data, s) for s in ("train", "val", "test"))
     synthetic = ImageSet.load(storage.join(root, "run", "filtered", "synthetic.npz"))
-    recipe = retrain_recipe(cfg.retrain, stages.model_url(baseline))
-    base = load_classifier(stages.model_url(baseline), "cpu")
+    recipe = retrain_recipe(cfg.retrain, model_url(baseline))
+    base = load_classifier(model_url(baseline), "cpu")
     out: dict[str, Any] = {NO_SYN: {"val": scores(base, val, train, cfg.data), "test": scores(base, test, train, cfg.data)}}
     t0 = time.time()
 

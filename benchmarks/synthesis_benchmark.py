@@ -20,7 +20,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -31,12 +31,14 @@ from feedback_synth import storage  # noqa: E402
 from feedback_synth.config import RunConfig, load_run_config, preset  # noqa: E402
 from feedback_synth.data.imageset import ImageSet, load_split  # noqa: E402
 from feedback_synth.errors import DataError  # noqa: E402
-from feedback_synth.pipeline import stages  # noqa: E402
-from feedback_synth.training.oracle import fidelity  # noqa: E402
-from feedback_synth.pipeline.run import RunLayout, synthesis_rounds  # noqa: E402
+from feedback_synth.orchestration.run import RunLayout, synthesis_rounds  # noqa: E402
+from feedback_synth.stages.outputs import model_url  # noqa: E402
+from feedback_synth.stages.prepare_data import prepare_data  # noqa: E402
+from feedback_synth.stages.train_baseline import train_baseline  # noqa: E402
 from feedback_synth.tracking.base import NullTracker  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import evaluate, summary  # noqa: E402
+from feedback_synth.training.oracle import fidelity  # noqa: E402
 from feedback_synth.training.train import Recipe, train_classifier  # noqa: E402
 
 CRITERIA = ("loss", "entropy", "hardness")
@@ -68,7 +70,7 @@ class Runner:
     def data(self, seed: int) -> str:
         cfg = base_config(self.bench)
         url = storage.join(self.work, f"seed{seed}", "data")
-        stages.prepare_data(replace(cfg.data, split_seed=seed), url)
+        prepare_data(replace(cfg.data, split_seed=seed), url)
         return url
 
     def baseline(self, seed: int, loss: dict[str, Any]) -> str:
@@ -76,13 +78,13 @@ class Runner:
         cfg = base_config(self.bench)
         name = "-".join(f"{k}{v}" for k, v in sorted(loss.items()))
         url = storage.join(self.work, f"seed{seed}", f"baseline-{name}")
-        stages.train_baseline(self.data(seed), url, replace(cfg.train, seed=seed, **loss),
+        train_baseline(self.data(seed), url, replace(cfg.train, seed=seed, **loss),
                               replace(cfg.data, split_seed=seed))
         return url
 
     def plain_metrics(self, seed: int, loss: dict[str, Any], split: str) -> dict[str, float]:
         cfg = base_config(self.bench)
-        clf = load_classifier(stages.model_url(self.baseline(seed, loss)))
+        clf = load_classifier(model_url(self.baseline(seed, loss)))
         return summary(evaluate(clf, load_split(self.data(seed), split), replace(cfg.data, split_seed=seed)))
 
     def synthesis(self, name: str, seed: int, loss: dict[str, Any], changes: dict[str, dict[str, Any]],
@@ -99,7 +101,7 @@ class Runner:
         layout = RunLayout(storage.join(self.work, f"seed{seed}", name), cfg.feedback.rounds)
         t0 = time.time()
         gen, retrained, filtered = synthesis_rounds(cfg, layout, data, baseline, NullTracker())
-        clf = load_classifier(stages.model_url(retrained), "auto")
+        clf = load_classifier(model_url(retrained), "auto")
         m = summary(evaluate(clf, load_split(data, split), cfg.data))
         synthetic = ImageSet.load(storage.join(filtered, "synthetic.npz"))
         report = storage.read_json(storage.join(filtered, "filter_report.json"))
@@ -316,12 +318,12 @@ def run(bench: Benchmark, seeds: list[int], tune_seeds: list[int], work: str, ou
           f"{prior}. Generation {cfg.generate.num_inference_steps} DDIM steps, CFG {cfg.generate.cfg_scale}, "
           f"guided every {cfg.generate.guide_every} steps; retrain {cfg.retrain.epochs} epochs, synthetic fraction "
           f"{cfg.retrain.synthetic_fraction}; classifier {cfg.train.model}.\n",
-          f"Columns: test accuracy, mean ± std over seeds; fidelity = share of kept synthetic images that an oracle "
-          f"trained on balanced real task data labels as intended; images generated, kept and re-admitted "
-          f"(for starved classes), mean per seed.\n", "\n".join(lines), "",
+          "Columns: test accuracy, mean ± std over seeds; fidelity = share of kept synthetic images that an oracle "
+          "trained on balanced real task data labels as intended; images generated, kept and re-admitted "
+          "(for starved classes), mean per seed.\n", "\n".join(lines), "",
           f"## Paired differences (test {metric}, over seeds {seeds})\n", "\n".join(diff_lines), "",
           *sentences, "",
-          *([f"Rows that stopped (the filters kept nothing, as a run would stop): "
+          *(["Rows that stopped (the filters kept nothing, as a run would stop): "
              + "; ".join(f"{k}: {len(v)} seed(s)" for k, v in stopped.items()), ""] if stopped else []),
           "## Tuning (validation split only)\n", *md_tuning, ""]
     storage.write_text(output, "\n".join(md))

@@ -1,4 +1,4 @@
-"""adapt_generator: fine-tune the generator on the task's real images (feedback_synth.pipeline.stages.adapt_generator)."""
+"""adapt_generator: fine-tune the generator on the task's real images (feedback_synth.stages.adapt_generator)."""
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 

@@ -1,4 +1,4 @@
-"""evaluate: baseline vs retrained, fidelity, per-class plot and report (feedback_synth.pipeline.stages.evaluate_run)."""
+"""evaluate: baseline vs retrained, fidelity, per-class plot and report (feedback_synth.stages.evaluate_run)."""
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 

@@ -1,5 +1,5 @@
 """extract_feedback: class statistics of the frozen classifier and the generation plan
-(feedback_synth.pipeline.stages.extract_feedback)."""
+(feedback_synth.stages.extract_feedback)."""
 from typing import List
 
 from kfp import dsl
@@ -34,7 +34,7 @@ def extract_feedback(data: Input[Dataset], latest: Input[Model], feedback: Outpu
         List[int]: the shard ids of the plan (the generation fan-out).
     """
     from feedback_synth.errors import ConfigError
-    from feedback_synth.pipeline.orchestration import RunLayout
+    from feedback_synth.orchestration.shared import RunLayout
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import GENERATE_RUN_KEY, config_from_artifact, open_stage_run, run_table_stage
 

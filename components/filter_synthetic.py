@@ -1,5 +1,5 @@
 """filter_synthetic: drop degenerate, duplicate and off-support synthetic images
-(feedback_synth.pipeline.stages.filter_synthetic)."""
+(feedback_synth.stages.filter_synthetic)."""
 from typing import List
 
 from kfp import dsl
@@ -33,7 +33,7 @@ def filter_synthetic(data: Input[Dataset], latest: Input[Model], feedback: Input
         previous_filtered (Input[Dataset]): the previous round's filter output (rounds > 1).
     """
     from feedback_synth import storage
-    from feedback_synth.pipeline.orchestration import RunLayout
+    from feedback_synth.orchestration.shared import RunLayout
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import GENERATE_RUN_KEY, close_stage_run, run_table_stage
 

@@ -1,4 +1,4 @@
-"""generate_shard: one shard of feedback-guided synthesis (feedback_synth.pipeline.stages.generate)."""
+"""generate_shard: one shard of feedback-guided synthesis (feedback_synth.stages.generate)."""
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
@@ -31,7 +31,7 @@ def generate_shard(data: Input[Dataset], latest: Input[Model], adapted: Input[Mo
     """
     import time
 
-    from feedback_synth.pipeline.orchestration import RunLayout
+    from feedback_synth.orchestration.shared import RunLayout
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import GENERATE_RUN_KEY, run_table_stage, under_run
 

@@ -1,4 +1,4 @@
-"""prepare_data: load and check the dataset, write its splits (feedback_synth.pipeline.stages.prepare_data)."""
+"""prepare_data: load and check the dataset, write its splits (feedback_synth.stages.prepare_data)."""
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Output
 

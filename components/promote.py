@@ -1,5 +1,5 @@
 """promote: register the retrained model and move `champion` if it passes the gate
-(feedback_synth.pipeline.orchestration.promote_once, through feedback_synth_kfp.tracking.promote)."""
+(feedback_synth.stages.promote.promote_once, through feedback_synth_kfp.tracking.promote)."""
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output
 
@@ -24,14 +24,14 @@ def promote(data: Input[Dataset], retrained: Input[Model], evaluation: Input[Art
     import time
 
     from feedback_synth import storage
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.outputs import model_url
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import promote as promote_in_registry
     from feedback_synth_kfp.tracking import run_config
 
     t0 = time.time()
     evaluation_url = artifacts.artifact_url(evaluation)
-    result = promote_in_registry(tracking, stages.model_url(artifacts.artifact_url(retrained)), evaluation_url,
+    result = promote_in_registry(tracking, model_url(artifacts.artifact_url(retrained)), evaluation_url,
                                  storage.read_json(storage.join(evaluation_url, "report.json")), run_config(tracking, "promote"),
                                  artifacts.artifact_url(data))
     artifacts.publish(decision, decision.path, seconds=round(time.time() - t0, 2),

@@ -1,4 +1,4 @@
-"""retrain: train the baseline's architecture on real + kept synthetic images (feedback_synth.pipeline.stages.retrain)."""
+"""retrain: train the baseline's architecture on real + kept synthetic images (feedback_synth.stages.retrain)."""
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
@@ -28,7 +28,7 @@ def retrain(data: Input[Dataset], baseline: Input[Model], filtered: Input[Datase
         rounds (int): the rounds the pipeline was compiled with.
         previous_retrained (Input[Model]): the previous round's retrain output (rounds > 1).
     """
-    from feedback_synth.pipeline.orchestration import RunLayout
+    from feedback_synth.orchestration.shared import RunLayout
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import run_table_stage
 

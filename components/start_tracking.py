@@ -49,7 +49,7 @@ def start_tracking(mlflow_tracking_uri: str, mlflow_experiment: str, registered_
     import json
     from dataclasses import asdict
 
-    from feedback_synth.pipeline.preflight import preflight
+    from feedback_synth.orchestration.preflight import preflight
     from feedback_synth_kfp.parameters import run_config_from_parameters
     from feedback_synth_kfp.tracking import CONFIG_KEY, TRACKING_KEY, reported_errors
     from feedback_synth_kfp.tracking import start_tracking as open_parent_run

@@ -12,9 +12,7 @@ from typing import Callable, NamedTuple
 
 from kfp import dsl, kubernetes
 
-from feedback_synth.pipeline import stage_table
-from feedback_synth_kfp.parameters import named_defaults
-
+from feedback_synth.orchestration import stage_table
 from feedback_synth_kfp.components.adapt_generator import adapt_generator
 from feedback_synth_kfp.components.evaluate import evaluate
 from feedback_synth_kfp.components.extract_feedback import extract_feedback
@@ -26,6 +24,7 @@ from feedback_synth_kfp.components.promote import promote
 from feedback_synth_kfp.components.retrain import retrain
 from feedback_synth_kfp.components.start_tracking import start_tracking
 from feedback_synth_kfp.components.train_baseline import train_baseline
+from feedback_synth_kfp.parameters import named_defaults
 
 PIPELINE_NAME = "feedback-synth"
 

@@ -1,4 +1,4 @@
-"""Adapting the generator to the task (generation.adapt, stages.adapt_generator) on tiny parts built
+"""Adapting the generator to the task (generation.adapt, adapt_generator) on tiny parts built
 from config, and the gap measures (synthesis.gap)."""
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from feedback_synth import storage
 from feedback_synth.config import AdaptConfig, FilterConfig, GenerateConfig
 from feedback_synth.errors import ConfigError
 from feedback_synth.generation.loading import class_index, load_generator
-from feedback_synth.pipeline import stages
+from feedback_synth.stages.adapt_generator import adapt_generator
 from feedback_synth.synthesis import gap
+from feedback_synth.synthesis.gap_checks import GapError, check_gap
 
 FAST_GEN = dict(num_inference_steps=4, criterion="none")
 
@@ -31,7 +32,7 @@ def test_pixel_generator_is_adapted_and_loads_like_any_folder(method, prepared, 
                                                               tmp_path):
     out = str(tmp_path / "adapted")
     cfg = AdaptConfig(method=method, steps=4, batch_size=8, samples_per_class=2, rank=2, lr=1e-2)
-    result = stages.adapt_generator(prepared, small_classifier[1], out, cfg,
+    result = adapt_generator(prepared, small_classifier[1], out, cfg,
                                     GenerateConfig(generator=tiny_generator, **FAST_GEN))
     folder = result.summary["generator"]
     assert folder == storage.join(out, "generator")
@@ -54,18 +55,18 @@ def test_pixel_generator_is_adapted_and_loads_like_any_folder(method, prepared, 
     meta = storage.read_json(storage.join(folder, "generator.json"))
     assert meta["task_class_names"] == [str(c) for c in range(10)] and meta["adapted_from"] == tiny_generator
     # the same stage again resumes from its fingerprint
-    again = stages.adapt_generator(prepared, small_classifier[1], out, cfg,
+    again = adapt_generator(prepared, small_classifier[1], out, cfg,
                                    GenerateConfig(generator=tiny_generator, **FAST_GEN))
     assert again.summary["resumed"] and again.summary["generator"] == folder
 
 
 def test_method_none_names_the_original_generator(prepared, small_classifier, tmp_path):
-    result = stages.adapt_generator(prepared, small_classifier[1], str(tmp_path / "a"), AdaptConfig(),
+    result = adapt_generator(prepared, small_classifier[1], str(tmp_path / "a"), AdaptConfig(),
                                     GenerateConfig(generator="builtin"))
     assert result.summary == {"generator": "builtin", "method": "none"}
     assert not os.path.exists(tmp_path / "a")
     from feedback_synth.config import RunConfig
-    from feedback_synth.pipeline.stage_table import generate_config
+    from feedback_synth.orchestration.stage_table import generate_config
 
     assert generate_config(RunConfig(), "/x/adapted") == GenerateConfig()  # adapt.method none: the generator as given
     adapted = RunConfig(adapt=AdaptConfig(method="full"))
@@ -132,9 +133,9 @@ def test_adapt_resumes_after_a_kill(prepared, small_classifier, tiny_generator, 
     """SIGKILL in the middle of adapt_generator leaves no marker: the re-run redoes the stage and
     finishes; nothing half-written is taken for done."""
     out = str(tmp_path / "adapted")
-    script = (f"from feedback_synth.pipeline import stages\n"
+    script = (f"from feedback_synth.stages.adapt_generator import adapt_generator\n"
               f"from feedback_synth.config import AdaptConfig, GenerateConfig\n"
-              f"stages.adapt_generator({prepared!r}, {small_classifier[1]!r}, {out!r}, "
+              f"adapt_generator({prepared!r}, {small_classifier[1]!r}, {out!r}, "
               f"AdaptConfig(method='full', steps=100000, batch_size=4, samples_per_class=1), "
               f"GenerateConfig(generator={tiny_generator!r}, num_inference_steps=2, criterion='none'))\n")
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # its progress bar says when it trains
@@ -150,7 +151,7 @@ def test_adapt_resumes_after_a_kill(prepared, small_classifier, tiny_generator, 
         proc.wait()
     assert not storage.exists(storage.join(out, "_STAGE.json"))
     cfg = AdaptConfig(method="full", steps=2, batch_size=4, samples_per_class=1)
-    result = stages.adapt_generator(prepared, small_classifier[1], out, cfg,
+    result = adapt_generator(prepared, small_classifier[1], out, cfg,
                                     GenerateConfig(generator=tiny_generator, num_inference_steps=2, criterion="none"))
     assert not result.summary.get("resumed") and storage.exists(storage.join(out, "_STAGE.json"))
     assert load_generator(result.summary["generator"], device="cpu").unet is not None
@@ -203,8 +204,8 @@ def test_the_discriminator_tells_shifted_features_apart_and_not_same_ones():
 def test_the_early_gap_warning_names_the_classes_and_can_stop(caplog):
     report = {"per_class": {"a": {}, "b": {}, "c": {}},
               "gap": {"off_support": {"per_class": [0.9, 0.2, None], "overall": 0.55}}}
-    off = stages.check_gap(report, FilterConfig(), "table.md")
+    off = check_gap(report, FilterConfig(), "table.md")
     assert off == ["a (90%)"] and "a (90%)" in caplog.text and "adapt.method" in caplog.text
-    with pytest.raises(stages.GapError, match=r"a \(90%\).*filter.on_gap: stop"):
-        stages.check_gap(report, FilterConfig(on_gap="stop"), "table.md")
-    assert stages.check_gap(report, FilterConfig(gap_share=0.95), "table.md") == []
+    with pytest.raises(GapError, match=r"a \(90%\).*filter.on_gap: stop"):
+        check_gap(report, FilterConfig(on_gap="stop"), "table.md")
+    assert check_gap(report, FilterConfig(gap_share=0.95), "table.md") == []

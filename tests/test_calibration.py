@@ -98,22 +98,24 @@ def test_the_offset_travels_with_the_checkpoint(small_classifier, digits, memory
 def test_retrain_ships_the_chosen_offset_and_says_why(prepared, digits, tmp_path):
     from feedback_synth import storage
     from feedback_synth.data.imageset import load_split
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.outputs import model_url
+    from feedback_synth.stages.retrain import retrain
+    from feedback_synth.stages.train_baseline import train_baseline
     from feedback_synth.training.classifier import load_classifier
 
     base = str(tmp_path / "baseline")
-    stages.train_baseline(prepared, base, TrainConfig(model="test_resnet", epochs=2, loss="logit_adjusted", tau=2.0),
+    train_baseline(prepared, base, TrainConfig(model="test_resnet", epochs=2, loss="logit_adjusted", tau=2.0),
                           DataConfig())
     filtered = str(tmp_path / "filtered")
     pool = digits["pool"]
     rare = np.flatnonzero(np.isin(pool.labels, [7, 8, 9]))[:60]  # synthesis for the rare classes only
     pool.subset(rare).save(f"{filtered}/synthetic.npz")
     storage.write_json(f"{filtered}/filter_report.json", {"generated": 60, "kept": 60})
-    out = stages.retrain(prepared, stages.model_url(base), filtered, str(tmp_path / "retrained"),
+    out = retrain(prepared, model_url(base), filtered, str(tmp_path / "retrained"),
                          RetrainConfig(epochs=2, calibration="no_group_loses", head_epochs=0), DataConfig())
     cal = storage.read_json(str(tmp_path / "retrained" / "calibration.json"))
     assert cal["weight"] in [r["weight"] for r in cal["table"]] and cal["metric"] == "few" and cal["reason"]
-    clf = load_classifier(stages.model_url(str(tmp_path / "retrained")), "cpu")
+    clf = load_classifier(model_url(str(tmp_path / "retrained")), "cpu")
     assert np.allclose(clf.spec.logit_bias, cal["logit_bias"])
     assert out.metrics["calibration_weight"] == cal["weight"]
     chosen = next(r for r in cal["table"] if r["weight"] == cal["weight"])
@@ -125,16 +127,16 @@ def test_retrain_ships_the_chosen_offset_and_says_why(prepared, digits, tmp_path
 
     assert evaluate(clf, val, DataConfig())["few"] == pytest.approx(chosen["few"])
     # 'none' ships the model as trained
-    plain = stages.retrain(prepared, stages.model_url(base), filtered, str(tmp_path / "plain"),
+    plain = retrain(prepared, model_url(base), filtered, str(tmp_path / "plain"),
                            RetrainConfig(epochs=2, calibration="none", head_epochs=0), DataConfig())
     assert "calibration_weight" not in plain.metrics and plain.summary["head_epochs"] == 0
-    plain_clf = load_classifier(stages.model_url(str(tmp_path / "plain")), "cpu")
+    plain_clf = load_classifier(model_url(str(tmp_path / "plain")), "cpu")
     assert plain_clf.spec.logit_bias == []
     # the default: the head re-fit on the real images; the representation is the same model's
-    head = stages.retrain(prepared, stages.model_url(base), filtered, str(tmp_path / "head"),
+    head = retrain(prepared, model_url(base), filtered, str(tmp_path / "head"),
                           RetrainConfig(epochs=2, head_epochs=3), DataConfig())
     assert head.summary["head_epochs"] == 3
-    head_clf = load_classifier(stages.model_url(str(tmp_path / "head")), "cpu")
+    head_clf = load_classifier(model_url(str(tmp_path / "head")), "cpu")
     fc_name = plain_clf.backbone.default_cfg.get("classifier", "fc")
     changed = {k for k, v in head_clf.state_dict().items() if not torch.equal(v, plain_clf.state_dict()[k])}
     assert changed and all(k.startswith(f"backbone.{fc_name}.") for k in changed), changed

@@ -16,7 +16,7 @@ from feedback_synth.config import (
     resolve_run_config,
 )
 from feedback_synth.errors import ConfigError
-from feedback_synth.pipeline.preflight import check_names
+from feedback_synth.orchestration.preflight import check_names
 
 
 def test_defaults_build_and_round_trip():

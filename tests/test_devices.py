@@ -176,10 +176,10 @@ def test_compiled_gpu_tasks_resolve_the_device_they_request(tmp_path):
     import yaml
     from kfp import dsl
 
+    from feedback_synth.orchestration.stage_table import STAGES
     from feedback_synth_kfp import tracking as kfp_tracking
     from feedback_synth_kfp.components import GPU_IMAGE
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import compile_pipeline
-    from feedback_synth.pipeline.stage_table import STAGES
     from feedback_synth_kfp.placement import GPU_STAGES, on_gpu
 
     spec = next(yaml.safe_load_all(Path(compile_pipeline(str(tmp_path / "p.yaml"))).read_text()))
@@ -212,7 +212,7 @@ def test_compiled_gpu_tasks_resolve_the_device_they_request(tmp_path):
 def test_every_component_resolves_its_config_for_its_own_stage():
     """Each stage component runs its stage table row (``run_table_stage(tracking, <its stage>, ...)``,
     which resolves the config on the task's pod), on the image of its row."""
-    from feedback_synth.pipeline.stage_table import STAGES
+    from feedback_synth.orchestration.stage_table import STAGES
 
     for row in STAGES:
         if row.name == "promote":

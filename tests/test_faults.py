@@ -353,33 +353,33 @@ def test_prepared_info_is_unchanged_by_the_checks(memory_url):
 
 def _stage_inputs(prepared, small_classifier, tmp_path):
     from feedback_synth.config import FeedbackConfig
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.extract_feedback import extract_feedback
 
     fb = str(tmp_path / "feedback")
-    stages.extract_feedback(prepared, small_classifier[1], fb, FeedbackConfig(budget_fraction=0.05, shard_size=8))
+    extract_feedback(prepared, small_classifier[1], fb, FeedbackConfig(budget_fraction=0.05, shard_size=8))
     return fb
 
 
 @pytest.mark.slow
 def test_a_finished_stage_with_the_same_fingerprint_is_resumed_and_another_is_refused(prepared, tmp_path):
     from feedback_synth.config import TrainConfig
-    from feedback_synth.pipeline import stages
     from feedback_synth.fingerprints import StaleOutputError
+    from feedback_synth.stages.train_baseline import train_baseline
 
     out = str(tmp_path / "baseline")
     cfg = TrainConfig(model="test_resnet", epochs=1)
-    first = stages.train_baseline(prepared, out, cfg, DataConfig())
+    first = train_baseline(prepared, out, cfg, DataConfig())
     weights = tmp_path / "baseline" / "model" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    again = stages.train_baseline(prepared, out, cfg, DataConfig())
+    again = train_baseline(prepared, out, cfg, DataConfig())
     assert again.summary["resumed"] and again.metrics == first.metrics and weights.stat().st_mtime_ns == stamp
     with pytest.raises(StaleOutputError) as err:
-        stages.train_baseline(prepared, out, TrainConfig(model="test_resnet", epochs=2, loss="balanced_softmax"),
+        train_baseline(prepared, out, TrainConfig(model="test_resnet", epochs=2, loss="balanced_softmax"),
                               DataConfig())
     msg = _one_line(err)
     assert "train_baseline config train.epochs: 1 -> 2" in msg and "train.loss: 'logit_adjusted' -> 'balanced_softmax'" in msg
     assert weights.stat().st_mtime_ns == stamp  # nothing overwritten
-    redone = stages.train_baseline(prepared, out, TrainConfig(model="test_resnet", epochs=2), DataConfig(),
+    redone = train_baseline(prepared, out, TrainConfig(model="test_resnet", epochs=2), DataConfig(),
                                    overwrite=True)
     assert "resumed" not in redone.summary and weights.stat().st_mtime_ns != stamp
 
@@ -388,21 +388,21 @@ def test_a_finished_stage_with_the_same_fingerprint_is_resumed_and_another_is_re
 def test_a_shard_made_with_another_config_is_refused_and_counts_are_checked(prepared, small_classifier,
                                                                               tiny_generator, tmp_path):
     from feedback_synth.config import GenerateConfig
-    from feedback_synth.generation.shards import load_generated, shard_url
-    from feedback_synth.pipeline import stages
     from feedback_synth.fingerprints import StaleOutputError
+    from feedback_synth.generation.shards import load_generated, shard_url
+    from feedback_synth.stages.generate_shard import generate
     from feedback_synth.synthesis.plan import GenerationPlan
 
     fb = _stage_inputs(prepared, small_classifier, tmp_path)
     gen = str(tmp_path / "generated")
     cfg = GenerateConfig(generator=tiny_generator, num_inference_steps=2, batch_size=8)
-    stages.generate(prepared, small_classifier[1], fb, gen, cfg, shard_ids=[0])
+    generate(prepared, small_classifier[1], fb, gen, cfg, shard_ids=[0])
     with pytest.raises(StaleOutputError) as err:
-        stages.generate(prepared, small_classifier[1], fb, gen, GenerateConfig(
+        generate(prepared, small_classifier[1], fb, gen, GenerateConfig(
             generator=tiny_generator, num_inference_steps=2, batch_size=8, criterion="loss", seed=7), shard_ids=[0])
     msg = _one_line(err)
     assert "generate.criterion: 'entropy' -> 'loss'" in msg and "generate.seed: 0 -> 7" in msg
-    stages.generate(prepared, small_classifier[1], fb, gen, cfg)  # the rest of the plan, same config
+    generate(prepared, small_classifier[1], fb, gen, cfg)  # the rest of the plan, same config
     plan = GenerationPlan.load(f"{fb}/plan.json")
     train = load_split(prepared, "train")
     url = shard_url(gen, 0)
@@ -508,16 +508,17 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, 
 @pytest.mark.slow
 def test_filters_that_drop_every_image_stop_with_their_reasons(prepared, small_classifier, tiny_generator, tmp_path):
     from feedback_synth.config import FilterConfig, GenerateConfig
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.filter_synthetic import filter_synthetic
+    from feedback_synth.stages.generate_shard import generate
 
     fb = _stage_inputs(prepared, small_classifier, tmp_path)
     gen = str(tmp_path / "generated")
-    stages.generate(prepared, small_classifier[1], fb, gen, GenerateConfig(generator=tiny_generator,
+    generate(prepared, small_classifier[1], fb, gen, GenerateConfig(generator=tiny_generator,
                                                                             num_inference_steps=2))
     strict = FilterConfig(filters=["degenerate", "off_support"], support_margin=1e-6, min_kept_fraction=0.0)
     out = tmp_path / "filtered"
     with pytest.raises(DataError) as err:
-        stages.filter_synthetic(prepared, small_classifier[1], fb, gen, str(out), strict)
+        filter_synthetic(prepared, small_classifier[1], fb, gen, str(out), strict)
     msg = _one_line(err)
     assert "the filters dropped all" in msg and "off_support" in msg and "filter_report.json" in msg
     assert (out / "filter_report.json").exists() and not (out / "synthetic.npz").exists()

@@ -14,7 +14,8 @@ from feedback_synth import storage
 from feedback_synth.config import FeedbackConfig, GenerateConfig
 from feedback_synth.errors import DataError
 from feedback_synth.generation.shards import generate, load_generated, shard_done, shard_url
-from feedback_synth.pipeline import stages
+from feedback_synth.stages.extract_feedback import extract_feedback
+from feedback_synth.stages.outputs import plan_url
 from feedback_synth.synthesis.plan import GenerationPlan
 
 FAST = dict(num_inference_steps=4, batch_size=16, criterion="entropy", scale=0.02, guide_every=2)
@@ -23,19 +24,19 @@ FAST = dict(num_inference_steps=4, batch_size=16, criterion="entropy", scale=0.0
 @pytest.fixture(scope="module")
 def feedback_dir(prepared, small_classifier, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("feedback"))
-    stages.extract_feedback(prepared, small_classifier[1], out, FeedbackConfig(budget_fraction=0.1, shard_size=8))
+    extract_feedback(prepared, small_classifier[1], out, FeedbackConfig(budget_fraction=0.1, shard_size=8))
     return out
 
 
 def _generate(prepared, small_classifier, feedback_dir, tiny_generator, out, **kw):
     cfg = GenerateConfig(generator=tiny_generator, **{**FAST, **kw})
-    return generate(stages.plan_url(feedback_dir), prepared, small_classifier[1], feedback_dir, out, cfg)
+    return generate(plan_url(feedback_dir), prepared, small_classifier[1], feedback_dir, out, cfg)
 
 
 @pytest.mark.slow
 def test_generate_writes_shards_with_metadata(prepared, small_classifier, feedback_dir, tiny_generator, memory_url):
     summary = _generate(prepared, small_classifier, feedback_dir, tiny_generator, memory_url)
-    plan = GenerationPlan.load(stages.plan_url(feedback_dir))
+    plan = GenerationPlan.load(plan_url(feedback_dir))
     assert summary["num_images"] == plan.total and summary["skipped"] == 0
     from feedback_synth.data.imageset import load_split
 
@@ -53,7 +54,7 @@ def test_generate_writes_shards_with_metadata(prepared, small_classifier, feedba
 def test_half_written_shard_is_redone_identically(prepared, small_classifier, feedback_dir, tiny_generator, tmp_path):
     out = str(tmp_path / "gen")
     _generate(prepared, small_classifier, feedback_dir, tiny_generator, out)
-    plan = GenerationPlan.load(stages.plan_url(feedback_dir))
+    plan = GenerationPlan.load(plan_url(feedback_dir))
     from feedback_synth.data.imageset import load_split
 
     before, _ = load_generated(out, plan, load_split(prepared, "train"))
@@ -95,7 +96,7 @@ def test_killed_generation_resumes_without_duplicates(prepared, small_classifier
     assert shard_done(out, 0), proc.stderr.read().decode() if proc.poll() is not None else "no shard in time"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    plan = GenerationPlan.load(stages.plan_url(feedback_dir))
+    plan = GenerationPlan.load(plan_url(feedback_dir))
     unfinished = [s.shard_id for s in plan.shards if not shard_done(out, s.shard_id)]
     assert unfinished, "the process finished before it was killed; the test proves nothing"
     rerun = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
@@ -113,7 +114,7 @@ def test_killed_generation_resumes_without_duplicates(prepared, small_classifier
 
     cfg = from_dict(GenerateConfig, storage.read_json(storage.join(out, "generate_config.json")))
     ref = str(tmp_path / "uninterrupted")
-    generate(stages.plan_url(feedback_dir), prepared, small_classifier[1], feedback_dir, ref, cfg,
+    generate(plan_url(feedback_dir), prepared, small_classifier[1], feedback_dir, ref, cfg,
              shard_ids=[unfinished[0]])
     got, want = shard_url(out, unfinished[0]), shard_url(ref, unfinished[0])
     assert np.array_equal(storage.read_npz(storage.join(got, "images.npz"))["images"],

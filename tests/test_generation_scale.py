@@ -17,7 +17,8 @@ from feedback_synth.errors import ConfigError
 from feedback_synth.generation.performance import apply_performance_options, ensure_sdpa, pad_batch
 from feedback_synth.generation.shards import generate_shard, read_metadata, shard_url
 from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices
-from feedback_synth.pipeline import stages
+from feedback_synth.stages.extract_feedback import extract_feedback
+from feedback_synth.stages.outputs import plan_url
 from feedback_synth.synthesis.plan import GenerationPlan
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -27,7 +28,7 @@ FAST = dict(num_inference_steps=4, criterion="entropy", scale=0.05, guide_every=
 @pytest.fixture(scope="module")
 def feedback_dir(prepared, small_classifier, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("feedback"))
-    stages.extract_feedback(prepared, small_classifier[1], out, FeedbackConfig(budget_fraction=0.1, shard_size=7))
+    extract_feedback(prepared, small_classifier[1], out, FeedbackConfig(budget_fraction=0.1, shard_size=7))
     return out
 
 
@@ -40,7 +41,7 @@ def tiny_unclip_model(tmp_path_factory):
 
 def _shard(prepared, small_classifier, feedback_dir, out, **kw):
     """Run shard 0 of the plan; returns its uint8 images and metadata rows."""
-    plan = GenerationPlan.load(stages.plan_url(feedback_dir))
+    plan = GenerationPlan.load(plan_url(feedback_dir))
     generate_shard(plan, 0, prepared, small_classifier[1], feedback_dir, out, GenerateConfig(**{**FAST, **kw}))
     url = shard_url(out, 0)
     return storage.read_npz(storage.join(url, "images.npz"))["images"], read_metadata(storage.join(url, "metadata.csv"))
@@ -68,7 +69,7 @@ def test_padding_the_last_batch_does_not_change_the_real_items(prepared, small_c
     plain, rows = _shard(prepared, small_classifier, feedback_dir, str(tmp_path / "plain"), generator=tiny_generator,
                          batch_size=3)
     assert len(plain) == len(rows) == 7
-    plan = GenerationPlan.load(stages.plan_url(feedback_dir))
+    plan = GenerationPlan.load(plan_url(feedback_dir))
     generate_shard(plan, 0, prepared, small_classifier[1], feedback_dir, str(tmp_path / "padded"),
                    GenerateConfig(**FAST, generator=tiny_generator, batch_size=3, pad_last_batch=True), pipe=pipe)
     hook.remove()

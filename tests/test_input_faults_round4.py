@@ -261,7 +261,7 @@ def test_scientific_notation_is_a_number_in_set_and_yaml(tmp_path, capsys):
 
 
 def test_scientific_notation_in_a_tune_grid():
-    from feedback_synth.pipeline.tune import parse_grid
+    from feedback_synth.orchestration.tune import parse_grid
 
     assert parse_grid(["train.lr=1e-3,2E-2", "adapt.lr=1.0e-4"]) == {"train.lr": [0.001, 0.02], "adapt.lr": [0.0001]}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from builders import build_tiny_text_model
 
-from feedback_synth.generation.pipelines import TextFeedbackPipeline
+from feedback_synth.generation.diffusion import TextFeedbackPipeline
 from feedback_synth.guidance.feedback_guidance import FeedbackGuidance, guided_step_indices
 
 

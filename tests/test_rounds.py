@@ -98,7 +98,7 @@ def test_compiled_pipeline_unrolls_two_rounds(tmp_path):
 def test_two_rounds_in_process(tmp_path, tiny_generator):
     from mlflow import MlflowClient
 
-    from feedback_synth.pipeline.run import run_pipeline
+    from feedback_synth.orchestration.run import run_pipeline
 
     cfg = load_run_config(overrides=[*REDUCED, f"generate.generator={tiny_generator}"])
     out = str(tmp_path / "run")

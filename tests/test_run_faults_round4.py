@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from feedback_synth.cli.main import main
-from feedback_synth.pipeline.run import LOCK_FILE
+from feedback_synth.orchestration.run import LOCK_FILE
 
 QUICK = ["train.model=test_resnet", "train.epochs=1", "retrain.epochs=1", "feedback.budget_fraction=0.1",
          "generate.num_inference_steps=4", "tracking.enabled=false"]

@@ -9,7 +9,7 @@ import pytest
 
 from feedback_synth import storage
 from feedback_synth.cli.main import main
-from feedback_synth.pipeline.orchestration import STAGE_FOLDERS
+from feedback_synth.orchestration.shared import STAGE_FOLDERS
 
 QUICK = ["train.model=test_resnet", "train.epochs=1", "retrain.epochs=1", "feedback.budget_fraction=0.1",
          "feedback.shard_size=64", "generate.num_inference_steps=2", "generate.criterion=none",
@@ -61,7 +61,7 @@ def test_a_first_run_into_a_folder_with_the_users_files_where_a_run_writes_is_re
 def test_a_second_run_into_a_locked_output_stops_at_once(tmp_path, tiny_generator, capsys):
     from filelock import FileLock
 
-    from feedback_synth.pipeline.run import LOCK_FILE
+    from feedback_synth.orchestration.run import LOCK_FILE
 
     out = tmp_path / "out"
     out.mkdir()
@@ -165,7 +165,7 @@ def test_an_unreachable_tracking_server_stops_the_run_at_preflight_and_leaves_no
 def test_overwrite_removes_the_kfp_local_task_records_too(tmp_path):
     """Issue 23: --overwrite treats a kfp-local run's folder as an in-process one's: the KFP local
     runner's task records (kfp/feedback-synth-<timestamp>/) go; a folder of the user's under kfp/ stays."""
-    from feedback_synth.pipeline.run import remove_run_outputs
+    from feedback_synth.orchestration.run import remove_run_outputs
 
     record = tmp_path / "kfp" / "feedback-synth-2026-12-05-00-03-03-189859" / "prepare-data"
     record.mkdir(parents=True)

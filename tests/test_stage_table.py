@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from feedback_synth.pipeline.stage_table import STAGE_BY_NAME, STAGES, round_inputs
+from feedback_synth.orchestration.stage_table import STAGE_BY_NAME, STAGES, round_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,3 +57,16 @@ def test_one_vocabulary_of_stage_names():
     assert STAGE_ORDER == tuple(STAGE_BY_NAME)
     assert {stage for _, stage in _TIMED} == {s.name for s in STAGES if not s.sharded}
     assert set(COMPONENTS) == {s.component_name for s in STAGES}
+
+
+def test_one_body_module_per_stage_named_as_its_component():
+    """stages/<component>.py holds each stage's body, components/<component>.py wraps it, and the
+    doc's "calls" column names that module."""
+    doc = _doc_rows()
+    for s in STAGES:
+        body = ROOT / "src" / "feedback_synth" / "stages" / f"{s.component_name}.py"
+        assert body.is_file(), f"{s.name}: no stage module {body}"
+        assert (ROOT / "components" / f"{s.component_name}.py").is_file(), s.name
+        function = doc[s.name][-1].strip("` ").split(": ")
+        assert function[0] == f"stages/{s.component_name}.py", s.name
+        assert f"def {function[1]}(" in body.read_text(), f"{s.name}: {function[1]} is not defined in {body}"

@@ -117,19 +117,21 @@ def test_retraining_takes_the_baselines_recipe_or_trains_a_same_recipe_reference
     """Like with like: retraining uses the baseline's loss unless told otherwise; with another loss,
     the retrain stage also trains that loss without synthesis, and the report compares with it."""
     from feedback_synth import storage
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.outputs import model_url
+    from feedback_synth.stages.retrain import retrain
+    from feedback_synth.stages.train_baseline import train_baseline
 
     base = str(tmp_path / "baseline")
-    stages.train_baseline(prepared, base, TrainConfig(model="test_resnet", epochs=1, loss="logit_adjusted", tau=2.0),
+    train_baseline(prepared, base, TrainConfig(model="test_resnet", epochs=1, loss="logit_adjusted", tau=2.0),
                           DataConfig())
     filtered = str(tmp_path / "filtered")
     digits["pool"].subset(np.arange(0, 600, 10)).save(f"{filtered}/synthetic.npz")
     storage.write_json(f"{filtered}/filter_report.json", {"generated": 60, "kept": 60})
-    same = stages.retrain(prepared, stages.model_url(base), filtered, str(tmp_path / "same"), RetrainConfig(epochs=1),
+    same = retrain(prepared, model_url(base), filtered, str(tmp_path / "same"), RetrainConfig(epochs=1),
                           DataConfig())
     assert same.summary["recipe"] == {"loss": "logit_adjusted", "tau": 2.0, "balanced_sampler": False, "prior": "real"}
     assert same.summary["reference"] == "baseline" and not (tmp_path / "same" / "reference").exists()
-    other = stages.retrain(prepared, stages.model_url(base), filtered, str(tmp_path / "other"),
+    other = retrain(prepared, model_url(base), filtered, str(tmp_path / "other"),
                            RetrainConfig(epochs=1, loss="balanced_softmax"), DataConfig())
     assert other.summary["recipe"]["loss"] == "balanced_softmax" and other.summary["reference"] == "reference"
     reference = storage.read_json(str(tmp_path / "other" / "reference_metrics.json"))

@@ -7,7 +7,7 @@ from feedback_synth import storage
 from feedback_synth.cli.main import main
 from feedback_synth.config import load_run_config
 from feedback_synth.errors import ConfigError
-from feedback_synth.pipeline.tune import NO_SYNTHESIS, apply_setting, parse_grid, settings_of, validation_table
+from feedback_synth.orchestration.tune import NO_SYNTHESIS, apply_setting, parse_grid, settings_of, validation_table
 
 
 def test_the_grid_is_parsed_and_every_setting_is_checked():
@@ -60,7 +60,7 @@ def test_tune_picks_a_setting_on_validation(tmp_path, tiny_generator, capsys):
 
 def test_the_choice_goes_to_the_best_setting_only_when_it_beats_no_synthesis():
     """Both outcomes of the pilot's choice, on rows whose answer is known."""
-    from feedback_synth.pipeline.tune import choose
+    from feedback_synth.orchestration.tune import choose
 
     rows = [{"setting": NO_SYNTHESIS, "few": 0.5, "overall": 0.8},
             {"setting": "a", "few": 0.6, "overall": 0.7}, {"setting": "b", "few": 0.6, "overall": 0.75},

@@ -120,12 +120,13 @@ def test_a_generation_shard_runs_with_an_unclip_generator(tiny_unclip_model, pre
     from feedback_synth import storage
     from feedback_synth.config import FeedbackConfig, GenerateConfig
     from feedback_synth.generation.shards import generate_shard, read_metadata, shard_url
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.extract_feedback import extract_feedback
+    from feedback_synth.stages.outputs import plan_url
     from feedback_synth.synthesis.plan import GenerationPlan
 
     fb = str(tmp_path / "feedback")
-    stages.extract_feedback(prepared, small_classifier[1], fb, FeedbackConfig(budget_fraction=0.1, shard_size=4))
-    plan = GenerationPlan.load(stages.plan_url(fb))
+    extract_feedback(prepared, small_classifier[1], fb, FeedbackConfig(budget_fraction=0.1, shard_size=4))
+    plan = GenerationPlan.load(plan_url(fb))
     cfg = GenerateConfig(generator=tiny_unclip_model, num_inference_steps=3, batch_size=4, strength=1.0,
                          noise_level=50, guide_every=2, scale=0.05)
     out = str(tmp_path / "gen")

@@ -7,7 +7,7 @@ any long work. A refusal is a :class:`~feedback_synth.errors.ConfigError` of one
 the field: ``config field 'train.epochs': input should be greater than or equal to 1, got 0``.
 
 Names that plugins define (criteria, losses, filters) are checked against their registries by the
-stages and the pre-flight check (``pipeline.run.preflight``), with messages of the same form: this
+stages and the pre-flight check (``orchestration.preflight``), with messages of the same form: this
 module imports none of them.
 
 The CLI, the KFP components and the YAML presets all build these same objects:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from feedback_synth import storage
 from feedback_synth.errors import ConfigError
-from feedback_synth.pipeline.result import scalar_metrics
+from feedback_synth.stages.result import scalar_metrics
 
 URL_KEY = "url"  # artifact metadata key: where the stage really wrote (a workspace URL)
 

@@ -2,7 +2,7 @@
 
 Every stage runs as its KFP component, each in its own Python process (``SubprocessRunner`` with
 ``use_venv=False``: this environment, where feedback_synth is installed), with artifacts passed as
-KFP passes them. The result has the same keys as the in-process runner's (``feedback_synth.pipeline.run.run_pipeline``).
+KFP passes them. The result has the same keys as the in-process runner's (``feedback_synth.orchestration.run.run_pipeline``).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Any, Optional
 from feedback_synth import storage
 from feedback_synth.config import RunConfig
 from feedback_synth.errors import FeedbackSynthError
-from feedback_synth.pipeline.orchestration import write_run_summary
-from feedback_synth.pipeline.stage_table import STAGE_NAMES, STAGES
+from feedback_synth.orchestration.shared import write_run_summary
+from feedback_synth.orchestration.stage_table import STAGE_NAMES, STAGES
 from feedback_synth.tracking.client import tracking_location
 from feedback_synth_kfp.artifacts import artifact_url
 from feedback_synth_kfp.launcher import LAUNCHER_ENV, launcher_id, stop_tasks
@@ -59,14 +59,14 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
         parallelism: generation shards running at once (default: half the CPU cores, at least 1).
         overwrite: start over in a folder that holds a run with another config.
     """
-    from feedback_synth.pipeline.run import owned_output
+    from feedback_synth.orchestration.run import owned_output
 
     with owned_output(cfg, output_url, overwrite) as previous:
         return _run_kfp_local(cfg, output_url, parallelism, previous)
 
 
 def _mark_record(output_url: str, launch_id: str) -> None:
-    """Add to the claim's ``run.json`` (``pipeline.run.owned_output`` writes it, and settles its state
+    """Add to the claim's ``run.json`` (``orchestration.run.owned_output`` writes it, and settles its state
     when the run ends) the launch id that finds this run's MLflow runs if it dies."""
     record_url = storage.join(output_url, "run.json")
     record = storage.read_json(record_url) if storage.exists(record_url) else {}

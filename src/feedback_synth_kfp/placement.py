@@ -1,4 +1,4 @@
-"""Which pipeline tasks run on GPU pods, as the stage table says (``pipeline.stage_table``: its
+"""Which pipeline tasks run on GPU pods, as the stage table says (``orchestration.stage_table``: its
 ``gpu`` column is the one place that decides it).
 
 A GPU task gets the GPU image, an accelerator request, the GPU node selector and tolerations, and
@@ -8,7 +8,7 @@ the task with one line, before any work). Every other task runs on a CPU pod, on
 """
 from __future__ import annotations
 
-from feedback_synth.pipeline.stage_table import STAGE_BY_NAME, STAGES
+from feedback_synth.orchestration.stage_table import STAGE_BY_NAME, STAGES
 
 GPU_STAGES: frozenset[str] = frozenset(s.name for s in STAGES if s.gpu)
 

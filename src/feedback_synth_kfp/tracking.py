@@ -10,12 +10,13 @@ from typing import Any, Callable, Iterator, Optional
 
 from feedback_synth.config import RunConfig, TrackingConfig
 from feedback_synth.errors import ConfigError, FeedbackSynthError
-from feedback_synth.pipeline.orchestration import log_run_epilogue, promote_once, run_logged_stage
-from feedback_synth.pipeline.result import StageResult
+from feedback_synth.orchestration.shared import log_run_epilogue, run_logged_stage
+from feedback_synth.stages.promote import promote_once
+from feedback_synth.stages.result import StageResult
 from feedback_synth.tracking.base import NullTracker
-from feedback_synth.tracking.stale import running_runs
 from feedback_synth.tracking.client import mlflow_errors
 from feedback_synth.tracking.mlflow_tracker import PIPELINE_ERROR_TAG, PIPELINE_STATE_TAG, STAGE_TAG, MLflowTracker
+from feedback_synth.tracking.stale import running_runs
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +190,13 @@ def log_epilogue(tracking: Any, output_url: str, evaluation: StageResult) -> Non
 def run_table_stage(tracking: Any, name: str, inputs: dict[str, Any], output_url: str, round_index: int = 1,
                     rounds: int = 1, shard_ids: Optional[list[int]] = None,
                     run_name: Optional[str] = None) -> StageResult:
-    """A stage task's whole body: its row of the stage table (``pipeline.stage_table``) called with
+    """A stage task's whole body: its row of the stage table (``orchestration.stage_table``) called with
     the run's config (resolved on this pod, ``run_config``), its inputs' URLs by name and its
     output, logged as the in-process runner logs it (``run_task_stage``)."""
     from dataclasses import replace
 
-    from feedback_synth.pipeline.orchestration import RunLayout
-    from feedback_synth.pipeline.stage_table import StageContext, stage
+    from feedback_synth.orchestration.shared import RunLayout
+    from feedback_synth.orchestration.stage_table import StageContext, stage
 
     row = stage(name)
     ctx = StageContext(run_config(tracking, name), inputs, output_url, round_index, shard_ids=shard_ids)
@@ -205,7 +206,7 @@ def run_table_stage(tracking: Any, name: str, inputs: dict[str, Any], output_url
 
 def promote(tracking: Any, model_url: str, report_url: str, report: dict[str, Any], cfg: RunConfig,
             test_dataset_url: str) -> Optional[dict[str, Any]]:
-    """Register the retrained model and gate it, once (``orchestration.promote_once``, as in
+    """Register the retrained model and gate it, once (``stages.promote.promote_once``, as in
     process); then close the parent run, the pipeline's last step. None when tracking is off
     (there is no registry to promote in)."""
     if not tracking_context(tracking):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -134,7 +133,7 @@ def _fingerprints(urls: dict) -> dict:
 
 @pytest.mark.slow
 def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, generator):
-    from feedback_synth.pipeline.run import run_pipeline
+    from feedback_synth.orchestration.run import run_pipeline
     from feedback_synth.reporting.tables import format_summary
     from feedback_synth_kfp.local_runner import run_kfp_local
 

@@ -8,9 +8,9 @@ from dataclasses import asdict
 import pytest
 from kfp import dsl
 
-from feedback_synth.config import PromoteConfig, RunConfig, TrainConfig
+from feedback_synth.config import RunConfig, TrainConfig
 from feedback_synth.errors import ConfigError
-from feedback_synth.pipeline.result import StageResult
+from feedback_synth.stages.result import StageResult
 from feedback_synth_kfp import artifacts
 from feedback_synth_kfp import tracking as kfp_tracking
 from feedback_synth_kfp.parameters import pipeline_arguments, run_config_from_parameters

@@ -220,7 +220,7 @@ def test_lock_timeout_leaves_the_version_challenger(local_registry):
 
 
 def test_make_tracker_follows_tracking_enabled(tmp_path, monkeypatch):
-    from feedback_synth.pipeline.run import make_tracker
+    from feedback_synth.orchestration.run import make_tracker
     from feedback_synth.tracking.base import NullTracker
     from feedback_synth.tracking.mlflow_tracker import MLflowTracker
 

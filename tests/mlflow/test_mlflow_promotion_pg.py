@@ -219,7 +219,6 @@ def test_two_promote_processes_at_once(pg_mlflow_server, pg_uri, checkpoint, mod
     """Two `feedback-synth promote` processes (two pods finishing together) against one registry:
     whichever order the lock grants, the better model ends champion and the decisions agree."""
     import json
-    import os
 
     procs = {}
     for label, (few, overall) in {"worse": (0.30, 0.61), "better": (0.40, 0.62)}.items():

@@ -20,7 +20,7 @@ def _default_output() -> str:
 
 def cmd_run(args) -> int:
     from feedback_synth import storage
-    from feedback_synth.pipeline.run import check_lasting_output
+    from feedback_synth.orchestration.run import check_lasting_output
 
     cfg = load_config(args)
     args.tracking_enabled = cfg.tracking.enabled
@@ -32,7 +32,7 @@ def cmd_run(args) -> int:
 
         report = run_kfp_local(cfg, output, overwrite=args.overwrite)
     else:
-        from feedback_synth.pipeline.run import run_pipeline
+        from feedback_synth.orchestration.run import run_pipeline
 
         report = run_pipeline(cfg, output, overwrite=args.overwrite)
     from feedback_synth.reporting.tables import format_summary
@@ -46,11 +46,10 @@ def cmd_tune(args) -> int:
     from dataclasses import asdict
 
     from feedback_synth import storage
-    from feedback_synth.pipeline.run import make_tracker
     from feedback_synth.config import resolve_devices
-    from feedback_synth.pipeline.preflight import preflight
-    from feedback_synth.pipeline.run import check_lasting_output, check_output_outside_dataset
-    from feedback_synth.pipeline.tune import DEFAULT_GRID, check_grid, parse_grid, run_pilot, validation_table
+    from feedback_synth.orchestration.preflight import preflight
+    from feedback_synth.orchestration.run import check_lasting_output, check_output_outside_dataset, make_tracker
+    from feedback_synth.orchestration.tune import DEFAULT_GRID, check_grid, parse_grid, run_pilot, validation_table
 
     cfg = load_config(args)
     args.tracking_enabled = cfg.tracking.enabled
@@ -90,9 +89,8 @@ def cmd_pretrain_generator(args) -> int:
     pool = BUILTIN[args.dataset](DataConfig().split_seed)["pool"]
     output = args.output or builtin_generator_path(args.dataset)
     print(pretrain_generator(pool, cfg, output))
-    from feedback_synth.generation.bundled import generator_fidelity
-
     from feedback_synth.devices import resolve_device
+    from feedback_synth.generation.bundled import generator_fidelity
 
     fid = generator_fidelity(output, pool, device=resolve_device(cfg.device, "pretrain.device"))
     meta = storage.read_json(storage.join(output, "generator.json"))
@@ -104,30 +102,37 @@ def cmd_pretrain_generator(args) -> int:
 
 def cmd_stage(args) -> int:
     from feedback_synth.config import resolve_devices
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.adapt_generator import adapt_generator
+    from feedback_synth.stages.evaluate import evaluate_run
+    from feedback_synth.stages.extract_feedback import extract_feedback
+    from feedback_synth.stages.filter_synthetic import filter_synthetic
+    from feedback_synth.stages.generate_shard import generate
+    from feedback_synth.stages.prepare_data import prepare_data
+    from feedback_synth.stages.retrain import retrain
+    from feedback_synth.stages.train_baseline import train_baseline
 
     cfg = resolve_devices(load_config(args))  # a device this machine lacks: one line, before any work
     out, again = args.output, args.overwrite
     if args.command == "prepare-data":
-        result = stages.prepare_data(cfg.data, out, overwrite=again)
+        result = prepare_data(cfg.data, out, overwrite=again)
     elif args.command == "train-baseline":
-        result = stages.train_baseline(args.data, out, cfg.train, cfg.data, overwrite=again)
+        result = train_baseline(args.data, out, cfg.train, cfg.data, overwrite=again)
     elif args.command == "adapt-generator":
-        result = stages.adapt_generator(args.data, args.model, out, cfg.adapt, cfg.generate, overwrite=again)
+        result = adapt_generator(args.data, args.model, out, cfg.adapt, cfg.generate, overwrite=again)
     elif args.command == "extract-feedback":
-        result = stages.extract_feedback(args.data, args.model, out, cfg.feedback, overwrite=again)
+        result = extract_feedback(args.data, args.model, out, cfg.feedback, overwrite=again)
     elif args.command == "generate":
-        result = stages.generate(args.data, args.model, args.feedback, out, cfg.generate, shard_ids=args.shard or None,
+        result = generate(args.data, args.model, args.feedback, out, cfg.generate, shard_ids=args.shard or None,
                                  overwrite=again)
     elif args.command == "filter":
-        result = stages.filter_synthetic(args.data, args.model, args.feedback, args.generated, out, cfg.filter,
+        result = filter_synthetic(args.data, args.model, args.feedback, args.generated, out, cfg.filter,
                                          overwrite=again)
     elif args.command == "retrain":
-        result = stages.retrain(args.data, args.model, args.filtered, out, cfg.retrain, cfg.data, overwrite=again)
+        result = retrain(args.data, args.model, args.filtered, out, cfg.retrain, cfg.data, overwrite=again)
     elif args.command == "evaluate":
         from feedback_synth.reporting.tables import format_report
 
-        result = stages.evaluate_run(args.data, args.baseline, args.retrained, args.filtered, out, cfg.data,
+        result = evaluate_run(args.data, args.baseline, args.retrained, args.filtered, out, cfg.data,
                                      device=cfg.device, overwrite=again)
         print(format_report(result.summary))
     else:  # pragma: no cover - argparse restricts the choices

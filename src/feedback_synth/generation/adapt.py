@@ -41,9 +41,9 @@ from feedback_synth import storage
 from feedback_synth.config import AdaptConfig
 from feedback_synth.data.imageset import ImageSet
 from feedback_synth.errors import ConfigError
-
 from feedback_synth.generation.loading import ADAPTED_JSON, LORA_FILE
 from feedback_synth.training.train import one_cycle
+
 PIXEL_TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
                  "attention_conv": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}
 LATENT_TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],

@@ -146,7 +146,7 @@ class TextAdapter(GeneratorAdapter):
 
     @property
     def pipeline_class(self):  # type: ignore[override]
-        from feedback_synth.generation.pipelines import TextFeedbackPipeline
+        from feedback_synth.generation.diffusion import TextFeedbackPipeline
 
         return TextFeedbackPipeline
 
@@ -157,7 +157,7 @@ class TextAdapter(GeneratorAdapter):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from feedback_synth.generation.pipelines import TextFeedbackPipeline
+        from feedback_synth.generation.diffusion import TextFeedbackPipeline
 
         return TextFeedbackPipeline(
             vae=load_part(AutoencoderKL, folder, "vae", torch.float32, weights),  # in the gradient path: float32
@@ -188,7 +188,7 @@ class PixelAdapter(GeneratorAdapter):
 
     @property
     def pipeline_class(self):  # type: ignore[override]
-        from feedback_synth.generation.pipelines import ClassConditionalFeedbackPipeline
+        from feedback_synth.generation.diffusion import ClassConditionalFeedbackPipeline
 
         return ClassConditionalFeedbackPipeline
 
@@ -198,7 +198,7 @@ class PixelAdapter(GeneratorAdapter):
     def load(self, folder, dtype, weights=True):
         from diffusers import DDIMScheduler, UNet2DModel
 
-        from feedback_synth.generation.pipelines import ClassConditionalFeedbackPipeline
+        from feedback_synth.generation.diffusion import ClassConditionalFeedbackPipeline
 
         return ClassConditionalFeedbackPipeline(unet=load_part(UNet2DModel, folder, "unet", dtype, weights),
                                                 scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"))

@@ -18,9 +18,9 @@ from pydantic import StrictStr as Str
 from tqdm.auto import tqdm
 
 from feedback_synth import storage
-from feedback_synth.devices import resolve_device
 from feedback_synth.config import section
 from feedback_synth.data.imageset import ImageSet
+from feedback_synth.devices import resolve_device
 from feedback_synth.generation.loading import load_generator
 from feedback_synth.training.train import one_cycle
 

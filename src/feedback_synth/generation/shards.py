@@ -25,8 +25,8 @@ from feedback_synth.devices import resolve_device
 from feedback_synth.errors import DataError
 from feedback_synth.fingerprints import (
     digest_of,
-    finished_output,
     fingerprint,
+    finished_output,
     folder_digest,
     input_digest,
     read_marker,

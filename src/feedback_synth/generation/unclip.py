@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.models.embeddings import get_timestep_embedding
 
-from feedback_synth.generation.parts import load_part
-from feedback_synth.generation.pipelines import (
+from feedback_synth.generation.diffusion import (
     FeedbackPipelineOutput,
     TextFeedbackPipeline,
     _dropout_masks,
@@ -39,6 +38,7 @@ from feedback_synth.generation.pipelines import (
     sdedit_timesteps,
     start_timesteps,
 )
+from feedback_synth.generation.parts import load_part
 from feedback_synth.guidance.feedback_guidance import FeedbackGuidance
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")

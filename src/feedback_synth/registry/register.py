@@ -305,7 +305,7 @@ def register_and_promote(tracker, model_url: str, report: dict[str, Any], cfg: P
     """Log the retrained model as a LoggedModel with its test metrics, register it, then apply the
     champion/challenger gate.
 
-    ``report`` is ``stages.evaluate_run``'s summary: the candidate's metrics are
+    ``report`` is ``evaluate_run``'s summary: the candidate's metrics are
     ``report['retrained']``, the no-champion reference is ``report['baseline']``.
     ``test_dataset_url``: the prepared dataset whose ``test`` split the metrics were measured on
     (default: the ``test`` split logged on the run or the parent run, if any). Returns the gate's

@@ -4,7 +4,7 @@ Each ``Stage`` says its name (the one vocabulary: the MLflow run, the timings ke
 with ``-`` for ``_``), its config section, its folder under the run, what it reads (by name: the
 outputs of earlier stages) and what it writes, whether it runs on a GPU, whether it runs once or
 in every feedback round, and how it calls its library function (``call``, given a
-``StageContext``). The in-process runner (``pipeline.run``) iterates ``STAGES``; the KFP pipeline
+``StageContext``). The in-process runner (``orchestration.run``) iterates ``STAGES``; the KFP pipeline
 (``pipelines/feedback_synth_pipeline.py``) makes one task per row, wiring inputs to the outputs of
 the same names, and each KFP component runs its row's ``call``; kfp-local's maps and the GPU
 placement (``feedback_synth_kfp.placement``) read the table too.
@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Union
 
 from feedback_synth import storage
 from feedback_synth.config import GenerateConfig, RunConfig
-from feedback_synth.pipeline.result import StageResult
+from feedback_synth.stages.result import StageResult
 
 EpochHook = Optional[Callable[[dict[str, Any]], None]]
 
@@ -99,61 +99,61 @@ class Stage:
 
 
 def _prepare_data(ctx: StageContext) -> StageResult:
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.prepare_data import prepare_data
 
-    return stages.prepare_data(ctx.cfg.data, ctx.output)
+    return prepare_data(ctx.cfg.data, ctx.output)
 
 
 def _train_baseline(ctx: StageContext) -> StageResult:
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.train_baseline import train_baseline
 
-    return stages.train_baseline(ctx.url("data"), ctx.output, ctx.cfg.train, ctx.cfg.data, on_epoch=ctx.on_epoch)
+    return train_baseline(ctx.url("data"), ctx.output, ctx.cfg.train, ctx.cfg.data, on_epoch=ctx.on_epoch)
 
 
 def _adapt_generator(ctx: StageContext) -> StageResult:
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.adapt_generator import adapt_generator
 
-    return stages.adapt_generator(ctx.url("data"), ctx.model("baseline"), ctx.output, ctx.cfg.adapt, ctx.cfg.generate)
+    return adapt_generator(ctx.url("data"), ctx.model("baseline"), ctx.output, ctx.cfg.adapt, ctx.cfg.generate)
 
 
 def _extract_feedback(ctx: StageContext) -> StageResult:
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.extract_feedback import extract_feedback
 
-    return stages.extract_feedback(ctx.url("data"), ctx.model("latest"), ctx.output, ctx.cfg.feedback, ctx.round_index,
-                                   ctx.optional("previous_feedback"))
+    return extract_feedback(ctx.url("data"), ctx.model("latest"), ctx.output, ctx.cfg.feedback, ctx.round_index,
+                            ctx.optional("previous_feedback"))
 
 
 def _generate(ctx: StageContext) -> StageResult:
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.generate_shard import generate
 
-    return stages.generate(ctx.url("data"), ctx.model("latest"), ctx.url("feedback"), ctx.output,
-                           generate_config(ctx.cfg, ctx.optional("adapted")), shard_ids=ctx.shard_ids)
+    return generate(ctx.url("data"), ctx.model("latest"), ctx.url("feedback"), ctx.output,
+                    generate_config(ctx.cfg, ctx.optional("adapted")), shard_ids=ctx.shard_ids)
 
 
 def _filter(ctx: StageContext) -> StageResult:
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.filter_synthetic import filter_synthetic
 
-    return stages.filter_synthetic(ctx.url("data"), ctx.model("latest"), ctx.url("feedback"), ctx.url("generated"),
-                                   ctx.output, ctx.cfg.filter, ctx.optional("previous_filtered"))
+    return filter_synthetic(ctx.url("data"), ctx.model("latest"), ctx.url("feedback"), ctx.url("generated"),
+                            ctx.output, ctx.cfg.filter, ctx.optional("previous_filtered"))
 
 
 def _retrain(ctx: StageContext) -> StageResult:
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.retrain import retrain
 
-    return stages.retrain(ctx.url("data"), ctx.model("baseline"), ctx.url("filtered"), ctx.output, ctx.cfg.retrain,
-                          ctx.cfg.data, on_epoch=ctx.on_epoch, previous_retrained_url=ctx.optional("previous_retrained"),
-                          round_index=ctx.round_index)
+    return retrain(ctx.url("data"), ctx.model("baseline"), ctx.url("filtered"), ctx.output, ctx.cfg.retrain,
+                   ctx.cfg.data, on_epoch=ctx.on_epoch, previous_retrained_url=ctx.optional("previous_retrained"),
+                   round_index=ctx.round_index)
 
 
 def _evaluate(ctx: StageContext) -> StageResult:
-    from feedback_synth.pipeline import stages
+    from feedback_synth.stages.evaluate import evaluate_run
 
-    return stages.evaluate_run(ctx.url("data"), ctx.url("baseline"), ctx.url("retrained"), ctx.url("filtered"),
-                               ctx.output, ctx.cfg.data, device=ctx.cfg.device, adapted_url=ctx.optional("adapted"))
+    return evaluate_run(ctx.url("data"), ctx.url("baseline"), ctx.url("retrained"), ctx.url("filtered"),
+                        ctx.output, ctx.cfg.data, device=ctx.cfg.device, adapted_url=ctx.optional("adapted"))
 
 
 def _promote(ctx: StageContext) -> StageResult:  # pragma: no cover - the runners call promote_once themselves
-    raise NotImplementedError("promote registers in MLflow: orchestration.promote_once")
+    raise NotImplementedError("promote registers in MLflow: stages.promote.promote_once")
 
 
 STAGES: tuple[Stage, ...] = (

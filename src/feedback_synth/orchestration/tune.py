@@ -57,7 +57,7 @@ UNTUNABLE = {"feedback.rounds": "the pilot scores one-shot settings (feedback.ro
 def check_grid(cfg: RunConfig, grid: dict[str, list[Any]]) -> None:
     """Before any work: every axis has values and names a field the pilot may try, and every setting
     of the grid builds a valid config (types, ranges, known names: criteria, filters, losses)."""
-    from feedback_synth.pipeline.preflight import check_names
+    from feedback_synth.orchestration.preflight import check_names
 
     for key, values in grid.items():
         if not values:
@@ -105,9 +105,12 @@ def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any
     an earlier pilot wrote there (``run.remove_run_outputs`` on ``TUNE_FOLDERS``, and ``TUNE_FILES``;
     a file of the user's stays, and so does the MLflow store)."""
     from feedback_synth.data.imageset import load_info, load_split
-    from feedback_synth.pipeline import stages
-    from feedback_synth.pipeline.orchestration import RunLayout
-    from feedback_synth.pipeline.run import synthesis_rounds
+    from feedback_synth.orchestration.run import synthesis_rounds
+    from feedback_synth.orchestration.shared import RunLayout
+    from feedback_synth.stages.adapt_generator import adapt_generator
+    from feedback_synth.stages.outputs import model_url
+    from feedback_synth.stages.prepare_data import prepare_data
+    from feedback_synth.stages.train_baseline import train_baseline
     from feedback_synth.tracking.base import NullTracker
     from feedback_synth.training.classifier import load_classifier
     from feedback_synth.training.evaluate import evaluate, summary
@@ -116,7 +119,7 @@ def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any
     check_grid(cfg, grid)
     tracker = tracker or NullTracker()
     if overwrite:
-        from feedback_synth.pipeline.run import remove_run_outputs
+        from feedback_synth.orchestration.run import remove_run_outputs
 
         remove_run_outputs(output_url, TUNE_FOLDERS)
         for name in TUNE_FILES:
@@ -126,16 +129,16 @@ def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any
     short = replace(resolved, train=replace(cfg.train, epochs=epochs), retrain=replace(cfg.retrain, epochs=epochs),
                     feedback=replace(cfg.feedback, rounds=1))
     data, baseline = storage.join(output_url, "data"), storage.join(output_url, "baseline")
-    stages.prepare_data(short.data, data)
+    prepare_data(short.data, data)
     if "val" not in load_info(data).splits:
         raise ConfigError(f"the pilot scores settings on the validation split, and {cfg.data.dataset} has none; add "
                           f"a val/ folder (or val.txt) to the dataset")
-    stages.train_baseline(data, baseline, short.train, short.data)
+    train_baseline(data, baseline, short.train, short.data)
     val = load_split(data, "val")
     metric = cfg.promote.gate_metric
 
     def score(model_folder: str) -> dict[str, float]:
-        return summary(evaluate(load_classifier(stages.model_url(model_folder), short.device), val, short.data))
+        return summary(evaluate(load_classifier(model_url(model_folder), short.device), val, short.data))
 
     rows = [{"setting": NO_SYNTHESIS, **score(baseline)}]
     settings = settings_of(grid)
@@ -146,7 +149,7 @@ def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any
         adapt_folder = storage.join(output_url, "adapted",
                                     "-".join(f"{k}{v}" for k, v in sorted(result_settings(run_cfg.adapt).items())))
         with tracker.stage(name, setting) as run:
-            stages.adapt_generator(data, stages.model_url(baseline), adapt_folder, run_cfg.adapt,
+            adapt_generator(data, model_url(baseline), adapt_folder, run_cfg.adapt,
                                              run_cfg.generate)
             _, retrained, filtered = synthesis_rounds(run_cfg, RunLayout(folder), data, baseline, NullTracker(),
                                                       adapted=adapt_folder)

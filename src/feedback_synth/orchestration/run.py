@@ -31,19 +31,19 @@ from feedback_synth import storage
 from feedback_synth.config import RunConfig, resolve_devices, strip_runtime
 from feedback_synth.errors import ConfigError, DataError
 from feedback_synth.fingerprints import StaleOutputError, differences
-from feedback_synth.pipeline import stages
-from feedback_synth.pipeline import stage_table
-from feedback_synth.pipeline.orchestration import (
+from feedback_synth.orchestration import stage_table
+from feedback_synth.orchestration.preflight import preflight
+from feedback_synth.orchestration.shared import (
     STAGE_FOLDERS,
     RunLayout,
     log_run_epilogue,
-    promote_once,
     run_logged_stage,
     write_run_summary,
 )
-from feedback_synth.pipeline.preflight import preflight
-from feedback_synth.pipeline.result import StageResult
-from feedback_synth.pipeline.stage_table import STAGES, Stage, StageContext
+from feedback_synth.orchestration.stage_table import STAGES, Stage, StageContext
+from feedback_synth.stages.outputs import model_url
+from feedback_synth.stages.promote import promote_once
+from feedback_synth.stages.result import StageResult
 from feedback_synth.tracking.base import NullTracker
 
 log = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ def _run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker
         promotion = None
         if tracker.run_id is not None:  # a registry to promote in
             t0 = time.time()
-            promotion = promote_once(tracker, stages.model_url(produced["retrained"]), produced["evaluation"], report,
+            promotion = promote_once(tracker, model_url(produced["retrained"]), produced["evaluation"], report,
                                      cfg.promote, cfg.tracking, test_dataset_url=produced["data"])
             if not promotion.get("resumed"):
                 timings["promote"] = round(time.time() - t0, 2)
@@ -428,7 +428,7 @@ def _run_pipeline(cfg: RunConfig, output_url: str, tracker: Optional[NullTracker
 def run_table(cfg: RunConfig, layout: RunLayout, tracker: Any, produced: dict[str, Any],
               timings: Optional[dict[str, float]] = None, names: Optional[list[str]] = None,
               worked: Optional[list[str]] = None) -> tuple[dict[str, StageResult], dict[str, Any]]:
-    """Run the rows of the stage table (``pipeline.stage_table.STAGES``) named in ``names`` (default:
+    """Run the rows of the stage table (``orchestration.stage_table.STAGES``) named in ``names`` (default:
     every row but promote, which the runner does itself), in table order. A row that runs once gets
     the outputs ``produced`` so far; consecutive per-round rows run ``feedback.rounds`` times, round
     r reading ``latest`` (the baseline, then the previous round's retrained model) and the previous

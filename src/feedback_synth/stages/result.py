@@ -1,6 +1,6 @@
 """What every stage returns, and the one function that logs it.
 
-The in-process runner (``pipeline.run``), the stage verbs of the CLI and the KFP components all call
+The in-process runner (``orchestration.run``), the stage verbs of the CLI and the KFP components all call
 a stage function, get a ``StageResult`` back and hand it to ``log_stage_result``: per-stage logging
 is written once.
 """

@@ -1,7 +1,7 @@
 """The orchestration that both runners share: where a stage writes, what its MLflow run is called,
 how a stage is run and logged, how the run is promoted once, and the run's summary.
 
-The in-process runner (``pipeline.run``) and the KFP components (``feedback_synth_kfp``) both call
+The in-process runner (``orchestration.run``) and the KFP components (``feedback_synth_kfp``) both call
 these, so that a run looks the same in its folder and in the MLflow UI whichever ran it:
 
 - ``RunLayout``: one folder per stage under the run's output (``data``, ``baseline``,
@@ -10,7 +10,6 @@ these, so that a run looks the same in its folder and in the MLflow UI whichever
   ``round_<r>/<stage>`` in rounds), every stage run nested directly under the parent run.
 - ``run_logged_stage``: the one per-stage wrapper (a nested run with the stage's config as params,
   per-epoch metrics, the result's metrics/artifacts/datasets, the ``resumed`` tag, ``seconds``).
-- ``promote_once``: register and gate the retrained model once per finished evaluation.
 - ``write_run_summary``: the summary both runners return and write (``report/run_summary.json``).
 """
 from __future__ import annotations
@@ -20,15 +19,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from feedback_synth import storage
-from feedback_synth.pipeline.result import StageResult, log_stage_result
-from feedback_synth.pipeline.stage_table import ROUND_FOLDERS, STAGE_FOLDERS
+from feedback_synth.orchestration.stage_table import ROUND_FOLDERS, STAGE_FOLDERS
+from feedback_synth.stages.result import StageResult, log_stage_result
 
 if TYPE_CHECKING:
     from feedback_synth.reporting.tables import EvaluationReport
 
 RESUMED_TAG = "feedback_synth.resumed"
 ROUND_STAGES = ROUND_FOLDERS  # the folders repeated per round (from the stage table)
-__all__ = ["STAGE_FOLDERS", "ROUND_STAGES", "RunLayout", "run_logged_stage", "promote_once", "log_run_epilogue",
+__all__ = ["STAGE_FOLDERS", "ROUND_STAGES", "RunLayout", "run_logged_stage", "log_run_epilogue",
            "write_run_summary"]
 
 EpochHook = Optional[Callable[[dict[str, Any]], None]]
@@ -90,33 +89,6 @@ def run_logged_stage(parent: Any, name: str, params: dict[str, Any], work: Calla
         result.seconds = round(time.time() - t0, 2)
         log.log_metrics({"seconds": result.seconds})
     return result
-
-
-def promote_once(parent: Any, retrained_model_url: str, report_url: str, report: "EvaluationReport", promote_cfg: Any,
-                 tracking_cfg: Any, test_dataset_url: str) -> dict[str, Any]:
-    """Register the retrained model and move ``champion`` if it passes the gate, in a nested
-    ``promote`` run, once per finished evaluation: the decision is kept in
-    ``<report_url>/promotion.json`` and a second call (a resumed run, a retried task) returns it
-    (``resumed: True``) instead of registering a second version."""
-    from dataclasses import asdict
-
-    from feedback_synth.fingerprints import digest_of, read_marker
-    from feedback_synth.registry.register import register_and_promote
-
-    decision_url = storage.join(report_url, "promotion.json")
-    key = digest_of({"evaluation": (read_marker(report_url) or {}).get("digest"),
-                     "promote": asdict(promote_cfg), "tracking": asdict(tracking_cfg)})
-    if storage.exists(decision_url):
-        done = storage.read_json(decision_url)
-        if done.get("key") == key:
-            return {**done["promotion"], "resumed": True}
-    t0 = time.time()
-    with parent.stage("promote", asdict(promote_cfg)) as log:
-        promotion = register_and_promote(parent, retrained_model_url, report, promote_cfg, run_id=log.run_id,
-                                         test_dataset_url=test_dataset_url)
-        log.log_metrics({"seconds": round(time.time() - t0, 2)})
-    storage.write_json(decision_url, {"key": key, "promotion": promotion, "seconds": round(time.time() - t0, 2)})
-    return promotion
 
 
 def log_run_epilogue(parent: Any, evaluation: StageResult) -> None:

@@ -14,8 +14,8 @@ import time
 from typing import Any, Callable, Optional
 
 from feedback_synth import storage
-from feedback_synth.fingerprints import MARKER, finished_output, fingerprint, input_digest
-from feedback_synth.pipeline.result import StageResult
+from feedback_synth.fingerprints import MARKER, fingerprint, finished_output, input_digest
+from feedback_synth.stages.result import StageResult
 
 
 def digests(**urls: Optional[str]) -> dict[str, str]:
