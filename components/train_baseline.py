@@ -22,7 +22,7 @@ def train_baseline(data: Input[Dataset], baseline: Output[Model], metrics: Outpu
         run_folder (str): when set, write the run's layout under this folder instead (kfp-local: its
             --output), so that a re-run resumes.
     """
-    from feedback_synth.orchestration.stages import model_url
+    from feedback_synth.stages.outputs import model_url
     from feedback_synth.training.classifier import classifier_spec
     from feedback_synth_kfp import artifacts
     from feedback_synth_kfp.tracking import run_table_stage

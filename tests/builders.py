@@ -93,3 +93,49 @@ def build_tiny_unclip_model(path: str, prediction_type: str = "v_prediction") ->
     }
     for name, part in parts.items():
         part.save_pretrained(os.path.join(path, name))
+
+
+# -- image files for dataset tests ----------------------------------------------------------------
+
+
+def png(value: int, size: int | tuple[int, int] = 12, mode: str = "L") -> bytes:
+    """A small grey PNG: ``value`` with a lighter patch (distinct values give distinct files),
+    saved in ``mode``; ``size``: a side or ``(width, height)``."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    w, h = (size, size) if isinstance(size, int) else size
+    arr = np.full((h, w), value, np.uint8)
+    arr[2:6, 3:9] = 255 - value
+    buf = io.BytesIO()
+    Image.fromarray(arr, "L").convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def colour_png(size: int = 12, mode: str = "RGB") -> bytes:
+    """A small red-ish PNG (its bands differ), saved in ``mode``."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.zeros((size, size, 3), np.uint8)
+    arr[..., 0], arr[..., 2] = 200, 40
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def class_folders(root: str, counts: dict[str, dict[str, int]], size: int = 12) -> None:
+    """``root/<split>/<class>/<i>.png`` (any fsspec URL) with ``counts[split][class]`` images; every
+    file differs from every other (identical files would warn of leakage)."""
+    from feedback_synth import storage
+
+    n = 0
+    for split, per_class in counts.items():
+        for cls, count in per_class.items():
+            for i in range(count):
+                n += 1
+                storage.write_bytes(storage.join(str(root), split, cls, f"{i}.png"), png((3 * n) % 250, size))

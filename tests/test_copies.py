@@ -100,7 +100,7 @@ def test_a_class_above_the_share_is_named_in_the_run_and_in_the_report(caplog):
                                   FilterConfig(filters=["degenerate"], copy_share=0.4), ["a", "b", "c"])
     assert report["copy_classes"] == ["c (50%)"]  # a: 1 of 3 = 33% is under 40%
     assert "c (50%)" in caplog.text and "near-copies" in caplog.text
-    evaluation = {"baseline": {"overall": 0.5}, "retrained": {"overall": 0.6}, "delta": {"overall": 0.1},
+    evaluation = {"no_synthesis": {"overall": 0.5}, "retrained": {"overall": 0.6}, "delta": {"overall": 0.1},
                   "generated": 5, "kept": 5, "copy_classes": report["copy_classes"]}
     text = format_report(evaluation)
     assert "warning: the kept synthetic images of classes c (50%) are near-copies" in text

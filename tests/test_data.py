@@ -1,11 +1,9 @@
 """Data: the built-in digits-lt split, URL datasets on memory:// and gs://, and bad input."""
 from __future__ import annotations
 
-import io as _io
-
 import numpy as np
 import pytest
-from PIL import Image
+from builders import class_folders, png
 
 from feedback_synth import storage
 from feedback_synth.config import DataConfig
@@ -75,24 +73,9 @@ def test_shot_groups_follow_thresholds():
     assert g2["few"].tolist() == [8, 9]
 
 
-def _png(value: int, size: int = 12, mode: str = "L") -> bytes:
-    arr = np.full((size, size), value, np.uint8)
-    arr[2:6, 3:9] = 255 - value
-    buf = _io.BytesIO()
-    Image.fromarray(arr, mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write_class_folders(root: str, counts: dict[str, dict[str, int]]) -> None:
-    for split, per_class in counts.items():
-        for cls, n in per_class.items():
-            for i in range(n):
-                storage.write_bytes(storage.join(root, split, cls, f"{i}.png"), _png(10 * i + len(cls)))
-
-
 def test_class_folder_dataset_on_memory(memory_url):
     src, out = memory_url + "/src", memory_url + "/prepared"
-    _write_class_folders(src, {"train": {"cat": 5, "dog": 2}, "test": {"cat": 2, "dog": 2}})
+    class_folders(src, {"train": {"cat": 5, "dog": 2}, "test": {"cat": 2, "dog": 2}})
     info = prepare_dataset(DataConfig(dataset=src, image_size=8), out)
     assert info.class_names == ["cat", "dog"] and info.train_class_counts == [5, 2]
     test = load_split(out, "test")
@@ -106,7 +89,7 @@ def test_split_file_dataset_with_groups_on_memory(memory_url):
     for split, n in (("train", 6), ("test", 4)):
         for i in range(n):
             path = f"images/{split}_{i}.png"
-            storage.write_bytes(storage.join(src, path), _png(20 * i))
+            storage.write_bytes(storage.join(src, path), png(20 * i))
             lines[split].append(f"{path} {i % 3} {'water' if i % 2 else 'land'}")
         storage.write_text(storage.join(src, f"{split}.txt"), "\n".join(lines[split]) + "\n")
     storage.write_text(storage.join(src, "classes.txt"), "a\nb\nc\n")
@@ -119,7 +102,7 @@ def test_split_file_dataset_with_groups_on_memory(memory_url):
 
 def test_class_folder_dataset_on_gcs_emulator(gcs_bucket):
     src, out = gcs_bucket + "/src", gcs_bucket + "/prepared"
-    _write_class_folders(src, {"train": {"a": 3, "b": 1}, "test": {"a": 1, "b": 1}})
+    class_folders(src, {"train": {"a": 3, "b": 1}, "test": {"a": 1, "b": 1}})
     info = prepare_dataset(DataConfig(dataset=src, image_size=8), out)
     assert info.train_class_counts == [3, 1]
     assert len(load_split(out, "test")) == 2
@@ -145,7 +128,7 @@ def test_unknown_builtin_name(memory_url):
 
 def test_empty_class_folder_is_named(memory_url):
     src = memory_url + "/src"
-    _write_class_folders(src, {"train": {"a": 2}, "test": {"a": 1}})
+    class_folders(src, {"train": {"a": 2}, "test": {"a": 1}})
     storage.write_text(storage.join(src, "train", "empty", "README.txt"), "no images here")
     with pytest.raises(DataError, match="empty class 'empty'"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
@@ -154,7 +137,7 @@ def test_empty_class_folder_is_named(memory_url):
 
 def test_test_class_outside_class_list_is_named(memory_url):
     src = memory_url + "/src"
-    _write_class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "zebra": 1}})
+    class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "zebra": 1}})
     with pytest.raises(DataError, match="class 'zebra' in split 'test' is not in the class list"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
     _assert_no_output(memory_url + "/out")
@@ -162,7 +145,7 @@ def test_test_class_outside_class_list_is_named(memory_url):
 
 def test_label_outside_class_list_in_split_file(memory_url):
     src = memory_url + "/src"
-    storage.write_bytes(storage.join(src, "x.png"), _png(1))
+    storage.write_bytes(storage.join(src, "x.png"), png(1))
     storage.write_text(storage.join(src, "classes.txt"), "a\nb\n")
     storage.write_text(storage.join(src, "train.txt"), "x.png 0\nx.png 1\n")
     storage.write_text(storage.join(src, "test.txt"), "x.png 7\n")
@@ -173,7 +156,7 @@ def test_label_outside_class_list_in_split_file(memory_url):
 
 def test_empty_class_in_split_file(memory_url):
     src = memory_url + "/src"
-    storage.write_bytes(storage.join(src, "x.png"), _png(1))
+    storage.write_bytes(storage.join(src, "x.png"), png(1))
     storage.write_text(storage.join(src, "classes.txt"), "a\nb\nc\n")
     storage.write_text(storage.join(src, "train.txt"), "x.png 0\nx.png 2\n")
     storage.write_text(storage.join(src, "test.txt"), "x.png 0\n")
@@ -183,7 +166,7 @@ def test_empty_class_in_split_file(memory_url):
 
 def test_corrupt_image_is_named(memory_url):
     src = memory_url + "/src"
-    _write_class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
     storage.write_bytes(storage.join(src, "train", "b", "broken.png"), b"\x89PNG not really")
     with pytest.raises(DataError, match=r"corrupt or unreadable image: .*train/b/broken.png"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")
@@ -192,7 +175,7 @@ def test_corrupt_image_is_named(memory_url):
 
 def test_missing_image_in_split_file(memory_url):
     src = memory_url + "/src"
-    storage.write_bytes(storage.join(src, "x.png"), _png(1))
+    storage.write_bytes(storage.join(src, "x.png"), png(1))
     storage.write_text(storage.join(src, "train.txt"), "x.png 0\nx.png 1\nmissing.png 0\n")
     storage.write_text(storage.join(src, "test.txt"), "x.png 0\n")
     with pytest.raises(DataError, match=r"image not found or unreadable: .*missing.png"):
@@ -201,6 +184,6 @@ def test_missing_image_in_split_file(memory_url):
 
 def test_no_test_split(memory_url):
     src = memory_url + "/src"
-    _write_class_folders(src, {"train": {"a": 2}})
+    class_folders(src, {"train": {"a": 2}})
     with pytest.raises(DataError, match="no test split"):
         prepare_dataset(DataConfig(dataset=src), memory_url + "/out")

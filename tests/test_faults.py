@@ -1,14 +1,13 @@
 """Fault injection: bad input gets a one-line error naming the file, field or class, and loses nothing."""
 from __future__ import annotations
 
-import io as _io
 import logging
 import socket
 import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from builders import class_folders, colour_png, png
 
 from feedback_synth import storage
 from feedback_synth.config import DataConfig
@@ -20,42 +19,16 @@ from feedback_synth.errors import DataError
 SOURCES_LOGGER = "feedback_synth.data.sources"
 
 
-def _png(value: int, size: int = 12, mode: str = "L") -> bytes:
-    """A small image: grey content (value with a lighter patch), saved in ``mode``."""
-    arr = np.full((size, size), value, np.uint8)
-    arr[2:6, 3:9] = 255 - value
-    buf = _io.BytesIO()
-    Image.fromarray(arr, "L").convert(mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _colour_png(size: int = 12, mode: str = "RGB") -> bytes:
-    arr = np.zeros((size, size, 3), np.uint8)
-    arr[..., 0], arr[..., 2] = 200, 40  # red-ish: its bands differ
-    buf = _io.BytesIO()
-    Image.fromarray(arr, "RGB").convert(mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _class_folders(root: str, counts: dict[str, dict[str, int]]) -> None:
-    for split, per_class in counts.items():
-        for cls, n in per_class.items():
-            for i in range(n):
-                # a test image differs from every train image (identical files would warn of leakage)
-                storage.write_bytes(storage.join(root, split, cls, f"{i}.png"),
-                                    _png(10 * i + len(cls) + (5 if split != "train" else 0)))
-
-
 def _split_files(root: str, train: list[str], test: list[str], images: tuple[str, ...] = ("x.png",)) -> None:
     for name in images:
-        storage.write_bytes(storage.join(root, name), _png(7))
+        storage.write_bytes(storage.join(root, name), png(7))
     storage.write_text(storage.join(root, "train.txt"), "\n".join(train) + "\n")
     storage.write_text(storage.join(root, "test.txt"), "\n".join(test) + "\n")
 
 
 def _metadata_csv(root: str, rows: list[str], images: tuple[str, ...] = ("x.png",)) -> None:
     for name in images:
-        storage.write_bytes(storage.join(root, name), _png(7))
+        storage.write_bytes(storage.join(root, name), png(7))
     storage.write_text(storage.join(root, "metadata.csv"), "\n".join(["path,label,group,split", *rows]) + "\n")
 
 
@@ -76,7 +49,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 @pytest.fixture
 def outside(memory_url):
     """A dataset root ``memory_url/a/src`` with a real image two levels above it (``../../outside.png``)."""
-    storage.write_bytes(storage.join(memory_url, "outside.png"), _png(99))
+    storage.write_bytes(storage.join(memory_url, "outside.png"), png(99))
     return memory_url + "/a/src"
 
 
@@ -100,7 +73,7 @@ def test_metadata_csv_path_leaving_the_root_is_refused(outside, memory_url):
 def test_etc_passwd_is_refused_for_its_path_not_as_a_bad_image(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    (src / "x.png").write_bytes(_png(7))
+    (src / "x.png").write_bytes(png(7))
     (src / "train.txt").write_text("x.png 0\nx.png 1\n../../../../etc/passwd 0\n")
     (src / "test.txt").write_text("x.png 0\n")
     refused = r"train.txt:3: path '\.\./\.\./\.\./\.\./etc/passwd' leaves the dataset root"
@@ -135,8 +108,8 @@ def test_dot_dot_that_stays_inside_the_root_is_normalised(memory_url):
 def test_one_stray_rgba_file_keeps_a_grey_dataset_grey(memory_url, caplog):
     """The stray file sorts first (it used to decide alone): its grey content is grey, with one warning."""
     src = memory_url + "/src"
-    _class_folders(src, {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
-    storage.write_bytes(storage.join(src, "train", "a", "00-stray.png"), _png(50, mode="RGBA"))
+    class_folders(src, {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
+    storage.write_bytes(storage.join(src, "train", "a", "00-stray.png"), png(50, mode="RGBA"))
     with caplog.at_level(logging.WARNING, logger=SOURCES_LOGGER):
         info = prepare_dataset(DataConfig(dataset=src, image_size=8), memory_url + "/out")
     assert info.image_shape == [8, 8, 1]
@@ -149,8 +122,8 @@ def test_one_stray_rgba_file_keeps_a_grey_dataset_grey(memory_url, caplog):
 
 def test_a_colour_image_makes_the_dataset_rgb_with_one_warning(memory_url, caplog):
     src = memory_url + "/src"
-    _class_folders(src, {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
-    storage.write_bytes(storage.join(src, "train", "b", "zz-colour.png"), _colour_png(mode="RGBA"))
+    class_folders(src, {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
+    storage.write_bytes(storage.join(src, "train", "b", "zz-colour.png"), colour_png(mode="RGBA"))
     with caplog.at_level(logging.WARNING, logger=SOURCES_LOGGER):
         info = prepare_dataset(DataConfig(dataset=src, image_size=8), memory_url + "/out")
     assert info.image_shape == [8, 8, 3]
@@ -163,7 +136,7 @@ def test_a_colour_image_makes_the_dataset_rgb_with_one_warning(memory_url, caplo
 
 def test_channels_3_forces_rgb(memory_url, caplog):
     src = memory_url + "/src"
-    _class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
     with caplog.at_level(logging.WARNING, logger=SOURCES_LOGGER):
         info = prepare_dataset(DataConfig(dataset=src, image_size=8, channels=3), memory_url + "/out")
     assert info.image_shape == [8, 8, 3]
@@ -176,7 +149,7 @@ def test_channels_1_forces_grey_on_a_colour_dataset(memory_url):
     for split, n in (("train", 2), ("test", 1)):
         for cls in ("a", "b"):
             for i in range(n):
-                storage.write_bytes(storage.join(src, split, cls, f"{i}.png"), _colour_png())
+                storage.write_bytes(storage.join(src, split, cls, f"{i}.png"), colour_png())
     assert prepare_dataset(DataConfig(dataset=src, image_size=8), memory_url + "/auto").image_shape == [8, 8, 3]
     grey = prepare_dataset(DataConfig(dataset=src, image_size=8, channels=1), memory_url + "/grey")
     assert grey.image_shape == [8, 8, 1]
@@ -188,12 +161,12 @@ def test_channels_1_forces_grey_on_a_colour_dataset(memory_url):
 def _one_class_layouts(root: str) -> dict[str, str]:
     """The same one-class dataset in every layout; returns layout -> URL."""
     urls = {k: f"{root}/{k}" for k in ("class-folders", "split-files", "metadata-csv", "domain-folders")}
-    _class_folders(urls["class-folders"], {"train": {"cat": 3}, "test": {"cat": 1}})
+    class_folders(urls["class-folders"], {"train": {"cat": 3}, "test": {"cat": 1}})
     _split_files(urls["split-files"], ["x.png 0", "x.png 0"], ["x.png 0"])
     storage.write_text(storage.join(urls["split-files"], "classes.txt"), "cat\n")
     _metadata_csv(urls["metadata-csv"], ["x.png,cat,land,train", "x.png,cat,land,test"])
     for i in range(5):
-        storage.write_bytes(storage.join(urls["domain-folders"], "grass", "cat", f"{i}.png"), _png(i))
+        storage.write_bytes(storage.join(urls["domain-folders"], "grass", "cat", f"{i}.png"), png(i))
     return urls
 
 
@@ -216,13 +189,13 @@ def test_layouts_agree(memory_url):
     """The same images as class folders, split files and metadata.csv give the same labels and pixels."""
     base = memory_url + "/src"
     folders, split_files, csv = base + "/folders", base + "/txt", base + "/csv"
-    _class_folders(folders, {"train": {"a": 2, "b": 3}, "test": {"a": 1, "b": 1}})
+    class_folders(folders, {"train": {"a": 2, "b": 3}, "test": {"a": 1, "b": 1}})
     lines: dict[str, list[str]] = {"train": [], "test": []}
     csv_rows = []
     for split, per_class in (("train", {"a": 2, "b": 3}), ("test", {"a": 1, "b": 1})):
         for y, (cls, n) in enumerate(per_class.items()):
             for i in range(n):
-                data = _png(10 * i + len(cls) + (5 if split != "train" else 0))  # as _class_folders
+                data = storage.read_bytes(storage.join(folders, split, cls, f"{i}.png"))  # the same files
                 for root in (split_files, csv):
                     storage.write_bytes(storage.join(root, split, cls, f"{i}.png"), data)
                 lines[split].append(f"{split}/{cls}/{i}.png {y}")
@@ -273,11 +246,11 @@ def test_scan_dataset_refuses_what_prepare_refuses(memory_url, outside):
     with pytest.raises(DataError, match="dataset not found: memory://nowhere"):
         scan_dataset("memory://nowhere", cfg)
     src = memory_url + "/no-test"
-    _class_folders(src, {"train": {"a": 2, "b": 2}})
+    class_folders(src, {"train": {"a": 2, "b": 2}})
     with pytest.raises(DataError, match=rf"dataset {src}: no test split \({src}/test\)"):
         scan_dataset(src, cfg)
     src = memory_url + "/unknown"
-    _class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "zebra": 1}})
+    class_folders(src, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "zebra": 1}})
     with pytest.raises(DataError, match=rf"{src}/test/zebra: class 'zebra' in split 'test' is not in the class list"):
         scan_dataset(src, cfg)
     src = memory_url + "/empty"
@@ -342,7 +315,7 @@ def test_unreachable_gcs_dataset_is_one_line_after_the_timeout(monkeypatch):
 def test_prepared_info_is_unchanged_by_the_checks(memory_url):
     """The checks change nothing for a good dataset: shape, classes and counts as before."""
     src = memory_url + "/src"
-    _class_folders(src, {"train": {"cat": 5, "dog": 2}, "test": {"cat": 2, "dog": 2}})
+    class_folders(src, {"train": {"cat": 5, "dog": 2}, "test": {"cat": 2, "dog": 2}})
     prepare_dataset(DataConfig(dataset=src, image_size=8), memory_url + "/out")
     info = load_info(memory_url + "/out")
     assert info.class_names == ["cat", "dog"] and info.train_class_counts == [5, 2] and info.image_shape == [8, 8, 1]

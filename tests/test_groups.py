@@ -114,7 +114,7 @@ def test_digits_groups_run_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "worst_group" in printed and "average_group" in printed
     summary = storage.read_json(str(out / "report" / "run_summary.json"))
-    assert "worst_group" in summary["baseline"] and "worst_group" in summary["retrained"]
+    assert "worst_group" in summary["no_synthesis"] and "worst_group" in summary["retrained"]
     from feedback_synth.generation.shards import read_metadata
 
     rows = read_metadata(str(out / "generated" / "shards" / "shard-00000" / "metadata.csv"))

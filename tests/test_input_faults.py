@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from builders import class_folders, colour_png, png
 from PIL import Image
 
 from feedback_synth import storage
@@ -20,33 +21,6 @@ from feedback_synth.cli.main import main
 SOURCES_LOGGER = "feedback_synth.data.sources"
 PREPARE_LOGGER = "feedback_synth.data.prepare"
 NO_TRACKING = ["--set", "tracking.enabled=false"]
-
-
-def _png(value: int, size: int | tuple[int, int] = 12, mode: str = "L") -> bytes:
-    """A small grey image (value with a lighter patch), saved in ``mode``."""
-    w, h = (size, size) if isinstance(size, int) else size
-    arr = np.full((h, w), value, np.uint8)
-    arr[2:6, 3:9] = 255 - value
-    buf = _io.BytesIO()
-    Image.fromarray(arr, "L").convert(mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _colour_png(size: int = 12) -> bytes:
-    arr = np.zeros((size, size, 3), np.uint8)
-    arr[..., 0], arr[..., 2] = 200, 40
-    buf = _io.BytesIO()
-    Image.fromarray(arr, "RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _class_folders(root: str, counts: dict[str, dict[str, int]], size: int = 12) -> None:
-    for split, per_class in counts.items():
-        for cls, n in per_class.items():
-            for i in range(n):
-                # a test image differs from every train image (identical files would warn of leakage)
-                storage.write_bytes(storage.join(root, split, cls, f"{i}.png"),
-                                    _png(10 * i + len(cls) + (5 if split != "train" else 0), size))
 
 
 def _warnings(caplog, logger: str) -> list[str]:
@@ -75,7 +49,7 @@ def generator_2_classes(tmp_path_factory):
 
 def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped(memory_url, caplog, capsys):
     src, out = memory_url + "/src", memory_url + "/out"
-    _class_folders(src, {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
+    class_folders(src, {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
     deep = (np.arange(144, dtype=np.uint16).reshape(12, 12) * 455)  # 0 .. 65065: every shade of grey
     buf = _io.BytesIO()
     Image.fromarray(deep).save(buf, format="PNG")
@@ -101,9 +75,9 @@ def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped(memory_url, caplog, capsys
 def test_a_symlink_out_of_the_dataset_root_is_refused(tmp_path, capsys, layout):
     outside = tmp_path / "outside"
     outside.mkdir()
-    (outside / "secret.png").write_bytes(_png(99))
+    (outside / "secret.png").write_bytes(png(99))
     src = tmp_path / "src"
-    _class_folders(str(src), {"train": {"1": 2, "2": 2}, "test": {"1": 1, "2": 1}})
+    class_folders(str(src), {"train": {"1": 2, "2": 2}, "test": {"1": 1, "2": 1}})
     if layout == "class-folders":
         (src / "train" / "3").mkdir()
         (src / "train" / "3" / "link.png").symlink_to(outside / "secret.png")
@@ -129,8 +103,8 @@ def test_a_symlink_out_of_the_dataset_root_is_refused(tmp_path, capsys, layout):
 
 def test_a_colour_image_in_a_grey_dataset_is_refused_at_preflight(tmp_path, generator_2_classes, capsys):
     src = tmp_path / "src"
-    _class_folders(str(src), {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
-    (src / "train" / "b" / "colour.png").write_bytes(_colour_png())
+    class_folders(str(src), {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
+    (src / "train" / "b" / "colour.png").write_bytes(colour_png())
     out = tmp_path / "run"
     rc = main(["run", "--dataset", str(src), "--output", str(out), "--set", f"generate.generator={generator_2_classes}",
                *NO_TRACKING])
@@ -145,7 +119,7 @@ def test_a_colour_image_in_a_grey_dataset_is_refused_at_preflight(tmp_path, gene
 
 def test_an_image_size_the_generator_does_not_make_is_refused_at_preflight(tmp_path, generator_2_classes, capsys):
     src = tmp_path / "src"
-    _class_folders(str(src), {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
+    class_folders(str(src), {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
     out = tmp_path / "run"
     rc = main(["run", "--dataset", str(src), "--output", str(out), "--set", f"generate.generator={generator_2_classes}",
                "--set", "data.image_size=32", *NO_TRACKING])
@@ -173,13 +147,13 @@ def test_a_bad_image_is_refused_at_preflight(tmp_path, generator_2_classes, caps
     import re
 
     src = tmp_path / "src"
-    _class_folders(str(src), {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
+    class_folders(str(src), {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
     lines = {split: [f"{split}/{c}/{i}.png {y}" for y, c in enumerate("ab") for i in range(n)]
              for split, n in (("train", 3), ("test", 1))}
     lines["train"].append("train/b/bad.png 1")
     for split, ls in lines.items():
         (src / f"{split}.txt").write_text("\n".join(ls) + "\n")
-    good = _png(40)
+    good = png(40)
     data = {"corrupt": b"\x89PNG not really", "truncated": good[:len(good) // 2], "bomb": _bomb_png()}.get(fault)
     if data is not None:
         (src / "train" / "b" / "bad.png").write_bytes(data)
@@ -264,7 +238,7 @@ def test_compare_refuses_an_output_folder_without_a_run(tmp_path, capsys, monkey
 
 def test_a_class_missing_from_the_test_split_is_warned_about(memory_url, caplog, capsys):
     src = memory_url + "/src"
-    _class_folders(src, {"train": {"a": 2, "b": 2, "c": 2, "d": 2}, "test": {"a": 1, "c": 1}})
+    class_folders(src, {"train": {"a": 2, "b": 2, "c": 2, "d": 2}, "test": {"a": 1, "c": 1}})
     with caplog.at_level(logging.WARNING, logger=PREPARE_LOGGER):
         assert main(["prepare-data", "--dataset", src, "--output", memory_url + "/out"]) == 0
     capsys.readouterr()
@@ -283,9 +257,9 @@ def test_an_invalid_yaml_config_is_one_line_with_its_line_and_column(tmp_path, c
 
 def test_images_of_different_sizes_are_resized_with_one_warning(memory_url, caplog, capsys):
     src = memory_url + "/src"
-    _class_folders(src, {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
-    storage.write_bytes(storage.join(src, "train", "a", "big.png"), _png(30, (20, 14)))
-    storage.write_bytes(storage.join(src, "test", "b", "big.png"), _png(30, 24))
+    class_folders(src, {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
+    storage.write_bytes(storage.join(src, "train", "a", "big.png"), png(30, (20, 14)))
+    storage.write_bytes(storage.join(src, "test", "b", "big.png"), png(30, 24))
     with caplog.at_level(logging.WARNING, logger=SOURCES_LOGGER):
         assert main(["prepare-data", "--dataset", src, "--output", memory_url + "/out",
                      "--set", "data.image_size=12"]) == 0

@@ -10,35 +10,14 @@ import os
 import struct
 import zlib
 
-import numpy as np
 import pytest
+from builders import class_folders, png
 from PIL import Image
 
 from feedback_synth.cli.main import main
-from feedback_synth.config import resolve_run_config, stage_config
+from feedback_synth.config import resolve_run_config
 
 SOURCES_LOGGER = "feedback_synth.data.sources"
-
-
-def _png(value: int, size: int = 12) -> bytes:
-    """A small grey PNG: ``value`` with a lighter patch (distinct values give distinct files)."""
-    arr = np.full((size, size), value, np.uint8)
-    arr[2:6, 3:9] = 255 - value
-    buf = _io.BytesIO()
-    Image.fromarray(arr, "L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _class_folders(root, counts: dict[str, dict[str, int]], size: int = 12) -> None:
-    """``root/split/class/i.png``; every file differs from every other (no accidental leakage)."""
-    value = 0
-    for split, per_class in counts.items():
-        for cls, n in per_class.items():
-            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
-            for i in range(n):
-                value += 3
-                with open(os.path.join(root, split, cls, f"{i}.png"), "wb") as f:
-                    f.write(_png(value, size))
 
 
 SMALL = {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}}
@@ -63,7 +42,7 @@ def _prepare(src, out, *sets: str) -> int:
 
 def test_images_of_one_size_are_resized_with_one_warning(tmp_path, caplog, capsys):
     src = tmp_path / "src"
-    _class_folders(src, SMALL, size=28)
+    class_folders(src, SMALL, size=28)
     with caplog.at_level(logging.WARNING, logger=SOURCES_LOGGER):
         assert _prepare(src, tmp_path / "out") == 0  # data.image_size: 16 by default
     capsys.readouterr()
@@ -85,8 +64,8 @@ def test_images_of_one_size_are_resized_with_one_warning(tmp_path, caplog, capsy
 
 def test_hidden_and_system_folders_are_not_classes(tmp_path, capsys):
     src = tmp_path / "src"
-    _class_folders(src, SMALL)
-    junk = _png(200)
+    class_folders(src, SMALL)
+    junk = png(200)
     for folder in ("train/@eaDir", "train/.thumbnails", "train/__MACOSX", "test/.thumbnails",
                    "train/a/@eaDir/0.png", "train/a/.hidden"):
         (src / folder).mkdir(parents=True)
@@ -108,10 +87,10 @@ def test_hidden_folders_are_not_domains(tmp_path, capsys):
             (src / dom / cls).mkdir(parents=True)
             for i in range(10):
                 value += 1
-                (src / dom / cls / f"{i}.png").write_bytes(_png(value))
+                (src / dom / cls / f"{i}.png").write_bytes(png(value))
     for folder in ("@eaDir/cat", ".git/objects", "autumn/.thumbnails"):
         (src / folder).mkdir(parents=True)
-        (src / folder / "x.png").write_bytes(_png(250))
+        (src / folder / "x.png").write_bytes(png(250))
     assert _prepare(src, tmp_path / "out") == 0, capsys.readouterr().err
     capsys.readouterr()
     info = json.loads((tmp_path / "out" / "info.json").read_text())
@@ -133,7 +112,7 @@ def generator_a_b(tmp_path_factory):
 
 def test_a_class_count_mismatch_names_the_extra_class(tmp_path, capsys, generator_a_b):
     src = tmp_path / "src"
-    _class_folders(src, {"train": {"a": 3, "b": 3, "zebra": 2}, "test": {"a": 1, "b": 1}}, size=16)
+    class_folders(src, {"train": {"a": 3, "b": 3, "zebra": 2}, "test": {"a": 1, "b": 1}}, size=16)
     out = tmp_path / "run"
     rc = main(["run", "--dataset", str(src), "--output", str(out), "--set", f"generate.generator={generator_a_b}",
                "--set", "tracking.enabled=false"])
@@ -148,7 +127,7 @@ def test_a_class_count_mismatch_names_the_extra_class(tmp_path, capsys, generato
 
 def test_identical_images_in_train_and_test_warn_of_leakage(tmp_path, caplog, capsys):
     src = tmp_path / "src"
-    _class_folders(src, {"train": {"a": 3, "b": 3}, "test": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    class_folders(src, {"train": {"a": 3, "b": 3}, "test": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
     (src / "test" / "a" / "1.png").write_bytes((src / "train" / "b" / "2.png").read_bytes())  # even another label
     (src / "test" / "b" / "0.png").write_bytes((src / "train" / "b" / "0.png").read_bytes())
     (src / "val" / "a" / "0.png").write_bytes((src / "train" / "a" / "0.png").read_bytes())
@@ -162,7 +141,7 @@ def test_identical_images_in_train_and_test_warn_of_leakage(tmp_path, caplog, ca
 
     caplog.clear()  # no file repeats: no warning
     clean = tmp_path / "clean"
-    _class_folders(clean, SMALL)
+    class_folders(clean, SMALL)
     with caplog.at_level(logging.WARNING, logger=SOURCES_LOGGER):
         assert _prepare(clean, tmp_path / "out2", "data.image_size=12") == 0
     capsys.readouterr()
@@ -248,10 +227,9 @@ def test_scientific_notation_is_a_number_in_set_and_yaml(tmp_path, capsys):
     cfg = resolve_run_config(None, str(config), ["retrain.lr=2e-3", "filter.flat_threshold=1e-3"])
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.adapt.lr) == (0.001, 0.0005, 0.0001)
     assert (cfg.retrain.lr, cfg.filter.flat_threshold) == (0.002, 0.001)
-    assert stage_config(type(cfg.train), '{"lr": 1e-3}').lr == 0.001  # a KFP component's string input
     # the command line accepts it (prepare-data reads the whole config, as run does)
     src = tmp_path / "src"
-    _class_folders(src, SMALL)
+    class_folders(src, SMALL)
     rc = _prepare(src, tmp_path / "out", "train.lr=1e-3", "adapt.lr=1e-4", "data.image_size=12")
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
@@ -283,7 +261,7 @@ def test_strict_numbers_stay_strict(tmp_path, capsys, setting, message):
 
 def _broken_zlib_png() -> bytes:
     """A PNG whose chunk CRCs are all valid but whose IDAT zlib stream is garbage."""
-    data = _png(77, 16)
+    data = png(77, 16)
     out, pos = bytearray(data[:8]), 8
     while pos < len(data):
         (n,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
@@ -301,7 +279,7 @@ def _broken_zlib_png() -> bytes:
 
 def test_a_png_with_a_broken_stream_is_refused_in_preflight(tmp_path, capsys):
     src = tmp_path / "src"
-    _class_folders(src, SMALL)
+    class_folders(src, SMALL)
     (src / "train" / "b" / "broken.png").write_bytes(_broken_zlib_png())
     out = tmp_path / "run"
     rc = main(["run", "--dataset", str(src), "--output", str(out), "--set", "tracking.enabled=false"])
@@ -313,7 +291,7 @@ def test_a_png_with_a_broken_stream_is_refused_in_preflight(tmp_path, capsys):
 @pytest.mark.parametrize("verb", ["prepare-data", "run"])
 def test_an_unreadable_image_is_named_not_a_buffer(tmp_path, capsys, verb):
     src = tmp_path / "src"
-    _class_folders(src, SMALL)
+    class_folders(src, SMALL)
     (src / "test" / "a" / "notes.png").write_bytes(b"these are my notes, not a picture")
     rc = main([verb, "--dataset", str(src), "--output", str(tmp_path / "out"), "--set", "tracking.enabled=false"])
     err = _one_error_line(capsys.readouterr().err)

@@ -40,7 +40,7 @@ def test_run_end_to_end_on_gcs(gcs_bucket, tiny_generator, capsys):
         assert storage.exists(storage.join(out, rel)), rel
     summary = storage.read_json(storage.join(out, "report/run_summary.json"))
     assert summary["generated"] == 47 and 0 <= summary["kept"] <= 47
-    assert set(summary["baseline"]) >= {"overall", "many", "medium", "few", "worst_class"}
+    assert set(summary["no_synthesis"]) >= {"overall", "many", "medium", "few", "worst_class"}
     assert 0 <= summary["fidelity"] <= 1  # digits-lt has an oracle split: fidelity is measured
     history = storage.read_json(storage.join(out, "baseline/history.json"))
     assert [h["epoch"] for h in history] == [1, 2] and "val_accuracy" in history[0]

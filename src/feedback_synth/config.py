@@ -537,14 +537,3 @@ def resolve_run_config(dataset: Optional[str] = None, file_url: Optional[str] = 
     if not preset_name:
         preset_name = (parse_overrides(sets).get("data") or {}).get("dataset")
     return load_run_config(file_url, sets, base=preset(preset_name))
-
-
-def stage_config(cls: type, data: dict[str, Any] | str | None) -> Any:
-    """One stage's config from a dict or a JSON/YAML string (KFP inputs), checked."""
-    if isinstance(data, str):
-        from feedback_synth import storage
-
-        data = storage.load_yaml(data) if data.strip() else {}
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config section '{cls.section}': expected a mapping of fields, got {type(data).__name__}")
-    return from_dict(cls, data)

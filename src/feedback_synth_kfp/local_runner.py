@@ -21,7 +21,7 @@ from feedback_synth.config import RunConfig
 from feedback_synth.errors import FeedbackSynthError
 from feedback_synth.orchestration.shared import write_run_summary
 from feedback_synth.orchestration.stage_table import STAGE_NAMES, STAGES
-from feedback_synth.tracking.client import tracking_location
+from feedback_synth.tracking.client import scoped_environ, tracking_location
 from feedback_synth_kfp.artifacts import artifact_url
 from feedback_synth_kfp.launcher import LAUNCHER_ENV, launcher_id, stop_tasks
 from feedback_synth_kfp.parameters import pipeline_arguments
@@ -95,49 +95,53 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
     # are closed here instead, found by a launch id that start_tracking tags on the parent run
     launch_id = uuid.uuid4().hex
     if tracking_uri and previous and previous.get("state") == "running" and previous.get("launch_id"):
-        # a killed kfp-local run into this folder left its MLflow runs RUNNING: close them first
-        try:
-            finish_tracking(tracking_uri, cfg.tracking.experiment, None, "FAILED",
-                            "killed: closed by a re-run into the same output", launch_id=previous["launch_id"])
-        except FeedbackSynthError as exc:
-            log.warning("could not close the MLflow runs of the killed run: %s", exc)
+        _close_launch(cfg, tracking_uri, previous["launch_id"], "killed: closed by a re-run into the same output",
+                      "the killed run")
     _mark_record(output_url, launch_id)
-    before = {k: os.environ.get(k) for k in (LAUNCH_ENV, TASK_ERRORS_ENV, LAUNCHER_ENV)}
-    errors_file = os.path.join(tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-"), "errors.txt")
-    os.environ[LAUNCH_ENV] = launch_id  # the task processes inherit these
-    os.environ[TASK_ERRORS_ENV] = errors_file
-    os.environ[LAUNCHER_ENV] = launcher_id()  # a task ends when this process is gone (launcher.py)
+    task = _run_tasks(pipeline, cfg, tracking_uri, output_url, launch_id, root)
+    return _summary_of(task.outputs, root, t0)
+
+
+def _close_launch(cfg: RunConfig, tracking_uri: str, launch_id: str, message: str, which: str) -> None:
+    """Close the MLflow runs of launch ``launch_id`` as FAILED with ``message`` (best effort:
+    what stopped the run matters more than a failure to close its runs)."""
+    if not tracking_uri:
+        return
     try:
-        with warnings.catch_warnings():
+        finish_tracking(tracking_uri, cfg.tracking.experiment, None, "FAILED", message, launch_id=launch_id)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        log.warning("could not close the MLflow runs of %s: %s", which, exc)
+
+
+def _run_tasks(pipeline, cfg: RunConfig, tracking_uri: str, output_url: str, launch_id: str, root: str):
+    """Run the pipeline's tasks in the KFP local runner; on a failure or an interrupt, close the
+    launch's MLflow runs and stop its tasks. Returns the pipeline task (its outputs)."""
+    errors_file = os.path.join(tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-"), "errors.txt")
+    try:
+        # what the task processes inherit: the launch id, where a task writes its one-line error,
+        # and this process's identity (a task ends when its launcher is gone: launcher.py)
+        task_env = {LAUNCH_ENV: launch_id, TASK_ERRORS_ENV: errors_file, LAUNCHER_ENV: launcher_id()}
+        with scoped_environ(task_env), warnings.catch_warnings():
             # expected here: our images' components run in this environment, and the local runner
             # ignores the Kubernetes settings (resources, accelerators, display names)
             warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-            task = pipeline(**pipeline_arguments(cfg, tracking_uri, ""), run_folder=output_url)
+            return pipeline(**pipeline_arguments(cfg, tracking_uri, ""), run_folder=output_url)
     except RuntimeError as exc:
         reported = open(errors_file, encoding="utf-8").read().strip().splitlines() if os.path.exists(errors_file) else []
         # a task's own one-line error when it gave one (as the in-process runner reports it), else KFP's
         message = reported[-1] if reported else \
             f"the pipeline failed in the KFP local runner: {exc} (task logs above; outputs under {root})"
-        try:
-            finish_tracking(tracking_uri, cfg.tracking.experiment, None, "FAILED", message, launch_id=launch_id)
-        except FeedbackSynthError as close_error:  # the pipeline's own error matters more
-            log.warning("could not close the MLflow runs of the failed run: %s", close_error)
+        _close_launch(cfg, tracking_uri, launch_id, message, "the failed run")
         raise KFPRunError(message) from None
     except BaseException:  # Ctrl-C or SIGTERM: the parent run and the open stage runs are closed too
         stop_tasks()  # a signal sent to this process alone would leave the running task at work
-        try:
-            finish_tracking(tracking_uri, cfg.tracking.experiment, None, "FAILED", "interrupted", launch_id=launch_id)
-        except Exception as close_error:  # noqa: BLE001 - the interrupt is what to report
-            log.warning("could not close the MLflow runs of the interrupted run: %s", close_error)
+        _close_launch(cfg, tracking_uri, launch_id, "interrupted", "the interrupted run")
         raise
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    out = task.outputs
+
+
+def _summary_of(out, root: str, t0: float) -> dict[str, Any]:
+    """The run's summary from the pipeline's outputs, as the in-process runner returns it."""
     urls = {name: artifact_url(out[name]) for name in ("data", "baseline", "adapted", "feedback", "filtered",
                                                         "retrained", "evaluation")}
     report = storage.read_json(storage.join(urls["evaluation"], "report.json"))

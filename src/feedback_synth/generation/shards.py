@@ -170,55 +170,76 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
     train = load_split(dataset_url, "train")
     check_plan_matches_data(feedback_url, dataset_url, train, plan)
     device = resolve_device(cfg.device, "generate.device")
-    clf = load_classifier(model_url, device)
     if pipe is None:
         pipe = load_generator(cfg.generator, info.name, device=device, dtype=DTYPES[cfg.dtype])
     pipe = apply_performance_options(pipe, cfg)
-    precision = GUIDANCE_DTYPES[cfg.guidance_dtype]
-    stats = load_class_stats(feedback_url) if cfg.criterion != "none" else None
-    feedback = FeedbackGuidance(clf, cfg.criterion, cfg.scale, stats, precision=precision,
-                                chunk_size=cfg.guidance_chunk_size) \
-        if cfg.criterion != "none" else None
-    # an independent scorer records every image's criterion, guided or not (for comparisons)
-    record = cfg.criterion if cfg.criterion != "none" else "entropy"
-    scorer = FeedbackGuidance(clf, record, 0.0, stats if record == "hardness" else None, precision=precision)
-    items = shard_items(shard, train, cfg.seed, cfg.condition_on_real, plan.per_group)
-    real = train.to_tensor()
-    adapter = adapter_of(pipe)
+    feedback, scorer = guidance_of(load_classifier(model_url, device), cfg, feedback_url)
     index_map = class_index(generator_folder, train.class_names, cfg.class_map)
+    items = shard_items(shard, train, cfg.seed, cfg.condition_on_real, plan.per_group)
+    real = train.to_tensor() if cfg.condition_on_real else None  # the images to start from (SDEdit)
     images, rows, t0 = [], [], time.time()
     for b in range(0, len(items), cfg.batch_size):
         batch = items[b:b + cfg.batch_size]
-        n_real = len(batch)
-        if cfg.pad_last_batch or cfg.compile_unet:  # fixed shapes: the padding's outputs are dropped below
-            batch = pad_batch(batch, cfg.batch_size)
-        labels = torch.tensor([it.class_index for it in batch])
-        generators = [torch.Generator().manual_seed(it.seed) for it in batch]
-        init = real[[it.source for it in batch]] if cfg.condition_on_real else None
-        steps_run = max(1, int(round(cfg.num_inference_steps * (cfg.strength if init is not None else 1.0))))
-        guide = guided_step_indices(steps_run, cfg.guide_every, cfg.guide_from)
-        conditions = BatchConditions(
-            [it.class_index for it in batch], [it.group_index for it in batch], train.class_names, train.group_names,
-            plan.per_group, init, cfg.strength, cfg.prompt_template, cfg.group_prompt_template, cfg.noise_level,
-            index_map)
-        kwargs = dict(generators=generators, images=init, strength=cfg.strength,
-                      num_inference_steps=cfg.num_inference_steps, cfg_scale=cfg.cfg_scale, cond_dropout=cfg.cond_dropout,
-                      feedback=feedback, guide_steps=guide, grad_through_unet=cfg.grad_through_unet,
-                      criterion_labels=labels)
-        out = pipe(**{**kwargs, **adapter.conditioning(pipe, conditions)})
-        batch, labels, out_images = batch[:n_real], labels[:n_real], out.images[:n_real]
-        values = scorer.score_images(out_images.to(device), labels.to(device)).detach().cpu()
-        arr, finite = _images_to_uint8(out_images)
+        arr, batch_rows = generate_batch(pipe, batch, train, real, plan.per_group, cfg, feedback, scorer, index_map,
+                                         device)
         images.append(arr)
-        for it, v, ok in zip(batch, values.tolist(), finite.tolist()):
-            rows.append({"index": len(rows), "class_index": it.class_index, "class_name": train.class_names[it.class_index],
-                         "group_index": it.group_index, "group_name": train.group_names[it.group_index],
-                         "image_index": it.image_index, "seed": it.seed, "criterion": record,
-                         "criterion_value": round(float(v), 6),
-                         "condition": str(train.ids[it.source]) if it.source >= 0 else "none", "finite": bool(ok)})
+        rows += [{"index": len(rows) + i, **r} for i, r in enumerate(batch_rows)]
         if progress is not None:
             progress.update(len(batch))
-    seconds = time.time() - t0
+    summary = commit_shard(url, fp, images, rows, cfg, time.time() - t0)
+    return {"shard_id": shard_id, "skipped": False, **summary}
+
+
+def guidance_of(clf, cfg: GenerateConfig, feedback_url: str) -> tuple[Optional[FeedbackGuidance], FeedbackGuidance]:
+    """The feedback that steers sampling (None when ``cfg.criterion`` is none) and an independent
+    scorer that records every image's criterion value, guided or not (for comparisons)."""
+    precision = GUIDANCE_DTYPES[cfg.guidance_dtype]
+    stats = load_class_stats(feedback_url) if cfg.criterion != "none" else None
+    feedback = None
+    if cfg.criterion != "none":
+        feedback = FeedbackGuidance(clf, cfg.criterion, cfg.scale, stats, precision=precision,
+                                    chunk_size=cfg.guidance_chunk_size)
+    record = cfg.criterion if cfg.criterion != "none" else "entropy"
+    return feedback, FeedbackGuidance(clf, record, 0.0, stats if record == "hardness" else None, precision=precision)
+
+
+def generate_batch(pipe, batch: list, train, real: Optional[torch.Tensor], per_group: bool, cfg: GenerateConfig,
+                   feedback: Optional[FeedbackGuidance], scorer: FeedbackGuidance, index_map, device
+                   ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """One batch of the shard's items through the generator (``real``: the training images as a
+    tensor, to start from; None: from noise): the images (uint8) and their metadata rows (without
+    ``index``)."""
+    n_real = len(batch)
+    if cfg.pad_last_batch or cfg.compile_unet:  # fixed shapes: the padding's outputs are dropped below
+        batch = pad_batch(batch, cfg.batch_size)
+    labels = torch.tensor([it.class_index for it in batch])
+    generators = [torch.Generator().manual_seed(it.seed) for it in batch]
+    init = real[[it.source for it in batch]] if real is not None else None
+    steps_run = max(1, int(round(cfg.num_inference_steps * (cfg.strength if init is not None else 1.0))))
+    conditions = BatchConditions(
+        [it.class_index for it in batch], [it.group_index for it in batch], train.class_names, train.group_names,
+        per_group, init, cfg.strength, cfg.prompt_template, cfg.group_prompt_template, cfg.noise_level, index_map)
+    kwargs = dict(generators=generators, images=init, strength=cfg.strength,
+                  num_inference_steps=cfg.num_inference_steps, cfg_scale=cfg.cfg_scale, cond_dropout=cfg.cond_dropout,
+                  feedback=feedback, guide_steps=guided_step_indices(steps_run, cfg.guide_every, cfg.guide_from),
+                  grad_through_unet=cfg.grad_through_unet, criterion_labels=labels)
+    out = pipe(**{**kwargs, **adapter_of(pipe).conditioning(pipe, conditions)})
+    batch, labels, out_images = batch[:n_real], labels[:n_real], out.images[:n_real]
+    values = scorer.score_images(out_images.to(device), labels.to(device)).detach().cpu()
+    arr, finite = _images_to_uint8(out_images)
+    rows = [{"class_index": it.class_index, "class_name": train.class_names[it.class_index],
+             "group_index": it.group_index, "group_name": train.group_names[it.group_index],
+             "image_index": it.image_index, "seed": it.seed, "criterion": scorer.criterion_name,
+             "criterion_value": round(float(v), 6),
+             "condition": str(train.ids[it.source]) if it.source >= 0 else "none", "finite": bool(ok)}
+            for it, v, ok in zip(batch, values.tolist(), finite.tolist())]
+    return arr, rows
+
+
+def commit_shard(url: str, fp: dict[str, Any], images: list[np.ndarray], rows: list[dict[str, Any]],
+                 cfg: GenerateConfig, seconds: float) -> dict[str, Any]:
+    """Write the shard's images and metadata, then ``_SUCCESS`` (the fingerprint and the summary)
+    last: a shard without it is not done. Returns the summary."""
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METADATA_COLUMNS)
     writer.writeheader()
@@ -228,7 +249,7 @@ def generate_shard(plan: GenerationPlan, shard_id: int, dataset_url: str, model_
     summary = {"num_images": len(rows), "seconds": round(seconds, 3), "criterion": cfg.criterion,
                "mean_criterion_value": float(np.mean([r["criterion_value"] for r in rows]))}
     storage.write_json(storage.join(url, "_SUCCESS"), {**fp, "summary": summary})  # the commit: written last
-    return {"shard_id": shard_id, "skipped": False, **summary}
+    return summary
 
 
 def generate(plan_url: str, dataset_url: str, model_url: str, feedback_url: str, output_url: str,

@@ -81,31 +81,14 @@ def promote_model_version(client, name: str, version: str | int, metrics: dict[s
             # 2. inside the lock: read, compare, move, read back
             _set_challenger(client, name, version)
             champion = _aliases(client, name).get(CHAMPION)
-            if champion == version:
-                promoted, reason, reference_desc = True, "already champion", f"champion v{version}"
-            else:
-                reference = None
-                if champion is not None:
-                    reference_desc = f"champion v{champion}"
-                    champ = client.get_model_version(name, champion)
-                    reference = metrics_from_tags(champ.tags or {})
-                    champ_set = (champ.tags or {}).get(TEST_SET_TAG)
-                    if test_set and champ_set and champ_set != test_set:
-                        reference = None
-                        promoted, reason = False, (f"champion v{champion} was measured on a different test set "
-                                                   f"({champ_set}, this model: {test_set}); not comparable")
-                elif baseline_metrics is not None:
-                    reference_desc, reference = baseline_name, baseline_metrics
-                else:
-                    reference_desc = "nothing"
-                if reference is not None or (champion is None and baseline_metrics is None):
-                    promoted, reason = gate_decision(metrics, reference, cfg)
-                if promoted:
-                    client.set_registered_model_alias(name, CHAMPION, version)
-                    now = _aliases(client, name).get(CHAMPION)
-                    if now != version:
-                        raise TrackingError(f"registry read-back: alias '{CHAMPION}' of '{name}' is v{now} right "
-                                            f"after moving it to v{version} under the {lock}")
+            promoted, reason, reference_desc = _gate_against(client, name, version, champion, metrics, cfg,
+                                                             baseline_metrics, baseline_name, test_set)
+            if promoted and champion != version:
+                client.set_registered_model_alias(name, CHAMPION, version)
+                now = _aliases(client, name).get(CHAMPION)
+                if now != version:
+                    raise TrackingError(f"registry read-back: alias '{CHAMPION}' of '{name}' is v{now} right "
+                                        f"after moving it to v{version} under the {lock}")
             decision = "promoted" if promoted else "rejected"
             reason = f"vs {reference_desc}: {reason}"
             champion_version = version if promoted else champion
@@ -120,6 +103,29 @@ def promote_model_version(client, name: str, version: str | int, metrics: dict[s
         _write_decision(client, name, version, run_ids, decision, reason, "", lock)
     return {"model_name": name, "version": version, "promoted": promoted, "reason": reason,
             "champion_version": champion_version, "decision": decision, "reference": reference_desc}
+
+
+def _gate_against(client, name: str, version: str, champion: Optional[str], metrics: dict[str, Any],
+                  cfg: PromoteConfig, baseline_metrics: Optional[dict[str, Any]], baseline_name: str,
+                  test_set: Optional[str]) -> tuple[bool, str, str]:
+    """The gate's decision for ``version`` against the current ``champion`` (its tagged metrics),
+    or ``baseline_metrics`` when there is none: ``(promoted, reason, what it was compared with)``.
+    A champion measured on another test set is not comparable: rejected."""
+    if champion == version:
+        return True, "already champion", f"champion v{version}"
+    if champion is not None:
+        champ = client.get_model_version(name, champion)
+        champ_set = (champ.tags or {}).get(TEST_SET_TAG)
+        if test_set and champ_set and champ_set != test_set:
+            return False, (f"champion v{champion} was measured on a different test set ({champ_set}, this model: "
+                           f"{test_set}); not comparable"), f"champion v{champion}"
+        promoted, reason = gate_decision(metrics, metrics_from_tags(champ.tags or {}), cfg)
+        return promoted, reason, f"champion v{champion}"
+    if baseline_metrics is not None:
+        promoted, reason = gate_decision(metrics, baseline_metrics, cfg)
+        return promoted, reason, baseline_name
+    promoted, reason = gate_decision(metrics, None, cfg)
+    return promoted, reason, "nothing"
 
 
 def _write_decision(client, name: str, version: str, run_ids, decision: str, reason: str, reference: str,

@@ -306,7 +306,7 @@ def register_and_promote(tracker, model_url: str, report: dict[str, Any], cfg: P
     champion/challenger gate.
 
     ``report`` is ``evaluate_run``'s summary: the candidate's metrics are
-    ``report['retrained']``, the no-champion reference is ``report['baseline']``.
+    ``report['retrained']``, the no-champion reference is ``report['no_synthesis']``.
     ``test_dataset_url``: the prepared dataset whose ``test`` split the metrics were measured on
     (default: the ``test`` split logged on the run or the parent run, if any). Returns the gate's
     result (``promote_model_version``) plus ``model_id``.
@@ -345,7 +345,7 @@ def _register_and_promote(tracker, model_url: str, report: dict[str, Any], cfg: 
     run_ids = list(dict.fromkeys(r for r in (run_id, tracker.run_id) if r))
     with mlflow_errors(f"promote '{name}' v{version}"):
         result = promote_model_version(tracker.client, name, version, report["retrained"], cfg, lock=lock,
-                                       baseline_metrics=report.get("baseline"), run_ids=run_ids,
+                                       baseline_metrics=report.get("no_synthesis"), run_ids=run_ids,
                                        baseline_name=reference_name(report),
                                        test_set=checkpoint_test_set(model_url), tracking_uri=tracker.tracking_uri)
         tracker.client.set_logged_model_tags(logged.model_id, {

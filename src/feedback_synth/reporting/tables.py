@@ -1,4 +1,4 @@
-"""The tables a person reads: baseline vs retrained, in Markdown."""
+"""The tables a person reads: no synthesis vs synthesis, in Markdown."""
 from __future__ import annotations
 
 from typing import Any, Optional, TypedDict
@@ -9,14 +9,14 @@ from feedback_synth.config import METRICS
 
 class EvaluationReport(TypedDict, total=False):
     """What the evaluate stage writes (``report/report.json``) and four modules read: the table
-    (here), the promotion gate (``registry``), both runners' summaries (``pipeline.orchestration``)."""
+    (here), the promotion gate (``registry``), both runners' summaries (``orchestration.shared``)."""
 
-    baseline: dict[str, float]  # the same recipe without synthesis (the gate's reference), test metrics
+    no_synthesis: dict[str, float]  # the same recipe without synthesis (the gate's reference), test metrics
     retrained: dict[str, float]  # with synthesis, test metrics
-    delta: dict[str, float]  # retrained - baseline
+    delta: dict[str, float]  # retrained - no_synthesis
     recipe: dict[str, Any]  # the retraining's loss, tau, sampler, prior
-    baseline_source: str  # 'baseline' (same recipe) or 'reference' (a no-synthesis model trained for it)
-    first_baseline: dict[str, float]  # the baseline with its own recipe
+    no_synthesis_source: str  # 'baseline' (the baseline has the same recipe) or 'reference' (a model trained for it)
+    baseline: dict[str, float]  # the baseline (train_baseline), with its own recipe
     generated: int
     kept: int
     readmitted: int
@@ -39,13 +39,13 @@ def _fmt(v: Optional[float]) -> str:
 def format_report(report: EvaluationReport) -> str:
     """Was synthesis worth it? The same recipe without and with synthesis, side by side, and their
     difference; then the rounds (if any) and the synthetic images (Markdown, readable in a terminal)."""
-    keys = [k for k in METRICS if k in report["baseline"]]
+    keys = [k for k in METRICS if k in report["no_synthesis"]]
     loss = (report.get("recipe") or {}).get("loss", "ce")
     lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    if report.get("baseline_source") == "reference":
-        lines.append("| baseline (its own recipe) | " + " | ".join(_fmt(report["first_baseline"].get(k)) for k in keys)
+    if report.get("no_synthesis_source") == "reference":
+        lines.append("| baseline (its own recipe) | " + " | ".join(_fmt(report["baseline"].get(k)) for k in keys)
                      + " |")
-    lines.append(f"| no synthesis ({loss}) | " + " | ".join(_fmt(report["baseline"].get(k)) for k in keys) + " |")
+    lines.append(f"| no synthesis ({loss}) | " + " | ".join(_fmt(report["no_synthesis"].get(k)) for k in keys) + " |")
     rounds = report.get("rounds") or []
     if len(rounds) > 1:
         for r in rounds[:-1]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from feedback_synth import storage
 from feedback_synth.config import DataConfig
@@ -14,7 +14,10 @@ from feedback_synth.stages.resume import digests, run_stage
 from feedback_synth.tracking.descriptors import splits, synthetic_set
 from feedback_synth.training.recipes import recipe_of
 
-REPORT_FILES = ("report.md", "per_class_accuracy.png", "confusion_baseline.png", "confusion_retrained.png")
+if TYPE_CHECKING:
+    from feedback_synth.reporting.tables import EvaluationReport
+
+REPORT_FILES = ("report.md", "per_class_accuracy.png", "confusion_no_synthesis.png", "confusion_retrained.png")
 
 
 def evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filtered_url: str, output_url: str,
@@ -35,62 +38,87 @@ def evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filter
 
 def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filtered_url: str, output_url: str,
                   data_cfg: DataConfig, device: str, adapted_url: Optional[str] = None) -> StageResult:
-    from feedback_synth.reporting import plots
     from feedback_synth.reporting.tables import format_report
     from feedback_synth.training.classifier import classifier_spec
-    from feedback_synth.training.evaluate import summary
     from feedback_synth.training.oracle import fidelity
 
-    first = storage.read_json(storage.join(baseline_url, "metrics.json"))
+    info = load_info(dataset_url)
+    synthetic = ImageSet.load(storage.join(filtered_url, "synthetic.npz"))
+    model = classifier_spec(model_url(baseline_url)).model
+    fid = fidelity(dataset_url, synthetic, model, device=device, oracle_url=storage.join(output_url, "oracle"))
+    report = build_report(baseline_url, retrained_url, filtered_url, adapted_url, info, len(synthetic), fid)
+    files = write_plots(output_url, report, {
+        "no_synthesis": storage.read_json(storage.join(retrained_url, "reference_metrics.json"))["confusion_matrix"],
+        "retrained": storage.read_json(storage.join(retrained_url, "metrics.json"))["confusion_matrix"]})
+    storage.write_json(storage.join(output_url, "report.json"), report)
+    storage.write_text(storage.join(output_url, "report.md"), format_report(report))
+    return StageResult("evaluate", report, report_metrics(report), [storage.join(output_url, n) for n in files],
+                       datasets=[splits(dataset_url, "test", "oracle"), synthetic_set(filtered_url, "evaluation", info.name)])
+
+
+def build_report(baseline_url: str, retrained_url: str, filtered_url: str, adapted_url: Optional[str], info,
+                 kept: int, fid: Optional[float]) -> "EvaluationReport":
+    """The evaluation report from what the earlier stages wrote: the no-synthesis model (same
+    recipe) against the retrained one on the test split, the baseline with its own recipe, each
+    round, what the filter kept and the gap to the real data."""
+    from feedback_synth.training.evaluate import summary
+
     reference = storage.read_json(storage.join(retrained_url, "reference_metrics.json"))
     after = storage.read_json(storage.join(retrained_url, "metrics.json"))
     rounds = storage.read_json(storage.join(retrained_url, "rounds.json"))
-    info = load_info(dataset_url)
-    synthetic = ImageSet.load(storage.join(filtered_url, "synthetic.npz"))
     filter_report = storage.read_json(storage.join(filtered_url, "filter_report.json"))
-    model = classifier_spec(model_url(baseline_url)).model
-    recipe = recipe_of(model_url(retrained_url))
-    fid = fidelity(dataset_url, synthetic, model, device=device, oracle_url=storage.join(output_url, "oracle"))
-    storage.write_bytes(storage.join(output_url, "per_class_accuracy.png"), plots.per_class_accuracy(
-        reference["per_class"], after["per_class"], info.class_names, info.train_class_counts,
-        labels=(f"no synthesis ({recipe.loss})", f"with synthesis ({recipe.loss})")))
-    for name, m in (("baseline", reference), ("retrained", after)):
-        storage.write_bytes(storage.join(output_url, f"confusion_{name}.png"),
-                            plots.confusion_matrix(m["confusion_matrix"], info.class_names, f"{name} (test)"))
-    from feedback_synth.reporting.tables import EvaluationReport
-
-    b, a = summary(reference), summary(after)
-    report: EvaluationReport = {"baseline": b, "retrained": a, "delta": {k: v - b[k] for k, v in a.items() if k in b},
-              "recipe": asdict(recipe), "baseline_source": reference.get("source", "baseline"),
-              "first_baseline": summary(first),
-              "generated": filter_report.get("generated_so_far", filter_report["generated"]),
-              "kept": len(synthetic), "readmitted": filter_report.get("readmitted", 0),
-              "starved": filter_report.get("starved", []), "off_support_classes": filter_report.get("off_support_classes", []),
-              "copy_classes": filter_report.get("copy_classes", []),
-              "fidelity": fid,
-              "rounds": [{"round": r["round"], "num_synthetic": r["num_synthetic"], **r["test"]} for r in rounds],
-              "per_class": {"baseline": reference["per_class"], "retrained": after["per_class"]},
-              "class_names": info.class_names, "train_class_counts": info.train_class_counts}
-    files = list(REPORT_FILES)
     adaptation = None
     if adapted_url:
         adaptation = {k: v for k, v in storage.read_json(storage.join(adapted_url, "adapt_report.json")).items()
                       if k != "losses"}
-    report["gap"], report["adaptation"] = filter_report.get("gap"), adaptation
-    if report["gap"] or adaptation:
+    before, with_synthesis = summary(reference), summary(after)
+    return {"no_synthesis": before, "retrained": with_synthesis,
+            "delta": {k: v - before[k] for k, v in with_synthesis.items() if k in before},
+            "recipe": asdict(recipe_of(model_url(retrained_url))),
+            "no_synthesis_source": reference.get("source", "baseline"),
+            "baseline": summary(storage.read_json(storage.join(baseline_url, "metrics.json"))),
+            "generated": filter_report.get("generated_so_far", filter_report["generated"]),
+            "kept": kept, "readmitted": filter_report.get("readmitted", 0),
+            "starved": filter_report.get("starved", []),
+            "off_support_classes": filter_report.get("off_support_classes", []),
+            "copy_classes": filter_report.get("copy_classes", []),
+            "fidelity": fid,
+            "rounds": [{"round": r["round"], "num_synthetic": r["num_synthetic"], **r["test"]} for r in rounds],
+            "per_class": {"no_synthesis": reference["per_class"], "retrained": after["per_class"]},
+            "class_names": info.class_names, "train_class_counts": info.train_class_counts,
+            "gap": filter_report.get("gap"), "adaptation": adaptation}
+
+
+def write_plots(output_url: str, report: "EvaluationReport", confusion: dict[str, list[list[int]]]) -> list[str]:
+    """The report's plots under ``output_url`` (``confusion``: each model's test confusion matrix);
+    the names of the files written (with report.md)."""
+    from feedback_synth.reporting import plots
+
+    names, counts = report["class_names"], report["train_class_counts"]
+    loss = report["recipe"]["loss"]
+    storage.write_bytes(storage.join(output_url, "per_class_accuracy.png"), plots.per_class_accuracy(
+        report["per_class"]["no_synthesis"], report["per_class"]["retrained"], names, counts,
+        labels=(f"no synthesis ({loss})", f"with synthesis ({loss})")))
+    for name, matrix in confusion.items():
+        storage.write_bytes(storage.join(output_url, f"confusion_{name}.png"),
+                            plots.confusion_matrix(matrix, names, f"{name.replace('_', ' ')} (test)"))
+    files = list(REPORT_FILES)
+    adaptation, gap = report["adaptation"], report["gap"]
+    if gap or adaptation:
         storage.write_bytes(storage.join(output_url, "gap_per_class.png"), plots.gap_per_class(
-            adaptation["before"] if adaptation else None, adaptation["after"] if adaptation else report["gap"],
-            info.class_names, info.train_class_counts,
+            adaptation["before"] if adaptation else None, adaptation["after"] if adaptation else gap, names, counts,
             labels=("before adaptation", "after adaptation") if adaptation else ("", "generated images")))
         files.append("gap_per_class.png")
-    if len(rounds) > 1:
-        storage.write_bytes(storage.join(output_url, "rounds.png"), plots.rounds_curve(b, report["rounds"]))
+    if len(report["rounds"]) > 1:
+        storage.write_bytes(storage.join(output_url, "rounds.png"),
+                            plots.rounds_curve(report["no_synthesis"], report["rounds"]))
         files.append("rounds.png")
-    storage.write_json(storage.join(output_url, "report.json"), report)
-    storage.write_text(storage.join(output_url, "report.md"), format_report(report))
-    metrics = {**scalar_metrics(b, "baseline_"), **scalar_metrics(a, "retrained_"),
-               **scalar_metrics(report["delta"], "delta_"),
-               **scalar_metrics({"fidelity": fid, "generated": report["generated"], "kept": report["kept"]}),
-               **{f"gap_{k}": v["overall"] for k, v in (report["gap"] or {}).items() if v.get("overall") is not None}}
-    return StageResult("evaluate", report, metrics, [storage.join(output_url, n) for n in files],
-                       datasets=[splits(dataset_url, "test", "oracle"), synthetic_set(filtered_url, "evaluation", info.name)])
+    return files
+
+
+def report_metrics(report: "EvaluationReport") -> dict[str, float]:
+    """The report's scalars, as the evaluate run and the parent run log them."""
+    return {**scalar_metrics(report["no_synthesis"], "no_synthesis_"), **scalar_metrics(report["retrained"], "retrained_"),
+            **scalar_metrics(report["delta"], "delta_"),
+            **scalar_metrics({"fidelity": report["fidelity"], "generated": report["generated"], "kept": report["kept"]}),
+            **{f"gap_{k}": v["overall"] for k, v in (report["gap"] or {}).items() if v.get("overall") is not None}}

@@ -13,30 +13,30 @@ from feedback_synth.stages.resume import digests, run_stage
 from feedback_synth.tracking.descriptors import splits
 
 
-def extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str, cfg: FeedbackConfig,
+def extract_feedback(dataset_url: str, latest_model_url: str, output_url: str, cfg: FeedbackConfig,
                      round_index: int = 1, previous_feedback_url: Optional[str] = None,
                      overwrite: bool = False) -> StageResult:
     """Freeze the classifier, fit the class statistics of ``hardness``, and plan the generation.
 
-    In rounds (``cfg.rounds`` > 1), ``baseline_model_url`` is the latest model (the baseline in
+    ``latest_model_url`` is the latest model (the baseline in
     round 1, the previous round's retrained model after that), its validation mistakes per cell
     steer the round's share of the budget, and ``previous_feedback_url`` (the previous round's
     output) says where each cell's image indices continue (synthesis.plan).
     """
     return run_stage("extract_feedback", output_url, {"feedback": result_settings(cfg), "round": round_index},
-                     digests(data=dataset_url, model=baseline_model_url, previous=previous_feedback_url),
-                     lambda: _extract_feedback(dataset_url, baseline_model_url, output_url, cfg, round_index,
+                     digests(data=dataset_url, model=latest_model_url, previous=previous_feedback_url),
+                     lambda: _extract_feedback(dataset_url, latest_model_url, output_url, cfg, round_index,
                                                previous_feedback_url), overwrite)
 
 
-def _extract_feedback(dataset_url: str, baseline_model_url: str, output_url: str, cfg: FeedbackConfig,
+def _extract_feedback(dataset_url: str, latest_model_url: str, output_url: str, cfg: FeedbackConfig,
                      round_index: int = 1, previous_feedback_url: Optional[str] = None) -> StageResult:
     from feedback_synth.synthesis.feedback import extract_features, fit_class_stats, save_class_stats
     from feedback_synth.synthesis.plan import GenerationPlan, make_plan
     from feedback_synth.training.classifier import load_classifier
 
     train = load_split(dataset_url, "train")
-    clf = load_classifier(baseline_model_url, resolve_device(cfg.device, "feedback.device"))
+    clf = load_classifier(latest_model_url, resolve_device(cfg.device, "feedback.device"))
     reference, val_errors = None, None
     if "val" in load_info(dataset_url).splits:  # held-out real images: the off_support yardstick
         val = load_split(dataset_url, "val")

@@ -135,21 +135,27 @@ def http_env(retries: int, timeout_s: float) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def mlflow_http(retries: int, timeout_s: float) -> Iterator[None]:
-    """MLflow's HTTP retries and timeout for the calls inside (MLflow reads them at each request);
-    SIGINT and SIGTERM wait until the calls are done (:mod:`feedback_synth.interrupts`)."""
-    values = http_env(retries, timeout_s)
+def scoped_environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` for the code inside (and the processes it starts); what was
+    there before comes back after."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
-        with deferred():  # a signal never lands half-way through a write of the store
-            yield
+        yield
     finally:
         for key, old in saved.items():
             if old is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
+
+
+@contextlib.contextmanager
+def mlflow_http(retries: int, timeout_s: float) -> Iterator[None]:
+    """MLflow's HTTP retries and timeout for the calls inside (MLflow reads them at each request);
+    SIGINT and SIGTERM wait until the calls are done (:mod:`feedback_synth.interrupts`)."""
+    with scoped_environ(http_env(retries, timeout_s)), deferred():  # no signal half-way through a write
+        yield
 
 
 def configure_mlflow_env(cfg: TrackingConfig) -> None:
