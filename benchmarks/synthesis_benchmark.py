@@ -124,11 +124,11 @@ class Runner:
 
 
 def bootstrap_ci(diffs: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of paired differences and its 95% percentile bootstrap CI over seeds."""
-    d = np.asarray(diffs, np.float64)
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(n, len(d)))].mean(axis=1)
-    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    """Mean of paired differences and its 95% percentile bootstrap CI over seeds (the pilot's own
+    definition: ``reporting.stats.paired_ci``)."""
+    from feedback_synth.reporting.stats import paired_ci
+
+    return paired_ci(diffs, 0.95, n, seed)
 
 
 class Session:

@@ -22,21 +22,95 @@ def test_the_grid_is_parsed_and_every_setting_is_checked():
         parse_grid(["scale=0.1"])
 
 
+def _cells(gains: dict[str, list[float]], base: float = 0.5) -> list[dict]:
+    """Pilot cells whose few-shot gain per fold is known."""
+    return [{"setting": name, "fold": k, "kept": 10, "synthesis": {"few": base + g, "overall": 0.8 + g / 2},
+             "no_synthesis": {"few": base, "overall": 0.8}} for name, per_fold in gains.items()
+            for k, g in enumerate(per_fold)]
+
+
+GRID = {"adapt.method": ["none", "full"]}
+
+
+def test_go_only_when_the_gain_has_a_ci_above_zero_over_the_folds():
+    """The pilot's rule on cells whose answer is known: a setting that wins on every fold goes; one
+    with a larger mean gain that loses on a fold does not (its CI reaches below zero)."""
+    from feedback_synth.orchestration.tune import choose_setting
+
+    cfg = load_run_config()  # gate metric: few
+    report = choose_setting(cfg, GRID, _cells({"method=none": [0.02, 0.03, 0.01],
+                                               "method=full": [0.20, 0.15, -0.01]}), epochs=2, folds=3)
+    rows = {r["setting"]: r for r in report["rows"]}
+    assert rows["method=none"]["go"] and rows["method=none"]["gain_lo"] > 0
+    assert not rows["method=full"]["go"] and rows["method=full"]["gain"] > rows["method=none"]["gain"]
+    assert rows["method=full"]["gain_lo"] < 0 < rows["method=full"]["gain_hi"]
+    assert report["chosen"] == "method=none" and report["beats_no_synthesis"]
+    assert report["config"]["adapt"]["method"] == "none"
+    assert rows["method=none"]["gain"] == pytest.approx(0.02)
+    # among the settings that go, the largest mean gain
+    report = choose_setting(cfg, GRID, _cells({"method=none": [0.02, 0.03, 0.01],
+                                               "method=full": [0.05, 0.04, 0.06]}), epochs=2, folds=3)
+    assert report["chosen"] == "method=full" and report["config"]["adapt"]["method"] == "full"
+
+
+def test_no_go_keeps_the_users_config_and_says_so():
+    from feedback_synth.orchestration.tune import choose_setting
+
+    cfg = load_run_config(overrides=["adapt.method=full"])
+    report = choose_setting(cfg, GRID, _cells({"method=none": [0.0, 0.0, 0.0], "method=full": [-0.02, 0.03, -0.01]}),
+                            epochs=2, folds=3)
+    assert not report["beats_no_synthesis"] and report["chosen"] == NO_SYNTHESIS
+    assert report["config"]["adapt"]["method"] == "full"  # the user's own config, unchanged
+    text = validation_table(report)
+    assert "no-go" in text and "do not spend the GPU budget" in text and "3 folds" in text
+    with pytest.raises(ConfigError, match="2 of 3 folds for 'method=none'"):
+        choose_setting(cfg, GRID, [c for c in _cells({"method=none": [0.1, 0.1, 0.1], "method=full": [0, 0, 0]})
+                                   if c["fold"] != 2 or c["setting"] != "method=none"], epochs=2, folds=3)
+
+
+def test_folds_keep_the_shape_of_the_split_and_never_read_test(prepared, tmp_path):
+    """Every fold has the prepared split's counts per class, a validation part drawn from train +
+    val (disjoint from its train), and the same images for the same seed; fold 0 is the split."""
+    import numpy as np
+
+    from feedback_synth.data.folds import write_fold
+    from feedback_synth.data.imageset import load_split
+
+    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    pool_ids = set(train.ids.tolist()) | set(val.ids.tolist())
+    seen_val = []
+    for k in range(3):
+        url = str(tmp_path / f"fold-{k}")
+        write_fold(prepared, url, k, seed=0)
+        f_train, f_val, f_test = (load_split(url, s) for s in ("train", "val", "test"))
+        assert f_train.class_counts().tolist() == train.class_counts().tolist()
+        assert f_val.class_counts().tolist() == val.class_counts().tolist()
+        assert not set(f_train.ids.tolist()) & set(f_val.ids.tolist())
+        assert set(f_train.ids.tolist()) | set(f_val.ids.tolist()) == pool_ids  # never an image of the test split
+        assert np.array_equal(f_test.images, f_val.images)
+        seen_val.append(sorted(f_val.ids.tolist()))
+    assert seen_val[0] == sorted(val.ids.tolist()) and seen_val[1] != seen_val[0] and seen_val[2] != seen_val[1]
+    write_fold(prepared, str(tmp_path / "again"), 1, seed=0)
+    assert sorted(load_split(str(tmp_path / "again"), "val").ids.tolist()) == seen_val[1]
+
+
 def test_the_table_says_plainly_when_nothing_beats_no_synthesis():
-    rows = [{"setting": NO_SYNTHESIS, "overall": 0.9, "few": 0.8}, {"setting": "criterion=none", "overall": 0.85,
-                                                                       "few": 0.7, "kept": 10}]
-    text = validation_table({"rows": rows, "epochs": 5, "metric": "few", "chosen": NO_SYNTHESIS,
+    rows = [{"setting": NO_SYNTHESIS, "overall": 0.9, "few": 0.8},
+            {"setting": "criterion=none", "overall": 0.85, "few": 0.7, "kept": 10, "gain": -0.1, "gain_lo": -0.2,
+             "gain_hi": 0.0, "go": False}]
+    text = validation_table({"rows": rows, "epochs": 5, "folds": 3, "metric": "few", "chosen": NO_SYNTHESIS,
                              "beats_no_synthesis": False})
-    assert "no setting beats no synthesis" in text and "do not spend the GPU budget" in text
+    assert "no-go" in text and "do not spend the GPU budget" in text
+    assert "| criterion=none | 0.850 | 0.700 | 10 | -0.100 (-0.200 .. +0.000) | no |" in text
 
 
 @pytest.mark.slow
-def test_tune_picks_a_setting_on_validation(tmp_path, tiny_generator, capsys):
+def test_tune_scores_each_setting_on_folds_and_writes_the_verdict(tmp_path, tiny_generator, capsys):
     out = tmp_path / "tune"
     sets = ["train.model=test_resnet", "feedback.budget_fraction=0.1", "feedback.shard_size=64",
             "generate.num_inference_steps=2", f"generate.generator={tiny_generator}", "filter.filters=[degenerate]",
             "tracking.enabled=false", "adapt.steps=2", "adapt.batch_size=8", "adapt.samples_per_class=1"]
-    args = ["tune", "--output", str(out), "--epochs", "2", "--grid", "adapt.method=none,full",
+    args = ["tune", "--output", str(out), "--epochs", "2", "--folds", "2", "--grid", "adapt.method=none,full",
             "--grid", "generate.criterion=none"]
     for s in sets:
         args += ["--set", s]
@@ -45,28 +119,20 @@ def test_tune_picks_a_setting_on_validation(tmp_path, tiny_generator, capsys):
     report = storage.read_json(str(out / "tune_report.json"))
     assert [r["setting"] for r in report["rows"]] == [NO_SYNTHESIS, "method=none, criterion=none",
                                                       "method=full, criterion=none"]
-    assert all(0 <= r["few"] <= 1 for r in report["rows"])
-    best = max(report["rows"][1:], key=lambda r: (r["few"], r["overall"]))
-    assert report["beats_no_synthesis"] == (best["few"] > report["rows"][0]["few"])
+    for row in report["rows"][1:]:  # the gain is the mean of the paired differences, per fold
+        cells = [storage.read_json(str(out / "folds" / f"fold-{k}" / "settings" /
+                                       f"adapt.method{row['setting'].split(',')[0].split('=')[1]}-generate.criterionnone"
+                                       / "score.json")) for k in (0, 1)]
+        gains = [c["synthesis"]["few"] - c["no_synthesis"]["few"] for c in cells]
+        assert row["gain_per_fold"] == pytest.approx(gains) and row["go"] == (row["gain_lo"] > 0)
+    assert (out / "folds" / "fold-1" / "baseline" / "model" / "config.json").is_file()
     chosen = storage.read_yaml(str(out / "chosen.yaml"))
-    if report["beats_no_synthesis"]:
-        method = dict(part.split("=") for part in best["setting"].split(", "))["method"]
-        assert report["chosen"] == best["setting"] and chosen["adapt"]["method"] == method
-    else:
-        assert report["chosen"] == NO_SYNTHESIS and "no setting beats no synthesis" in printed
     assert chosen["train"]["epochs"] == load_run_config().train.epochs  # the full run's epochs, not the pilot's
-    assert "| setting (validation, 2 epochs) |" in (out / "validation_table.md").read_text()
-
-
-def test_the_choice_goes_to_the_best_setting_only_when_it_beats_no_synthesis():
-    """Both outcomes of the pilot's choice, on rows whose answer is known."""
-    from feedback_synth.orchestration.tune import choose
-
-    rows = [{"setting": NO_SYNTHESIS, "few": 0.5, "overall": 0.8},
-            {"setting": "a", "few": 0.6, "overall": 0.7}, {"setting": "b", "few": 0.6, "overall": 0.75},
-            {"setting": "c", "few": 0.4, "overall": 0.9}]
-    best, beats = choose(rows, "few")
-    assert best["setting"] == "b" and beats  # ties on few go to overall
-    rows[0]["few"] = 0.6  # a tie with no synthesis is not a gain
-    assert choose(rows, "few") == (rows[2], False)
-    assert choose(rows, "overall")[0]["setting"] == "c" and choose(rows, "overall")[1]
+    assert ("go: " if report["beats_no_synthesis"] else "no-go: ") in printed
+    assert "| setting (validation, 2 folds, 2 epochs) |" in (out / "validation_table.md").read_text()
+    # a re-run resumes every finished stage: nothing is trained again, the verdict is the same
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    assert len(before) >= 6  # 2 fold baselines, 4 retrained models (and the adapted generators)
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
+    assert storage.read_json(str(out / "tune_report.json"))["rows"] == report["rows"]

@@ -255,7 +255,7 @@ def prepared_dataset(tmp_path_factory) -> str:
 
 
 def _make_report(few: float, overall: float, base_few: float = 0.2, base_overall: float = 0.6) -> dict:
-    return {"baseline": {"overall": base_overall, "many": 0.9, "medium": 0.5, "few": base_few, "worst_class": 0.0},
+    return {"no_synthesis": {"overall": base_overall, "many": 0.9, "medium": 0.5, "few": base_few, "worst_class": 0.0},
             "retrained": {"overall": overall, "many": 0.9, "medium": 0.55, "few": few, "worst_class": 0.1},
             "fidelity": 0.9, "generated": 100, "kept": 90}
 

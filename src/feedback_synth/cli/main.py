@@ -47,6 +47,7 @@ def cmd_tune(args) -> int:
 
     from feedback_synth import storage
     from feedback_synth.config import resolve_devices
+    from feedback_synth.errors import ConfigError
     from feedback_synth.orchestration.preflight import preflight
     from feedback_synth.orchestration.run import check_lasting_output, check_output_outside_dataset, make_tracker
     from feedback_synth.orchestration.tune import DEFAULT_GRID, check_grid, parse_grid, run_pilot, validation_table
@@ -59,12 +60,14 @@ def cmd_tune(args) -> int:
     check_output_outside_dataset(cfg.data.dataset, output)
     grid = parse_grid(args.grid) if args.grid else None
     check_grid(cfg, grid or DEFAULT_GRID)  # every setting builds a valid config, before any work
+    if args.folds < 1:
+        raise ConfigError(f"--folds must be at least 1, got {args.folds}")
     preflight(cfg, output)  # the data, the generator against it (class names too), the output (writable)
     tracker = make_tracker(cfg.tracking, output)
     tracker.start(f"tune {output.rstrip('/').rsplit('/', 1)[-1]}", asdict(cfg))
     status = "FAILED"
     try:
-        report = run_pilot(cfg, output, grid, args.epochs, tracker, overwrite=args.overwrite)
+        report = run_pilot(cfg, output, grid, args.epochs, tracker, overwrite=args.overwrite, folds=args.folds)
         status = "FINISHED"
     finally:
         tracker.finish(status)
@@ -175,14 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=("inprocess", "kfp-local"), default="inprocess")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("tune", help="the pilot: try a small grid of synthesis settings on the validation split "
-                                    "with short trainings, and write the chosen config")
+    p = sub.add_parser("tune", help="the pilot: try a small grid of synthesis settings on repeated validation "
+                                    "splits (folds of train + val) with short trainings; go only when a setting's "
+                                    "gain has a CI above zero; write the chosen config")
     p.add_argument("--dataset", help="digits-lt | digits-gap | digits-groups | a dataset URL")
     add_config_args(p)
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.FIELD=V1,V2",
                    help="a grid axis (repeatable); default: adapt.method=none,full x generate.criterion=none,entropy "
                         "x generate.strength=0.8,1.0")
-    p.add_argument("--epochs", type=int, default=15, help="epochs of the pilot's baseline and retrainings")
+    p.add_argument("--epochs", type=int, default=15, help="epochs of the pilot's baselines and retrainings")
+    p.add_argument("--folds", type=int, default=3, help="repeated validation splits of train + val (each its own "
+                                                        "baseline and seeds; the test split is never read)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("pretrain-generator", help="train the bundled generator on the generator pool")

@@ -1,15 +1,22 @@
-"""The pilot (``feedback-synth tune``): choose the synthesis settings on the user's validation split
-before the full run spends its budget (docs/method.md: the pilot).
+"""The pilot (``feedback-synth tune``): choose the synthesis settings on the user's own data before
+the full run spends its budget, and say "no-go" when nothing pays (docs/method.md: the pilot).
 
-It trains the baseline once with short epochs, then for every setting of a small grid (adaptation
-on or off, strength, guidance scale, criterion, budget) adapts the generator if asked (once per
-adaptation setting), plans, generates, filters and retrains with the same short epochs, and scores
-the retrained model on the **validation** split, next to the same recipe without synthesis. It
-writes the validation table and the chosen run config (``chosen.yaml``, the full config to pass to
-``feedback-synth run --config``), and logs both to MLflow. When no setting beats "no synthesis" on
-validation, it says so plainly and the chosen config turns synthesis off
-(``feedback.budget_fraction`` is not the knob for that: the chosen config keeps the baseline and
-tells the user not to spend the GPU budget).
+It judges every setting of a small grid (adaptation on or off, strength, guidance scale,
+criterion, budget) on **repeated validation splits**: ``folds`` folds of train + val
+(``data.folds``; the test split is never read), each with its own baseline and seeds. In every
+fold a setting adapts the generator if asked, plans, generates, filters and retrains with short
+epochs, and is scored on the fold's held-out images **against the same recipe without synthesis
+on the same fold** (the paired difference). Over the folds: the mean gain on the gate metric and
+its 95% bootstrap CI (``reporting.stats.paired_ci``, as the benchmarks compute theirs).
+
+"Go" only when that CI excludes zero; among the settings that go, the largest mean gain (then
+overall accuracy). No setting goes: the pilot says so plainly and the chosen config is the
+user's own, unchanged (do not spend the GPU budget on it). It writes the validation table, the
+report and the chosen run config (``chosen.yaml``, the full config to pass to ``feedback-synth
+run --config``), and logs them to MLflow, with one nested run per setting and fold.
+
+Its parts are plain functions that also run as KFP tasks (``pipelines/pilot_pipeline.py`` fans the
+folds and the cells out): ``prepare_folds``, ``train_fold_baseline``, ``score_cell``, ``choose_setting``.
 """
 from __future__ import annotations
 
@@ -90,109 +97,211 @@ def setting_name(setting: dict[str, Any], full: bool = False) -> str:
     return ", ".join(f"{k if full else k.split('.', 1)[1]}={v}" for k, v in setting.items())
 
 
-TUNE_FOLDERS = ("data", "baseline", "adapted", "settings")  # where the pilot's stages write
+TUNE_FOLDERS = ("data", "folds", "baseline", "adapted", "settings")  # where the pilot's stages write (and wrote)
 TUNE_FILES = ("tune_report.json", "validation_table.md", "chosen.yaml")
+DEFAULT_FOLDS = 3
+CONFIDENCE = 0.95
 
 
-def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any]]] = None, epochs: int = 15,
-              tracker: Any = None, overwrite: bool = False) -> dict[str, Any]:
-    """Try every setting of ``grid`` (default ``DEFAULT_GRID``) with ``epochs``-epoch trainings and
-    score each on the validation split. Returns ``{"rows": [...], "chosen": name, "beats_no_synthesis":
-    bool, "config": the chosen RunConfig as a dict}`` and writes ``validation_table.md``,
-    ``tune_report.json`` and ``chosen.yaml`` under ``output_url``.
+def pilot_config(cfg: RunConfig, epochs: int, fold: int = 0) -> RunConfig:
+    """The config of the pilot's trainings in fold ``fold``: ``epochs``-epoch trainings, one
+    round, the run's devices resolved, and every seed moved by the fold (so the folds differ in
+    training noise as in data)."""
+    resolved = resolve_devices(cfg)
+    return replace(resolved, train=replace(cfg.train, epochs=epochs, seed=cfg.train.seed + fold),
+                   retrain=replace(cfg.retrain, epochs=epochs, seed=cfg.retrain.seed + fold),
+                   adapt=replace(cfg.adapt, seed=cfg.adapt.seed + fold),
+                   generate=replace(cfg.generate, seed=cfg.generate.seed + fold),
+                   feedback=replace(cfg.feedback, rounds=1))
 
-    A re-run into the same ``output_url`` reuses its finished stages; ``overwrite`` first removes what
-    an earlier pilot wrote there (``run.remove_run_outputs`` on ``TUNE_FOLDERS``, and ``TUNE_FILES``;
-    a file of the user's stays, and so does the MLflow store)."""
-    from feedback_synth.data.imageset import load_info, load_split
+
+def fold_url(output_url: str, fold: int, part: str) -> str:
+    return storage.join(output_url, "folds", f"fold-{fold}", part)
+
+
+def setting_slug(setting: dict[str, Any]) -> str:
+    return "-".join(f"{k}{v}" for k, v in setting.items())
+
+
+def prepare_folds(cfg: RunConfig, output_url: str, folds: int, epochs: int) -> list[int]:
+    """Prepare the dataset once and write its ``folds`` folds (``data.folds``); the fold numbers."""
+    from feedback_synth.data.folds import write_fold
+    from feedback_synth.data.imageset import load_info
+    from feedback_synth.stages.prepare_data import prepare_data
+    from feedback_synth.stages.result import StageResult
+    from feedback_synth.stages.resume import digests, run_stage
+
+    if folds < 1:
+        raise ConfigError(f"--folds must be at least 1, got {folds}")
+    short = pilot_config(cfg, epochs)
+    data = storage.join(output_url, "data")
+    prepare_data(short.data, data)
+    if "val" not in load_info(data).splits:
+        raise ConfigError(f"the pilot scores settings on validation splits, and {cfg.data.dataset} has none; add "
+                          f"a val/ folder (or val.txt) to the dataset")
+    for k in range(folds):
+        def work(k: int = k) -> StageResult:
+            info = write_fold(data, fold_url(output_url, k, "data"), k, cfg.data.split_seed)
+            return StageResult("pilot_fold", {"fold": k, "train_class_counts": info.train_class_counts})
+
+        run_stage("pilot_fold", fold_url(output_url, k, "data"), {"fold": k, "seed": cfg.data.split_seed},
+                  digests(data=data), work)
+    return list(range(folds))
+
+
+def train_fold_baseline(cfg: RunConfig, output_url: str, fold: int, epochs: int) -> str:
+    """The baseline of fold ``fold`` (resumes when done); its folder."""
+    from feedback_synth.stages.train_baseline import train_baseline
+
+    short = pilot_config(cfg, epochs, fold)
+    baseline = fold_url(output_url, fold, "baseline")
+    train_baseline(fold_url(output_url, fold, "data"), baseline, short.train, short.data)
+    return baseline
+
+
+def score_cell(cfg: RunConfig, output_url: str, setting: dict[str, Any], fold: int, epochs: int,
+               tracker: Any = None) -> dict[str, Any]:
+    """One cell of the pilot: ``setting`` on fold ``fold`` (its baseline trained first), scored on
+    the fold's held-out images with and without synthesis (the same recipe). Writes and returns
+    ``{"setting", "fold", "synthesis", "no_synthesis", "kept"}``; a re-run resumes its finished stages."""
     from feedback_synth.orchestration.run import synthesis_rounds
     from feedback_synth.orchestration.shared import RunLayout
     from feedback_synth.stages.adapt_generator import adapt_generator
     from feedback_synth.stages.outputs import model_url
-    from feedback_synth.stages.prepare_data import prepare_data
-    from feedback_synth.stages.train_baseline import train_baseline
     from feedback_synth.tracking.base import NullTracker
-    from feedback_synth.training.classifier import load_classifier
-    from feedback_synth.training.evaluate import evaluate, summary
+    from feedback_synth.training.evaluate import summary
 
-    grid = grid or DEFAULT_GRID
-    check_grid(cfg, grid)
+    folder = fold_url(output_url, fold, storage.join("settings", setting_slug(setting)))
+    score_url = storage.join(folder, "score.json")
+    run_cfg = apply_setting(pilot_config(cfg, epochs, fold), setting)
+    data, baseline = fold_url(output_url, fold, "data"), fold_url(output_url, fold, "baseline")
     tracker = tracker or NullTracker()
-    if overwrite:
-        from feedback_synth.orchestration.run import remove_run_outputs
+    with tracker.stage(f"fold_{fold}/{setting_name(setting)}", {**setting, "fold": fold}) as run:
+        adapted = fold_url(output_url, fold, storage.join(
+            "adapted", "-".join(f"{k}{v}" for k, v in sorted(result_settings(run_cfg.adapt).items()))))
+        adapt_generator(data, model_url(baseline), adapted, run_cfg.adapt, run_cfg.generate)
+        _, retrained, filtered = synthesis_rounds(run_cfg, RunLayout(folder), data, baseline, NullTracker(),
+                                                  adapted=adapted)
+        cell = {"setting": setting_name(setting), "fold": fold,
+                "synthesis": summary(storage.read_json(storage.join(retrained, "metrics.json"))),
+                "no_synthesis": summary(storage.read_json(storage.join(retrained, "reference_metrics.json"))),
+                "kept": storage.read_json(storage.join(filtered, "filter_report.json"))["kept"]}
+        run.log_metrics({**{f"val_{k}": v for k, v in cell["synthesis"].items() if isinstance(v, float)},
+                         **{f"val_no_synthesis_{k}": v for k, v in cell["no_synthesis"].items()
+                            if isinstance(v, float)}})
+    storage.write_json(score_url, cell)
+    return cell
 
-        remove_run_outputs(output_url, TUNE_FOLDERS)
-        for name in TUNE_FILES:
-            if storage.exists(storage.join(output_url, name)):
-                storage.remove(storage.join(output_url, name))
-    resolved = resolve_devices(cfg)  # every setting runs on the run's device (chosen.yaml keeps the user's)
-    short = replace(resolved, train=replace(cfg.train, epochs=epochs), retrain=replace(cfg.retrain, epochs=epochs),
-                    feedback=replace(cfg.feedback, rounds=1))
-    data, baseline = storage.join(output_url, "data"), storage.join(output_url, "baseline")
-    prepare_data(short.data, data)
-    if "val" not in load_info(data).splits:
-        raise ConfigError(f"the pilot scores settings on the validation split, and {cfg.data.dataset} has none; add "
-                          f"a val/ folder (or val.txt) to the dataset")
-    train_baseline(data, baseline, short.train, short.data)
-    val = load_split(data, "val")
+
+def choose_setting(cfg: RunConfig, grid: dict[str, list[Any]], cells: list[dict[str, Any]], epochs: int,
+                   folds: int) -> dict[str, Any]:
+    """The pilot's verdict from its cells: per setting the mean scores over the folds, the mean
+    paired gain on the gate metric with its CI, and whether it goes (the CI excludes zero); the
+    chosen setting (the largest gain among those that go) and its config."""
+    from feedback_synth.reporting.stats import paired_ci
+
     metric = cfg.promote.gate_metric
-
-    def score(model_folder: str) -> dict[str, float]:
-        return summary(evaluate(load_classifier(model_url(model_folder), short.device), val, short.data))
-
-    rows = [{"setting": NO_SYNTHESIS, **score(baseline)}]
     settings = settings_of(grid)
-    for setting in tqdm(settings, desc="tune (validation)", unit="setting"):
-        run_cfg = apply_setting(short, setting)
+    rows = []
+    for setting in settings:
         name = setting_name(setting)
-        folder = storage.join(output_url, "settings", "-".join(f"{k}{v}" for k, v in setting.items()))
-        adapt_folder = storage.join(output_url, "adapted",
-                                    "-".join(f"{k}{v}" for k, v in sorted(result_settings(run_cfg.adapt).items())))
-        with tracker.stage(name, setting) as run:
-            adapt_generator(data, model_url(baseline), adapt_folder, run_cfg.adapt,
-                                             run_cfg.generate)
-            _, retrained, filtered = synthesis_rounds(run_cfg, RunLayout(folder), data, baseline, NullTracker(),
-                                                      adapted=adapt_folder)
-            row = {"setting": name, **score(retrained),
-                   "kept": storage.read_json(storage.join(filtered, "filter_report.json"))["kept"]}
-            run.log_metrics({f"val_{k}": v for k, v in row.items() if isinstance(v, float)})
-        rows.append(row)
-    reference = rows[0]
-    best, beats = choose(rows, metric)
-    chosen_setting = settings[rows.index(best) - 1] if beats else {}
-    chosen = apply_setting(cfg, chosen_setting) if beats else cfg
-    report = {"rows": rows, "metric": metric, "epochs": epochs, "grid": grid, "chosen": best["setting"] if beats else
-              NO_SYNTHESIS, "beats_no_synthesis": beats, "config": asdict(chosen)}
+        mine = sorted((c for c in cells if c["setting"] == name), key=lambda c: c["fold"])
+        if len(mine) != folds:
+            raise ConfigError(f"the pilot has {len(mine)} of {folds} folds for '{name}': a cell is missing")
+        gains = [c["synthesis"].get(metric, 0.0) - c["no_synthesis"].get(metric, 0.0) for c in mine]
+        mean, lo, hi = paired_ci(gains, CONFIDENCE)
+        overall = [c["synthesis"].get("overall", 0.0) - c["no_synthesis"].get("overall", 0.0) for c in mine]
+        keys = [k for k in METRICS if k in mine[0]["synthesis"]]
+        rows.append({"setting": name, **{k: _mean(c["synthesis"][k] for c in mine) for k in keys},
+                     "kept": _mean(c["kept"] for c in mine), "gain": mean, "gain_lo": lo, "gain_hi": hi,
+                     "gain_per_fold": gains, "overall_gain": _mean(overall), "go": lo > 0})
+    reference_keys = [k for k in METRICS if k in cells[0]["no_synthesis"]]
+    reference = {"setting": NO_SYNTHESIS, **{k: _mean(c["no_synthesis"][k] for c in cells) for k in reference_keys}}
+    going = [r for r in rows if r["go"]]
+    best = max(going, key=lambda r: (r["gain"], r["overall_gain"])) if going else None
+    chosen = apply_setting(cfg, settings[rows.index(best)]) if best else cfg
+    return {"rows": [reference, *rows], "metric": metric, "epochs": epochs, "folds": folds, "confidence": CONFIDENCE,
+            "grid": grid, "chosen": best["setting"] if best else NO_SYNTHESIS, "beats_no_synthesis": best is not None,
+            "config": asdict(chosen)}
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values if v is not None]
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def write_verdict(output_url: str, report: dict[str, Any], tracker: Any = None) -> None:
+    """``tune_report.json``, ``validation_table.md`` and ``chosen.yaml`` under ``output_url``; the
+    table, the chosen config and the gain logged on ``tracker``'s run."""
     table = validation_table(report)
     storage.write_json(storage.join(output_url, "tune_report.json"), report)
     storage.write_text(storage.join(output_url, "validation_table.md"), table)
-    storage.write_yaml(storage.join(output_url, "chosen.yaml"), asdict(chosen))
-    tracker.log_text(table, "validation_table.md")
-    tracker.log_artifact_url(storage.join(output_url, "chosen.yaml"))
-    tracker.log_metrics({f"best_val_{metric}": best.get(metric) or 0.0,
-                         f"no_synthesis_val_{metric}": reference.get(metric) or 0.0})
+    storage.write_yaml(storage.join(output_url, "chosen.yaml"), report["config"])
+    if tracker is not None:
+        tracker.log_text(table, "validation_table.md")
+        tracker.log_artifact_url(storage.join(output_url, "chosen.yaml"))
+        best = next((r for r in report["rows"][1:] if r["setting"] == report["chosen"]), None)
+        tracker.log_metrics({"go": float(report["beats_no_synthesis"]),
+                             f"chosen_val_gain_{report['metric']}": best["gain"] if best else 0.0})
+
+
+def remove_pilot_outputs(output_url: str) -> None:
+    """What an earlier pilot wrote in ``output_url`` (its folders and files; a file of the user's
+    stays, and so does the MLflow store)."""
+    from feedback_synth.orchestration.run import remove_run_outputs
+
+    remove_run_outputs(output_url, TUNE_FOLDERS)
+    for name in TUNE_FILES:
+        if storage.exists(storage.join(output_url, name)):
+            storage.remove(storage.join(output_url, name))
+
+
+def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any]]] = None, epochs: int = 15,
+              tracker: Any = None, overwrite: bool = False, folds: int = DEFAULT_FOLDS) -> dict[str, Any]:
+    """The pilot in this process: every setting of ``grid`` (default ``DEFAULT_GRID``) on ``folds``
+    folds with ``epochs``-epoch trainings, then the verdict (``choose_setting``). Returns the report
+    (``rows``: no synthesis, then one per setting with its gain and CI; ``chosen``;
+    ``beats_no_synthesis``: go or no-go; ``config``: the chosen RunConfig as a dict).
+
+    A re-run into the same ``output_url`` reuses its finished stages and cells; ``overwrite``
+    first removes what an earlier pilot wrote there."""
+    grid = grid or DEFAULT_GRID
+    check_grid(cfg, grid)
+    if overwrite:
+        remove_pilot_outputs(output_url)
+    fold_ids = prepare_folds(cfg, output_url, folds, epochs)
+    for k in fold_ids:
+        train_fold_baseline(cfg, output_url, k, epochs)
+    cells = [(setting, k) for k in fold_ids for setting in settings_of(grid)]
+    scores = [score_cell(cfg, output_url, setting, k, epochs, tracker)
+              for setting, k in tqdm(cells, desc="pilot (settings x folds)", unit="cell")]
+    report = choose_setting(cfg, grid, scores, epochs, folds)
+    write_verdict(output_url, report, tracker)
     return report
 
 
-def choose(rows: list[dict[str, Any]], metric: str) -> tuple[dict[str, Any], bool]:
-    """The best synthesis row (``rows[1:]``) by ``metric``, then overall accuracy, and whether it
-    beats the no-synthesis row (``rows[0]``) on ``metric``, strictly."""
-    best = max(rows[1:], key=lambda r: (r.get(metric) or 0.0, r.get("overall") or 0.0))
-    return best, (best.get(metric) or 0.0) > (rows[0].get(metric) or 0.0)
-
-
 def validation_table(report: dict[str, Any]) -> str:
-    keys = [k for k in METRICS if any(k in r for r in report["rows"])]
-    lines = [f"| setting (validation, {report['epochs']} epochs) | " + " | ".join(keys) + " | kept |",
-             "|---|" + "---|" * (len(keys) + 1)]
-    for r in report["rows"]:
+    """The pilot's table: each setting's mean validation scores over the folds, its mean gain over
+    no synthesis on the gate metric with the CI, and go / no-go; then the verdict in words."""
+    rows = report["rows"]
+    metric = report["metric"]
+    keys = [k for k in METRICS if any(k in r for r in rows)]
+    folds = report.get("folds", 1)
+    level = round(100 * report.get("confidence", CONFIDENCE))
+    lines = [f"| setting (validation, {folds} folds, {report['epochs']} epochs) | " + " | ".join(keys)
+             + f" | kept | gain in {metric} ({level}% CI) | go |", "|---|" + "---|" * (len(keys) + 3)]
+    for r in rows:
         mark = " **(chosen)**" if r["setting"] == report["chosen"] else ""
+        gain = "-" if "gain" not in r else f"{r['gain']:+.3f} ({r['gain_lo']:+.3f} .. {r['gain_hi']:+.3f})"
+        go = "-" if "go" not in r else ("yes" if r["go"] else "no")
+        kept = "-" if r.get("kept") is None else f"{r['kept']:.0f}"
         lines.append(f"| {r['setting']}{mark} | " + " | ".join("-" if r.get(k) is None else f"{r[k]:.3f}" for k in keys)
-                     + f" | {r.get('kept', '-')} |")
+                     + f" | {kept} | {gain} | {go} |")
     if report["beats_no_synthesis"]:
-        verdict = f"chosen on validation {report['metric']}: {report['chosen']}"
+        verdict = (f"go: {report['chosen']} (its gain in validation {metric} over no synthesis has a {level}% CI above "
+                   f"zero over {folds} folds)")
     else:
-        verdict = (f"no setting beats no synthesis on validation {report['metric']}: synthesis would not pay off "
-                   f"on this data with these settings; do not spend the GPU budget on a full run (or widen --grid)")
+        verdict = (f"no-go: no setting's gain in validation {metric} over no synthesis has a {level}% CI above zero "
+                   f"over {folds} folds: synthesis would not pay off on this data with these settings; do not spend "
+                   f"the GPU budget on a full run (or widen --grid)")
     return "\n".join(lines) + "\n\n" + verdict + "\n"
-
