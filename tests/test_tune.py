@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from feedback_synth import storage
-from feedback_synth.cli.main import main
 from feedback_synth.config import load_run_config
 from feedback_synth.errors import ConfigError
 from feedback_synth.orchestration.tune import NO_SYNTHESIS, apply_setting, parse_grid, settings_of, validation_table
@@ -102,37 +100,3 @@ def test_the_table_says_plainly_when_nothing_beats_no_synthesis():
                              "beats_no_synthesis": False})
     assert "no-go" in text and "do not spend the GPU budget" in text
     assert "| criterion=none | 0.850 | 0.700 | 10 | -0.100 (-0.200 .. +0.000) | no |" in text
-
-
-@pytest.mark.slow
-def test_tune_scores_each_setting_on_folds_and_writes_the_verdict(tmp_path, tiny_generator, capsys):
-    out = tmp_path / "tune"
-    sets = ["train.model=test_resnet", "feedback.budget_fraction=0.1", "feedback.shard_size=64",
-            "generate.num_inference_steps=2", f"generate.generator={tiny_generator}", "filter.filters=[degenerate]",
-            "tracking.enabled=false", "adapt.steps=2", "adapt.batch_size=8", "adapt.samples_per_class=1"]
-    args = ["tune", "--output", str(out), "--epochs", "2", "--folds", "2", "--grid", "adapt.method=none,full",
-            "--grid", "generate.criterion=none"]
-    for s in sets:
-        args += ["--set", s]
-    assert main(args) == 0
-    printed = capsys.readouterr().out
-    report = storage.read_json(str(out / "tune_report.json"))
-    assert [r["setting"] for r in report["rows"]] == [NO_SYNTHESIS, "method=none, criterion=none",
-                                                      "method=full, criterion=none"]
-    for row in report["rows"][1:]:  # the gain is the mean of the paired differences, per fold
-        cells = [storage.read_json(str(out / "folds" / f"fold-{k}" / "settings" /
-                                       f"adapt.method{row['setting'].split(',')[0].split('=')[1]}-generate.criterionnone"
-                                       / "score.json")) for k in (0, 1)]
-        gains = [c["synthesis"]["few"] - c["no_synthesis"]["few"] for c in cells]
-        assert row["gain_per_fold"] == pytest.approx(gains) and row["go"] == (row["gain_lo"] > 0)
-    assert (out / "folds" / "fold-1" / "baseline" / "model" / "config.json").is_file()
-    chosen = storage.read_yaml(str(out / "chosen.yaml"))
-    assert chosen["train"]["epochs"] == load_run_config().train.epochs  # the full run's epochs, not the pilot's
-    assert ("go: " if report["beats_no_synthesis"] else "no-go: ") in printed
-    assert "| setting (validation, 2 folds, 2 epochs) |" in (out / "validation_table.md").read_text()
-    # a re-run resumes every finished stage: nothing is trained again, the verdict is the same
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
-    assert len(before) >= 6  # 2 fold baselines, 4 retrained models (and the adapted generators)
-    assert main(args) == 0
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
-    assert storage.read_json(str(out / "tune_report.json"))["rows"] == report["rows"]

@@ -161,3 +161,50 @@ def _summary_of(out, root: str, t0: float) -> dict[str, Any]:
                              outputs={**outputs, "report": urls["evaluation"], "kfp_pipeline_root": root},
                              promotion=promotion, mlflow_run_id=json.loads(tracking)["parent_run_id"] if tracking else None,
                              pipeline_seconds=round(time.time() - t0, 2))
+
+
+def run_pilot_kfp_local(cfg: RunConfig, output_url: str, grid: dict[str, list[Any]], folds: int, epochs: int,
+                        parallelism: Optional[int] = None) -> dict[str, Any]:
+    """The pilot through the KFP local runner (``pipelines/pilot_pipeline.py``: the folds and the
+    cells fanned out, as on Kubeflow); returns the report of ``orchestration.tune.run_pilot``. The
+    run's config travels as one value (the ``config`` parameter); the tasks write the in-process
+    pilot's layout under ``output_url``, so either runner resumes the other's work."""
+    import kfp.local
+
+    from feedback_synth_kfp.pipelines.pilot_pipeline import PilotSettings, build_pilot_pipeline
+
+    if storage.local_path(output_url):
+        root = os.path.join(storage.local_path(output_url), "kfp")
+    else:
+        root = tempfile.mkdtemp(prefix="feedback-synth-kfp-")
+    parallelism = parallelism or max(1, (os.cpu_count() or 2) // 2)
+    from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings
+
+    # no retries here: a failure on this machine is not a preempted node
+    pipeline = build_pilot_pipeline(PilotSettings(pipeline=PipelineSettings(gpu_retries=0, exit_handler=False),
+                                                  parallelism=parallelism, exit_handler=False))
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
+    tracking_uri = tracking_location(cfg.tracking, output_url) if cfg.tracking.enabled else ""
+    launch_id = uuid.uuid4().hex
+    errors_file = os.path.join(tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-"), "errors.txt")
+    task_env = {LAUNCH_ENV: launch_id, TASK_ERRORS_ENV: errors_file, LAUNCHER_ENV: launcher_id()}
+    config = {k: v for k, v in asdict(cfg).items() if k != "device"}
+    try:
+        with scoped_environ(task_env), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+            pipeline(output=output_url, dataset=cfg.data.dataset, grid=json.dumps(grid), folds=folds, epochs=epochs,
+                     mlflow_tracking_uri=tracking_uri, mlflow_experiment=cfg.tracking.experiment, device=cfg.device,
+                     config=json.dumps(config))
+    except RuntimeError as exc:
+        reported = open(errors_file, encoding="utf-8").read().strip().splitlines() if os.path.exists(errors_file) else []
+        message = reported[-1] if reported else \
+            f"the pilot failed in the KFP local runner: {exc} (task logs above; outputs under {root})"
+        _close_launch(cfg, tracking_uri, launch_id, message, "the failed pilot")
+        raise KFPRunError(message) from None
+    except BaseException:
+        stop_tasks()
+        _close_launch(cfg, tracking_uri, launch_id, "interrupted", "the interrupted pilot")
+        raise
+    return storage.read_json(storage.join(output_url, "tune_report.json"))
+

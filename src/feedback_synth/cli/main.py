@@ -43,7 +43,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from feedback_synth import storage
     from feedback_synth.config import resolve_devices
@@ -63,11 +63,20 @@ def cmd_tune(args) -> int:
     if args.folds < 1:
         raise ConfigError(f"--folds must be at least 1, got {args.folds}")
     preflight(cfg, output)  # the data, the generator against it (class names too), the output (writable)
-    tracker = make_tracker(cfg.tracking, output)
+    tracker = make_tracker(cfg.tracking if args.runner == "inprocess" else replace(cfg.tracking, enabled=False), output)
     tracker.start(f"tune {output.rstrip('/').rsplit('/', 1)[-1]}", asdict(cfg))
     status = "FAILED"
     try:
-        report = run_pilot(cfg, output, grid, args.epochs, tracker, overwrite=args.overwrite, folds=args.folds)
+        if args.runner == "kfp-local":  # the pipeline opens its own MLflow run
+            from feedback_synth.orchestration.tune import DEFAULT_GRID as default_grid
+            from feedback_synth.orchestration.tune import remove_pilot_outputs
+            from feedback_synth_kfp.local_runner import run_pilot_kfp_local
+
+            if args.overwrite:
+                remove_pilot_outputs(output)
+            report = run_pilot_kfp_local(cfg, output, grid or default_grid, args.folds, args.epochs)
+        else:
+            report = run_pilot(cfg, output, grid, args.epochs, tracker, overwrite=args.overwrite, folds=args.folds)
         status = "FINISHED"
     finally:
         tracker.finish(status)
@@ -187,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a grid axis (repeatable); default: adapt.method=none,full x generate.criterion=none,entropy "
                         "x generate.strength=0.8,1.0")
     p.add_argument("--epochs", type=int, default=15, help="epochs of the pilot's baselines and retrainings")
+    p.add_argument("--runner", choices=("inprocess", "kfp-local"), default="inprocess",
+                   help="kfp-local: the pilot pipeline through the KFP local runner (folds and cells fanned out)")
     p.add_argument("--folds", type=int, default=3, help="repeated validation splits of train + val (each its own "
                                                         "baseline and seeds; the test split is never read)")
     p.set_defaults(func=cmd_tune)

@@ -1,0 +1,138 @@
+"""The pilot as a Kubeflow pipeline: the in-process pilot (``feedback-synth tune``) fanned out.
+
+    start_tracking (the config, resolved once; pre-flight; the MLflow parent run)
+    -> pilot_prepare (the folds of train + val)
+    -> pilot_baseline per fold (ParallelFor, GPU pods)
+    -> pilot_cells (waits for every baseline)
+    -> pilot_cell per (setting, fold) (ParallelFor, GPU pods; each a nested MLflow run)
+    -> pilot_choose (the table, go / no-go, ``chosen.yaml``; closes the parent run)
+
+The chosen config is the run's: ``feedback-synth submit --config <output>/chosen.yaml`` (the
+``chosen`` artifact holds the same file). A Katib Experiment would fit a search over a
+continuous space with early stopping; the pilot's grid is a handful of discrete settings judged
+by paired folds, which a ParallelFor expresses directly.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+from kfp import dsl
+
+from feedback_synth_kfp.components.finish_tracking import finish_tracking
+from feedback_synth_kfp.components.pilot import pilot_baseline, pilot_cell, pilot_cells, pilot_choose, pilot_prepare
+from feedback_synth_kfp.components.start_tracking import start_tracking
+from feedback_synth_kfp.parameters import named_defaults
+from feedback_synth_kfp.pipelines.feedback_synth_pipeline import (
+    DEFAULT_GPU_TOLERATIONS,
+    PipelineSettings,
+    _on_gpu,
+    _sized,
+)
+
+PILOT_NAME = "feedback-synth-pilot"
+_D = named_defaults()
+
+PilotOutputs = NamedTuple("PilotOutputs", [("tracking", dsl.Artifact), ("verdict", dsl.Markdown),
+                                           ("chosen", dsl.Artifact)])
+
+
+@dataclass(frozen=True)
+class PilotSettings:
+    """What is fixed when the pilot is compiled: the pods (as the run's pipeline sizes them), how
+    many cells run at once, and the exit handler (off for the local runner, which reads outputs)."""
+
+    pipeline: PipelineSettings = PipelineSettings()
+    parallelism: int = 8  # pilot cells (GPU pods) at once
+    exit_handler: bool = True
+
+
+def build_pilot_pipeline(settings: PilotSettings = PilotSettings()) -> Callable:
+    """The pilot pipeline function, compiled with ``settings``."""
+    place = settings.pipeline
+
+    def feedback_synth_pilot(
+        output: str,
+        dataset: str = _D["dataset"],
+        grid: str = "",
+        folds: int = 3,
+        epochs: int = 15,
+        mlflow_tracking_uri: str = "",
+        mlflow_experiment: str = _D["mlflow_experiment"],
+        device: str = _D["device"],
+        gpu_node_selector: dict = {},
+        gpu_tolerations: list = DEFAULT_GPU_TOLERATIONS,
+        config: str = "{}",
+    ):
+        """The pilot: judge a small grid of synthesis settings on folds of train + val before the
+        run spends its budget; go only when a setting's gain over no synthesis has a 95% CI above
+        zero.
+
+        Args:
+            output (str): where the pilot writes, a URL every pod reaches (gs://bucket/pilots/p1).
+            dataset (str): built-in dataset (digits-lt, digits-groups, digits-gap) or a dataset URL.
+            grid (str): JSON object {"section.field": [values]}; '' = adapt.method x criterion x strength.
+            folds (int): repeated validation splits of train + val (the test split is never read).
+            epochs (int): epochs of the pilot's baselines and retrainings.
+            mlflow_tracking_uri (str): MLflow tracking server; '' = no tracking.
+            mlflow_experiment (str): MLflow experiment name.
+            device (str): auto | cpu | cuda | cuda:N, resolved on each GPU pod.
+            gpu_node_selector (dict): nodeSelector of the GPU pods.
+            gpu_tolerations (list): tolerations of the GPU pods.
+            config (str): JSON object of the run's other config fields, by section (as the run pipeline's).
+        """
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        stages = contextlib.nullcontext()
+        if settings.exit_handler:
+            finish = _sized(finish_tracking(mlflow_tracking_uri=mlflow_tracking_uri,
+                                            mlflow_experiment=mlflow_experiment, kfp_run_id=run_id),
+                            "Close MLflow runs", place.small)
+            finish.set_caching_options(False)
+            stages = dsl.ExitHandler(finish, name="pilot")
+        with stages:
+            track = _sized(start_tracking(
+                mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
+                registered_model=_D["registered_model"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_run_id=run_id,
+                dataset=dataset, classifier_model=_D["classifier_model"], adapt_method=_D["adapt_method"],
+                generator=_D["generator"], criterion=_D["criterion"], scale=_D["scale"], guide_every=_D["guide_every"],
+                budget_fraction=_D["budget_fraction"], shard_size=_D["shard_size"], gate_metric=_D["gate_metric"],
+                min_gain=_D["min_gain"], max_overall_drop=_D["max_overall_drop"], device=device, config=config),
+                "Resolve config, start MLflow run", place.small)
+            track.set_caching_options(False)
+            tracking = track.outputs["tracking"]
+            prep = _sized(pilot_prepare(tracking=tracking, output=output, grid=grid, folds=folds, epochs=epochs),
+                          "Prepare the folds", place.cpu)
+            gpu = (place, gpu_node_selector, gpu_tolerations)
+            with dsl.ParallelFor(items=prep.output, parallelism=settings.parallelism,
+                                 name="fold-baselines") as fold:
+                base = _on_gpu(_sized(pilot_baseline(tracking=tracking, output=output, fold=fold, epochs=epochs),
+                                      "Fold baseline", place.gpu), *gpu)
+            ready = _sized(pilot_cells(grid=grid, baselines=dsl.Collected(base.output)),
+                           "Every fold baseline", place.small)
+            with dsl.ParallelFor(items=ready.output, parallelism=settings.parallelism, name="cells") as item:
+                cell = _on_gpu(_sized(pilot_cell(tracking=tracking, output=output, cell=item, epochs=epochs),
+                                      "Setting x fold", place.gpu), *gpu)
+                cell.set_caching_options(False)  # the cache checks no file under output
+            verdict = _sized(pilot_choose(tracking=tracking, output=output, grid=grid, folds=folds, epochs=epochs,
+                                          scores=dsl.Collected(cell.output)), "Choose: go / no-go", place.small)
+            verdict.set_caching_options(False)
+        if settings.exit_handler:
+            return None
+        return PilotOutputs(tracking=tracking, verdict=verdict.outputs["verdict"], chosen=verdict.outputs["chosen"])
+
+    feedback_synth_pilot.__annotations__["return"] = None if settings.exit_handler else PilotOutputs
+    return dsl.pipeline(name=PILOT_NAME, description="The feedback-synth pilot: synthesis settings judged on folds "
+                                                     "of train + val, go only when the gain's CI excludes zero.")(
+        feedback_synth_pilot)
+
+
+feedback_synth_pilot = build_pilot_pipeline()
+
+
+def compile_pilot(output_path: str, settings: PilotSettings = PilotSettings()) -> str:
+    """Compile the pilot pipeline to a YAML file; returns ``output_path``."""
+    from kfp import compiler
+
+    pipeline = feedback_synth_pilot if settings == PilotSettings() else build_pilot_pipeline(settings)
+    compiler.Compiler().compile(pipeline, output_path)
+    return output_path
