@@ -34,7 +34,7 @@ PILOT_NAME = "feedback-synth-pilot"
 _D = named_defaults()
 
 PilotOutputs = NamedTuple("PilotOutputs", [("tracking", dsl.Artifact), ("verdict", dsl.Markdown),
-                                           ("chosen", dsl.Artifact)])
+                                           ("chosen", dsl.Artifact), ("go", bool), ("config", str)])
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ def build_pilot_pipeline(settings: PilotSettings = PilotSettings()) -> Callable:
             verdict.set_caching_options(False)
         if settings.exit_handler:
             return None
-        return PilotOutputs(tracking=tracking, verdict=verdict.outputs["verdict"], chosen=verdict.outputs["chosen"])
+        return PilotOutputs(tracking=tracking, verdict=verdict.outputs["verdict"], chosen=verdict.outputs["chosen"],
+                            go=verdict.outputs["go"], config=verdict.outputs["config"])
 
     feedback_synth_pilot.__annotations__["return"] = None if settings.exit_handler else PilotOutputs
     return dsl.pipeline(name=PILOT_NAME, description="The feedback-synth pilot: synthesis settings judged on folds "
@@ -129,10 +130,84 @@ def build_pilot_pipeline(settings: PilotSettings = PilotSettings()) -> Callable:
 feedback_synth_pilot = build_pilot_pipeline()
 
 
-def compile_pilot(output_path: str, settings: PilotSettings = PilotSettings()) -> str:
-    """Compile the pilot pipeline to a YAML file; returns ``output_path``."""
+def build_piloted_pipeline(settings: PilotSettings = PilotSettings()) -> Callable:
+    """The pilot, then the run with its choice when it says go: the pilot pipeline and the run
+    pipeline as two nested pipelines, the run under ``dsl.If(go)``; one exit handler around both
+    closes the MLflow runs a failure left open."""
+    from dataclasses import replace
+
+    from feedback_synth_kfp.pipelines.feedback_synth_pipeline import build_pipeline
+
+    pilot = build_pilot_pipeline(replace(settings, exit_handler=False))
+    run = build_pipeline(replace(settings.pipeline, exit_handler=False))
+    place = settings.pipeline
+
+    def feedback_synth_piloted(
+        pilot_output: str,
+        dataset: str = _D["dataset"],
+        grid: str = "",
+        folds: int = 3,
+        epochs: int = 15,
+        workspace_url: str = "",
+        mlflow_tracking_uri: str = "",
+        mlflow_experiment: str = _D["mlflow_experiment"],
+        registered_model: str = _D["registered_model"],
+        device: str = _D["device"],
+        gpu_node_selector: dict = {},
+        gpu_tolerations: list = DEFAULT_GPU_TOLERATIONS,
+        config: str = "{}",
+    ):
+        """The pilot on folds of train + val, then, on go, the whole run with the pilot's chosen
+        config (its gate, registration and promotion as the run pipeline's defaults and ``config``
+        say); on no-go nothing more runs.
+
+        Args:
+            pilot_output (str): where the pilot writes, a URL every pod reaches.
+            dataset (str): built-in dataset or a dataset URL.
+            grid (str): the pilot's grid, JSON {"section.field": [values]}; '' = the default grid.
+            folds (int): the pilot's folds of train + val.
+            epochs (int): epochs of the pilot's trainings.
+            workspace_url (str): where the run's stages write (<workspace_url>/<run id>/).
+            mlflow_tracking_uri (str): MLflow tracking server; '' = no tracking and no promotion.
+            mlflow_experiment (str): MLflow experiment name.
+            registered_model (str): registered model name in the MLflow registry.
+            device (str): auto | cpu | cuda | cuda:N, resolved on each GPU pod.
+            gpu_node_selector (dict): nodeSelector of the GPU pods.
+            gpu_tolerations (list): tolerations of the GPU pods.
+            config (str): JSON object of the other config fields, by section; the pilot's choice
+                applies over it for the run.
+        """
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        stages = contextlib.nullcontext()
+        if settings.exit_handler:
+            finish = _sized(finish_tracking(mlflow_tracking_uri=mlflow_tracking_uri,
+                                            mlflow_experiment=mlflow_experiment, kfp_run_id=run_id),
+                            "Close MLflow runs", place.small)
+            finish.set_caching_options(False)
+            stages = dsl.ExitHandler(finish, name="pilot-then-run")
+        with stages:
+            chosen = pilot(output=pilot_output, dataset=dataset, grid=grid, folds=folds, epochs=epochs,
+                           mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment, device=device,
+                           gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations, config=config)
+            chosen.set_display_name("Pilot")
+            with dsl.If(chosen.outputs["go"] == True, name="go"):  # noqa: E712 - a KFP condition, not Python's
+                run(dataset=dataset, workspace_url=workspace_url, mlflow_tracking_uri=mlflow_tracking_uri,
+                    mlflow_experiment=mlflow_experiment, registered_model=registered_model, device=device,
+                    gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
+                    config=chosen.outputs["config"]).set_display_name("Run with the pilot's choice")
+
+    return dsl.pipeline(name="feedback-synth-piloted", description="The feedback-synth pilot, then the run with its "
+                                                                   "choice when it says go.")(feedback_synth_piloted)
+
+
+def compile_pilot(output_path: str, settings: PilotSettings = PilotSettings(), then_run: bool = False) -> str:
+    """Compile the pilot pipeline (``then_run``: the pilot, then the run with its choice) to a YAML
+    file; returns ``output_path``."""
     from kfp import compiler
 
-    pipeline = feedback_synth_pilot if settings == PilotSettings() else build_pilot_pipeline(settings)
+    if then_run:
+        pipeline = build_piloted_pipeline(settings)
+    else:
+        pipeline = feedback_synth_pilot if settings == PilotSettings() else build_pilot_pipeline(settings)
     compiler.Compiler().compile(pipeline, output_path)
     return output_path

@@ -55,8 +55,9 @@ def add_kfp_commands(subparsers) -> None:
     """``compile`` and ``submit`` (called by cli.build_parser)."""
     p = subparsers.add_parser("compile", help="compile the KFP pipeline to a YAML file")
     p.add_argument("--output", required=True, help="where to write the compiled pipeline (YAML)")
-    p.add_argument("--pipeline", choices=("run", "pilot"), default="run",
-                   help="run: the whole pipeline (default); pilot: the pilot, its folds and cells fanned out")
+    p.add_argument("--pipeline", choices=("run", "pilot", "piloted"), default="run",
+                   help="run: the whole pipeline (default); pilot: the pilot, its folds and cells fanned out; "
+                        "piloted: the pilot, then the run with its choice when it says go")
     p.add_argument("--parallelism", type=int, help="generation shards running at once (default: 8)")
     p.add_argument("--rounds", type=int, help="feedback rounds, unrolled in the pipeline (default: 1; runs must "
                                               "set the same feedback.rounds)")

@@ -62,10 +62,12 @@ def compile_to(path: str, args: Optional[argparse.Namespace] = None, rounds: Opt
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ConfigError(f"--output: folder {folder} does not exist")
-    if args is not None and getattr(args, "pipeline", "run") == "pilot":
+    which = getattr(args, "pipeline", "run") if args is not None else "run"
+    if which in ("pilot", "piloted"):
         from feedback_synth_kfp.pipelines.pilot_pipeline import PilotSettings, compile_pilot
 
-        return compile_pilot(path, PilotSettings(pipeline=settings, parallelism=settings.parallelism))
+        return compile_pilot(path, PilotSettings(pipeline=settings, parallelism=settings.parallelism),
+                             then_run=which == "piloted")
     return compile_pipeline(path, settings)
 
 

@@ -54,6 +54,26 @@ def test_committed_pilot_yaml_is_up_to_date(pilot_spec):
         "pipelines/pilot_pipeline.yaml`")
 
 
+def test_the_piloted_pipeline_runs_the_run_only_on_go_with_the_chosen_config(tmp_path):
+    """pilot, then the run pipeline under dsl.If(go), its ``config`` parameter the pilot's choice;
+    the committed YAML is up to date."""
+    from feedback_synth_kfp.pipelines.pilot_pipeline import compile_pilot
+
+    spec = list(yaml.safe_load_all(Path(compile_pilot(str(tmp_path / "p.yaml"), then_run=True)).read_text()))[0]
+    committed = REPO / "pipelines" / "piloted_pipeline.yaml"
+    assert list(yaml.safe_load_all(committed.read_text()))[0] == spec, (
+        "pipelines/piloted_pipeline.yaml is stale: run `feedback-synth compile --pipeline piloted --output "
+        "pipelines/piloted_pipeline.yaml`")
+    tasks = _tasks(spec)
+    (condition,) = [t for t in tasks.values() if "condition" in t.get("triggerPolicy", {})]
+    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--feedback-synth-pilot-go'] == true"
+    assert condition["inputs"]["parameters"]["pipelinechannel--feedback-synth-pilot-config"]["taskOutputParameter"] == {
+        "outputParameterKey": "config", "producerTask": "feedback-synth-pilot"}
+    (run,) = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"].values()
+    assert run["componentRef"]["name"] == "comp-feedback-synth"  # the whole run pipeline, nested
+    assert run["inputs"]["parameters"]["config"] == {"componentInputParameter": "pipelinechannel--feedback-synth-pilot-config"}
+
+
 def test_a_malformed_grid_parameter_is_named():
     from feedback_synth.errors import ConfigError
     from feedback_synth_kfp.pilot import cells_of, grid_of
@@ -72,7 +92,8 @@ def test_the_pilot_through_the_kfp_local_runner_and_in_process_alike(tmp_path, t
     """``tune --runner kfp-local``: every pilot task in its own process, one nested MLflow run per
     cell under the pilot's parent run, the verdict written; each setting's gain is the mean of its
     paired differences per fold. Then ``tune`` in process into the same folder: every stage
-    resumes (no model is trained again) and the verdict is the same."""
+    resumes (no model is trained again) and the verdict is the same. Last, ``run --pilot`` into the
+    folder that holds it: the pilot resumes, and the run goes with its choice (or stops on no-go)."""
     import mlflow
 
     from feedback_synth import storage
@@ -80,7 +101,7 @@ def test_the_pilot_through_the_kfp_local_runner_and_in_process_alike(tmp_path, t
     from feedback_synth.config import load_run_config
     from feedback_synth.orchestration.tune import NO_SYNTHESIS
 
-    out = tmp_path / "tune"
+    out = tmp_path / "run" / "pilot"  # where run --pilot keeps its pilot
     sets = ["train.model=test_resnet", "feedback.budget_fraction=0.1", "feedback.shard_size=64",
             "generate.num_inference_steps=2", f"generate.generator={tiny_generator}", "filter.filters=[degenerate]"]
     args = ["tune", "--output", str(out), "--epochs", "2", "--folds", "2", "--grid", "generate.criterion=none,entropy"]
@@ -115,3 +136,20 @@ def test_the_pilot_through_the_kfp_local_runner_and_in_process_alike(tmp_path, t
     assert main(args + ["--set", "tracking.enabled=false"]) == 0  # in process, into the same folder
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == models
     assert storage.read_json(str(out / "tune_report.json"))["rows"] == report["rows"]
+
+    capsys.readouterr()
+    run_args = ["run", "--output", str(tmp_path / "run"), "--pilot", "--pilot-epochs", "2", "--pilot-folds", "2",
+                "--pilot-grid", "generate.criterion=none,entropy", "--set", "tracking.enabled=false",
+                "--set", "train.epochs=2", "--set", "retrain.epochs=2"]
+    for s in sets:
+        run_args += ["--set", s]
+    assert main(run_args) == 0
+    printed = capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == models  # the pilot resumed
+    if report["beats_no_synthesis"]:  # the verdict of the pilot above, either way (choose_setting's tests fix both)
+        chosen_criterion = report["chosen"].split("=")[1]
+        assert "go: running with the pilot's choice" in printed
+        assert storage.read_yaml(str(tmp_path / "run" / "config.yaml"))["generate"]["criterion"] == chosen_criterion
+        assert (tmp_path / "run" / "report" / "run_summary.json").is_file()
+    else:
+        assert "no-go: the run was not started" in printed and not (tmp_path / "run" / "report").exists()

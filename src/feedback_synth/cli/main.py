@@ -27,6 +27,26 @@ def cmd_run(args) -> int:
     output = args.output or _default_output()
     check_lasting_output(output, "run")
     t0 = time.time()
+    if args.pilot:  # the pilot first, into <output>/pilot; its choice is the run's config
+        from feedback_synth.config import RunConfig, from_dict
+        from feedback_synth.orchestration.tune import validation_table
+
+        pilot_url = storage.join(output, "pilot")
+        pilot_cfg = cfg
+        if cfg.tracking.enabled and not cfg.tracking.tracking_uri:  # the pilot's MLflow run beside the run's
+            from dataclasses import replace
+
+            from feedback_synth.tracking.client import tracking_location
+
+            pilot_cfg = replace(cfg, tracking=replace(cfg.tracking, tracking_uri=tracking_location(cfg.tracking, output)))
+        report = run_pilot_verb(pilot_cfg, pilot_url, args.pilot_grid, args.pilot_folds, args.pilot_epochs,
+                                args.runner, args.overwrite)
+        print(validation_table(report))
+        if not report["beats_no_synthesis"]:
+            print(f"no-go: the run was not started (the pilot's report: {storage.join(pilot_url, 'tune_report.json')})")
+            return 0
+        cfg = from_dict(RunConfig, report["config"])
+        print(f"go: running with the pilot's choice ({report['chosen']}; {storage.join(pilot_url, 'chosen.yaml')})")
     if args.runner == "kfp-local":
         from feedback_synth_kfp.local_runner import run_kfp_local
 
@@ -43,47 +63,54 @@ def cmd_run(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from dataclasses import asdict, replace
-
     from feedback_synth import storage
-    from feedback_synth.config import resolve_devices
-    from feedback_synth.errors import ConfigError
-    from feedback_synth.orchestration.preflight import preflight
-    from feedback_synth.orchestration.run import check_lasting_output, check_output_outside_dataset, make_tracker
-    from feedback_synth.orchestration.tune import DEFAULT_GRID, check_grid, parse_grid, run_pilot, validation_table
+    from feedback_synth.orchestration.run import check_lasting_output
+    from feedback_synth.orchestration.tune import validation_table
 
     cfg = load_config(args)
     args.tracking_enabled = cfg.tracking.enabled
-    resolve_devices(cfg)  # a device this machine lacks: one line, before any work (the pilot resolves its own)
     output = args.output or _default_output().rstrip("/") + "-tune"
     check_lasting_output(output, "tune")
-    check_output_outside_dataset(cfg.data.dataset, output)
-    grid = parse_grid(args.grid) if args.grid else None
-    check_grid(cfg, grid or DEFAULT_GRID)  # every setting builds a valid config, before any work
-    if args.folds < 1:
-        raise ConfigError(f"--folds must be at least 1, got {args.folds}")
-    preflight(cfg, output)  # the data, the generator against it (class names too), the output (writable)
-    tracker = make_tracker(cfg.tracking if args.runner == "inprocess" else replace(cfg.tracking, enabled=False), output)
-    tracker.start(f"tune {output.rstrip('/').rsplit('/', 1)[-1]}", asdict(cfg))
-    status = "FAILED"
-    try:
-        if args.runner == "kfp-local":  # the pipeline opens its own MLflow run
-            from feedback_synth.orchestration.tune import DEFAULT_GRID as default_grid
-            from feedback_synth.orchestration.tune import remove_pilot_outputs
-            from feedback_synth_kfp.local_runner import run_pilot_kfp_local
-
-            if args.overwrite:
-                remove_pilot_outputs(output)
-            report = run_pilot_kfp_local(cfg, output, grid or default_grid, args.folds, args.epochs)
-        else:
-            report = run_pilot(cfg, output, grid, args.epochs, tracker, overwrite=args.overwrite, folds=args.folds)
-        status = "FINISHED"
-    finally:
-        tracker.finish(status)
+    report = run_pilot_verb(cfg, output, args.grid, args.folds, args.epochs, args.runner, args.overwrite)
     print(validation_table(report))
     print(f"chosen config: {storage.join(output, 'chosen.yaml')} (feedback-synth run --config it)")
     return 0
 
+
+def run_pilot_verb(cfg, output: str, grid_args: list[str], folds: int, epochs: int, runner: str,
+                   overwrite: bool) -> dict:
+    """The pilot as ``tune`` and ``run --pilot`` run it: checks before any work, then in process
+    or through the KFP local runner (which opens its own MLflow run)."""
+    from dataclasses import asdict
+
+    from feedback_synth.config import resolve_devices
+    from feedback_synth.errors import ConfigError
+    from feedback_synth.orchestration.preflight import preflight
+    from feedback_synth.orchestration.run import check_output_outside_dataset, make_tracker
+    from feedback_synth.orchestration.tune import DEFAULT_GRID, check_grid, parse_grid, remove_pilot_outputs, run_pilot
+
+    resolve_devices(cfg)  # a device this machine lacks: one line, before any work (the pilot resolves its own)
+    check_output_outside_dataset(cfg.data.dataset, output)
+    grid = parse_grid(grid_args) if grid_args else DEFAULT_GRID
+    check_grid(cfg, grid)  # every setting builds a valid config, before any work
+    if folds < 1:
+        raise ConfigError(f"--folds must be at least 1, got {folds}")
+    preflight(cfg, output)  # the data, the generator against it (class names too), the output (writable)
+    if runner == "kfp-local":
+        from feedback_synth_kfp.local_runner import run_pilot_kfp_local
+
+        if overwrite:
+            remove_pilot_outputs(output)
+        return run_pilot_kfp_local(cfg, output, grid, folds, epochs)
+    tracker = make_tracker(cfg.tracking, output)
+    tracker.start(f"tune {output.rstrip('/').rsplit('/', 1)[-1]}", asdict(cfg))
+    status = "FAILED"
+    try:
+        report = run_pilot(cfg, output, grid, epochs, tracker, overwrite=overwrite, folds=folds)
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+    return report
 
 def cmd_pretrain_generator(args) -> int:
     from feedback_synth import storage
@@ -185,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="digits-lt | digits-groups | a dataset URL (default: digits-lt)")
     add_config_args(p, "output folder URL (default: a fresh folder under ./runs/)")
     p.add_argument("--runner", choices=("inprocess", "kfp-local"), default="inprocess")
+    p.add_argument("--pilot", action="store_true",
+                   help="run the pilot first (into OUTPUT/pilot, as tune does) and run with its choice; stop after it "
+                        "on no-go")
+    p.add_argument("--pilot-grid", action="append", default=[], metavar="SECTION.FIELD=V1,V2",
+                   help="with --pilot: a grid axis (repeatable; default: tune's grid)")
+    p.add_argument("--pilot-folds", type=int, default=3, help="with --pilot: folds of train + val (default: 3)")
+    p.add_argument("--pilot-epochs", type=int, default=15, help="with --pilot: epochs of the pilot's trainings")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tune", help="the pilot: try a small grid of synthesis settings on repeated validation "
