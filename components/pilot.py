@@ -3,8 +3,6 @@
 One component per kind of pilot task: the folds, a fold's baseline, the fan-in that waits for
 every baseline, one (setting, fold) cell, and the verdict.
 """
-from typing import NamedTuple
-
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Output
 
@@ -56,19 +54,14 @@ def pilot_cell(tracking: Input[Artifact], output: str, cell: dict, epochs: int) 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def pilot_choose(tracking: Input[Artifact], output: str, grid: str, folds: int, epochs: int, scores: list,
-                 verdict: Output[Markdown], chosen: Output[Artifact]
-                 ) -> NamedTuple("Verdict", [("go", bool), ("config", str)]):
+                 verdict: Output[Markdown], chosen: Output[Artifact]) -> bool:
     """The verdict: per setting the mean gain over no synthesis and its CI, go only when the CI
-    excludes zero; the chosen run config (``chosen.yaml``). Returns go (True) or no-go, and the
-    chosen config as the run pipeline's ``config`` parameter (JSON).
+    excludes zero; the chosen run config (``chosen.yaml``). Returns go (True) or no-go.
 
     Args:
         verdict (Output[Markdown]): the validation table and the verdict in words (the KFP UI shows it).
         chosen (Output[Artifact]): the chosen run config (YAML): ``feedback-synth submit --config`` it.
     """
-    import json
-    from typing import NamedTuple
-
     from feedback_synth import storage
     from feedback_synth.orchestration.tune import validation_table
     from feedback_synth_kfp.pilot import choose
@@ -79,5 +72,15 @@ def pilot_choose(tracking: Input[Artifact], output: str, grid: str, folds: int, 
     with open(chosen.path, "w") as f:
         f.write(storage.read_text(storage.join(output, "chosen.yaml")))
     chosen.metadata.update(go=report["beats_no_synthesis"], chosen=report["chosen"], url=storage.join(output, "chosen.yaml"))
-    return NamedTuple("Verdict", [("go", bool), ("config", str)])(bool(report["beats_no_synthesis"]),
-                                                                 json.dumps(report["config"]))
+    return bool(report["beats_no_synthesis"])
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def pilot_config(chosen: Input[Artifact]) -> str:
+    """The pilot's chosen run config as the run pipeline's ``config`` parameter (JSON)."""
+    import json
+
+    import yaml
+
+    with open(chosen.path) as f:
+        return json.dumps(yaml.safe_load(f))

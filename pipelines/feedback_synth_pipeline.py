@@ -109,6 +109,19 @@ def _on_gpu(task: dsl.PipelineTask, settings: PipelineSettings, node_selector, t
     return task
 
 
+def closing_runs(enabled: bool, settings: PipelineSettings, mlflow_tracking_uri, mlflow_experiment, run_id,
+                 name: str):
+    """An exit handler around the tasks defined inside it: ``finish_tracking`` runs whatever
+    happens to them and closes the MLflow runs a failure left open (``enabled`` False: nothing,
+    for the local runner, which reads the pipeline's outputs; KFP allows none from inside one)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    finish = _sized(finish_tracking(mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
+                                    kfp_run_id=run_id), "Close MLflow runs", settings.small)
+    finish.set_caching_options(False)
+    return dsl.ExitHandler(finish, name=name)
+
+
 def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
     """The pipeline function, compiled with ``settings``."""
 
@@ -175,14 +188,7 @@ def build_pipeline(settings: PipelineSettings = PipelineSettings()) -> Callable:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         where = dict(workspace_url=workspace_url, run_id=run_id, run_folder=run_folder)
 
-        stages = contextlib.nullcontext()
-        if settings.exit_handler:  # runs whatever happens inside it: a failed run's MLflow runs get closed
-            finish = _sized(finish_tracking(mlflow_tracking_uri=mlflow_tracking_uri,
-                                            mlflow_experiment=mlflow_experiment, kfp_run_id=run_id),
-                            "Close MLflow runs", settings.small)
-            finish.set_caching_options(False)
-            stages = dsl.ExitHandler(finish, name="stages")
-        with stages:
+        with closing_runs(settings.exit_handler, settings, mlflow_tracking_uri, mlflow_experiment, run_id, "stages"):
             track = _sized(start_tracking(
                 mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
                 registered_model=registered_model, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_run_id=run_id,

@@ -13,14 +13,19 @@ continuous space with early stopping; the pilot's grid is a handful of discrete 
 by paired folds, which a ParallelFor expresses directly.
 """
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from kfp import dsl
 
-from feedback_synth_kfp.components.finish_tracking import finish_tracking
-from feedback_synth_kfp.components.pilot import pilot_baseline, pilot_cell, pilot_cells, pilot_choose, pilot_prepare
+from feedback_synth_kfp.components.pilot import (
+    pilot_baseline,
+    pilot_cell,
+    pilot_cells,
+    pilot_choose,
+    pilot_config,
+    pilot_prepare,
+)
 from feedback_synth_kfp.components.start_tracking import start_tracking
 from feedback_synth_kfp.parameters import named_defaults
 from feedback_synth_kfp.pipelines.feedback_synth_pipeline import (
@@ -28,13 +33,14 @@ from feedback_synth_kfp.pipelines.feedback_synth_pipeline import (
     PipelineSettings,
     _on_gpu,
     _sized,
+    closing_runs,
 )
 
 PILOT_NAME = "feedback-synth-pilot"
 _D = named_defaults()
 
 PilotOutputs = NamedTuple("PilotOutputs", [("tracking", dsl.Artifact), ("verdict", dsl.Markdown),
-                                           ("chosen", dsl.Artifact), ("go", bool), ("config", str)])
+                                           ("chosen", dsl.Artifact), ("go", bool)])
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,41 @@ class PilotSettings:
     pipeline: PipelineSettings = PipelineSettings()
     parallelism: int = 8  # pilot cells (GPU pods) at once
     exit_handler: bool = True
+
+
+def _pilot_tasks(settings: PilotSettings, output, dataset, grid, folds, epochs, mlflow_tracking_uri, mlflow_experiment,
+                 device, gpu_node_selector, gpu_tolerations, config):
+    """Add the pilot's tasks to the pipeline being defined; (start_tracking's artifact, the
+    verdict task)."""
+    place = settings.pipeline
+    run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    track = _sized(start_tracking(
+        mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
+        registered_model=_D["registered_model"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_run_id=run_id,
+        dataset=dataset, classifier_model=_D["classifier_model"], adapt_method=_D["adapt_method"],
+        generator=_D["generator"], criterion=_D["criterion"], scale=_D["scale"], guide_every=_D["guide_every"],
+        budget_fraction=_D["budget_fraction"], shard_size=_D["shard_size"], gate_metric=_D["gate_metric"],
+        min_gain=_D["min_gain"], max_overall_drop=_D["max_overall_drop"], device=device, config=config),
+        "Resolve config, start MLflow run", place.small)
+    track.set_caching_options(False)
+    tracking = track.outputs["tracking"]
+    prep = _sized(pilot_prepare(tracking=tracking, output=output, grid=grid, folds=folds, epochs=epochs),
+                  "Prepare the folds", place.cpu)
+    gpu = (place, gpu_node_selector, gpu_tolerations)
+    with dsl.ParallelFor(items=prep.output, parallelism=settings.parallelism,
+                         name="fold-baselines") as fold:
+        base = _on_gpu(_sized(pilot_baseline(tracking=tracking, output=output, fold=fold, epochs=epochs),
+                              "Fold baseline", place.gpu), *gpu)
+    ready = _sized(pilot_cells(grid=grid, baselines=dsl.Collected(base.output)),
+                   "Every fold baseline", place.small)
+    with dsl.ParallelFor(items=ready.output, parallelism=settings.parallelism, name="cells") as item:
+        cell = _on_gpu(_sized(pilot_cell(tracking=tracking, output=output, cell=item, epochs=epochs),
+                              "Setting x fold", place.gpu), *gpu)
+        cell.set_caching_options(False)  # the cache checks no file under output
+    verdict = _sized(pilot_choose(tracking=tracking, output=output, grid=grid, folds=folds, epochs=epochs,
+                                  scores=dsl.Collected(cell.output)), "Choose: go / no-go", place.small)
+    verdict.set_caching_options(False)
+    return tracking, verdict
 
 
 def build_pilot_pipeline(settings: PilotSettings = PilotSettings()) -> Callable:
@@ -82,44 +123,13 @@ def build_pilot_pipeline(settings: PilotSettings = PilotSettings()) -> Callable:
             config (str): JSON object of the run's other config fields, by section (as the run pipeline's).
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        stages = contextlib.nullcontext()
-        if settings.exit_handler:
-            finish = _sized(finish_tracking(mlflow_tracking_uri=mlflow_tracking_uri,
-                                            mlflow_experiment=mlflow_experiment, kfp_run_id=run_id),
-                            "Close MLflow runs", place.small)
-            finish.set_caching_options(False)
-            stages = dsl.ExitHandler(finish, name="pilot")
-        with stages:
-            track = _sized(start_tracking(
-                mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
-                registered_model=_D["registered_model"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_run_id=run_id,
-                dataset=dataset, classifier_model=_D["classifier_model"], adapt_method=_D["adapt_method"],
-                generator=_D["generator"], criterion=_D["criterion"], scale=_D["scale"], guide_every=_D["guide_every"],
-                budget_fraction=_D["budget_fraction"], shard_size=_D["shard_size"], gate_metric=_D["gate_metric"],
-                min_gain=_D["min_gain"], max_overall_drop=_D["max_overall_drop"], device=device, config=config),
-                "Resolve config, start MLflow run", place.small)
-            track.set_caching_options(False)
-            tracking = track.outputs["tracking"]
-            prep = _sized(pilot_prepare(tracking=tracking, output=output, grid=grid, folds=folds, epochs=epochs),
-                          "Prepare the folds", place.cpu)
-            gpu = (place, gpu_node_selector, gpu_tolerations)
-            with dsl.ParallelFor(items=prep.output, parallelism=settings.parallelism,
-                                 name="fold-baselines") as fold:
-                base = _on_gpu(_sized(pilot_baseline(tracking=tracking, output=output, fold=fold, epochs=epochs),
-                                      "Fold baseline", place.gpu), *gpu)
-            ready = _sized(pilot_cells(grid=grid, baselines=dsl.Collected(base.output)),
-                           "Every fold baseline", place.small)
-            with dsl.ParallelFor(items=ready.output, parallelism=settings.parallelism, name="cells") as item:
-                cell = _on_gpu(_sized(pilot_cell(tracking=tracking, output=output, cell=item, epochs=epochs),
-                                      "Setting x fold", place.gpu), *gpu)
-                cell.set_caching_options(False)  # the cache checks no file under output
-            verdict = _sized(pilot_choose(tracking=tracking, output=output, grid=grid, folds=folds, epochs=epochs,
-                                          scores=dsl.Collected(cell.output)), "Choose: go / no-go", place.small)
-            verdict.set_caching_options(False)
+        with closing_runs(settings.exit_handler, place, mlflow_tracking_uri, mlflow_experiment, run_id, "pilot"):
+            tracking, verdict = _pilot_tasks(settings, output, dataset, grid, folds, epochs, mlflow_tracking_uri,
+                                             mlflow_experiment, device, gpu_node_selector, gpu_tolerations, config)
         if settings.exit_handler:
             return None
         return PilotOutputs(tracking=tracking, verdict=verdict.outputs["verdict"], chosen=verdict.outputs["chosen"],
-                            go=verdict.outputs["go"], config=verdict.outputs["config"])
+                            go=verdict.outputs["Output"])
 
     feedback_synth_pilot.__annotations__["return"] = None if settings.exit_handler else PilotOutputs
     return dsl.pipeline(name=PILOT_NAME, description="The feedback-synth pilot: synthesis settings judged on folds "
@@ -131,14 +141,13 @@ feedback_synth_pilot = build_pilot_pipeline()
 
 
 def build_piloted_pipeline(settings: PilotSettings = PilotSettings()) -> Callable:
-    """The pilot, then the run with its choice when it says go: the pilot pipeline and the run
-    pipeline as two nested pipelines, the run under ``dsl.If(go)``; one exit handler around both
-    closes the MLflow runs a failure left open."""
+    """The pilot, then the run with its choice when it says go: the pilot's tasks, then the run
+    pipeline as a nested pipeline under ``dsl.If(go)``; one exit handler around both closes the
+    MLflow runs a failure left open."""
     from dataclasses import replace
 
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import build_pipeline
 
-    pilot = build_pilot_pipeline(replace(settings, exit_handler=False))
     run = build_pipeline(replace(settings.pipeline, exit_handler=False))
     place = settings.pipeline
 
@@ -178,23 +187,16 @@ def build_piloted_pipeline(settings: PilotSettings = PilotSettings()) -> Callabl
                 applies over it for the run.
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        stages = contextlib.nullcontext()
-        if settings.exit_handler:
-            finish = _sized(finish_tracking(mlflow_tracking_uri=mlflow_tracking_uri,
-                                            mlflow_experiment=mlflow_experiment, kfp_run_id=run_id),
-                            "Close MLflow runs", place.small)
-            finish.set_caching_options(False)
-            stages = dsl.ExitHandler(finish, name="pilot-then-run")
-        with stages:
-            chosen = pilot(output=pilot_output, dataset=dataset, grid=grid, folds=folds, epochs=epochs,
-                           mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment, device=device,
-                           gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations, config=config)
-            chosen.set_display_name("Pilot")
-            with dsl.If(chosen.outputs["go"] == True, name="go"):  # noqa: E712 - a KFP condition, not Python's
+        with closing_runs(settings.exit_handler, place, mlflow_tracking_uri, mlflow_experiment, run_id,
+                          "pilot-then-run"):
+            _, chosen = _pilot_tasks(settings, pilot_output, dataset, grid, folds, epochs, mlflow_tracking_uri,
+                                     mlflow_experiment, device, gpu_node_selector, gpu_tolerations, config)
+            with dsl.If(chosen.outputs["Output"] == True, name="go"):  # noqa: E712 - a KFP condition, not Python's
+                config_of = _sized(pilot_config(chosen=chosen.outputs["chosen"]), "The chosen config", place.small)
                 run(dataset=dataset, workspace_url=workspace_url, mlflow_tracking_uri=mlflow_tracking_uri,
                     mlflow_experiment=mlflow_experiment, registered_model=registered_model, device=device,
                     gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
-                    config=chosen.outputs["config"]).set_display_name("Run with the pilot's choice")
+                    config=config_of.output).set_display_name("Run with the pilot's choice")
 
     return dsl.pipeline(name="feedback-synth-piloted", description="The feedback-synth pilot, then the run with its "
                                                                    "choice when it says go.")(feedback_synth_piloted)

@@ -14,7 +14,7 @@ import time
 import uuid
 import warnings
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from feedback_synth import storage
 from feedback_synth.config import RunConfig
@@ -98,7 +98,8 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
         _close_launch(cfg, tracking_uri, previous["launch_id"], "killed: closed by a re-run into the same output",
                       "the killed run")
     _mark_record(output_url, launch_id)
-    task = _run_tasks(pipeline, cfg, tracking_uri, output_url, launch_id, root)
+    task = _run_tasks(lambda: pipeline(**pipeline_arguments(cfg, tracking_uri, ""), run_folder=output_url), cfg,
+                      tracking_uri, launch_id, root)
     return _summary_of(task.outputs, root, t0)
 
 
@@ -113,9 +114,11 @@ def _close_launch(cfg: RunConfig, tracking_uri: str, launch_id: str, message: st
         log.warning("could not close the MLflow runs of %s: %s", which, exc)
 
 
-def _run_tasks(pipeline, cfg: RunConfig, tracking_uri: str, output_url: str, launch_id: str, root: str):
-    """Run the pipeline's tasks in the KFP local runner; on a failure or an interrupt, close the
-    launch's MLflow runs and stop its tasks. Returns the pipeline task (its outputs)."""
+def _run_tasks(run: Callable[[], Any], cfg: RunConfig, tracking_uri: str, launch_id: str, root: str,
+               what: str = "pipeline"):
+    """Run a pipeline's tasks in the KFP local runner (``run``: the pipeline called with its
+    arguments); on a failure or an interrupt, close the launch's MLflow runs and stop its tasks.
+    Returns what ``run`` returns (the pipeline task: its outputs)."""
     errors_file = os.path.join(tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-"), "errors.txt")
     try:
         # what the task processes inherit: the launch id, where a task writes its one-line error,
@@ -126,17 +129,17 @@ def _run_tasks(pipeline, cfg: RunConfig, tracking_uri: str, output_url: str, lau
             # ignores the Kubernetes settings (resources, accelerators, display names)
             warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-            return pipeline(**pipeline_arguments(cfg, tracking_uri, ""), run_folder=output_url)
+            return run()
     except RuntimeError as exc:
         reported = open(errors_file, encoding="utf-8").read().strip().splitlines() if os.path.exists(errors_file) else []
         # a task's own one-line error when it gave one (as the in-process runner reports it), else KFP's
         message = reported[-1] if reported else \
-            f"the pipeline failed in the KFP local runner: {exc} (task logs above; outputs under {root})"
-        _close_launch(cfg, tracking_uri, launch_id, message, "the failed run")
+            f"the {what} failed in the KFP local runner: {exc} (task logs above; outputs under {root})"
+        _close_launch(cfg, tracking_uri, launch_id, message, f"the failed {what}")
         raise KFPRunError(message) from None
     except BaseException:  # Ctrl-C or SIGTERM: the parent run and the open stage runs are closed too
         stop_tasks()  # a signal sent to this process alone would leave the running task at work
-        _close_launch(cfg, tracking_uri, launch_id, "interrupted", "the interrupted run")
+        _close_launch(cfg, tracking_uri, launch_id, "interrupted", f"the interrupted {what}")
         raise
 
 
@@ -185,26 +188,10 @@ def run_pilot_kfp_local(cfg: RunConfig, output_url: str, grid: dict[str, list[An
                                                   parallelism=parallelism, exit_handler=False))
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
     tracking_uri = tracking_location(cfg.tracking, output_url) if cfg.tracking.enabled else ""
-    launch_id = uuid.uuid4().hex
-    errors_file = os.path.join(tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-"), "errors.txt")
-    task_env = {LAUNCH_ENV: launch_id, TASK_ERRORS_ENV: errors_file, LAUNCHER_ENV: launcher_id()}
-    config = {k: v for k, v in asdict(cfg).items() if k != "device"}
-    try:
-        with scoped_environ(task_env), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
-            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-            pipeline(output=output_url, dataset=cfg.data.dataset, grid=json.dumps(grid), folds=folds, epochs=epochs,
-                     mlflow_tracking_uri=tracking_uri, mlflow_experiment=cfg.tracking.experiment, device=cfg.device,
-                     config=json.dumps(config))
-    except RuntimeError as exc:
-        reported = open(errors_file, encoding="utf-8").read().strip().splitlines() if os.path.exists(errors_file) else []
-        message = reported[-1] if reported else \
-            f"the pilot failed in the KFP local runner: {exc} (task logs above; outputs under {root})"
-        _close_launch(cfg, tracking_uri, launch_id, message, "the failed pilot")
-        raise KFPRunError(message) from None
-    except BaseException:
-        stop_tasks()
-        _close_launch(cfg, tracking_uri, launch_id, "interrupted", "the interrupted pilot")
-        raise
+    config = {k: v for k, v in asdict(cfg).items() if k != "device"}  # the run's config, one value
+    _run_tasks(lambda: pipeline(output=output_url, dataset=cfg.data.dataset, grid=json.dumps(grid), folds=folds,
+                                epochs=epochs, mlflow_tracking_uri=tracking_uri, mlflow_experiment=cfg.tracking.experiment,
+                                device=cfg.device, config=json.dumps(config)),
+               cfg, tracking_uri, uuid.uuid4().hex, root, "pilot")
     return storage.read_json(storage.join(output_url, "tune_report.json"))
 

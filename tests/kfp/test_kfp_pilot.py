@@ -55,8 +55,9 @@ def test_committed_pilot_yaml_is_up_to_date(pilot_spec):
 
 
 def test_the_piloted_pipeline_runs_the_run_only_on_go_with_the_chosen_config(tmp_path):
-    """pilot, then the run pipeline under dsl.If(go), its ``config`` parameter the pilot's choice;
-    the committed YAML is up to date."""
+    """The pilot's tasks, then under dsl.If(go) the run pipeline (nested) with the chosen config as
+    its ``config`` parameter; the committed YAML is up to date. (Run through the local runner by
+    hand: see docs/kfp.md, "The pilot on Kubeflow".)"""
     from feedback_synth_kfp.pipelines.pilot_pipeline import compile_pilot
 
     spec = list(yaml.safe_load_all(Path(compile_pilot(str(tmp_path / "p.yaml"), then_run=True)).read_text()))[0]
@@ -66,12 +67,15 @@ def test_the_piloted_pipeline_runs_the_run_only_on_go_with_the_chosen_config(tmp
         "pipelines/piloted_pipeline.yaml`")
     tasks = _tasks(spec)
     (condition,) = [t for t in tasks.values() if "condition" in t.get("triggerPolicy", {})]
-    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--feedback-synth-pilot-go'] == true"
-    assert condition["inputs"]["parameters"]["pipelinechannel--feedback-synth-pilot-config"]["taskOutputParameter"] == {
-        "outputParameterKey": "config", "producerTask": "feedback-synth-pilot"}
-    (run,) = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"].values()
-    assert run["componentRef"]["name"] == "comp-feedback-synth"  # the whole run pipeline, nested
-    assert run["inputs"]["parameters"]["config"] == {"componentInputParameter": "pipelinechannel--feedback-synth-pilot-config"}
+    assert condition["triggerPolicy"]["condition"] == \
+        "inputs.parameter_values['pipelinechannel--pilot-choose-Output'] == true"  # go
+    inside = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(inside) == {"pilot-config", "feedback-synth"}  # the chosen config, then the whole run, nested
+    assert inside["pilot-config"]["inputs"]["artifacts"]["chosen"] == {
+        "componentInputArtifact": "pipelinechannel--pilot-choose-chosen"}  # pilot_choose's chosen.yaml
+    assert inside["feedback-synth"]["componentRef"]["name"] == "comp-feedback-synth"
+    assert inside["feedback-synth"]["inputs"]["parameters"]["config"] == {
+        "taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "pilot-config"}}
 
 
 def test_a_malformed_grid_parameter_is_named():

@@ -77,6 +77,24 @@ def start_timesteps(timesteps, n: int, device) -> torch.Tensor:
     return torch.full((n,), int(timesteps[0]), dtype=torch.long, device=device)
 
 
+def latent_start(vae, scheduler, in_channels: int, vae_scale_factor: int, images: Optional[torch.Tensor],
+                 generators: list[torch.Generator], timesteps: torch.Tensor, height: int, width: int,
+                 device) -> torch.Tensor:
+    """The starting latents of a latent diffusion pipeline (float32): noise times the scheduler's
+    ``init_noise_sigma`` without ``images``; with them (in [0, 1]), their VAE latents noised to the
+    first of ``timesteps`` (the SDEdit start), grey images repeated to the VAE's channels."""
+    shape = (in_channels, height // vae_scale_factor, width // vae_scale_factor)
+    noise = _per_sample_randn(shape, generators, device, torch.float32)
+    if images is None:
+        return noise * scheduler.init_noise_sigma
+    x = torch.nn.functional.interpolate(images.to(device, torch.float32) * 2 - 1, size=(height, width), mode="bilinear",
+                                        align_corners=False)
+    if x.shape[1] != vae.config.in_channels:
+        x = x.expand(-1, vae.config.in_channels, -1, -1)
+    z0 = vae.encode(x.to(vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+    return scheduler.add_noise(z0, noise, start_timesteps(timesteps, len(z0), device))
+
+
 def denoise_with_feedback(
     latents: torch.Tensor,
     timesteps: torch.Tensor,
@@ -263,17 +281,8 @@ class TextFeedbackPipeline(DiffusionPipeline):
             cond = cond * masks.to(device, dtype)
         # 3. timesteps and starting latents (float32: the scheduler's maths stays exact in any UNet dtype)
         timesteps = sdedit_timesteps(self.scheduler, num_inference_steps, strength if images is not None else 1.0, device)
-        shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        noise = _per_sample_randn(shape, generators, device, torch.float32)
-        if images is not None:
-            x = torch.nn.functional.interpolate(images.to(device, self.vae.dtype) * 2 - 1, size=(height, width),
-                                                mode="bilinear", align_corners=False)
-            if x.shape[1] != self.vae.config.in_channels:
-                x = x.expand(-1, self.vae.config.in_channels, -1, -1)
-            z0 = self.vae.encode(x).latent_dist.mean.float() * self.vae.config.scaling_factor
-            latents = self.scheduler.add_noise(z0, noise, start_timesteps(timesteps, len(z0), device))
-        else:
-            latents = noise * self.scheduler.init_noise_sigma
+        latents = latent_start(self.vae, self.scheduler, self.unet.config.in_channels, self.vae_scale_factor, images,
+                               generators, timesteps, height, width, device)
 
         def eps_fn(z, t, conditional):
             return self.unet(z.to(dtype), t, encoder_hidden_states=cond if conditional else uncond).sample

@@ -35,8 +35,8 @@ from feedback_synth.generation.diffusion import (
     check_batch_inputs,
     check_scheduler,
     denoise_with_feedback,
+    latent_start,
     sdedit_timesteps,
-    start_timesteps,
 )
 from feedback_synth.generation.parts import load_part
 from feedback_synth.guidance.feedback_guidance import FeedbackGuidance
@@ -188,17 +188,8 @@ class UnCLIPFeedbackPipeline(TextFeedbackPipeline):
         # 3. timesteps and starting latents (float32: the scheduler's maths stays exact in any UNet dtype)
         scheduler = epsilon_scheduler(self.scheduler)
         timesteps = sdedit_timesteps(scheduler, num_inference_steps, strength if images is not None else 1.0, device)
-        shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        noise = _per_sample_randn(shape, generators, device, torch.float32)
-        if images is not None:
-            x = F.interpolate(images.to(device, torch.float32) * 2 - 1, size=(height, width), mode="bilinear",
-                              align_corners=False)
-            if x.shape[1] != self.vae.config.in_channels:
-                x = x.expand(-1, self.vae.config.in_channels, -1, -1)
-            z0 = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float() * self.vae.config.scaling_factor
-            latents = scheduler.add_noise(z0, noise, start_timesteps(timesteps, len(z0), device))
-        else:
-            latents = noise * scheduler.init_noise_sigma
+        latents = latent_start(self.vae, scheduler, self.unet.config.in_channels, self.vae_scale_factor, images,
+                               generators, timesteps, height, width, device)
         v_prediction = self.scheduler.config.prediction_type == "v_prediction"
         alphas = scheduler.alphas_cumprod.to(device)
 

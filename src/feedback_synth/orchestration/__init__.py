@@ -1,1 +1,1 @@
-"""The pipeline's stages as plain functions, their results, the pre-flight checks and the in-process runner."""
+"""Running the stages: the stage table both runners are built from, the in-process runner, what both runners share, pre-flight checks and the pilot."""
