@@ -20,6 +20,7 @@ the benchmarks compared (digits-gap, digits-lt: ``adapt.method=none,full``; digi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -103,9 +104,12 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", nargs="+", default=list(GRIDS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=0, help="the pilot's epochs (0: the run's, the pilot's default)")
+    p.add_argument("--benchmark-from", help="take the test benchmark's rows from this earlier results JSON (its "
+                                            "command and commit are printed) instead of recomputing them")
     p.add_argument("--out")
     args = p.parse_args(argv)
+    earlier = json.loads(storage.read_text(args.benchmark_from)) if args.benchmark_from else None
     session = Session()
     results: dict[str, Any] = {}
     md = ["# Does the pilot's choice hold? (issue 24, item 4)", "", f"Command: `{session.command}`", ""]
@@ -119,7 +123,11 @@ def main(argv=None) -> int:
         metric = pilot["metric"]
         bench: dict[str, dict[str, Any]] = {}
         t1 = time.time()
-        for setting in settings_of(grid):
+        if earlier:
+            bench = earlier["results"][dataset]["benchmark"]
+            md += [f"(The test benchmark's rows of {dataset}: from `{args.benchmark_from}`, made by `{earlier['command']}`.)",
+                   ""]
+        for setting in settings_of(grid) if not earlier else []:
             name = setting_name(setting)
             rows = []
             for seed in args.seeds:
@@ -133,7 +141,7 @@ def main(argv=None) -> int:
                             "pilot_minutes": round(pilot_minutes, 1),
                             "benchmark_minutes": round((time.time() - t1) / 60, 1)}
         md += [f"## {dataset}: {'holds' if ok else 'does NOT hold'}", "", why + ".", "",
-               f"The pilot ({args.folds} folds, {args.epochs} epochs, {pilot_minutes:.1f} min):", "",
+               f"The pilot ({args.folds} folds, {args.epochs or 'the run'}'s epochs, {pilot_minutes:.1f} min):", "",
                validation_table(pilot), "",
                f"The test benchmark (seeds {', '.join(map(str, args.seeds))}, the preset's epochs): gain in {metric} "
                f"over the same recipe without synthesis, 95% bootstrap CI over seeds:", "",

@@ -19,7 +19,7 @@ def pilot_prepare(tracking: Input[Artifact], output: str, grid: str, folds: int,
         output (str): where the pilot writes (a URL every task reaches, e.g. gs://bucket/pilot/p1).
         grid (str): JSON object of the settings to try, {"section.field": [values]}; '' = the default grid.
         folds (int): repeated validation splits of train + val.
-        epochs (int): epochs of the pilot's trainings.
+        epochs (int): epochs of the pilot's trainings; 0 = the run's.
     """
     from feedback_synth_kfp.pilot import prepare
 

@@ -97,7 +97,7 @@ def build_pilot_pipeline(settings: PilotSettings = PilotSettings()) -> Callable:
         dataset: str = _D["dataset"],
         grid: str = "",
         folds: int = 3,
-        epochs: int = 15,
+        epochs: int = 0,
         mlflow_tracking_uri: str = "",
         mlflow_experiment: str = _D["mlflow_experiment"],
         device: str = _D["device"],
@@ -114,7 +114,7 @@ def build_pilot_pipeline(settings: PilotSettings = PilotSettings()) -> Callable:
             dataset (str): built-in dataset (digits-lt, digits-groups, digits-gap) or a dataset URL.
             grid (str): JSON object {"section.field": [values]}; '' = adapt.method x criterion x strength.
             folds (int): repeated validation splits of train + val (the test split is never read).
-            epochs (int): epochs of the pilot's baselines and retrainings.
+            epochs (int): epochs of the pilot's baselines and retrainings; 0 = the run's.
             mlflow_tracking_uri (str): MLflow tracking server; '' = no tracking.
             mlflow_experiment (str): MLflow experiment name.
             device (str): auto | cpu | cuda | cuda:N, resolved on each GPU pod.
@@ -156,7 +156,7 @@ def build_piloted_pipeline(settings: PilotSettings = PilotSettings()) -> Callabl
         dataset: str = _D["dataset"],
         grid: str = "",
         folds: int = 3,
-        epochs: int = 15,
+        epochs: int = 0,
         workspace_url: str = "",
         mlflow_tracking_uri: str = "",
         mlflow_experiment: str = _D["mlflow_experiment"],
@@ -175,7 +175,7 @@ def build_piloted_pipeline(settings: PilotSettings = PilotSettings()) -> Callabl
             dataset (str): built-in dataset or a dataset URL.
             grid (str): the pilot's grid, JSON {"section.field": [values]}; '' = the default grid.
             folds (int): the pilot's folds of train + val.
-            epochs (int): epochs of the pilot's trainings.
+            epochs (int): epochs of the pilot's trainings; 0 = the run's.
             workspace_url (str): where the run's stages write (<workspace_url>/<run id>/).
             mlflow_tracking_uri (str): MLflow tracking server; '' = no tracking and no promotion.
             mlflow_experiment (str): MLflow experiment name.

@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pilot-grid", action="append", default=[], metavar="SECTION.FIELD=V1,V2",
                    help="with --pilot: a grid axis (repeatable; default: tune's grid)")
     p.add_argument("--pilot-folds", type=int, default=3, help="with --pilot: folds of train + val (default: 3)")
-    p.add_argument("--pilot-epochs", type=int, default=15, help="with --pilot: epochs of the pilot's trainings")
+    p.add_argument("--pilot-epochs", type=int, default=0,
+                   help="with --pilot: epochs of the pilot's trainings (default 0: the run's)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tune", help="the pilot: try a small grid of synthesis settings on repeated validation "
@@ -229,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.FIELD=V1,V2",
                    help="a grid axis (repeatable); default: adapt.method=none,full x generate.criterion=none,entropy "
                         "x generate.strength=0.8,1.0")
-    p.add_argument("--epochs", type=int, default=15, help="epochs of the pilot's baselines and retrainings")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="epochs of the pilot's baselines and retrainings (default 0: the run's; fewer is faster "
+                        "but exaggerates synthesis' gain)")
     p.add_argument("--runner", choices=("inprocess", "kfp-local"), default="inprocess",
                    help="kfp-local: the pilot pipeline through the KFP local runner (folds and cells fanned out)")
     p.add_argument("--folds", type=int, default=3, help="repeated validation splits of train + val (each its own "

@@ -104,12 +104,17 @@ CONFIDENCE = 0.95
 
 
 def pilot_config(cfg: RunConfig, epochs: int, fold: int = 0) -> RunConfig:
-    """The config of the pilot's trainings in fold ``fold``: ``epochs``-epoch trainings, one
-    round, the run's devices resolved, and every seed moved by the fold (so the folds differ in
-    training noise as in data)."""
+    """The config of the pilot's trainings in fold ``fold``: the run's epochs (``epochs`` > 0:
+    that many instead, shorter and less faithful), one round, the run's devices resolved, and
+    every seed moved by the fold (so the folds differ in training noise as in data).
+
+    Short trainings exaggerate synthesis' gain: the synthetic images give the retraining more
+    steps per epoch than its no-synthesis reference gets, which matters while the reference is
+    still far from converged (``benchmarks/results/pilot_check.md``)."""
     resolved = resolve_devices(cfg)
-    return replace(resolved, train=replace(cfg.train, epochs=epochs, seed=cfg.train.seed + fold),
-                   retrain=replace(cfg.retrain, epochs=epochs, seed=cfg.retrain.seed + fold),
+    train_epochs, retrain_epochs = (epochs, epochs) if epochs > 0 else (cfg.train.epochs, cfg.retrain.epochs)
+    return replace(resolved, train=replace(cfg.train, epochs=train_epochs, seed=cfg.train.seed + fold),
+                   retrain=replace(cfg.retrain, epochs=retrain_epochs, seed=cfg.retrain.seed + fold),
                    adapt=replace(cfg.adapt, seed=cfg.adapt.seed + fold),
                    generate=replace(cfg.generate, seed=cfg.generate.seed + fold),
                    feedback=replace(cfg.feedback, rounds=1))
@@ -256,10 +261,11 @@ def remove_pilot_outputs(output_url: str) -> None:
             storage.remove(storage.join(output_url, name))
 
 
-def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any]]] = None, epochs: int = 15,
+def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any]]] = None, epochs: int = 0,
               tracker: Any = None, overwrite: bool = False, folds: int = DEFAULT_FOLDS) -> dict[str, Any]:
     """The pilot in this process: every setting of ``grid`` (default ``DEFAULT_GRID``) on ``folds``
-    folds with ``epochs``-epoch trainings, then the verdict (``choose_setting``). Returns the report
+    folds with the run's trainings (``epochs`` > 0: that many epochs instead), then the verdict
+    (``choose_setting``). Returns the report
     (``rows``: no synthesis, then one per setting with its gain and CI; ``chosen``;
     ``beats_no_synthesis``: go or no-go; ``config``: the chosen RunConfig as a dict).
 
@@ -288,7 +294,8 @@ def validation_table(report: dict[str, Any]) -> str:
     keys = [k for k in METRICS if any(k in r for r in rows)]
     folds = report.get("folds", 1)
     level = round(100 * report.get("confidence", CONFIDENCE))
-    lines = [f"| setting (validation, {folds} folds, {report['epochs']} epochs) | " + " | ".join(keys)
+    epochs = f"{report['epochs']} epochs" if report["epochs"] > 0 else "the run's epochs"
+    lines = [f"| setting (validation, {folds} folds, {epochs}) | " + " | ".join(keys)
              + f" | kept | gain in {metric} ({level}% CI) | go |", "|---|" + "---|" * (len(keys) + 3)]
     for r in rows:
         mark = " **(chosen)**" if r["setting"] == report["chosen"] else ""
