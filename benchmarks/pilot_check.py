@@ -123,10 +123,10 @@ def main(argv=None) -> int:
         metric = pilot["metric"]
         bench: dict[str, dict[str, Any]] = {}
         t1 = time.time()
+        source = ""
         if earlier:
             bench = earlier["results"][dataset]["benchmark"]
-            md += [f"(The test benchmark's rows of {dataset}: from `{args.benchmark_from}`, made by `{earlier['command']}`.)",
-                   ""]
+            source = f" (its rows from `{args.benchmark_from}`, made by `{earlier['command']}`)"
         for setting in settings_of(grid) if not earlier else []:
             name = setting_name(setting)
             rows = []
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         md += [f"## {dataset}: {'holds' if ok else 'does NOT hold'}", "", why + ".", "",
                f"The pilot ({args.folds} folds, {args.epochs or 'the run'}'s epochs, {pilot_minutes:.1f} min):", "",
                validation_table(pilot), "",
-               f"The test benchmark (seeds {', '.join(map(str, args.seeds))}, the preset's epochs): gain in {metric} "
+               f"The test benchmark{source} (seeds {', '.join(map(str, args.seeds))}, the preset's epochs): gain in {metric} "
                f"over the same recipe without synthesis, 95% bootstrap CI over seeds:", "",
                f"| setting | gain in {metric} (95% CI) | per seed |", "|---|---|---|"]
         for name, b in bench.items():
