@@ -143,8 +143,8 @@ def main(argv=None) -> int:
         md += [f"## {dataset}: {'holds' if ok else 'does NOT hold'}", "", why + ".", "",
                f"The pilot ({args.folds} folds, {args.epochs or 'the run'}'s epochs, {pilot_minutes:.1f} min):", "",
                validation_table(pilot), "",
-               f"The test benchmark{source} (seeds {', '.join(map(str, args.seeds))}, the preset's epochs): gain in {metric} "
-               f"over the same recipe without synthesis, 95% bootstrap CI over seeds:", "",
+               f"The test benchmark{source} (seeds {', '.join(map(str, args.seeds))}, the preset's epochs): gain in "
+               f"{metric} over the same recipe without synthesis, 95% bootstrap CI over seeds:", "",
                f"| setting | gain in {metric} (95% CI) | per seed |", "|---|---|---|"]
         for name, b in bench.items():
             md.append(f"| {name}{' **(pilot)**' if name == pilot['chosen'] else ''} | {b['mean']:+.3f} "
