@@ -146,9 +146,25 @@ def memory_url():
         fs.rm(url, recursive=True)
 
 
+# the two longest tests (the KFP local runs: 141 s and 59 s on the idle 2-core machine), placed so
+# that each of the two xdist workers starts with one: --dist worksteal hands each worker a half of
+# the list and lets an idle one steal from the other's tail, never its head
+LONGEST = ("tests/kfp/test_kfp_local_run.py::test_pipeline_through_the_kfp_local_runner_and_in_process_alike",
+           "tests/kfp/test_kfp_pilot.py::test_the_pilot_through_the_kfp_local_runner_and_in_process_alike")
+
+
 def pytest_collection_modifyitems(config, items):
     """A test that starts a real MLflow server carries the ``mlflow_server`` marker, whether or not
-    its author remembered it (the server takes ~15 s to start: ``-m "not mlflow_server"`` skips them)."""
+    its author remembered it (the server takes ~15 s to start: ``-m "not mlflow_server"`` skips them).
+    Under two workers the longest tests start first, one on each (``LONGEST``)."""
     for item in items:
         if {"mlflow_server", "pg_mlflow_server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.mlflow_server)
+    if getattr(config.option, "numprocesses", None) != 2:
+        return
+    longest = [next((i for i in items if i.nodeid == node), None) for node in LONGEST]
+    if None in longest:
+        return
+    rest = [i for i in items if i not in longest]
+    half = len(items) // 2
+    items[:] = [longest[0], *rest[:half - 1], longest[1], *rest[half - 1:]]
