@@ -108,13 +108,15 @@ def test_the_pilot_through_the_kfp_local_runner_and_in_process_alike(tmp_path, t
     out = tmp_path / "run" / "pilot"  # where run --pilot keeps its pilot
     sets = ["train.model=test_resnet", "feedback.budget_fraction=0.1", "feedback.shard_size=64",
             "generate.num_inference_steps=2", f"generate.generator={tiny_generator}", "filter.filters=[degenerate]"]
-    args = ["tune", "--output", str(out), "--epochs", "2", "--folds", "2", "--grid", "generate.criterion=none,entropy"]
+    # one setting on two folds: both fan-outs with two items each (the choice among settings:
+    # test_tune.py); each task is a process, so every one counts in the suite's time
+    args = ["tune", "--output", str(out), "--epochs", "2", "--folds", "2", "--grid", "generate.criterion=entropy"]
     for s in sets:
         args += ["--set", s]
     assert main(args + ["--runner", "kfp-local"]) == 0
     printed = capsys.readouterr().out
     report = storage.read_json(str(out / "tune_report.json"))
-    assert [r["setting"] for r in report["rows"]] == [NO_SYNTHESIS, "criterion=none", "criterion=entropy"]
+    assert [r["setting"] for r in report["rows"]] == [NO_SYNTHESIS, "criterion=entropy"]
     for row in report["rows"][1:]:
         criterion = row["setting"].split("=")[1]
         cells = [json.loads((out / "folds" / f"fold-{k}" / "settings" / f"generate.criterion{criterion}" / "score.json")
@@ -130,20 +132,20 @@ def test_the_pilot_through_the_kfp_local_runner_and_in_process_alike(tmp_path, t
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
-    assert children == sorted(f"fold_{k}/criterion={c}" for k in (0, 1) for c in ("none", "entropy"))
+    assert children == ["fold_0/criterion=entropy", "fold_1/criterion=entropy"]
     assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in runs)
     assert parent.data.metrics["go"] == float(report["beats_no_synthesis"])
     assert "validation_table.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]
 
     models = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
-    assert len(models) >= 6  # 2 fold baselines, 4 retrained models (and the class statistics)
+    assert len(models) >= 4  # 2 fold baselines, 2 retrained models (and the class statistics)
     assert main(args + ["--set", "tracking.enabled=false"]) == 0  # in process, into the same folder
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == models
     assert storage.read_json(str(out / "tune_report.json"))["rows"] == report["rows"]
 
     capsys.readouterr()
     run_args = ["run", "--output", str(tmp_path / "run"), "--pilot", "--pilot-epochs", "2", "--pilot-folds", "2",
-                "--pilot-grid", "generate.criterion=none,entropy", "--set", "tracking.enabled=false",
+                "--pilot-grid", "generate.criterion=entropy", "--set", "tracking.enabled=false",
                 "--set", "train.epochs=2", "--set", "retrain.epochs=2"]
     for s in sets:
         run_args += ["--set", s]
