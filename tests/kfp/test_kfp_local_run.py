@@ -251,22 +251,6 @@ def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, ge
     assert "feedback-synth-classifier" in decision
 
 
-
-@pytest.mark.slow
-def test_a_failing_task_ends_the_kfp_local_run_with_its_one_line(tmp_path, capsys):
-    """A task that fails with a one-line error (here the baseline's loss turns inf) ends
-    `run --runner kfp-local` with that line, as in process, not KFP's 'Inner task failed'."""
-    from feedback_synth.cli.main import main
-
-    args = ["run", "--runner", "kfp-local", "--output", str(tmp_path / "run")]
-    for s in ("train.model=test_resnet", "train.epochs=1", "train.lr=1.0e+30", "tracking.enabled=false"):
-        args += ["--set", s]
-    assert main(args) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("feedback-synth: error: train_baseline: ") and "lr" in last, last
-    assert "Inner task failed" not in last and "\x1b[" not in last
-
-
 @pytest.mark.slow
 def test_an_interrupted_kfp_local_run_closes_its_runs(tmp_path, generator):
     """Issue 25, item 6: Ctrl-C during a kfp-local run closes the parent run and the stage runs

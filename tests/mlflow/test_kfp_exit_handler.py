@@ -68,27 +68,30 @@ def test_finish_tracking_kills_stage_runs_of_dead_pods(mlflow_server):
 
 
 @pytest.mark.slow
-def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, tiny_generator):
+def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, tiny_generator, capsys):
     """`run --runner kfp-local` compiles the pipeline without the exit handler (it reads the
-    pipeline outputs), so the runner itself closes a failed run's MLflow runs."""
+    pipeline outputs), so the runner itself closes a failed run's MLflow runs; and a task that
+    fails with a one-line error (here the baseline's loss turns inf) ends the run with that line,
+    as in process, not KFP's 'Inner task failed'."""
+    import os
+
     from mlflow import MlflowClient
 
-    from feedback_synth.config import load_run_config
-    from feedback_synth_kfp.local_runner import KFPRunError, run_kfp_local
+    from feedback_synth.cli.main import main
     from feedback_synth_kfp.tracking import LAUNCH_ENV, LAUNCH_TAG
 
     # passes the pre-flight check, fails in train_baseline (the loss turns inf at this learning rate)
-    cfg = load_run_config(overrides=["train.model=test_resnet", "train.epochs=1", "train.lr=1.0e+30",
-                                     f"generate.generator={tiny_generator}",
-                                     f"tracking.tracking_uri={mlflow_server.url}",
-                                     "tracking.experiment=local-failure"])
-    with pytest.raises(KFPRunError, match="^train_baseline: "):  # the task's own one line
-        run_kfp_local(cfg, str(tmp_path / "run"), parallelism=1)
+    args = ["run", "--runner", "kfp-local", "--output", str(tmp_path / "run")]
+    for s in ("train.model=test_resnet", "train.epochs=1", "train.lr=1.0e+30", f"generate.generator={tiny_generator}",
+              f"tracking.tracking_uri={mlflow_server.url}", "tracking.experiment=local-failure"):
+        args += ["--set", s]
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("feedback-synth: error: train_baseline: ") and "lr" in last, last  # the task's own line
+    assert "Inner task failed" not in last and "\x1b[" not in last
     runs = _runs(MlflowClient(mlflow_server.url), "local-failure")
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FAILED" and LAUNCH_TAG in parent.data.tags
     assert parent.data.tags[PIPELINE_ERROR_TAG].startswith("train_baseline: ")
     assert all(r.info.status != "RUNNING" for r in runs)
-    import os
-
     assert LAUNCH_ENV not in os.environ  # restored
