@@ -160,7 +160,7 @@ def close_stage_run(tracking: Any, run_id: str, metrics: dict[str, Any], output_
 def run_task_stage(tracking: Any, name: str, params: dict[str, Any], output_url: str,
                    work: Callable[[Any], StageResult]) -> StageResult:
     """One stage task: the stage's work, logged as the in-process runner logs it
-    (``orchestration.run_logged_stage``: a nested run under the pipeline's parent run)."""
+    (``orchestration.shared.run_logged_stage``: a nested run under the pipeline's parent run)."""
     with reported_errors(name):
         with attached(tracking, output_url) as tracker:
             return run_logged_stage(tracker, name, params, work)
@@ -181,7 +181,7 @@ def reported_errors(name: str) -> Iterator[None]:
 
 
 def log_epilogue(tracking: Any, output_url: str, evaluation: StageResult) -> None:
-    """The parent run's epilogue (``orchestration.log_run_epilogue``: the evaluation's metrics,
+    """The parent run's epilogue (``orchestration.shared.log_run_epilogue``: the evaluation's metrics,
     ``report.md``, the rounds), as the in-process runner logs it."""
     with attached(tracking, output_url) as tracker:
         log_run_epilogue(tracker, evaluation)

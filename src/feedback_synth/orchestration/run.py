@@ -432,7 +432,7 @@ def run_table(cfg: RunConfig, layout: RunLayout, tracker: Any, produced: dict[st
     every row but promote, which the runner does itself), in table order. A row that runs once gets
     the outputs ``produced`` so far; consecutive per-round rows run ``feedback.rounds`` times, round
     r reading ``latest`` (the baseline, then the previous round's retrained model) and the previous
-    round's outputs. Each stage runs in its nested MLflow run (``orchestration.run_logged_stage``; its
+    round's outputs. Each stage runs in its nested MLflow run (``orchestration.shared.run_logged_stage``; its
     seconds added to ``timings``); ``produced`` (output name -> URL) is filled in as stages finish,
     and ``worked`` gets the names of those that did work (were not resumed).
 
