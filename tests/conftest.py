@@ -30,8 +30,15 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    """The oracle cache (stages.cache_dir) of this test session only: never the user's ~/.cache."""
-    os.environ["FEEDBACK_SYNTH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    """The oracle cache (training.oracle.cache_dir) of this test run only: never the user's
+    ~/.cache. The xdist workers of one run share it (the base temp folder's parent is the run's), so
+    an oracle one worker trained is not trained again by the other; cache writes are atomic."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "oracle-cache"
+        shared.mkdir(exist_ok=True)
+        os.environ["FEEDBACK_SYNTH_CACHE"] = str(shared)
+    else:
+        os.environ["FEEDBACK_SYNTH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session", autouse=True)
