@@ -1,7 +1,8 @@
 """The pilot's components (feedback_synth_kfp.pilot; the in-process pilot: feedback_synth.orchestration.tune).
 
-One component per kind of pilot task: the folds, a fold's baseline, the fan-in that waits for
-every baseline, one (setting, fold) cell, and the verdict.
+One component per kind of pilot task: the folds, a fold's models (its baseline and adaptations),
+the fan-in that waits for every fold, one (setting, fold) cell, the verdict, and the chosen config
+as the run pipeline's parameter.
 """
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Output
@@ -27,16 +28,17 @@ def pilot_prepare(tracking: Input[Artifact], output: str, grid: str, folds: int,
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def pilot_baseline(tracking: Input[Artifact], output: str, fold: int, epochs: int) -> str:
-    """Train the baseline of one fold (its folder under ``output``)."""
-    from feedback_synth_kfp.pilot import baseline
+def pilot_fold(tracking: Input[Artifact], output: str, fold: int, grid: str, epochs: int) -> str:
+    """Train one fold's baseline, then each generator adaptation the grid asks for, once (their
+    folders under ``output``); returns the baseline's folder."""
+    from feedback_synth_kfp.pilot import fold_models
 
-    return baseline(tracking, output, fold, epochs)
+    return fold_models(tracking, output, fold, grid, epochs)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def pilot_cells(grid: str, baselines: list) -> list:
-    """Wait for every fold's baseline (``baselines``, collected), then return the cells: one per
+    """Wait for every fold's models (``baselines``, collected), then return the cells: one per
     setting of ``grid`` and fold."""
     from feedback_synth_kfp.pilot import cells_of
 

@@ -2,7 +2,7 @@
 
     start_tracking (the config, resolved once; pre-flight; the MLflow parent run)
     -> pilot_prepare (the folds of train + val)
-    -> pilot_baseline per fold (ParallelFor, GPU pods)
+    -> pilot_fold per fold (ParallelFor, GPU pods: its baseline, then the adaptations the grid asks for)
     -> pilot_cells (waits for every baseline)
     -> pilot_cell per (setting, fold) (ParallelFor, GPU pods; each a nested MLflow run)
     -> pilot_choose (the table, go / no-go, ``chosen.yaml``; closes the parent run)
@@ -19,11 +19,11 @@ from typing import Callable, NamedTuple
 from kfp import dsl
 
 from feedback_synth_kfp.components.pilot import (
-    pilot_baseline,
     pilot_cell,
     pilot_cells,
     pilot_choose,
     pilot_config,
+    pilot_fold,
     pilot_prepare,
 )
 from feedback_synth_kfp.components.start_tracking import start_tracking
@@ -74,10 +74,10 @@ def _pilot_tasks(settings: PilotSettings, output, dataset, grid, folds, epochs, 
     gpu = (place, gpu_node_selector, gpu_tolerations)
     with dsl.ParallelFor(items=prep.output, parallelism=settings.parallelism,
                          name="fold-baselines") as fold:
-        base = _on_gpu(_sized(pilot_baseline(tracking=tracking, output=output, fold=fold, epochs=epochs),
-                              "Fold baseline", place.gpu), *gpu)
+        base = _on_gpu(_sized(pilot_fold(tracking=tracking, output=output, fold=fold, grid=grid, epochs=epochs),
+                              "Fold baseline and adaptations", place.gpu), *gpu)
     ready = _sized(pilot_cells(grid=grid, baselines=dsl.Collected(base.output)),
-                   "Every fold baseline", place.small)
+                   "Every fold ready", place.small)
     with dsl.ParallelFor(items=ready.output, parallelism=settings.parallelism, name="cells") as item:
         cell = _on_gpu(_sized(pilot_cell(tracking=tracking, output=output, cell=item, epochs=epochs),
                               "Setting x fold", place.gpu), *gpu)

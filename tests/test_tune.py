@@ -100,3 +100,18 @@ def test_the_table_says_plainly_when_nothing_beats_no_synthesis():
                              "beats_no_synthesis": False})
     assert "no-go" in text and "do not spend the GPU budget" in text
     assert "| criterion=none | 0.850 | 0.700 | 10 | -0.100 (-0.200 .. +0.000) | no |" in text
+
+
+def test_settings_share_an_adaptation_only_when_it_is_the_same_one():
+    """The pilot's adapted folder is one per distinct adaptation: settings that differ only in how
+    they guide share it; a different SDEdit strength (it samples the before/after images, so it is
+    part of the adaptation's fingerprint) or adaptation setting gets its own (the default grid's
+    strength 0.8 and 1.0 once collided there and the second was refused)."""
+    from feedback_synth.orchestration.tune import adapted_url
+
+    cfg = load_run_config(overrides=["adapt.method=full"])
+    base = adapted_url("memory://p", 0, cfg)
+    assert adapted_url("memory://p", 0, apply_setting(cfg, {"generate.criterion": "none"})) == base
+    assert adapted_url("memory://p", 0, apply_setting(cfg, {"generate.strength": 1.0})) != base
+    assert adapted_url("memory://p", 0, apply_setting(cfg, {"adapt.steps": 7})) != base
+    assert adapted_url("memory://p", 1, cfg) != base and "/folds/fold-0/adapted/full-" in base

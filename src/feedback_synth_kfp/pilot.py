@@ -2,7 +2,7 @@
 pilot's functions (``orchestration.tune``), so that a pilot fanned out on Kubeflow judges exactly
 as ``feedback-synth tune`` does.
 
-    start_tracking -> pilot_prepare (the folds) -> pilot_baseline x folds (ParallelFor, GPU)
+    start_tracking -> pilot_prepare (the folds) -> pilot_fold x folds (ParallelFor, GPU: baseline, adaptations)
     -> pilot_cells (fan-in) -> pilot_cell x (setting, fold) (ParallelFor, GPU) -> pilot_choose
 
 Every task reads the run's config from start_tracking's artifact (resolved once, pre-flight
@@ -60,9 +60,10 @@ def cells_of(grid: str, folds: int) -> list[dict[str, Any]]:
             for s in tune.settings_of(grid_of(grid))]
 
 
-def baseline(tracking: Any, output: str, fold: int, epochs: int) -> str:
-    with reported_errors("pilot_baseline"):
-        return tune.train_fold_baseline(task_config(tracking, gpu=True), output, fold, epochs)
+def fold_models(tracking: Any, output: str, fold: int, grid: str, epochs: int) -> str:
+    """One fold's baseline and the adaptations the grid asks for; the baseline's folder."""
+    with reported_errors("pilot_fold"):
+        return tune.train_fold_models(task_config(tracking, gpu=True), output, fold, epochs, grid_of(grid))
 
 
 def cell(tracking: Any, output: str, cell: dict[str, Any], epochs: int) -> dict[str, Any]:

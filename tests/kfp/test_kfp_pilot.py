@@ -32,12 +32,12 @@ def _tasks(spec: dict) -> dict[str, dict]:
 def test_the_pilot_fans_out_folds_then_cells_on_gpu_pods(pilot_spec):
     tasks = _tasks(pilot_spec)
     loops = {name: t for name, t in tasks.items() if "parameterIterator" in t}
-    assert len(loops) == 2  # the fold baselines, then the (setting, fold) cells
+    assert len(loops) == 2  # the folds (baseline, adaptations), then the (setting, fold) cells
     inside = {name: set(pilot_spec["components"][t["componentRef"]["name"]]["dag"]["tasks"]) for name, t in loops.items()}
-    assert sorted(map(sorted, inside.values())) == [["pilot-baseline"], ["pilot-cell"]]
+    assert sorted(map(sorted, inside.values())) == [["pilot-cell"], ["pilot-fold"]]
     executors = pilot_spec["deploymentSpec"]["executors"]
     on_gpu = {name for name, e in executors.items() if e["container"].get("resources", {}).get("accelerator")}
-    assert on_gpu == {"exec-pilot-baseline", "exec-pilot-cell"}
+    assert on_gpu == {"exec-pilot-fold", "exec-pilot-cell"}
     assert all("-gpu:" in executors[e]["container"]["image"] for e in on_gpu)
     # the cells wait for every fold's baseline; the verdict for every cell
     assert "pilot-prepare" in tasks["pilot-cells"]["dependentTasks"] or any(

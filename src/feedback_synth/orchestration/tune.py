@@ -16,7 +16,7 @@ report and the chosen run config (``chosen.yaml``, the full config to pass to ``
 run --config``), and logs them to MLflow, with one nested run per setting and fold.
 
 Its parts are plain functions that also run as KFP tasks (``pipelines/pilot_pipeline.py`` fans the
-folds and the cells out): ``prepare_folds``, ``train_fold_baseline``, ``score_cell``, ``choose_setting``.
+folds and the cells out): ``prepare_folds``, ``train_fold_models``, ``score_cell``, ``choose_setting``.
 """
 from __future__ import annotations
 
@@ -154,20 +154,42 @@ def prepare_folds(cfg: RunConfig, output_url: str, folds: int, epochs: int) -> l
     return list(range(folds))
 
 
-def train_fold_baseline(cfg: RunConfig, output_url: str, fold: int, epochs: int) -> str:
-    """The baseline of fold ``fold`` (resumes when done); its folder."""
+def adapted_url(output_url: str, fold: int, run_cfg: RunConfig) -> str:
+    """Where fold ``fold`` keeps the adaptation ``run_cfg`` asks for: one folder per distinct
+    adaptation (its settings and the sampling it is measured with), shared by the settings that
+    ask for the same one."""
+    from feedback_synth.fingerprints import digest_of
+    from feedback_synth.stages.adapt_generator import sampling_settings
+
+    key = digest_of({"adapt": result_settings(run_cfg.adapt), "sampling": sampling_settings(run_cfg.generate)})
+    return fold_url(output_url, fold, storage.join("adapted", f"{run_cfg.adapt.method}-{key[:12]}"))
+
+
+def train_fold_models(cfg: RunConfig, output_url: str, fold: int, epochs: int,
+                      grid: dict[str, list[Any]]) -> str:
+    """Fold ``fold``'s baseline, then every generator adaptation the grid asks for, each once (all
+    resume when done): before the cells, so that cells sharing an adaptation never train it at
+    the same time (on Kubeflow they run in parallel). The baseline's folder."""
+    from feedback_synth.stages.adapt_generator import adapt_generator
+    from feedback_synth.stages.outputs import model_url
     from feedback_synth.stages.train_baseline import train_baseline
 
     short = pilot_config(cfg, epochs, fold)
-    baseline = fold_url(output_url, fold, "baseline")
-    train_baseline(fold_url(output_url, fold, "data"), baseline, short.train, short.data)
+    data, baseline = fold_url(output_url, fold, "data"), fold_url(output_url, fold, "baseline")
+    train_baseline(data, baseline, short.train, short.data)
+    for setting in settings_of(grid):
+        run_cfg = apply_setting(short, setting)
+        if run_cfg.adapt.method != "none":
+            adapt_generator(data, model_url(baseline), adapted_url(output_url, fold, run_cfg), run_cfg.adapt,
+                            run_cfg.generate)
     return baseline
 
 
 def score_cell(cfg: RunConfig, output_url: str, setting: dict[str, Any], fold: int, epochs: int,
                tracker: Any = None) -> dict[str, Any]:
-    """One cell of the pilot: ``setting`` on fold ``fold`` (its baseline trained first), scored on
-    the fold's held-out images with and without synthesis (the same recipe). Writes and returns
+    """One cell of the pilot: ``setting`` on fold ``fold`` (its baseline and adaptation trained
+    first: ``train_fold_models``), scored on the fold's held-out images with and without synthesis
+    (the same recipe). Writes and returns
     ``{"setting", "fold", "synthesis", "no_synthesis", "kept"}``; a re-run resumes its finished stages."""
     from feedback_synth.orchestration.run import synthesis_rounds
     from feedback_synth.orchestration.shared import RunLayout
@@ -182,9 +204,8 @@ def score_cell(cfg: RunConfig, output_url: str, setting: dict[str, Any], fold: i
     data, baseline = fold_url(output_url, fold, "data"), fold_url(output_url, fold, "baseline")
     tracker = tracker or NullTracker()
     with tracker.stage(f"fold_{fold}/{setting_name(setting)}", {**setting, "fold": fold}) as run:
-        adapted = fold_url(output_url, fold, storage.join(
-            "adapted", "-".join(f"{k}{v}" for k, v in sorted(result_settings(run_cfg.adapt).items()))))
-        adapt_generator(data, model_url(baseline), adapted, run_cfg.adapt, run_cfg.generate)
+        adapted = adapted_url(output_url, fold, run_cfg)
+        adapt_generator(data, model_url(baseline), adapted, run_cfg.adapt, run_cfg.generate)  # done: it resumes
         _, retrained, filtered = synthesis_rounds(run_cfg, RunLayout(folder), data, baseline, NullTracker(),
                                                   adapted=adapted)
         cell = {"setting": setting_name(setting), "fold": fold,
@@ -277,7 +298,7 @@ def run_pilot(cfg: RunConfig, output_url: str, grid: Optional[dict[str, list[Any
         remove_pilot_outputs(output_url)
     fold_ids = prepare_folds(cfg, output_url, folds, epochs)
     for k in fold_ids:
-        train_fold_baseline(cfg, output_url, k, epochs)
+        train_fold_models(cfg, output_url, k, epochs, grid)
     cells = [(setting, k) for k in fold_ids for setting in settings_of(grid)]
     scores = [score_cell(cfg, output_url, setting, k, epochs, tracker)
               for setting, k in tqdm(cells, desc="pilot (settings x folds)", unit="cell")]
@@ -293,9 +314,10 @@ def validation_table(report: dict[str, Any]) -> str:
     metric = report["metric"]
     keys = [k for k in METRICS if any(k in r for r in rows)]
     folds = report.get("folds", 1)
+    over = f"{folds} fold{'s' if folds != 1 else ''}"
     level = round(100 * report.get("confidence", CONFIDENCE))
     epochs = f"{report['epochs']} epochs" if report["epochs"] > 0 else "the run's epochs"
-    lines = [f"| setting (validation, {folds} folds, {epochs}) | " + " | ".join(keys)
+    lines = [f"| setting (validation, {over}, {epochs}) | " + " | ".join(keys)
              + f" | kept | gain in {metric} ({level}% CI) | go |", "|---|" + "---|" * (len(keys) + 3)]
     for r in rows:
         mark = " **(chosen)**" if r["setting"] == report["chosen"] else ""
@@ -306,9 +328,9 @@ def validation_table(report: dict[str, Any]) -> str:
                      + f" | {kept} | {gain} | {go} |")
     if report["beats_no_synthesis"]:
         verdict = (f"go: {report['chosen']} (its gain in validation {metric} over no synthesis has a {level}% CI above "
-                   f"zero over {folds} folds)")
+                   f"zero over {over})")
     else:
         verdict = (f"no-go: no setting's gain in validation {metric} over no synthesis has a {level}% CI above zero "
-                   f"over {folds} folds: synthesis would not pay off on this data with these settings; do not spend "
+                   f"over {over}: synthesis would not pay off on this data with these settings; do not spend "
                    f"the GPU budget on a full run (or widen --grid)")
     return "\n".join(lines) + "\n\n" + verdict + "\n"

@@ -14,6 +14,15 @@ from feedback_synth.stages.resume import digests, run_stage
 from feedback_synth.synthesis.gap_checks import gap_report
 from feedback_synth.tracking.descriptors import splits
 
+SAMPLING_FIELDS = ("generator", "strength", "condition_on_real", "num_inference_steps", "cfg_scale", "cond_dropout",
+                   "prompt_template", "class_map", "noise_level")
+
+
+def sampling_settings(gen_cfg: GenerateConfig) -> dict:
+    """The generate settings the stage samples its before/after images with (part of its
+    fingerprint: an adaptation is the same one only with the same)."""
+    return {k: getattr(gen_cfg, k) for k in SAMPLING_FIELDS}
+
 
 def adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str, cfg: AdaptConfig,
                     gen_cfg: GenerateConfig, overwrite: bool = False) -> StageResult:
@@ -31,9 +40,7 @@ def adapt_generator(dataset_url: str, baseline_model_url: str, output_url: str, 
     if cfg.method == "none":
         return StageResult("adapt_generator", {"generator": gen_cfg.generator, "method": "none"})
     base = generator_path(gen_cfg.generator, load_info(dataset_url).name)
-    sampling = {k: getattr(gen_cfg, k) for k in ("generator", "strength", "condition_on_real", "num_inference_steps",
-                                                 "cfg_scale", "cond_dropout", "prompt_template", "class_map",
-                                                 "noise_level")}
+    sampling = sampling_settings(gen_cfg)
     return run_stage("adapt_generator", output_url, {"adapt": result_settings(cfg), "sampling": sampling},
                      {**digests(data=dataset_url, baseline=baseline_model_url), "generator": folder_digest(base)},
                      lambda: _adapt_generator(dataset_url, baseline_model_url, output_url, cfg, gen_cfg, base),
