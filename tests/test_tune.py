@@ -115,3 +115,19 @@ def test_settings_share_an_adaptation_only_when_it_is_the_same_one():
     assert adapted_url("memory://p", 0, apply_setting(cfg, {"generate.strength": 1.0})) != base
     assert adapted_url("memory://p", 0, apply_setting(cfg, {"adapt.steps": 7})) != base
     assert adapted_url("memory://p", 1, cfg) != base and "/folds/fold-0/adapted/full-" in base
+
+
+@pytest.mark.parametrize("option, value, message", [("folds", "0", "folds must be at least 1, got 0"),
+                                                     ("epochs", "-1", "epochs must be 0 (the run's epochs) or more"),
+                                                     ("grid", "adapt.method=", "grid adapt.method=: no values")])
+def test_bad_pilot_arguments_stop_before_any_work(tmp_path, capsys, option, value, message):
+    """``tune --OPTION`` and ``run --pilot --pilot-OPTION`` name the bad option in one line and
+    write nothing."""
+    from feedback_synth.cli.main import main
+
+    for verb, flag in (("tune", f"--{option}"), ("run", f"--pilot-{option}")):
+        out = tmp_path / verb
+        extra = ["--pilot"] if verb == "run" else []
+        assert main([verb, *extra, "--output", str(out), "--set", "tracking.enabled=false", flag, value]) == 2
+        assert f"{flag.rsplit(option, 1)[0]}{message}" in capsys.readouterr().err
+        assert not out.exists()

@@ -65,6 +65,14 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
         return _run_kfp_local(cfg, output_url, parallelism, previous)
 
 
+def _pipeline_root(output_url: str) -> str:
+    """Where the local runner keeps its task records: ``<output>/kfp`` for a local output, a
+    temporary folder for a remote one (gs://...)."""
+    if storage.local_path(output_url):
+        return os.path.join(storage.local_path(output_url), "kfp")
+    return tempfile.mkdtemp(prefix="feedback-synth-kfp-")
+
+
 def _mark_record(output_url: str, launch_id: str) -> None:
     """Add to the claim's ``run.json`` (``orchestration.run.owned_output`` writes it, and settles its state
     when the run ends) the launch id that finds this run's MLflow runs if it dies."""
@@ -80,11 +88,8 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, build_pipeline
 
     storage.write_yaml(storage.join(output_url, "config.yaml"), asdict(cfg))
-    if storage.local_path(output_url):
-        root = os.path.join(storage.local_path(output_url), "kfp")
-    else:
-        root = tempfile.mkdtemp(prefix="feedback-synth-kfp-")
-    parallelism = parallelism or max(1, (os.cpu_count() or 2) // 2)
+    root = _pipeline_root(output_url)
+    parallelism = parallelism or max(1, (os.cpu_count() or 2) // 2)  # half the cores, at least one
     # no retries here: a failure on this machine is not a preempted node
     pipeline = build_pipeline(PipelineSettings(parallelism=parallelism, gpu_retries=0, exit_handler=False,
                                                rounds=cfg.feedback.rounds))
@@ -176,11 +181,8 @@ def run_pilot_kfp_local(cfg: RunConfig, output_url: str, grid: dict[str, list[An
 
     from feedback_synth_kfp.pipelines.pilot_pipeline import PilotSettings, build_pilot_pipeline
 
-    if storage.local_path(output_url):
-        root = os.path.join(storage.local_path(output_url), "kfp")
-    else:
-        root = tempfile.mkdtemp(prefix="feedback-synth-kfp-")
-    parallelism = parallelism or max(1, (os.cpu_count() or 2) // 2)
+    root = _pipeline_root(output_url)
+    parallelism = parallelism or max(1, (os.cpu_count() or 2) // 2)  # half the cores, at least one
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings
 
     # no retries here: a failure on this machine is not a preempted node

@@ -40,7 +40,7 @@ def cmd_run(args) -> int:
 
             pilot_cfg = replace(cfg, tracking=replace(cfg.tracking, tracking_uri=tracking_location(cfg.tracking, output)))
         report = run_pilot_verb(pilot_cfg, pilot_url, args.pilot_grid, args.pilot_folds, args.pilot_epochs,
-                                args.runner, args.overwrite)
+                                args.runner, args.overwrite, flags="--pilot-")
         print(validation_table(report))
         if not report["beats_no_synthesis"]:
             print(f"no-go: the run was not started (the pilot's report: {storage.join(pilot_url, 'tune_report.json')})")
@@ -78,9 +78,10 @@ def cmd_tune(args) -> int:
 
 
 def run_pilot_verb(cfg, output: str, grid_args: list[str], folds: int, epochs: int, runner: str,
-                   overwrite: bool) -> dict:
+                   overwrite: bool, flags: str = "--") -> dict:
     """The pilot as ``tune`` and ``run --pilot`` run it: checks before any work, then in process
-    or through the KFP local runner (which opens its own MLflow run)."""
+    or through the KFP local runner (which opens its own MLflow run). ``flags``: how the command
+    line names the pilot's options (``--grid`` for tune, ``--pilot-grid`` for run), for the errors."""
     from dataclasses import asdict
 
     from feedback_synth.config import resolve_devices
@@ -91,10 +92,15 @@ def run_pilot_verb(cfg, output: str, grid_args: list[str], folds: int, epochs: i
 
     resolve_devices(cfg)  # a device this machine lacks: one line, before any work (the pilot resolves its own)
     check_output_outside_dataset(cfg.data.dataset, output)
-    grid = parse_grid(grid_args) if grid_args else DEFAULT_GRID
-    check_grid(cfg, grid)  # every setting builds a valid config, before any work
+    try:
+        grid = parse_grid(grid_args) if grid_args else DEFAULT_GRID
+        check_grid(cfg, grid)  # every setting builds a valid config, before any work
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("--grid", f"{flags}grid", 1)) from None
     if folds < 1:
-        raise ConfigError(f"--folds must be at least 1, got {folds}")
+        raise ConfigError(f"{flags}folds must be at least 1, got {folds}")
+    if epochs < 0:
+        raise ConfigError(f"{flags}epochs must be 0 (the run's epochs) or more, got {epochs}")
     preflight(cfg, output)  # the data, the generator against it (class names too), the output (writable)
     if runner == "kfp-local":
         from feedback_synth_kfp.local_runner import run_pilot_kfp_local

@@ -138,6 +138,8 @@ def prepare_folds(cfg: RunConfig, output_url: str, folds: int, epochs: int) -> l
 
     if folds < 1:
         raise ConfigError(f"--folds must be at least 1, got {folds}")
+    if epochs < 0:
+        raise ConfigError(f"--epochs must be 0 (the run's epochs) or more, got {epochs}")
     short = pilot_config(cfg, epochs)
     data = storage.join(output_url, "data")
     prepare_data(short.data, data)

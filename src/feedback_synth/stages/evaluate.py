@@ -46,10 +46,12 @@ def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filte
     synthetic = ImageSet.load(storage.join(filtered_url, "synthetic.npz"))
     model = classifier_spec(model_url(baseline_url)).model
     fid = fidelity(dataset_url, synthetic, model, device=device, oracle_url=storage.join(output_url, "oracle"))
-    report = build_report(baseline_url, retrained_url, filtered_url, adapted_url, info, len(synthetic), fid)
-    files = write_plots(output_url, report, {
-        "no_synthesis": storage.read_json(storage.join(retrained_url, "reference_metrics.json"))["confusion_matrix"],
-        "retrained": storage.read_json(storage.join(retrained_url, "metrics.json"))["confusion_matrix"]})
+    reference = storage.read_json(storage.join(retrained_url, "reference_metrics.json"))
+    after = storage.read_json(storage.join(retrained_url, "metrics.json"))
+    report = build_report(baseline_url, retrained_url, filtered_url, adapted_url, info, len(synthetic), fid,
+                          reference, after)
+    files = write_plots(output_url, report, {"no_synthesis": reference["confusion_matrix"],
+                                             "retrained": after["confusion_matrix"]})
     storage.write_json(storage.join(output_url, "report.json"), report)
     storage.write_text(storage.join(output_url, "report.md"), format_report(report))
     return StageResult("evaluate", report, report_metrics(report), [storage.join(output_url, n) for n in files],
@@ -57,14 +59,13 @@ def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filte
 
 
 def build_report(baseline_url: str, retrained_url: str, filtered_url: str, adapted_url: Optional[str], info,
-                 kept: int, fid: Optional[float]) -> "EvaluationReport":
+                 kept: int, fid: Optional[float], reference: dict, after: dict) -> "EvaluationReport":
     """The evaluation report from what the earlier stages wrote: the no-synthesis model (same
     recipe) against the retrained one on the test split, the baseline with its own recipe, each
-    round, what the filter kept and the gap to the real data."""
+    round, what the filter kept and the gap to the real data. ``reference`` and ``after``: the
+    retrain stage's ``reference_metrics.json`` and ``metrics.json``."""
     from feedback_synth.training.evaluate import summary
 
-    reference = storage.read_json(storage.join(retrained_url, "reference_metrics.json"))
-    after = storage.read_json(storage.join(retrained_url, "metrics.json"))
     rounds = storage.read_json(storage.join(retrained_url, "rounds.json"))
     filter_report = storage.read_json(storage.join(filtered_url, "filter_report.json"))
     adaptation = None
