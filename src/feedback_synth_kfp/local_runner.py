@@ -25,6 +25,7 @@ from feedback_synth.tracking.client import scoped_environ, tracking_location
 from feedback_synth_kfp.artifacts import artifact_url
 from feedback_synth_kfp.launcher import LAUNCHER_ENV, launcher_id, stop_tasks
 from feedback_synth_kfp.parameters import pipeline_arguments
+from feedback_synth_kfp.task_server import warm_tasks
 from feedback_synth_kfp.tracking import LAUNCH_ENV, TASK_ERRORS_ENV, finish_tracking, tracking_context
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class KFPRunError(FeedbackSynthError, RuntimeError):
 # time is the wall time of its fan-out (the filter's ``generation`` metadata)
 _TIMED = tuple((s.output, s.name) for s in STAGES if not s.sharded)
 STAGE_ORDER = STAGE_NAMES
+# "0" starts every task process cold, as KFP does without our task server (task_server.py)
+WARM_TASKS_ENV = "FEEDBACK_SYNTH_KFP_WARM_TASKS"
 
 
 def _num(v: Any) -> Any:
@@ -61,8 +64,13 @@ def run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int] = 
     """
     from feedback_synth.orchestration.run import owned_output
 
-    with owned_output(cfg, output_url, overwrite) as previous:
-        return _run_kfp_local(cfg, output_url, parallelism, previous)
+    # started first: the server imports torch & co. while the pipeline is built
+    with warm_tasks(_warm()) as warm, owned_output(cfg, output_url, overwrite) as previous:
+        return _run_kfp_local(cfg, output_url, parallelism, previous, warm)
+
+
+def _warm() -> bool:
+    return os.environ.get(WARM_TASKS_ENV, "1") != "0"
 
 
 def _pipeline_root(output_url: str) -> str:
@@ -82,7 +90,7 @@ def _mark_record(output_url: str, launch_id: str) -> None:
 
 
 def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
-                   previous: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                   previous: Optional[dict[str, Any]] = None, warm: Optional[dict[str, str]] = None) -> dict[str, Any]:
     import kfp.local
 
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, build_pipeline
@@ -104,7 +112,7 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
                       "the killed run")
     _mark_record(output_url, launch_id)
     task = _run_tasks(lambda: pipeline(**pipeline_arguments(cfg, tracking_uri, ""), run_folder=output_url), cfg,
-                      tracking_uri, launch_id, root)
+                      tracking_uri, launch_id, root, warm=warm)
     return _summary_of(task.outputs, root, t0)
 
 
@@ -120,16 +128,18 @@ def _close_launch(cfg: RunConfig, tracking_uri: str, launch_id: str, message: st
 
 
 def _run_tasks(run: Callable[[], Any], cfg: RunConfig, tracking_uri: str, launch_id: str, root: str,
-               what: str = "pipeline"):
+               what: str = "pipeline", warm: Optional[dict[str, str]] = None):
     """Run a pipeline's tasks in the KFP local runner (``run``: the pipeline called with its
     arguments); on a failure or an interrupt, close the launch's MLflow runs and stop its tasks.
+    ``warm``: the environment that sends the task processes to a warm task server (``warm_tasks``).
     Returns what ``run`` returns (the pipeline task: its outputs)."""
     errors_file = os.path.join(tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-"), "errors.txt")
     try:
         # what the task processes inherit: the launch id, where a task writes its one-line error,
         # and this process's identity (a task ends when its launcher is gone: launcher.py)
         task_env = {LAUNCH_ENV: launch_id, TASK_ERRORS_ENV: errors_file, LAUNCHER_ENV: launcher_id()}
-        with scoped_environ(task_env), warnings.catch_warnings():
+        # with ``warm``, the tasks fork from one warm process instead of importing torch & co. each
+        with scoped_environ({**task_env, **(warm or {})}), warnings.catch_warnings():
             # expected here: our images' components run in this environment, and the local runner
             # ignores the Kubernetes settings (resources, accelerators, display names)
             warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
@@ -177,6 +187,12 @@ def run_pilot_kfp_local(cfg: RunConfig, output_url: str, grid: dict[str, list[An
     cells fanned out, as on Kubeflow); returns the report of ``orchestration.tune.run_pilot``. The
     run's config travels as one value (the ``config`` parameter); the tasks write the in-process
     pilot's layout under ``output_url``, so either runner resumes the other's work."""
+    with warm_tasks(_warm()) as warm:  # started first: the server imports torch & co. while the pipeline is built
+        return _run_pilot_kfp_local(cfg, output_url, grid, folds, epochs, parallelism, warm)
+
+
+def _run_pilot_kfp_local(cfg: RunConfig, output_url: str, grid: dict[str, list[Any]], folds: int, epochs: int,
+                         parallelism: Optional[int], warm: dict[str, str]) -> dict[str, Any]:
     import kfp.local
 
     from feedback_synth_kfp.pipelines.pilot_pipeline import PilotSettings, build_pilot_pipeline
@@ -194,6 +210,6 @@ def run_pilot_kfp_local(cfg: RunConfig, output_url: str, grid: dict[str, list[An
     _run_tasks(lambda: pipeline(output=output_url, dataset=cfg.data.dataset, grid=json.dumps(grid), folds=folds,
                                 epochs=epochs, mlflow_tracking_uri=tracking_uri, mlflow_experiment=cfg.tracking.experiment,
                                 device=cfg.device, config=json.dumps(config)),
-               cfg, tracking_uri, uuid.uuid4().hex, root, "pilot")
+               cfg, tracking_uri, uuid.uuid4().hex, root, "pilot", warm)
     return storage.read_json(storage.join(output_url, "tune_report.json"))
 

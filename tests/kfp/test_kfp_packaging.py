@@ -38,7 +38,8 @@ def test_wheel_carries_the_kfp_packages_and_compiles_without_a_checkout(tmp_path
     assert components <= names
     assert {"feedback_synth_kfp/__init__.py", "feedback_synth_kfp/pipelines/__init__.py",
             "feedback_synth_kfp/pipelines/feedback_synth_pipeline.py", "feedback_synth_kfp/submit.py",
-            "feedback_synth_kfp/local_runner.py", "feedback_synth/stages/retrain.py", "feedback_synth/orchestration/run.py",
+            "feedback_synth_kfp/local_runner.py", "feedback_synth_kfp/task_server.py",
+            "feedback_synth_kfp/task_client/sitecustomize.py", "feedback_synth/stages/retrain.py", "feedback_synth/orchestration/run.py",
             "feedback_synth/presets/digits-lt.yaml"} <= names
     if (REPO / "src/feedback_synth/weights/digits-lt-generator/unet").is_dir():  # the bundled generator
         assert "feedback_synth/weights/digits-lt-generator/unet/diffusion_pytorch_model.safetensors" in names
