@@ -3,6 +3,9 @@
 Every stage runs as its KFP component, each in its own Python process (``SubprocessRunner`` with
 ``use_venv=False``: this environment, where feedback_synth is installed), with artifacts passed as
 KFP passes them. The result has the same keys as the in-process runner's (``feedback_synth.orchestration.run.run_pipeline``).
+Each task process hands its work to a forked child of one warm process (``task_server``), so that
+a task does not import torch, timm, diffusers and MLflow again; ``FEEDBACK_SYNTH_KFP_WARM_TASKS=0``
+starts every task process cold instead.
 """
 from __future__ import annotations
 
