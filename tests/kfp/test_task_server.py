@@ -115,3 +115,15 @@ def test_the_server_ends_with_its_launcher(tmp_path):
         launcher.wait()
     assert server.wait(timeout=15) == 0
     assert not (tmp_path / "s.sock").exists()
+
+
+@pytest.mark.slow
+def test_the_server_preloads_every_module_and_may_fork():
+    """What the server imports loads in a task's runtime (_KFP_RUNTIME) and leaves it safe to fork:
+    else every kfp-local task would silently start cold again."""
+    code = ("import sys; from feedback_synth_kfp.task_server import PRELOAD, preload; preload(); "
+            "missing = [m for m in PRELOAD if m not in sys.modules]; assert not missing, missing")
+    env = {k: v for k, v in os.environ.items() if k not in (SERVER_ENV, "FEEDBACK_SYNTH_KFP_LAUNCHER")}
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "_KFP_RUNTIME": "true"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
