@@ -157,7 +157,7 @@ def memory_url():
 # that each of the two xdist workers starts with one: --dist worksteal hands each worker a half of
 # the list and lets an idle one steal from the other's tail, never its head
 LONGEST = ("tests/kfp/test_kfp_local_run.py::test_pipeline_through_the_kfp_local_runner_and_in_process_alike",
-           "tests/kfp/test_kfp_pilot.py::test_the_pilot_through_the_kfp_local_runner_and_in_process_alike")
+           "tests/kfp/test_kfp_pilot.py::test_the_piloted_pipeline_through_the_kfp_local_runner")
 
 
 def pytest_collection_modifyitems(config, items):

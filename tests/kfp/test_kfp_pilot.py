@@ -56,8 +56,8 @@ def test_committed_pilot_yaml_is_up_to_date(pilot_spec):
 
 def test_the_piloted_pipeline_runs_the_run_only_on_go_with_the_chosen_config(tmp_path):
     """The pilot's tasks, then under dsl.If(go) the run pipeline (nested) with the chosen config as
-    its ``config`` parameter; the committed YAML is up to date. (Run through the local runner by
-    hand: see docs/kfp.md, "The pilot on Kubeflow".)"""
+    its ``config`` parameter; the committed YAML is up to date. (Run through the local runner:
+    the test below.)"""
     from feedback_synth_kfp.pipelines.pilot_pipeline import compile_pilot
 
     spec = list(yaml.safe_load_all(Path(compile_pilot(str(tmp_path / "p.yaml"), then_run=True)).read_text()))[0]
@@ -76,6 +76,50 @@ def test_the_piloted_pipeline_runs_the_run_only_on_go_with_the_chosen_config(tmp
     assert inside["feedback-synth"]["componentRef"]["name"] == "comp-feedback-synth"
     assert inside["feedback-synth"]["inputs"]["parameters"]["config"] == {
         "taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "pilot-config"}}
+
+
+@pytest.mark.slow
+def test_the_piloted_pipeline_through_the_kfp_local_runner(tmp_path, tiny_generator):
+    """The piloted pipeline through the real KFP local runner (warm tasks), at test size: the pilot
+    (one setting, two folds) says go, then every stage of the run runs, with the pilot's choice in
+    place of the user's config (criterion none over the preset's entropy)."""
+    from dataclasses import asdict
+
+    import kfp.local
+
+    from feedback_synth import storage
+    from feedback_synth.config import resolve_run_config
+    from feedback_synth.orchestration.stage_table import STAGES
+    from feedback_synth.tracking.client import scoped_environ
+    from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings
+    from feedback_synth_kfp.pipelines.pilot_pipeline import PilotSettings, build_piloted_pipeline
+    from feedback_synth_kfp.task_server import warm_tasks
+
+    cfg = resolve_run_config("digits-lt", None, [
+        "train.model=test_resnet", "feedback.budget_fraction=0.1", "feedback.shard_size=64",
+        "generate.num_inference_steps=2", f"generate.generator={tiny_generator}", "filter.filters=[degenerate]",
+        "train.epochs=2", "retrain.epochs=2", "tracking.enabled=false"])
+    assert cfg.generate.criterion == "entropy"  # the user's; the pilot's grid offers only none
+    pipeline = build_piloted_pipeline(PilotSettings(pipeline=PipelineSettings(gpu_retries=0, exit_handler=False),
+                                                    parallelism=1, exit_handler=False))
+    with warm_tasks() as warm, scoped_environ(warm):
+        kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
+                       raise_on_error=True)
+        pipeline(pilot_output=str(tmp_path / "pilot"), dataset="digits-lt", folds=2, epochs=2, device="cpu",
+                 grid=json.dumps({"generate.criterion": ["none"]}),
+                 config=json.dumps({k: v for k, v in asdict(cfg).items() if k != "device"}))
+    report = storage.read_json(str(tmp_path / "pilot" / "tune_report.json"))
+    assert report["beats_no_synthesis"] and report["chosen"] == "criterion=none", report["rows"]
+    (root,) = (tmp_path / "kfp").iterdir()
+    ran = {p.name for p in root.iterdir()}
+    assert {"pilot-prepare", "pilot-cells", "pilot-choose", "pilot-config"} <= ran
+    assert {s.component_name.replace("_", "-") for s in STAGES if not s.sharded} <= ran  # every stage of the run
+    (tracking,) = json.loads((root / "start-tracking-2" / "executor_output.json").read_text())["artifacts"][
+        "tracking"]["artifacts"]
+    run_config = json.loads(tracking["metadata"]["config"])  # what the run's stages read
+    assert run_config["generate"]["criterion"] == "none" and run_config["train"]["epochs"] == 2
+    evaluation = next(root.glob("evaluate/evaluation"))
+    assert "delta" in storage.read_json(str(evaluation / "report.json"))
 
 
 def test_a_malformed_grid_parameter_is_named():
