@@ -200,11 +200,16 @@ def _loop(listener: socket.socket, running: dict[int, socket.socket], launcher: 
         if listener not in ready:
             continue
         conn, _ = listener.accept()
+        conn.settimeout(30)  # a task process sends its request at once; one that does not must not stall the rest
+        streams: list[int] = []
         try:
             header, streams, _, _ = socket.recv_fds(conn, 8, 3)
             request = json.loads(_read(conn, struct.unpack("!Q", header)[0]))
+            conn.settimeout(None)
         except (OSError, ValueError, struct.error) as exc:
             log.warning("task server: a bad request (%s); the task process runs its task itself", exc)
+            for fd in streams:
+                os.close(fd)
             conn.close()
             continue
         sys.stdout.flush()
