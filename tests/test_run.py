@@ -29,8 +29,8 @@ def test_run_end_to_end_on_gcs(gcs_bucket, tiny_generator, capsys):
                                                                          "generate.criterion=hardness"])])
     assert rc == 0
     printed = capsys.readouterr().out
-    for text in ("| no synthesis (logit_adjusted) |", "| with synthesis (logit_adjusted) |", "| difference |", "synthetic images:",
-                 "per-class accuracy", out):
+    for text in ("| no synthesis (logit_adjusted, ", ": the same steps) |", "| with synthesis (logit_adjusted) |",
+                 "| difference |", "synthetic images:", "per-class accuracy", out):
         assert text in printed
     for rel in ("config.yaml", "baseline/model/model.safetensors", "baseline/model/config.json", "baseline/history.json",
                 "feedback/plan.json", "feedback/class_stats.safetensors", "generated/shards/shard-00000/_SUCCESS",
@@ -41,6 +41,9 @@ def test_run_end_to_end_on_gcs(gcs_bucket, tiny_generator, capsys):
     summary = storage.read_json(storage.join(out, "report/run_summary.json"))
     assert summary["generated"] == 47 and 0 <= summary["kept"] <= 47
     assert set(summary["no_synthesis"]) >= {"overall", "many", "medium", "few", "worst_class"}
+    # the reference without synthesis trains with the retraining's optimiser steps: more than its 2 epochs
+    assert summary["no_synthesis_training"]["steps"] == "same" and summary["no_synthesis_training"]["epochs"] > 2
+    assert summary["no_synthesis_source"] == "reference"
     assert 0 <= summary["fidelity"] <= 1  # digits-lt has an oracle split: fidelity is measured
     history = storage.read_json(storage.join(out, "baseline/history.json"))
     assert [h["epoch"] for h in history] == [1, 2] and "val_accuracy" in history[0]

@@ -1,12 +1,14 @@
 """Training and evaluation: seeded, per-epoch metrics, safetensors checkpoints, metric definitions."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from feedback_synth.config import DataConfig, RetrainConfig, TrainConfig
-from feedback_synth.data.imageset import ImageSet
+from feedback_synth.data.imageset import ImageSet, load_split
 from feedback_synth.errors import ConfigError
 from feedback_synth.training.classifier import build_classifier, load_classifier, save_classifier
 from feedback_synth.training.evaluate import accuracy_metrics, predict_logits
@@ -115,7 +117,9 @@ def test_fidelity_oracle_is_trained_once_and_cached(prepared, digits, tmp_path, 
 @pytest.mark.slow
 def test_retraining_takes_the_baselines_recipe_or_trains_a_same_recipe_reference(prepared, digits, tmp_path):
     """Like with like: retraining uses the baseline's loss unless told otherwise; with another loss,
-    the retrain stage also trains that loss without synthesis, and the report compares with it."""
+    the retrain stage also trains that loss without synthesis, and the report compares with it. By
+    default that reference also takes the retraining's optimiser steps (half-synthetic batches:
+    twice the steps per epoch), so the baseline of the same epochs does not serve."""
     from feedback_synth import storage
     from feedback_synth.stages.outputs import model_url
     from feedback_synth.stages.retrain import retrain
@@ -127,10 +131,16 @@ def test_retraining_takes_the_baselines_recipe_or_trains_a_same_recipe_reference
     filtered = str(tmp_path / "filtered")
     digits["pool"].subset(np.arange(0, 600, 10)).save(f"{filtered}/synthetic.npz")
     storage.write_json(f"{filtered}/filter_report.json", {"generated": 60, "kept": 60})
-    same = retrain(prepared, model_url(base), filtered, str(tmp_path / "same"), RetrainConfig(epochs=1),
-                          DataConfig())
+    same = retrain(prepared, model_url(base), filtered, str(tmp_path / "same"),
+                   RetrainConfig(epochs=1, reference_steps="epochs"), DataConfig())
     assert same.summary["recipe"] == {"loss": "logit_adjusted", "tau": 2.0, "balanced_sampler": False, "prior": "real"}
     assert same.summary["reference"] == "baseline" and not (tmp_path / "same" / "reference").exists()
+    steps = retrain(prepared, model_url(base), filtered, str(tmp_path / "steps"), RetrainConfig(epochs=1), DataConfig())
+    assert steps.summary["reference"] == "reference"
+    n_real = len(load_split(prepared, "train"))
+    trained = storage.read_yaml(str(tmp_path / "steps" / "reference" / "model" / "train_config.yaml"))["train"]
+    assert trained["epochs"] == round(math.ceil(n_real / 32) / math.ceil(n_real / 64)) == 2  # 32 real per batch of 64
+    assert storage.read_json(str(tmp_path / "steps" / "reference_metrics.json"))["epochs"] == 2
     other = retrain(prepared, model_url(base), filtered, str(tmp_path / "other"),
                            RetrainConfig(epochs=1, loss="balanced_softmax"), DataConfig())
     assert other.summary["recipe"]["loss"] == "balanced_softmax" and other.summary["reference"] == "reference"

@@ -181,6 +181,13 @@ class RetrainConfig(OptimConfig):
     # the head then sees the real prior its loss assumes; 0 = off). From evidence:
     # benchmarks/results/retrain_variants.md
     head_epochs: Int = Field(20, ge=0)
+    # the no-synthesis reference that the report, the gate and the pilot compare with: 'same' trains
+    # it on the real images with the optimiser steps of the retraining (a half-synthetic batch takes
+    # half the real images, so an epoch over the real ones takes twice the steps); 'epochs' gives it
+    # the retraining's epochs (the baseline serves when its recipe is the same), which credits
+    # synthesis with what the extra steps alone bring. 'same', from evidence: on digits-groups the
+    # extra steps alone gave worst-group +0.206 of synthesis' +0.237 (benchmarks/results/same_steps.md)
+    reference_steps: Literal["same", "epochs"] = "same"
     # an alternative, measured and off by default: add lambda x the offset from this prior to the
     # batch prior to the logits, lambda in [0, 1] chosen on the validation split so that no class group
     # (many / medium / few, average group) is below the model it replaces, then the best

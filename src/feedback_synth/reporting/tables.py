@@ -16,6 +16,7 @@ class EvaluationReport(TypedDict, total=False):
     delta: dict[str, float]  # retrained - no_synthesis
     recipe: dict[str, Any]  # the retraining's loss, tau, sampler, prior
     no_synthesis_source: str  # 'baseline' (the baseline has the same recipe) or 'reference' (a model trained for it)
+    no_synthesis_training: dict[str, Any]  # its epochs, and steps: 'same' (the retraining's optimiser steps) or 'epochs'
     baseline: dict[str, float]  # the baseline (train_baseline), with its own recipe
     generated: int
     kept: int
@@ -45,7 +46,11 @@ def format_report(report: EvaluationReport) -> str:
     if report.get("no_synthesis_source") == "reference":
         lines.append("| baseline (its own recipe) | " + " | ".join(_fmt(report["baseline"].get(k)) for k in keys)
                      + " |")
-    lines.append(f"| no synthesis ({loss}) | " + " | ".join(_fmt(report["no_synthesis"].get(k)) for k in keys) + " |")
+    training = report.get("no_synthesis_training") or {}
+    how = f", {training['epochs']} epochs" if training.get("epochs") else ""
+    how += ": the same steps" if training.get("steps") == "same" else ""
+    lines.append(f"| no synthesis ({loss}{how}) | " + " | ".join(_fmt(report["no_synthesis"].get(k)) for k in keys)
+                 + " |")
     rounds = report.get("rounds") or []
     if len(rounds) > 1:
         for r in rounds[:-1]:

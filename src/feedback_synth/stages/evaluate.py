@@ -77,6 +77,7 @@ def build_report(baseline_url: str, retrained_url: str, filtered_url: str, adapt
             "delta": {k: v - before[k] for k, v in with_synthesis.items() if k in before},
             "recipe": asdict(recipe_of(model_url(retrained_url))),
             "no_synthesis_source": reference.get("source", "baseline"),
+            "no_synthesis_training": {k: reference[k] for k in ("epochs", "steps") if k in reference},
             "baseline": summary(storage.read_json(storage.join(baseline_url, "metrics.json"))),
             "generated": filter_report.get("generated_so_far", filter_report["generated"]),
             "kept": kept, "readmitted": filter_report.get("readmitted", 0),

@@ -2,7 +2,7 @@
 re-fit on the real images, and the no-synthesis reference with the same recipe."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Optional
 
 from feedback_synth import storage
@@ -23,9 +23,9 @@ def retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output
     baseline's loss and sampler unless ``cfg`` names its own (``retrain_recipe``).
 
     Writes ``model/``, ``metrics.json``, ``history.json``; ``reference_metrics.json``: the
-    no-synthesis reference with the same recipe (the baseline's test metrics when the recipes
-    agree; else a model trained with retraining's recipe on the real images alone, in
-    ``reference/``); ``rounds.json``: every round's test metrics so far (``previous_retrained_url``:
+    no-synthesis reference with the same recipe and, by default, the same optimiser steps
+    (``cfg.reference_steps``; the baseline's test metrics when it was trained so; else a model
+    trained with retraining's recipe on the real images alone, in ``reference/``); ``rounds.json``: every round's test metrics so far (``previous_retrained_url``:
     the previous round's output).
     """
     return run_stage("retrain", output_url, {"retrain": result_settings(cfg), "data": asdict(data_cfg),
@@ -41,7 +41,7 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
              round_index: int = 1) -> StageResult:
     from feedback_synth.training.classifier import classifier_spec
     from feedback_synth.training.evaluate import summary as summary_of
-    from feedback_synth.training.train import refit_head, train_classifier
+    from feedback_synth.training.train import refit_head, same_steps_epochs, train_classifier
 
     train = load_split(dataset_url, "train")
     synthetic = ImageSet.load(storage.join(filtered_url, "synthetic.npz"))
@@ -52,24 +52,28 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     recipe = retrain_recipe(cfg, baseline_model_url)
     base_recipe = recipe_of(baseline_model_url)
     evaluate_on_val = val_eval(dataset_url, data_cfg)
-    # the no-synthesis reference: the baseline when the recipes agree; else the baseline's
-    # architecture trained with retraining's recipe on the real images alone (once, in round 1)
+    # the no-synthesis reference: retraining's recipe on the real images alone, with its optimiser
+    # steps (reference_steps 'same') or its epochs; the baseline when that is how it was trained;
+    # else trained here (once, in round 1)
     reference = storage.join(output_url, "reference")
+    ref_cfg = replace(cfg, epochs=same_steps_epochs(cfg.epochs, len(train), len(synthetic), cfg.batch_size,
+                                                    cfg.synthetic_fraction)) if cfg.reference_steps == "same" else cfg
     if previous_retrained_url:
         history_so_far = storage.read_json(storage.join(previous_retrained_url, "rounds.json"))
         reference_metrics = storage.read_json(storage.join(previous_retrained_url, "reference_metrics.json"))
     else:
         history_so_far = []
-        if same_training(recipe, base_recipe, cfg, baseline_model_url):
+        if same_training(recipe, base_recipe, ref_cfg, baseline_model_url):
             reference_metrics = {**storage.read_json(storage.join(baseline_model_url.rsplit("/", 1)[0], "metrics.json")),
                                  "source": "baseline"}
         else:
-            ref_clf, ref_history = train_classifier(train, cfg, model, recipe=recipe, eval_fn=evaluate_on_val,
+            ref_clf, ref_history = train_classifier(train, ref_cfg, model, recipe=recipe, eval_fn=evaluate_on_val,
                                                     desc="reference (no synthesis)")
-            ref = finish_training("reference", ref_clf, ref_history, dataset_url, reference, cfg, data_cfg,
+            ref = finish_training("reference", ref_clf, ref_history, dataset_url, reference, ref_cfg, data_cfg,
                                    {"model": model, "num_synthetic": 0, "recipe": asdict(recipe)})
             reference_metrics = {**{k: v for k, v in ref.summary.items() if k not in ("model", "recipe")},
                                  "source": "reference"}
+        reference_metrics.update(epochs=ref_cfg.epochs, steps=cfg.reference_steps)
     clf, history = train_classifier(train, cfg, model, synthetic=synthetic, synthetic_fraction=cfg.synthetic_fraction,
                                     recipe=recipe, on_epoch=on_epoch, eval_fn=evaluate_on_val, desc=f"retrain (round {round_index})")
     if cfg.head_epochs and len(synthetic):  # no class group loses: the head re-fit on the real images

@@ -74,19 +74,37 @@ class Recipe:
     prior: str = "real"
 
 
+def _batch_split(batch_size: int, synthetic_fraction: float, n_syn: int) -> tuple[int, int]:
+    """(synthetic, real) images per batch."""
+    n_syn_per_batch = int(round(batch_size * synthetic_fraction)) if n_syn else 0
+    return n_syn_per_batch, max(1, batch_size - n_syn_per_batch)
+
+
+def epoch_steps(n_real: int, n_syn: int, batch_size: int, synthetic_fraction: float) -> int:
+    """Optimiser steps in one epoch (one pass over the ``n_real`` real images, each batch
+    ``synthetic_fraction`` synthetic when there are ``n_syn`` > 0 synthetic images)."""
+    return math.ceil(n_real / _batch_split(batch_size, synthetic_fraction, n_syn)[1])
+
+
+def same_steps_epochs(epochs: int, n_real: int, n_syn: int, batch_size: int, synthetic_fraction: float) -> int:
+    """Epochs of real-only training that take the optimiser steps of ``epochs`` epochs with
+    synthetic images mixed in (the fair no-synthesis reference: no credit for extra steps)."""
+    with_synthesis = epochs * epoch_steps(n_real, n_syn, batch_size, synthetic_fraction)
+    return max(1, round(with_synthesis / epoch_steps(n_real, 0, batch_size, 0.0)))
+
+
 def _batches(n_real: int, n_syn: int, cfg: OptimConfig, synthetic_fraction: float,
              rng: np.random.Generator, sample_probs: Optional[np.ndarray]):
     """Index batches for one epoch: each batch mixes real and synthetic at ``synthetic_fraction``.
 
     An epoch is one pass over the real data; synthetic indices cycle through a permutation.
     """
-    n_syn_per_batch = int(round(cfg.batch_size * synthetic_fraction)) if n_syn else 0
-    n_real_per_batch = max(1, cfg.batch_size - n_syn_per_batch)
+    n_syn_per_batch, n_real_per_batch = _batch_split(cfg.batch_size, synthetic_fraction, n_syn)
     if sample_probs is not None:
         real_order = rng.choice(n_real, size=n_real, p=sample_probs)
     else:
         real_order = rng.permutation(n_real)
-    steps = math.ceil(n_real / n_real_per_batch)
+    steps = epoch_steps(n_real, n_syn, cfg.batch_size, synthetic_fraction)
     syn_order = np.concatenate([rng.permutation(n_syn) for _ in range(
         math.ceil(steps * n_syn_per_batch / n_syn))]) if n_syn_per_batch else np.zeros(0, np.int64)
     for s in range(steps):
