@@ -151,13 +151,18 @@ def markdown(results: dict[str, dict[str, Any]], command: str, minutes: float) -
         for a, b in pairs:
             if not all(a in by_seed[s] and b in by_seed[s] for s in seeds):
                 continue
-            cells = []
-            for c in cols:
-                mean, lo, hi = bootstrap_ci([by_seed[s][a][c] - by_seed[s][b][c] for s in seeds])
-                cells.append(f"{mean:+.3f} ({lo:+.3f} .. {hi:+.3f})")
-            lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+            lines.append(difference_row(by_seed, seeds, a, b, cols))
         lines.append("")
     return "\n".join(lines)
+
+
+def difference_row(by_seed: dict[str, Any], seeds: list[str], a: str, b: str, cols: list[str]) -> str:
+    """A table row: row ``a`` minus row ``b`` per column, the paired mean over ``seeds`` and its 95% bootstrap CI."""
+    cells = []
+    for c in cols:
+        mean, lo, hi = bootstrap_ci([by_seed[s][a][c] - by_seed[s][b][c] for s in seeds])
+        cells.append(f"{mean:+.3f} ({lo:+.3f} .. {hi:+.3f})")
+    return f"| {a} vs {b} | " + " | ".join(cells) + " |"
 
 
 def main(argv=None) -> int:

@@ -27,8 +27,7 @@ import numpy as np
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from no_group_loses import NO_SYN, metrics_of  # noqa: E402
-from synthesis_benchmark import bootstrap_ci  # noqa: E402
+from no_group_loses import NO_SYN, difference_row, metrics_of  # noqa: E402
 
 from feedback_synth import storage  # noqa: E402
 from feedback_synth.config import resolve_run_config  # noqa: E402
@@ -96,12 +95,8 @@ def markdown(results: dict[str, dict[str, Any]], command: str, minutes: float) -
             lines.append(f"| {row} | " + " | ".join(
                 f"{np.mean([by_seed[s][row][c] for s in seeds]):.3f}" for c in cols) + " |")
         lines += ["", "| difference (95% bootstrap CI over seeds) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        for a, b in ((RETRAINED, NO_SYN), (RETRAINED, SAME), (SAME, NO_SYN)):
-            cells = []
-            for c in cols:
-                mean, lo, hi = bootstrap_ci([by_seed[s][a][c] - by_seed[s][b][c] for s in seeds])
-                cells.append(f"{mean:+.3f} ({lo:+.3f} .. {hi:+.3f})")
-            lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+        lines += [difference_row(by_seed, seeds, a, b, cols)
+                  for a, b in ((RETRAINED, NO_SYN), (RETRAINED, SAME), (SAME, NO_SYN))]
         lines.append("")
     return "\n".join(lines)
 
