@@ -166,3 +166,19 @@ def test_the_one_cycle_schedule_runs_any_number_of_steps(total_steps):
     assert len(lrs) == total_steps and all(0 < lr <= 0.1 + 1e-12 for lr in lrs)
     if total_steps >= 4:  # warm-up to the peak, then decay below it
         assert max(lrs) > 0.09 and lrs[-1] < 0.01 and lrs[0] < 0.05
+
+
+@pytest.mark.parametrize("n_real, n_syn, batch, fraction, epochs, expected", [
+    (184, 412, 64, 0.5, 40, 80),    # digits-lt: 6 half-real batches an epoch against 3 real ones
+    (184, 412, 64, 0.25, 40, 53),   # 4 batches of 48 real: 160 steps, 53 real-only epochs of 3
+    (184, 0, 64, 0.5, 40, 40),      # nothing kept: the retraining is real-only, so is its reference
+    (184, 412, 64, 0.0, 40, 40),    # no synthetic share
+    (10, 5, 64, 0.5, 1, 1),         # one batch either way
+])
+def test_the_same_steps_reference_takes_the_retrainings_optimiser_steps(n_real, n_syn, batch, fraction, epochs,
+                                                                         expected):
+    from feedback_synth.training.train import epoch_steps, same_steps_epochs
+
+    assert same_steps_epochs(epochs, n_real, n_syn, batch, fraction) == expected
+    with_synthesis = epochs * epoch_steps(n_real, n_syn, batch, fraction)
+    assert abs(expected * epoch_steps(n_real, 0, batch, 0.0) - with_synthesis) <= epoch_steps(n_real, 0, batch, 0.0) / 2
