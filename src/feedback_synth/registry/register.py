@@ -294,9 +294,11 @@ def link_version(client, model_id: str, name: str, version: str) -> None:
 
 def reference_name(report: dict[str, Any]) -> str:
     """What the gate compares with when there is no champion: the same run without synthesis,
-    trained with the same recipe (the baseline itself when the recipes agree)."""
+    trained with the same recipe and, by default, the same optimiser steps (the baseline itself
+    when it was trained so)."""
     loss = (report.get("recipe") or {}).get("loss")
-    return f"the same run without synthesis ({loss})" if loss else "baseline of the same run"
+    steps = ", the same steps" if (report.get("no_synthesis_training") or {}).get("steps") == "same" else ""
+    return f"the same run without synthesis ({loss}{steps})" if loss else "baseline of the same run"
 
 
 def register_and_promote(tracker, model_url: str, report: dict[str, Any], cfg: PromoteConfig,
