@@ -61,7 +61,12 @@ def main() -> int:
     p.add_argument("--out", help="write OUT.md and OUT.json")
     a = p.parse_args()
     t0 = time.time()
-    earlier = storage.read_json(storage.join(a.work, "results.json"))
+    found = storage.join(a.work, "results.json")
+    earlier = storage.read_json(found) if storage.exists(found) else {}
+    missing = [f"{d} seed {s}" for d in a.datasets for s in a.seeds if str(s) not in earlier.get(d, {})]
+    if missing:
+        sys.exit(f"same_steps: {found} has no results for {', '.join(missing)}: run benchmarks/no_group_loses.py "
+                 f"--work {a.work} with the same --datasets and --seeds first")
     results: dict[str, dict[str, Any]] = {}
     for dataset in a.datasets:
         for seed in a.seeds:

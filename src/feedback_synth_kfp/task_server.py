@@ -155,11 +155,18 @@ def serve(socket_path: str, launcher: str = "", modules: tuple[str, ...] = PRELO
     (its running tasks are then terminated too)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path)
+    try:
+        _serve_bound(listener, launcher, modules)
+    finally:  # the socket is this server's (only the server gets here: a child ends with os._exit)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)
+
+
+def _serve_bound(listener: socket.socket, launcher: str, modules: tuple[str, ...]) -> None:
     listener.listen(64)  # tasks that connect while the server preloads wait here
     preload(modules)
     gc.freeze()  # the preloaded objects out of the collector's sight: a child's collections leave them (and their pages) alone
     running: dict[int, socket.socket] = {}  # child pid -> its task process's connection
-    me = os.getpid()
     signal.signal(signal.SIGTERM, _terminated)
     # a finished child wakes the loop at once (its status goes back to its task process)
     wake_read, wake_write = os.pipe()
@@ -169,10 +176,9 @@ def serve(socket_path: str, launcher: str = "", modules: tuple[str, ...] = PRELO
     try:
         _loop(listener, running, launcher, (wake_read, wake_write))
     finally:
-        if os.getpid() == me:  # not in a child on its way out
-            for pid in running:  # stopped with the server, so that stopping the launcher's tree stops them
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+        for pid in running:  # stopped with the server, so that stopping the launcher's tree stops them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
 
 def _terminated(signum: int, _frame) -> None:
@@ -280,13 +286,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RuntimeError as exc:  # tasks start cold, as without a server
         log.warning("%s; the tasks start cold", exc)
         return 1
-    finally:
-        if os.path.exists(args.socket) and os.getpid() == server_pid:
-            os.unlink(args.socket)
+    except OSError as exc:  # the socket: a missing folder, a path in use
+        log.warning("cannot listen on %s (%s); the tasks start cold", args.socket, exc.strerror or exc)
+        return 2
     return 0
-
-
-server_pid = os.getpid()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -88,7 +88,14 @@ def run_pilot_verb(cfg, output: str, grid_args: list[str], folds: int, epochs: i
     from feedback_synth.errors import ConfigError
     from feedback_synth.orchestration.preflight import preflight
     from feedback_synth.orchestration.run import check_output_outside_dataset, make_tracker
-    from feedback_synth.orchestration.tune import DEFAULT_GRID, check_grid, parse_grid, remove_pilot_outputs, run_pilot
+    from feedback_synth.orchestration.tune import (
+        DEFAULT_GRID,
+        check_grid,
+        check_pilot_counts,
+        parse_grid,
+        remove_pilot_outputs,
+        run_pilot,
+    )
 
     resolve_devices(cfg)  # a device this machine lacks: one line, before any work (the pilot resolves its own)
     check_output_outside_dataset(cfg.data.dataset, output)
@@ -97,10 +104,7 @@ def run_pilot_verb(cfg, output: str, grid_args: list[str], folds: int, epochs: i
         check_grid(cfg, grid)  # every setting builds a valid config, before any work
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("--grid", f"{flags}grid", 1)) from None
-    if folds < 1:
-        raise ConfigError(f"{flags}folds must be at least 1, got {folds}")
-    if epochs < 0:
-        raise ConfigError(f"{flags}epochs must be 0 (the run's epochs) or more, got {epochs}")
+    check_pilot_counts(folds, epochs, flags)
     preflight(cfg, output)  # the data, the generator against it (class names too), the output (writable)
     if runner == "kfp-local":
         from feedback_synth_kfp.local_runner import run_pilot_kfp_local

@@ -128,6 +128,15 @@ def setting_slug(setting: dict[str, Any]) -> str:
     return "-".join(f"{k}{v}" for k, v in setting.items())
 
 
+def check_pilot_counts(folds: int, epochs: int, flags: str = "--") -> None:
+    """The pilot's folds (at least 1) and epochs (0 = the run's, or more); ``flags``: how the
+    command line names them (``--`` for tune, ``--pilot-`` for run --pilot), for the error."""
+    if folds < 1:
+        raise ConfigError(f"{flags}folds must be at least 1, got {folds}")
+    if epochs < 0:
+        raise ConfigError(f"{flags}epochs must be 0 (the run's epochs) or more, got {epochs}")
+
+
 def prepare_folds(cfg: RunConfig, output_url: str, folds: int, epochs: int) -> list[int]:
     """Prepare the dataset once and write its ``folds`` folds (``data.folds``); the fold numbers."""
     from feedback_synth.data.folds import write_fold
@@ -136,10 +145,7 @@ def prepare_folds(cfg: RunConfig, output_url: str, folds: int, epochs: int) -> l
     from feedback_synth.stages.result import StageResult
     from feedback_synth.stages.resume import digests, run_stage
 
-    if folds < 1:
-        raise ConfigError(f"--folds must be at least 1, got {folds}")
-    if epochs < 0:
-        raise ConfigError(f"--epochs must be 0 (the run's epochs) or more, got {epochs}")
+    check_pilot_counts(folds, epochs)
     short = pilot_config(cfg, epochs)
     data = storage.join(output_url, "data")
     prepare_data(short.data, data)
