@@ -30,7 +30,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    """The oracle cache (training.oracle.cache_dir) of this test run only: never the user's
+    """The oracle cache (storage.cache_dir) of this test run only: never the user's
     ~/.cache. The xdist workers of one run share it (the base temp folder's parent is the run's), so
     an oracle one worker trained is not trained again by the other; cache writes are atomic."""
     if os.environ.get("PYTEST_XDIST_WORKER"):

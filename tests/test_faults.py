@@ -576,3 +576,31 @@ def test_a_signal_waits_for_the_tracking_call_to_return():
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_the_command_ends_without_teardown_but_with_everything_written(tmp_path):
+    """``feedback-synth`` skips the interpreter's module teardown (seconds with torch and MLflow
+    loaded): the exit status, unflushed standard streams, a thread still writing and the at-exit
+    handlers all survive it, and an error still exits 2 with its one line."""
+    import subprocess
+    import sys
+
+    script = f"""
+import atexit, sys, threading, time
+from feedback_synth.interrupts import exit_without_teardown
+atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').write('ran'))
+def late():
+    time.sleep(0.3)
+    open({str(tmp_path / 'thread')!r}, 'w').write('joined')
+threading.Thread(target=late).start()
+sys.stdout.write('no newline, still buffered')
+sys.stderr.write('stderr too')
+exit_without_teardown(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "no newline, still buffered", "stderr too")
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "joined"
+    proc = subprocess.run([sys.executable, "-m", "feedback_synth.cli", "run", "--output", str(tmp_path / "run"),
+                           "--set", "train.epochs=0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("feedback-synth: error: ")
+    assert "train.epochs" in proc.stderr

@@ -17,6 +17,16 @@ import numpy as np
 import yaml
 
 
+def cache_dir() -> str:
+    """Where work that does not depend on the run is kept between runs (the fidelity oracle, an
+    empty MLflow store): ``$FEEDBACK_SYNTH_CACHE``, else ``$XDG_CACHE_HOME/feedback-synth``
+    (``~/.cache/feedback-synth``). Any fsspec URL."""
+    if os.environ.get("FEEDBACK_SYNTH_CACHE"):
+        return os.environ["FEEDBACK_SYNTH_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "feedback-synth")
+
+
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve ``url`` into its filesystem and the path inside it."""
     fs, path = fsspec.core.url_to_fs(url)

@@ -39,6 +39,7 @@ import threading
 import time
 from typing import Iterator, Optional
 
+from feedback_synth.interrupts import exit_without_teardown
 from feedback_synth_kfp.launcher import LAUNCHER_ENV
 
 log = logging.getLogger(__name__)
@@ -130,23 +131,7 @@ def _run_task(request: dict, streams: list[int], inherited: list) -> None:
 
         traceback.print_exc()
         code = 130 if isinstance(exc, KeyboardInterrupt) else 1
-    _exit(code)
-
-
-def _exit(code: int) -> None:
-    """End the child as the interpreter ends a process (its threads joined, its at-exit handlers
-    run, its streams flushed) but without tearing down the modules: in a forked child that
-    would touch, and so copy, every page of the preloaded heap (2-3 s per task, measured)."""
-    import atexit
-
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # noqa: SLF001 - what the interpreter runs at exit; as multiprocessing's children do
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+    exit_without_teardown(code)  # the usual teardown would touch, and so copy, every page of the preloaded heap
 
 
 def serve(socket_path: str, launcher: str = "", modules: tuple[str, ...] = PRELOAD) -> None:

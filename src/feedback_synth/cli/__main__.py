@@ -1,5 +1,3 @@
-import sys
+from feedback_synth.cli import console_main
 
-from feedback_synth.cli.main import main
-
-sys.exit(main())
+console_main()

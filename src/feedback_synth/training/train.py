@@ -171,8 +171,10 @@ def train_classifier(
                         synthetic_fraction if len(y_syn) else 0.0, recipe.prior, drawn)
     log_prior = torch.log(torch.from_numpy(prior).float().clamp_min(1e-12)).to(device)
 
+    # foreach: one kernel per step over all parameters, the update bitwise the same as the per-parameter
+    # loop that torch picks on the CPU (it picks foreach on CUDA); the step took a fifth of a CPU run
     opt = torch.optim.SGD(clf.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          nesterov=True)
+                          nesterov=True, foreach=True)
     steps_per_epoch = sum(1 for _ in _batches(len(x_real), len(x_syn), cfg, synthetic_fraction,
                                               np.random.default_rng(0), None))
     sched = one_cycle(opt, cfg.lr, cfg.epochs * steps_per_epoch)
@@ -235,7 +237,8 @@ def refit_head(clf: Classifier, train: ImageSet, cfg: OptimConfig, recipe: Recip
     weights = cell_weights(train.labels, train.groups, train.num_classes, train.num_groups).to(device)
     prior = class_prior(train.class_counts())
     log_prior = torch.log(torch.from_numpy(prior).float().clamp_min(1e-12)).to(device)
-    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          foreach=True)
     steps = max(1, math.ceil(len(y) / cfg.batch_size))
     sched = one_cycle(opt, cfg.lr, epochs * steps)
     gen = torch.Generator().manual_seed(cfg.seed)
