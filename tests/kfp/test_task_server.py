@@ -127,3 +127,18 @@ def test_the_server_preloads_every_module_and_may_fork():
     done = subprocess.run([sys.executable, "-c", code], env={**env, "_KFP_RUNTIME": "true"}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_environments_own_sitecustomize_still_runs_in_a_task_process(tmp_path):
+    """The task client is a ``sitecustomize`` and shadows any the environment has (a coverage hook,
+    a company's proxy settings): it runs that one too, in every process, delegated or not."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "sitecustomize.py").write_text("import os\nos.environ['THEIRS_RAN'] = 'yes'\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([CLIENT_DIR, str(theirs)])}
+    env.pop(SERVER_ENV, None)
+    out = subprocess.run([sys.executable, "-c", "import os, sitecustomize; print(os.environ.get('THEIRS_RAN'), "
+                                                "os.path.dirname(sitecustomize.__file__))"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["yes", CLIENT_DIR]  # ours was imported, and it ran theirs
