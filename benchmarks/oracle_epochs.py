@@ -48,6 +48,9 @@ def main() -> int:
     rows = []
     if args.run:
         data = storage.join(args.run, "data")
+        for needed in (storage.join(data, "info.json"), storage.join(args.run, "filtered", "synthetic.npz")):
+            if not storage.exists(needed):
+                p.error(f"--run {args.run}: no {needed}; give the folder of a finished feedback-synth run")
         sources = {load_info(data).name: (load_split(data, "oracle"), load_split(data, "test"))}
         synthetic = ImageSet.load(storage.join(args.run, "filtered", "synthetic.npz"))
     else:

@@ -18,8 +18,8 @@ import yaml
 
 
 def cache_dir() -> str:
-    """Where work that does not depend on the run is kept between runs (the fidelity oracle, an
-    empty MLflow store): ``$FEEDBACK_SYNTH_CACHE``, else ``$XDG_CACHE_HOME/feedback-synth``
+    """Where work that does not depend on the run is kept between runs (the fidelity oracle):
+    ``$FEEDBACK_SYNTH_CACHE``, else ``$XDG_CACHE_HOME/feedback-synth``
     (``~/.cache/feedback-synth``). Any fsspec URL."""
     if os.environ.get("FEEDBACK_SYNTH_CACHE"):
         return os.environ["FEEDBACK_SYNTH_CACHE"]

@@ -25,8 +25,9 @@ def retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output
     Writes ``model/``, ``metrics.json``, ``history.json``; ``reference_metrics.json``: the
     no-synthesis reference with the same recipe and, by default, the same optimiser steps
     (``cfg.reference_steps``; the baseline's test metrics when it was trained so; else a model
-    trained with retraining's recipe on the real images alone, in ``reference/``); ``rounds.json``: every round's test metrics so far (``previous_retrained_url``:
-    the previous round's output).
+    trained with retraining's recipe on the real images alone, in ``reference/``);
+    ``rounds.json``: every round's test metrics so far (``previous_retrained_url``: the previous
+    round's output).
     """
     return run_stage("retrain", output_url, {"retrain": result_settings(cfg), "data": asdict(data_cfg),
                                              "round": round_index},
