@@ -35,6 +35,13 @@ def test_checkpoint_roundtrip_is_safetensors(small_classifier, digits, memory_ur
     again = load_classifier(memory_url + "/m", "cpu")
     assert np.allclose(predict_logits(again, digits["test"]), predict_logits(clf, digits["test"]), atol=1e-5)
     assert again.spec.train_class_counts == [60, 41, 28, 19, 13, 9, 6, 4, 2, 2]
+    # half precision: half the file, float32 again once loaded, the same predictions
+    save_classifier(clf, memory_url + "/half", half=True)
+    assert len(storage.read_bytes(memory_url + "/half/model.safetensors")) < 0.6 * len(
+        storage.read_bytes(memory_url + "/m/model.safetensors"))
+    halved = load_classifier(memory_url + "/half", "cpu")
+    assert all(p.dtype == torch.float32 for p in halved.parameters())
+    assert np.array_equal(predict_logits(halved, digits["test"]).argmax(1), predict_logits(clf, digits["test"]).argmax(1))
 
 
 def test_unknown_timm_model_is_named():
@@ -112,6 +119,28 @@ def test_fidelity_oracle_is_trained_once_and_cached(prepared, digits, tmp_path, 
     assert key != oracle.oracle_cache_key(split, "test_resnet", RetrainConfig(seed=1))
     fewer = ImageSet(split.images[1:], split.labels[1:], split.groups[1:], split.ids[1:], split.class_names)
     assert key != oracle.oracle_cache_key(fewer, "test_resnet", RetrainConfig(seed=0))
+
+
+def test_the_builtin_datasets_oracle_ships_with_the_package(prepared, digits, monkeypatch, tmp_path):
+    """A run on the built-in digits-lt with the default model measures fidelity with the shipped
+    oracle: nothing is trained, nothing is cached, and every machine uses the same instrument."""
+    from feedback_synth import storage
+    from feedback_synth.training import oracle
+
+    shipped = oracle.bundled_oracle_path(digits["oracle"], TrainConfig().model, oracle.oracle_config())
+    assert storage.exists(storage.join(shipped, "config.json")), (
+        "the built-in data, the default model or the oracle's training settings changed: "
+        "run `feedback-synth pretrain-oracle` to ship the oracle that matches them")
+    monkeypatch.setenv("FEEDBACK_SYNTH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(oracle, "train_classifier", lambda *a, **k: pytest.fail("the shipped oracle was not used"))
+    synthetic = digits["val"]
+    fid = oracle.fidelity(prepared, synthetic, TrainConfig().model, device="cpu", oracle_url=str(tmp_path / "oracle"))
+    preds = predict_logits(load_classifier(shipped, "cpu"), synthetic).argmax(1)
+    assert fid == pytest.approx(float((preds == synthetic.labels).mean())) and fid > 0.9  # styled real digits
+    assert storage.exists(str(tmp_path / "oracle" / "config.json")) and not (tmp_path / "cache").exists()
+    # another model (or seed, or data) is not the shipped oracle's: it is trained
+    assert oracle.bundled_oracle_path(digits["oracle"], "test_resnet", oracle.oracle_config()) != shipped
+    assert oracle.bundled_oracle_path(digits["oracle"], TrainConfig().model, oracle.oracle_config(seed=1)) != shipped
 
 
 @pytest.mark.slow

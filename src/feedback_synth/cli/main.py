@@ -149,6 +149,23 @@ def cmd_pretrain_generator(args) -> int:
     return 0
 
 
+def cmd_pretrain_oracle(args) -> int:
+    import tempfile
+
+    from feedback_synth.config import DataConfig, TrainConfig
+    from feedback_synth.data.prepare import prepare_dataset
+    from feedback_synth.training.oracle import pretrain_oracle
+
+    model = args.model or TrainConfig().model
+    with tempfile.TemporaryDirectory(prefix="feedback-synth-oracle-") as tmp:
+        info = prepare_dataset(DataConfig(dataset=args.dataset), tmp)
+        if "oracle" not in info.splits:
+            raise FeedbackSynthError(f"{args.dataset} has no oracle split (balanced real task data): "
+                                     "there is no fidelity oracle to train")
+        print(f"oracle written to {pretrain_oracle(tmp, model, args.output)}")
+    return 0
+
+
 def cmd_stage(args) -> int:
     from feedback_synth.config import resolve_devices
     from feedback_synth.stages.adapt_generator import adapt_generator
@@ -254,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="pretrain.KEY=VALUE")
     p.add_argument("--output", help="where to write it (default: the package's weights folder)")
     p.set_defaults(func=cmd_pretrain_generator)
+
+    p = sub.add_parser("pretrain-oracle", help="train the fidelity oracle that the package ships for a built-in dataset")
+    p.add_argument("--dataset", default="digits-lt", help="a built-in dataset or a dataset URL with an oracle split")
+    p.add_argument("--model", help="timm model name (default: the run's default, train.model)")
+    p.add_argument("--output", help="where to write it (default: the package's weights/oracles folder)")
+    p.set_defaults(func=cmd_pretrain_oracle)
 
     p = sub.add_parser("estimate-memory",
                        help="estimate the GPU memory of one generation batch with this config (no GPU, no weights)")

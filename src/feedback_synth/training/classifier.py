@@ -100,9 +100,13 @@ def build_classifier(model: str, num_classes: int, in_chans: int, image_size: in
     return clf
 
 
-def save_classifier(clf: Classifier, url: str, extra_files: Optional[dict[str, str]] = None) -> None:
-    """Write ``model.safetensors`` + ``config.json`` (+ extra text files) under ``url``."""
+def save_classifier(clf: Classifier, url: str, extra_files: Optional[dict[str, str]] = None, *,
+                    half: bool = False) -> None:
+    """Write ``model.safetensors`` + ``config.json`` (+ extra text files) under ``url``. ``half``: store
+    floating-point tensors as float16 (half the file; ``load_classifier`` casts them back)."""
     state = {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     storage.write_bytes(storage.join(url, "model.safetensors"), save_safetensors_bytes(state))
     storage.write_json(storage.join(url, "config.json"), asdict(clf.spec))
     for name, text in (extra_files or {}).items():
