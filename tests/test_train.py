@@ -211,3 +211,19 @@ def test_the_same_steps_reference_takes_the_retrainings_optimiser_steps(n_real, 
     assert same_steps_epochs(epochs, n_real, n_syn, batch, fraction) == expected
     with_synthesis = epochs * epoch_steps(n_real, n_syn, batch, fraction)
     assert abs(expected * epoch_steps(n_real, 0, batch, 0.0) - with_synthesis) <= epoch_steps(n_real, 0, batch, 0.0) / 2
+
+
+@pytest.mark.slow
+def test_pretrain_oracle_writes_a_half_precision_oracle_that_fidelity_would_train(tmp_path, capsys):
+    """The command that builds the shipped oracle: the oracle split, ``oracle_config``, float16 on disk."""
+    from feedback_synth import storage
+    from feedback_synth.cli.main import main
+
+    assert main(["pretrain-oracle", "--model", "test_resnet", "--output", str(tmp_path / "oracle")]) == 0
+    assert f"oracle written to {tmp_path / 'oracle'}" in capsys.readouterr().out
+    from safetensors.torch import load as load_safetensors
+
+    state = load_safetensors(storage.read_bytes(str(tmp_path / "oracle" / "model.safetensors")))
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    oracle = load_classifier(str(tmp_path / "oracle"), "cpu")
+    assert oracle.spec.model == "test_resnet" and oracle.spec.train_class_counts == [60] * 10  # the oracle split
