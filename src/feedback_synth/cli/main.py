@@ -154,6 +154,7 @@ def cmd_pretrain_oracle(args) -> int:
 
     from feedback_synth.config import DataConfig, TrainConfig
     from feedback_synth.data.prepare import prepare_dataset
+    from feedback_synth.devices import resolve_device
     from feedback_synth.training.oracle import pretrain_oracle
 
     model = args.model or TrainConfig().model
@@ -162,7 +163,8 @@ def cmd_pretrain_oracle(args) -> int:
         if "oracle" not in info.splits:
             raise FeedbackSynthError(f"{args.dataset} has no oracle split (balanced real task data): "
                                      "there is no fidelity oracle to train")
-        print(f"oracle written to {pretrain_oracle(tmp, model, args.output)}")
+        written = pretrain_oracle(tmp, model, args.output, device=resolve_device(args.device, "--device"))
+        print(f"oracle written to {written}")
     return 0
 
 
@@ -276,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits-lt", help="a built-in dataset or a dataset URL with an oracle split")
     p.add_argument("--model", help="timm model name (default: the run's default, train.model)")
     p.add_argument("--output", help="where to write it (default: the package's weights/oracles folder)")
+    p.add_argument("--device", default="auto", help="where it trains: auto (CUDA where present), cpu, cuda[:N], mps")
     p.set_defaults(func=cmd_pretrain_oracle)
 
     p = sub.add_parser("estimate-memory",

@@ -44,10 +44,10 @@ def oracle_cache_key(split: ImageSet, model: str, cfg: RetrainConfig) -> str:
     return _oracle_hash(split, model, cfg, __version__)
 
 
-def oracle_config(seed: int = 0, device: str = "cpu") -> RetrainConfig:
+def oracle_config(seed: int = 0) -> RetrainConfig:
     """How the fidelity oracle is trained unless told otherwise: the retraining defaults with
-    ``seed`` and ``ORACLE_EPOCHS``."""
-    return RetrainConfig(seed=seed, epochs=ORACLE_EPOCHS, device=device)
+    ``seed`` and ``ORACLE_EPOCHS`` (on the run's device, which does not change its key)."""
+    return RetrainConfig(seed=seed, epochs=ORACLE_EPOCHS)
 
 
 def bundled_oracle_path(split: ImageSet, model: str, cfg: RetrainConfig) -> str:
@@ -62,14 +62,14 @@ def bundled_oracle_path(split: ImageSet, model: str, cfg: RetrainConfig) -> str:
     return str(resources.files("feedback_synth") / "weights" / "oracles" / key)
 
 
-def pretrain_oracle(dataset_url: str, model: str, output_url: Optional[str] = None, *, seed: int = 0,
-                    device: str = "cpu") -> str:
+def pretrain_oracle(dataset_url: str, model: str, output_url: Optional[str] = None, *, device: str,
+                    seed: int = 0) -> str:
     """Train the fidelity oracle of a prepared dataset (its ``oracle`` split) as ``fidelity`` would, and
     write it in half precision to ``output_url`` (default: where ``bundled_oracle_path`` looks).
     Half precision halves the file; on the default run's 412 kept images and the 500 test images its
-    predictions are those of the float32 oracle, image for image."""
+    predictions are those of the float32 oracle, image for image. ``device``: where it trains."""
     split = load_split(dataset_url, "oracle")
-    cfg = oracle_config(seed, device)
+    cfg = replace(oracle_config(seed), device=device)
     output_url = output_url or bundled_oracle_path(split, model, cfg)
     oracle, _ = train_classifier(split, cfg, model, desc="oracle")
     save_classifier(oracle, output_url, half=True)
