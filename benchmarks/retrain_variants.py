@@ -126,7 +126,8 @@ def markdown(results: dict[str, dict[str, Any]], command: str, minutes: float) -
 
 def validation_choice(by_seed: dict[str, Any], seeds: list[str], reference: str = NO_SYN) -> str:
     """The variant validation picks: among those no class group of which is below ``reference`` on
-    validation (mean over seeds), the best mean validation gate metric (few, or worst_group)."""
+    validation (mean over seeds), the best mean validation gate metric (few, or worst_group); none
+    when every variant loses a group (before 2026-12-05 it then took the best gate metric anyway)."""
     first = by_seed[seeds[0]][reference]["val"]
     metric = "few" if "few" in first else "worst_group"
     groups = [k for k in ("many", "medium", "few", "average_group") if k in first]
@@ -136,10 +137,11 @@ def validation_choice(by_seed: dict[str, Any], seeds: list[str], reference: str 
                   for k in groups}
         rows.append((v, min(change.values()) >= 0, float(np.mean([by_seed[s][v]["val"][metric] for s in seeds]))))
     keeping = [r for r in rows if r[1]]
-    best = max(keeping or rows, key=lambda r: r[2])
-    return (f"Validation's choice: **{best[0]}** (val {metric} {best[2]:.3f}; "
-            + (f"no class group below {reference} on validation" if keeping else "no variant keeps every group")
-            + "). Per variant: " + "; ".join(f"{v}: val {metric} {m:.3f}, every group kept: {'yes' if k else 'no'}"
+    # no variant keeps every group: none is chosen (no synthesis), as the pilot's no-go
+    choice = (f"**{max(keeping, key=lambda r: r[2])[0]}** (val {metric} "
+              f"{max(keeping, key=lambda r: r[2])[2]:.3f}; no class group below {reference} on validation)"
+              if keeping else f"**none**: no variant keeps every class group on validation (stay with {reference})")
+    return (f"Validation's choice: {choice}. Per variant: " + "; ".join(f"{v}: val {metric} {m:.3f}, every group kept: {'yes' if k else 'no'}"
                                              for v, k, m in rows) + ".")
 
 
