@@ -30,9 +30,10 @@ EPS = 1e-9
 
 
 def users(results: dict) -> list[dict]:
-    """Every split of every dataset in a ``pilot_per_split.json``: one user each."""
+    """Every split of every dataset in a ``pilot_per_split.json`` (one run's, or several merged by
+    name): one user each."""
     out = []
-    for block in results.values():
+    for block in ([results] if "results" in results else results.values()):
         for dataset, rows in block["results"].items():
             out += [{"dataset": dataset, **row} for row in rows]
     return out
