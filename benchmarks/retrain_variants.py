@@ -11,7 +11,10 @@ same real and synthetic images (paired by seed). Variants of retraining, each fr
 - real prior + head on real: the same model, its last layer re-fit on the real images alone;
 - batch prior + head on real: the representation trained with the stream's own prior (no double
   correction), the last layer re-fit on the real images with the real prior (decoupled training);
-- real prior, a quarter synthetic: ``synthetic_fraction`` 0.25.
+- real prior, a quarter synthetic: ``synthetic_fraction`` 0.25;
+- ... + distillation: the two head re-fit variants, the loss adding knowledge distillation from the
+  same-steps no-synthesis reference on each batch's real images (weight 1, temperature 2), so the
+  student keeps what the real-only model knows while the synthetic images add the rest.
 
 Per variant: validation and test metrics. The choice is made on validation (the best gate metric
 among the variants no class group of which is below no synthesis on validation); the test split
@@ -50,7 +53,8 @@ from feedback_synth.training.train import refit_head, same_steps_epochs, train_c
 NO_SYN = "no synthesis"
 SAME_STEPS = "no synthesis, same steps"
 VARIANTS = ("real prior (today)", "real prior + head on real", "batch prior + head on real",
-            "real prior, a quarter synthetic")
+            "real prior, a quarter synthetic", "real prior + head + distillation", "batch prior + head + distillation")
+DISTILL_WEIGHT, DISTILL_TEMPERATURE = 1.0, 2.0
 HEAD_EPOCHS = 20
 KEYS = ("overall", "many", "medium", "few", "average_group", "worst_group")
 
@@ -72,9 +76,15 @@ def run_seed(work: str, dataset: str, seed: int, log) -> dict[str, Any]:
     out: dict[str, Any] = {NO_SYN: {"val": scores(base, val, train, cfg.data), "test": scores(base, test, train, cfg.data)}}
     t0 = time.time()
 
-    def fit(prior: str, fraction: float, head: bool):
+    same = replace(cfg.retrain, epochs=same_steps_epochs(cfg.retrain.epochs, len(train), len(synthetic),
+                                                         cfg.retrain.batch_size, cfg.retrain.synthetic_fraction))
+    ref, _ = train_classifier(train, same, cfg.train.model, recipe=replace(recipe, prior="real"), desc="reference")
+    out[SAME_STEPS] = {"val": scores(ref, val, train, cfg.data), "test": scores(ref, test, train, cfg.data)}
+
+    def fit(prior: str, fraction: float, head: bool, teacher=None):
         clf, _ = train_classifier(train, cfg.retrain, cfg.train.model, synthetic=synthetic, synthetic_fraction=fraction,
-                                  recipe=replace(recipe, prior=prior), desc="variant")
+                                  recipe=replace(recipe, prior=prior), desc="variant", teacher=teacher,
+                                  distill_weight=DISTILL_WEIGHT, distill_temperature=DISTILL_TEMPERATURE)
         plain = {"val": scores(clf, val, train, cfg.data), "test": scores(clf, test, train, cfg.data)}
         if not head:
             return plain, None
@@ -84,14 +94,12 @@ def run_seed(work: str, dataset: str, seed: int, log) -> dict[str, Any]:
     out[VARIANTS[0]], out[VARIANTS[1]] = fit("real", cfg.retrain.synthetic_fraction, True)
     _, out[VARIANTS[2]] = fit("batch", cfg.retrain.synthetic_fraction, True)
     out[VARIANTS[3]], _ = fit("real", 0.25, False)
-    same = replace(cfg.retrain, epochs=same_steps_epochs(cfg.retrain.epochs, len(train), len(synthetic),
-                                                         cfg.retrain.batch_size, cfg.retrain.synthetic_fraction))
-    ref, _ = train_classifier(train, same, cfg.train.model, recipe=replace(recipe, prior="real"), desc="reference")
-    out[SAME_STEPS] = {"val": scores(ref, val, train, cfg.data), "test": scores(ref, test, train, cfg.data)}
+    _, out[VARIANTS[4]] = fit("real", cfg.retrain.synthetic_fraction, True, teacher=ref)
+    _, out[VARIANTS[5]] = fit("batch", cfg.retrain.synthetic_fraction, True, teacher=ref)
     out["seconds"] = round(time.time() - t0, 1)
     log(f"{dataset} seed {seed}: " + "; ".join(
         f"{v}: " + ", ".join(f"{k} {out[v]['test'][k] - out[NO_SYN]['test'][k]:+.3f}" for k in out[v]["test"])
-        for v in VARIANTS) + f" ({out['seconds']} s)")
+        for v in VARIANTS if v in out) + f" ({out['seconds']} s)")
     return out
 
 
@@ -112,7 +120,7 @@ def markdown(results: dict[str, dict[str, Any]], command: str, minutes: float) -
             for split in ("test", "val"):
                 lines += [f"## {dataset}, {split} split, against {reference} (seeds {', '.join(seeds)})", "",
                           f"| variant vs {reference} | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-                for v in VARIANTS:
+                for v in measured(by_seed, seeds):
                     cells = []
                     for c in cols:
                         mean, lo, hi = bootstrap_ci([by_seed[s][v][split][c] - by_seed[s][reference][split][c]
@@ -124,6 +132,11 @@ def markdown(results: dict[str, dict[str, Any]], command: str, minutes: float) -
     return "\n".join(lines)
 
 
+def measured(by_seed: dict[str, Any], seeds: list[str]) -> list[str]:
+    """The variants every seed has (results cached before a variant was added lack it)."""
+    return [v for v in VARIANTS if all(v in by_seed[s] for s in seeds)]
+
+
 def validation_choice(by_seed: dict[str, Any], seeds: list[str], reference: str = NO_SYN) -> str:
     """The variant validation picks: among those no class group of which is below ``reference`` on
     validation (mean over seeds), the best mean validation gate metric (few, or worst_group); none
@@ -132,7 +145,7 @@ def validation_choice(by_seed: dict[str, Any], seeds: list[str], reference: str 
     metric = "few" if "few" in first else "worst_group"
     groups = [k for k in ("many", "medium", "few", "average_group") if k in first]
     rows = []
-    for v in VARIANTS:
+    for v in measured(by_seed, seeds):
         change = {k: float(np.mean([by_seed[s][v]["val"][k] - by_seed[s][reference]["val"][k] for s in seeds]))
                   for k in groups}
         rows.append((v, min(change.values()) >= 0, float(np.mean([by_seed[s][v]["val"][metric] for s in seeds]))))

@@ -1,6 +1,7 @@
 """Training and evaluation: seeded, per-epoch metrics, safetensors checkpoints, metric definitions."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -227,3 +228,26 @@ def test_pretrain_oracle_writes_a_half_precision_oracle_that_fidelity_would_trai
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
     oracle = load_classifier(str(tmp_path / "oracle"), "cpu")
     assert oracle.spec.model == "test_resnet" and oracle.spec.train_class_counts == [60] * 10  # the oracle split
+
+
+def test_distillation_pulls_the_student_to_its_teacher_and_weight_zero_is_plain_training(small_classifier, digits):
+    from feedback_synth.training.train import distillation_loss
+
+    teacher, _ = small_classifier
+    x = digits["test"].to_tensor()[:64]
+    with torch.no_grad():
+        own = teacher(x)
+    assert float(distillation_loss(own, teacher, x, 2.0)) == pytest.approx(0.0, abs=1e-5)  # KL(p || p)
+    assert float(distillation_loss(own.flip(1), teacher, x, 2.0)) > 0.1
+    # a teacher that says the rarest class for everything: a strong pull makes the student say it too
+    biased = copy.deepcopy(teacher)
+    rarest = int(digits["train"].class_counts().argmin())
+    biased.set_logit_bias([20.0 if c == rarest else 0.0 for c in range(teacher.spec.num_classes)])
+    cfg = RetrainConfig(epochs=1, seed=0)
+    plain, plain_hist = train_classifier(digits["train"], cfg, "test_resnet")
+    zero, zero_hist = train_classifier(digits["train"], cfg, "test_resnet", teacher=biased, distill_weight=0.0)
+    pulled, _ = train_classifier(digits["train"], cfg, "test_resnet", teacher=biased, distill_weight=20.0)
+    assert zero_hist == plain_hist
+    share_of_rarest = [float((predict_logits(m, digits["test"]).argmax(1) == rarest).mean()) for m in (plain, pulled)]
+    assert share_of_rarest[1] > max(0.5, 2 * share_of_rarest[0]), share_of_rarest
+    assert biased.training is False  # the teacher is frozen in eval mode

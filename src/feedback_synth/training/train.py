@@ -138,6 +138,9 @@ def train_classifier(
     on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
     eval_fn: Optional[Callable[[Classifier], dict[str, float]]] = None,
     desc: str = "train",
+    teacher: Optional[Classifier] = None,
+    distill_weight: float = 0.0,
+    distill_temperature: float = 2.0,
 ) -> tuple[Classifier, list[dict[str, Any]]]:
     """Train ``model`` from scratch with SGD + cosine decay; returns the model and per-epoch metrics.
 
@@ -149,8 +152,14 @@ def train_classifier(
         recipe: the loss, its prior and the sampler of real images.
         on_epoch: called with each epoch's metrics (MLflow logging hooks in here).
         eval_fn: returns extra metrics (e.g. validation accuracy) after each epoch.
+        teacher: a model trained without synthesis (the no-synthesis reference); with
+            ``distill_weight`` > 0, the loss adds ``distill_weight * T^2 * KL(teacher || student)``
+            at temperature ``distill_temperature`` on the batch's real images (Hinton et al. 2015):
+            the student keeps what the teacher knows of the real data while synthesis adds the rest.
     """
     loss_fn = LOSSES[LOSSES.check(recipe.loss, "train.loss")]
+    if teacher is not None:
+        teacher.eval()
     set_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -191,6 +200,9 @@ def train_classifier(
             logits = clf(x)
             weights = torch.cat([w_real[real_idx], torch.ones(len(syn_idx))]).to(device)
             batch_loss = loss_fn(LossInputs(logits, y, log_prior, weights, recipe.tau)).mean()
+            if teacher is not None and distill_weight > 0:
+                batch_loss = batch_loss + distill_weight * distillation_loss(
+                    logits[:len(real_idx)], teacher, x[:len(real_idx)], distill_temperature)
             opt.zero_grad(set_to_none=True)
             batch_loss.backward()
             opt.step()
@@ -218,6 +230,18 @@ def train_classifier(
                                f"lower {getattr(cfg, 'section', '') or 'train'}.lr (now {cfg.lr:g})")
     clf.eval()
     return clf, history
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher: Classifier, x: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Hinton et al. 2015: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean;
+    the teacher frozen, in eval mode, on the same (augmented) images."""
+    if not len(x):
+        return student_logits.sum() * 0.0
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+    return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
+                    reduction="batchmean", log_target=True) * temperature ** 2
 
 
 def refit_head(clf: Classifier, train: ImageSet, cfg: OptimConfig, recipe: Recipe, epochs: int,
