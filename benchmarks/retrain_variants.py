@@ -14,7 +14,10 @@ same real and synthetic images (paired by seed). Variants of retraining, each fr
 - real prior, a quarter synthetic: ``synthetic_fraction`` 0.25;
 - ... + distillation: the two head re-fit variants, the loss adding knowledge distillation from the
   same-steps no-synthesis reference on each batch's real images (weight 1, temperature 2), so the
-  student keeps what the real-only model knows while the synthetic images add the rest.
+  student keeps what the real-only model knows while the synthetic images add the rest;
+- ... + distillation by real share: each real image's distillation term weighed by its class's
+  share of real images among its real and synthetic ones (1 on classes synthesis leaves alone,
+  little on the classes it fills, where the real-only teacher knows least).
 
 Per variant: validation and test metrics. The choice is made on validation (the best gate metric
 among the variants no class group of which is below no synthesis on validation); the test split
@@ -32,7 +35,7 @@ import os
 import sys
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -52,8 +55,19 @@ from feedback_synth.training.train import refit_head, same_steps_epochs, train_c
 
 NO_SYN = "no synthesis"
 SAME_STEPS = "no synthesis, same steps"
-VARIANTS = ("real prior (today)", "real prior + head on real", "batch prior + head on real",
-            "real prior, a quarter synthetic", "real prior + head + distillation", "batch prior + head + distillation")
+# variant -> (prior, synthetic fraction, head re-fit, distillation from the same-steps reference:
+# None, 'all' real images alike, or 'real_share': each weighed by its class's share of real images)
+VARIANT_SPECS = {
+    "real prior (today)": ("real", None, False, None),
+    "real prior + head on real": ("real", None, True, None),
+    "batch prior + head on real": ("batch", None, True, None),
+    "real prior, a quarter synthetic": ("real", 0.25, False, None),
+    "real prior + head + distillation": ("real", None, True, "all"),
+    "batch prior + head + distillation": ("batch", None, True, "all"),
+    "real prior + head + distillation by real share": ("real", None, True, "real_share"),
+    "batch prior + head + distillation by real share": ("batch", None, True, "real_share"),
+}
+VARIANTS = tuple(VARIANT_SPECS)
 DISTILL_WEIGHT, DISTILL_TEMPERATURE = 1.0, 2.0
 HEAD_EPOCHS = 20
 KEYS = ("overall", "many", "medium", "few", "average_group", "worst_group")
@@ -64,7 +78,8 @@ def scores(clf, data: ImageSet, train: ImageSet, data_cfg) -> dict[str, float]:
     return {k: float(m[k]) for k in KEYS if m.get(k) is not None}
 
 
-def run_seed(work: str, dataset: str, seed: int, log) -> dict[str, Any]:
+def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Every variant of one seed that ``done`` (the seed's cached results) lacks."""
     cfg = resolve_run_config(dataset, overrides=[f"data.split_seed={seed}", f"train.seed={seed}",
                                                  f"retrain.seed={seed}", "tracking.enabled=false"])
     root = storage.join(work, dataset, f"seed{seed}")
@@ -73,35 +88,34 @@ def run_seed(work: str, dataset: str, seed: int, log) -> dict[str, Any]:
     synthetic = ImageSet.load(storage.join(root, "run", "filtered", "synthetic.npz"))
     recipe = retrain_recipe(cfg.retrain, model_url(baseline))
     base = load_classifier(model_url(baseline), "cpu")
-    out: dict[str, Any] = {NO_SYN: {"val": scores(base, val, train, cfg.data), "test": scores(base, test, train, cfg.data)}}
+    out: dict[str, Any] = dict(done or {})
+    out[NO_SYN] = {"val": scores(base, val, train, cfg.data), "test": scores(base, test, train, cfg.data)}
+    missing = [v for v in VARIANTS if v not in out]
     t0 = time.time()
-
-    same = replace(cfg.retrain, epochs=same_steps_epochs(cfg.retrain.epochs, len(train), len(synthetic),
-                                                         cfg.retrain.batch_size, cfg.retrain.synthetic_fraction))
-    ref, _ = train_classifier(train, same, cfg.train.model, recipe=replace(recipe, prior="real"), desc="reference")
-    out[SAME_STEPS] = {"val": scores(ref, val, train, cfg.data), "test": scores(ref, test, train, cfg.data)}
-
-    def fit(prior: str, fraction: float, head: bool, teacher=None):
+    ref = None
+    if SAME_STEPS not in out or any(VARIANT_SPECS[v][3] for v in missing):  # seeded: the same model every time
+        same = replace(cfg.retrain, epochs=same_steps_epochs(cfg.retrain.epochs, len(train), len(synthetic),
+                                                             cfg.retrain.batch_size, cfg.retrain.synthetic_fraction))
+        ref, _ = train_classifier(train, same, cfg.train.model, recipe=replace(recipe, prior="real"), desc="reference")
+        out[SAME_STEPS] = {"val": scores(ref, val, train, cfg.data), "test": scores(ref, test, train, cfg.data)}
+    fits: dict[tuple, list[str]] = {}  # one training per (prior, fraction, distillation); heads re-fit after
+    for v in missing:
+        prior, fraction, _, distill = VARIANT_SPECS[v]
+        fits.setdefault((prior, fraction or cfg.retrain.synthetic_fraction, distill), []).append(v)
+    for (prior, fraction, distill), names in fits.items():
         clf, _ = train_classifier(train, cfg.retrain, cfg.train.model, synthetic=synthetic, synthetic_fraction=fraction,
-                                  recipe=replace(recipe, prior=prior), desc="variant", teacher=teacher,
-                                  distill_weight=DISTILL_WEIGHT, distill_temperature=DISTILL_TEMPERATURE)
-        plain = {"val": scores(clf, val, train, cfg.data), "test": scores(clf, test, train, cfg.data)}
-        if not head:
-            return plain, None
-        refit_head(clf, train, cfg.retrain, recipe, HEAD_EPOCHS)
-        return plain, {"val": scores(clf, val, train, cfg.data), "test": scores(clf, test, train, cfg.data)}
-
-    out[VARIANTS[0]], out[VARIANTS[1]] = fit("real", cfg.retrain.synthetic_fraction, True)
-    _, out[VARIANTS[2]] = fit("batch", cfg.retrain.synthetic_fraction, True)
-    out[VARIANTS[3]], _ = fit("real", 0.25, False)
-    _, out[VARIANTS[4]] = fit("real", cfg.retrain.synthetic_fraction, True, teacher=ref)
-    _, out[VARIANTS[5]] = fit("batch", cfg.retrain.synthetic_fraction, True, teacher=ref)
-    out["seconds"] = round(time.time() - t0, 1)
+                                  recipe=replace(recipe, prior=prior), desc="variant",
+                                  teacher=ref if distill else None, distill_weight=DISTILL_WEIGHT if distill else 0.0,
+                                  distill_temperature=DISTILL_TEMPERATURE, distill_classes=distill or "all")
+        for v in sorted(names, key=lambda n: VARIANT_SPECS[n][2]):  # as trained first, then with the head re-fit
+            if VARIANT_SPECS[v][2]:
+                refit_head(clf, train, cfg.retrain, recipe, HEAD_EPOCHS)
+            out[v] = {"val": scores(clf, val, train, cfg.data), "test": scores(clf, test, train, cfg.data)}
+    out["seconds"] = round(out.get("seconds", 0.0) + time.time() - t0, 1)
     log(f"{dataset} seed {seed}: " + "; ".join(
-        f"{v}: " + ", ".join(f"{k} {out[v]['test'][k] - out[NO_SYN]['test'][k]:+.3f}" for k in out[v]["test"])
-        for v in VARIANTS if v in out) + f" ({out['seconds']} s)")
+        f"{v}: " + ", ".join(f"{k} {out[v]['test'][k] - out[SAME_STEPS]['test'][k]:+.3f}" for k in out[v]["test"])
+        for v in missing) + f" (against the same-steps reference; {out['seconds']} s)")
     return out
-
 
 
 def markdown(results: dict[str, dict[str, Any]], command: str, minutes: float) -> str:
@@ -171,8 +185,9 @@ def main(argv=None) -> int:
         url = storage.join(args.work, f"variants-{dataset}.json")
         results[dataset] = storage.read_json(url) if storage.exists(url) else {}
         for seed in args.seeds:
-            if str(seed) not in results[dataset]:
-                results[dataset][str(seed)] = run_seed(args.work, dataset, seed, session.log)
+            cached = results[dataset].get(str(seed), {})
+            if any(v not in cached for v in VARIANTS):  # a seed run before a variant was added gets only it
+                results[dataset][str(seed)] = run_seed(args.work, dataset, seed, session.log, cached)
                 storage.write_json(url, results[dataset])
     chosen = {d: {str(s): results[d][str(s)] for s in args.seeds} for d in args.datasets}
     return session.finish(markdown(chosen, session.command, session.minutes()), chosen, args.out)

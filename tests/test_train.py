@@ -251,3 +251,13 @@ def test_distillation_pulls_the_student_to_its_teacher_and_weight_zero_is_plain_
     share_of_rarest = [float((predict_logits(m, digits["test"]).argmax(1) == rarest).mean()) for m in (plain, pulled)]
     assert share_of_rarest[1] > max(0.5, 2 * share_of_rarest[0]), share_of_rarest
     assert biased.training is False  # the teacher is frozen in eval mode
+
+
+def test_distillation_by_real_share_weighs_each_class_by_its_real_images():
+    from feedback_synth.training.train import distill_class_weights
+
+    real, synthetic = np.array([100, 10, 2, 0]), np.array([0, 90, 98, 0])
+    assert distill_class_weights(real, synthetic, "all").tolist() == [1, 1, 1, 1]
+    assert distill_class_weights(real, synthetic, "real_share").tolist() == pytest.approx([1.0, 0.1, 0.02, 0.0])
+    with pytest.raises(ValueError, match="unknown distill_classes 'some'"):
+        distill_class_weights(real, synthetic, "some")
