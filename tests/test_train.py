@@ -261,3 +261,49 @@ def test_distillation_by_real_share_weighs_each_class_by_its_real_images():
     assert distill_class_weights(real, synthetic, "real_share").tolist() == pytest.approx([1.0, 0.1, 0.02, 0.0])
     with pytest.raises(ValueError, match="unknown distill_classes 'some'"):
         distill_class_weights(real, synthetic, "some")
+
+
+def test_retraining_distils_from_its_no_synthesis_reference(prepared, digits, tmp_path, monkeypatch):
+    """retrain.distill_weight: the teacher is the no-synthesis reference, the model trained here, or
+    the baseline where it serves as the reference, or round 1's reference in a later round."""
+    from feedback_synth import storage
+    from feedback_synth.stages import retrain as retrain_module
+    from feedback_synth.stages.outputs import model_url
+    from feedback_synth.stages.train_baseline import train_baseline
+    from feedback_synth.training import train as train_module
+
+    base = str(tmp_path / "baseline")
+    train_baseline(prepared, base, TrainConfig(model="test_resnet", epochs=1, loss="logit_adjusted", tau=2.0),
+                   DataConfig())
+    filtered = str(tmp_path / "filtered")
+    digits["pool"].subset(np.arange(0, 600, 10)).save(f"{filtered}/synthetic.npz")
+    storage.write_json(f"{filtered}/filter_report.json", {"generated": 60, "kept": 60})
+    teachers = []
+    real_train = train_module.train_classifier
+
+    def spy(*args, **kwargs):  # records which teacher each retraining got
+        if kwargs.get("synthetic") is not None:
+            teachers.append(kwargs.get("teacher"))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_classifier", spy)
+    cfg = RetrainConfig(epochs=1, head_epochs=0, distill_weight=1.0)
+    plain = retrain_module.retrain(prepared, model_url(base), filtered, str(tmp_path / "plain"),
+                                   RetrainConfig(epochs=1, head_epochs=0), DataConfig())
+    distilled = retrain_module.retrain(prepared, model_url(base), filtered, str(tmp_path / "distilled"), cfg,
+                                       DataConfig())
+    assert teachers[0] is None and teachers[1] is not None
+    reference = storage.read_json(str(tmp_path / "distilled" / "reference_metrics.json"))
+    assert reference["model_url"] == model_url(str(tmp_path / "distilled" / "reference"))
+    assert distilled.summary["distill_weight"] == 1.0 and plain.summary["distill_weight"] == 0.0
+    assert distilled.summary["per_class"] != plain.summary["per_class"]  # the same seed and batches: the loss differs
+    x = digits["test"].to_tensor()[:16]
+    assert torch.equal(teachers[1](x), load_classifier(reference["model_url"], "cpu")(x))
+    # the baseline as the reference (the same recipe and epochs), and round 2 from round 1's record
+    retrain_module.retrain(prepared, model_url(base), filtered, str(tmp_path / "epochs"),
+                           RetrainConfig(epochs=1, head_epochs=0, distill_weight=1.0, reference_steps="epochs"),
+                           DataConfig())
+    assert torch.equal(teachers[2](x), load_classifier(model_url(base), "cpu")(x))
+    retrain_module.retrain(prepared, model_url(base), filtered, str(tmp_path / "round2"), cfg, DataConfig(),
+                           previous_retrained_url=str(tmp_path / "distilled"), round_index=2)
+    assert torch.equal(teachers[3](x), teachers[1](x))

@@ -181,6 +181,14 @@ class RetrainConfig(OptimConfig):
     # the head then sees the real prior its loss assumes; 0 = off). From evidence:
     # benchmarks/results/retrain_variants.md
     head_epochs: Int = Field(20, ge=0)
+    # no class group loses: knowledge distillation from the no-synthesis reference (Hinton et al. 2015)
+    # on each batch's real images, weight x T^2 x KL(reference || retrained) at distill_temperature
+    # (0 = off): the retrained model keeps what the real-only model knows, the synthetic images add
+    # the rest; 'real_share' weighs each real image by its class's share of real images among its real
+    # and synthetic ones (full where synthesis adds nothing). From evidence: retrain_variants.md
+    distill_weight: Float = Field(0.0, ge=0, allow_inf_nan=False)
+    distill_temperature: Float = Field(2.0, gt=0, allow_inf_nan=False)
+    distill_classes: Literal["all", "real_share"] = "all"
     # the no-synthesis reference that the report, the gate and the pilot compare with: 'same' trains
     # it on the real images with the optimiser steps of the retraining (a half-synthetic batch takes
     # half the real images, so an epoch over the real ones takes twice the steps); 'epochs' gives it

@@ -9,7 +9,7 @@ from feedback_synth import storage
 from feedback_synth.config import DataConfig, RetrainConfig, result_settings
 from feedback_synth.data.imageset import ImageSet, load_info, load_split
 from feedback_synth.errors import DataError
-from feedback_synth.stages.outputs import EpochHook, finish_training, val_eval
+from feedback_synth.stages.outputs import EpochHook, finish_training, model_url, val_eval
 from feedback_synth.stages.result import StageResult
 from feedback_synth.stages.resume import digests, run_stage
 from feedback_synth.tracking.descriptors import synthetic_set
@@ -27,7 +27,8 @@ def retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output
     (``cfg.reference_steps``; the baseline's test metrics when it was trained so; else a model
     trained with retraining's recipe on the real images alone, in ``reference/``);
     ``rounds.json``: every round's test metrics so far (``previous_retrained_url``: the previous
-    round's output).
+    round's output). With ``cfg.distill_weight`` > 0 the reference model is retraining's teacher
+    (knowledge distillation on the real images: docs/method.md, No class group loses).
     """
     return run_stage("retrain", output_url, {"retrain": result_settings(cfg), "data": asdict(data_cfg),
                                              "round": round_index},
@@ -40,7 +41,8 @@ def retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output
 def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, output_url: str, cfg: RetrainConfig,
              data_cfg: DataConfig, on_epoch: EpochHook = None, previous_retrained_url: Optional[str] = None,
              round_index: int = 1) -> StageResult:
-    from feedback_synth.training.classifier import classifier_spec
+    from feedback_synth.devices import resolve_device
+    from feedback_synth.training.classifier import classifier_spec, load_classifier
     from feedback_synth.training.evaluate import summary as summary_of
     from feedback_synth.training.train import refit_head, same_steps_epochs, train_classifier
 
@@ -59,6 +61,7 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     reference = storage.join(output_url, "reference")
     ref_cfg = replace(cfg, epochs=same_steps_epochs(cfg.epochs, len(train), len(synthetic), cfg.batch_size,
                                                     cfg.synthetic_fraction)) if cfg.reference_steps == "same" else cfg
+    ref_clf = None
     if previous_retrained_url:
         history_so_far = storage.read_json(storage.join(previous_retrained_url, "rounds.json"))
         reference_metrics = storage.read_json(storage.join(previous_retrained_url, "reference_metrics.json"))
@@ -66,17 +69,24 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
         history_so_far = []
         if same_training(recipe, base_recipe, ref_cfg, baseline_model_url):
             reference_metrics = {**storage.read_json(storage.join(baseline_model_url.rsplit("/", 1)[0], "metrics.json")),
-                                 "source": "baseline"}
+                                 "source": "baseline", "model_url": baseline_model_url}
         else:
             ref_clf, ref_history = train_classifier(train, ref_cfg, model, recipe=recipe, eval_fn=evaluate_on_val,
                                                     desc="reference (no synthesis)")
             ref = finish_training("reference", ref_clf, ref_history, dataset_url, reference, ref_cfg, data_cfg,
                                    {"model": model, "num_synthetic": 0, "recipe": asdict(recipe)})
             reference_metrics = {**{k: v for k, v in ref.summary.items() if k not in ("model", "recipe")},
-                                 "source": "reference"}
+                                 "source": "reference", "model_url": model_url(reference)}
         reference_metrics.update(epochs=ref_cfg.epochs, steps=cfg.reference_steps)
+    teacher = None  # knowledge distillation: the no-synthesis reference (trained here, the baseline, or round 1's)
+    if cfg.distill_weight > 0 and len(synthetic):
+        teacher = ref_clf if ref_clf is not None else load_classifier(
+            reference_metrics.get("model_url") or baseline_model_url, resolve_device(cfg.device, "retrain.device"))
     clf, history = train_classifier(train, cfg, model, synthetic=synthetic, synthetic_fraction=cfg.synthetic_fraction,
-                                    recipe=recipe, on_epoch=on_epoch, eval_fn=evaluate_on_val, desc=f"retrain (round {round_index})")
+                                    recipe=recipe, on_epoch=on_epoch, eval_fn=evaluate_on_val,
+                                    desc=f"retrain (round {round_index})", teacher=teacher,
+                                    distill_weight=cfg.distill_weight, distill_temperature=cfg.distill_temperature,
+                                    distill_classes=cfg.distill_classes)
     if cfg.head_epochs and len(synthetic):  # no class group loses: the head re-fit on the real images
         head_loss = refit_head(clf, train, cfg, recipe, cfg.head_epochs)[-1]["head_loss"]
         history[-1].update(head_loss=head_loss, **(evaluate_on_val(clf) if evaluate_on_val else {}))  # the shipped model's
@@ -89,7 +99,8 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     storage.write_json(storage.join(output_url, "rounds.json"), rounds)
     storage.write_json(storage.join(output_url, "reference_metrics.json"), reference_metrics)
     result.summary.update(round=round_index, reference=reference_metrics.get("source"),
-                          head_epochs=cfg.head_epochs if len(synthetic) else 0)
+                          head_epochs=cfg.head_epochs if len(synthetic) else 0,
+                          distill_weight=cfg.distill_weight if len(synthetic) else 0.0)
     result.datasets.append(synthetic_set(filtered_url, "training", load_info(dataset_url).name))
     result.metrics["num_synthetic"] = float(len(synthetic))
     if calibration.get("weight") is not None:
