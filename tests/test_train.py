@@ -288,22 +288,18 @@ def test_retraining_distils_from_its_no_synthesis_reference(prepared, digits, tm
 
     monkeypatch.setattr(train_module, "train_classifier", spy)
     cfg = RetrainConfig(epochs=1, head_epochs=0, distill_weight=1.0)
-    plain = retrain_module.retrain(prepared, model_url(base), filtered, str(tmp_path / "plain"),
-                                   RetrainConfig(epochs=1, head_epochs=0), DataConfig())
     distilled = retrain_module.retrain(prepared, model_url(base), filtered, str(tmp_path / "distilled"), cfg,
                                        DataConfig())
-    assert teachers[0] is None and teachers[1] is not None
     reference = storage.read_json(str(tmp_path / "distilled" / "reference_metrics.json"))
     assert reference["model_url"] == model_url(str(tmp_path / "distilled" / "reference"))
-    assert distilled.summary["distill_weight"] == 1.0 and plain.summary["distill_weight"] == 0.0
-    assert distilled.summary["per_class"] != plain.summary["per_class"]  # the same seed and batches: the loss differs
+    assert distilled.summary["distill_weight"] == 1.0
     x = digits["test"].to_tensor()[:16]
-    assert torch.equal(teachers[1](x), load_classifier(reference["model_url"], "cpu")(x))
+    assert torch.equal(teachers[0](x), load_classifier(reference["model_url"], "cpu")(x))
     # the baseline as the reference (the same recipe and epochs), and round 2 from round 1's record
     retrain_module.retrain(prepared, model_url(base), filtered, str(tmp_path / "epochs"),
                            RetrainConfig(epochs=1, head_epochs=0, distill_weight=1.0, reference_steps="epochs"),
                            DataConfig())
-    assert torch.equal(teachers[2](x), load_classifier(model_url(base), "cpu")(x))
+    assert torch.equal(teachers[1](x), load_classifier(model_url(base), "cpu")(x))
     retrain_module.retrain(prepared, model_url(base), filtered, str(tmp_path / "round2"), cfg, DataConfig(),
                            previous_retrained_url=str(tmp_path / "distilled"), round_index=2)
-    assert torch.equal(teachers[3](x), teachers[1](x))
+    assert torch.equal(teachers[2](x), teachers[0](x))
