@@ -13,7 +13,8 @@ same real and synthetic images (paired by seed). Variants of retraining, each fr
   correction), the last layer re-fit on the real images with the real prior (decoupled training);
 - real prior, a quarter synthetic: ``synthetic_fraction`` 0.25;
 - ... + distillation: the two head re-fit variants, the loss adding knowledge distillation from the
-  same-steps no-synthesis reference on each batch's real images (weight 1, temperature 2), so the
+  same-steps no-synthesis reference on each batch's real images (weight 1 unless the name gives
+  another, temperature 2), so the
   student keeps what the real-only model knows while the synthetic images add the rest;
 - ... + distillation by real share: each real image's distillation term weighed by its class's
   share of real images among its real and synthetic ones (1 on classes synthesis leaves alone,
@@ -56,19 +57,22 @@ from feedback_synth.training.train import refit_head, same_steps_epochs, train_c
 NO_SYN = "no synthesis"
 SAME_STEPS = "no synthesis, same steps"
 # variant -> (prior, synthetic fraction, head re-fit, distillation from the same-steps reference:
-# None, 'all' real images alike, or 'real_share': each weighed by its class's share of real images)
+# None, 'all' real images alike, or 'real_share': each weighed by its class's share of real images;
+# the distillation weight)
 VARIANT_SPECS = {
-    "real prior (today)": ("real", None, False, None),
-    "real prior + head on real": ("real", None, True, None),
-    "batch prior + head on real": ("batch", None, True, None),
-    "real prior, a quarter synthetic": ("real", 0.25, False, None),
-    "real prior + head + distillation": ("real", None, True, "all"),
-    "batch prior + head + distillation": ("batch", None, True, "all"),
-    "real prior + head + distillation by real share": ("real", None, True, "real_share"),
-    "batch prior + head + distillation by real share": ("batch", None, True, "real_share"),
+    "real prior (today)": ("real", None, False, None, 0.0),
+    "real prior + head on real": ("real", None, True, None, 0.0),
+    "batch prior + head on real": ("batch", None, True, None, 0.0),
+    "real prior, a quarter synthetic": ("real", 0.25, False, None, 0.0),
+    "real prior + head + distillation": ("real", None, True, "all", 1.0),
+    "batch prior + head + distillation": ("batch", None, True, "all", 1.0),
+    "real prior + head + distillation by real share": ("real", None, True, "real_share", 1.0),
+    "batch prior + head + distillation by real share": ("batch", None, True, "real_share", 1.0),
+    "real prior + head + distillation 0.5": ("real", None, True, "all", 0.5),
+    "real prior + head + distillation 0.25": ("real", None, True, "all", 0.25),
 }
 VARIANTS = tuple(VARIANT_SPECS)
-DISTILL_WEIGHT, DISTILL_TEMPERATURE = 1.0, 2.0
+DISTILL_TEMPERATURE = 2.0
 HEAD_EPOCHS = 20
 KEYS = ("overall", "many", "medium", "few", "average_group", "worst_group")
 
@@ -100,12 +104,12 @@ def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, A
         out[SAME_STEPS] = {"val": scores(ref, val, train, cfg.data), "test": scores(ref, test, train, cfg.data)}
     fits: dict[tuple, list[str]] = {}  # one training per (prior, fraction, distillation); heads re-fit after
     for v in missing:
-        prior, fraction, _, distill = VARIANT_SPECS[v]
-        fits.setdefault((prior, fraction or cfg.retrain.synthetic_fraction, distill), []).append(v)
-    for (prior, fraction, distill), names in fits.items():
+        prior, fraction, _, distill, weight = VARIANT_SPECS[v]
+        fits.setdefault((prior, fraction or cfg.retrain.synthetic_fraction, distill, weight), []).append(v)
+    for (prior, fraction, distill, weight), names in fits.items():
         clf, _ = train_classifier(train, cfg.retrain, cfg.train.model, synthetic=synthetic, synthetic_fraction=fraction,
                                   recipe=replace(recipe, prior=prior), desc="variant",
-                                  teacher=ref if distill else None, distill_weight=DISTILL_WEIGHT if distill else 0.0,
+                                  teacher=ref if distill else None, distill_weight=weight,
                                   distill_temperature=DISTILL_TEMPERATURE, distill_classes=distill or "all")
         for v in sorted(names, key=lambda n: VARIANT_SPECS[n][2]):  # as trained first, then with the head re-fit
             if VARIANT_SPECS[v][2]:
