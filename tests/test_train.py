@@ -293,6 +293,13 @@ def test_retraining_distils_from_its_no_synthesis_reference(prepared, digits, tm
     reference = storage.read_json(str(tmp_path / "distilled" / "reference_metrics.json"))
     assert reference["model_url"] == model_url(str(tmp_path / "distilled" / "reference"))
     assert distilled.summary["distill_weight"] == 1.0
+    from feedback_synth.reporting.tables import format_report
+    from feedback_synth.stages.evaluate import _distill_weight
+
+    report = {"no_synthesis": {"overall": 0.5}, "retrained": {"overall": 0.6}, "delta": {"overall": 0.1},
+              "generated": 60, "kept": 60, "distill_weight": _distill_weight(str(tmp_path / "distilled"), 60)}
+    assert "| with synthesis (ce, distilled from no synthesis at 1) | 0.600 |" in format_report(report)
+    assert "distilled" not in format_report({**report, "distill_weight": 0.0})
     x = digits["test"].to_tensor()[:16]
     assert torch.equal(teachers[0](x), load_classifier(reference["model_url"], "cpu")(x))
     # the baseline as the reference (the same recipe and epochs), and round 2 from round 1's record

@@ -17,6 +17,7 @@ class EvaluationReport(TypedDict, total=False):
     recipe: dict[str, Any]  # the retraining's loss, tau, sampler, prior
     no_synthesis_source: str  # 'baseline' (the baseline has the same recipe) or 'reference' (a model trained for it)
     no_synthesis_training: dict[str, Any]  # its epochs, and steps: 'same' (the retraining's optimiser steps) or 'epochs'
+    distill_weight: float  # the retraining's distillation from the no-synthesis model (retrain.distill_weight; 0 = none)
     baseline: dict[str, float]  # the baseline (train_baseline), with its own recipe
     generated: int
     kept: int
@@ -56,7 +57,8 @@ def format_report(report: EvaluationReport) -> str:
         for r in rounds[:-1]:
             lines.append(f"| round {r['round']} ({r['num_synthetic']} synthetic) | "
                          + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
-    lines.append(f"| with synthesis ({loss}) | " + " | ".join(_fmt(report["retrained"].get(k)) for k in keys) + " |")
+    distilled = f", distilled from no synthesis at {report['distill_weight']:g}" if report.get("distill_weight") else ""
+    lines.append(f"| with synthesis ({loss}{distilled}) | " + " | ".join(_fmt(report["retrained"].get(k)) for k in keys) + " |")
     lines.append("| difference | " + " | ".join(f"{report['delta'][k]:+.3f}" if k in report["delta"] else "-"
                                                 for k in keys) + " |")
     fid = report.get("fidelity")

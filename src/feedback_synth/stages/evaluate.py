@@ -58,6 +58,13 @@ def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filte
                        datasets=[splits(dataset_url, "test", "oracle"), synthetic_set(filtered_url, "evaluation", info.name)])
 
 
+def _distill_weight(retrained_url: str, kept: int) -> float:
+    """The retraining's ``retrain.distill_weight``, as its checkpoint records it (0 when nothing
+    synthetic was kept: then there was nothing to distil beside)."""
+    trained = (storage.read_yaml(storage.join(model_url(retrained_url), "train_config.yaml")) or {}).get("train") or {}
+    return float(trained.get("distill_weight") or 0.0) if kept else 0.0
+
+
 def build_report(baseline_url: str, retrained_url: str, filtered_url: str, adapted_url: Optional[str], info,
                  kept: int, fid: Optional[float], reference: dict, after: dict) -> "EvaluationReport":
     """The evaluation report from what the earlier stages wrote: the no-synthesis model (same
@@ -78,6 +85,7 @@ def build_report(baseline_url: str, retrained_url: str, filtered_url: str, adapt
             "recipe": asdict(recipe_of(model_url(retrained_url))),
             "no_synthesis_source": reference.get("source", "baseline"),
             "no_synthesis_training": {k: reference[k] for k in ("epochs", "steps") if k in reference},
+            "distill_weight": _distill_weight(retrained_url, kept),
             "baseline": summary(storage.read_json(storage.join(baseline_url, "metrics.json"))),
             "generated": filter_report.get("generated_so_far", filter_report["generated"]),
             "kept": kept, "readmitted": filter_report.get("readmitted", 0),
