@@ -26,11 +26,17 @@ log = logging.getLogger(__name__)
 ORACLE_EPOCHS = 40
 
 
+# Settings that cannot change the oracle, which trains on real images alone with no teacher, left
+# out of its key: settings added after the oracle shipped would otherwise orphan it
+NOT_THE_ORACLES = ("distill_weight", "distill_temperature", "distill_classes")
+
+
 def _oracle_hash(split: ImageSet, model: str, cfg: RetrainConfig, version: Optional[str]) -> str:
     h = hashlib.sha256()
     for part in (split.images, split.labels, split.groups):
         h.update(np.ascontiguousarray(part).tobytes())
-    identity = {"model": model, "train": result_settings(cfg)}
+    settings = {k: v for k, v in result_settings(cfg).items() if k not in NOT_THE_ORACLES}
+    identity = {"model": model, "train": settings}
     if version is not None:
         identity["version"] = version
     h.update(json.dumps(identity, sort_keys=True).encode())
