@@ -145,6 +145,20 @@ def test_the_builtin_datasets_oracle_ships_with_the_package(prepared, digits, mo
 
 
 @pytest.mark.slow
+def _baseline_and_kept_images(prepared, digits, tmp_path) -> tuple[str, str]:
+    """A one-epoch logit-adjusted baseline and 60 pool images as the filter's kept set (their folders)."""
+    from feedback_synth import storage
+    from feedback_synth.stages.train_baseline import train_baseline
+
+    base = str(tmp_path / "baseline")
+    train_baseline(prepared, base, TrainConfig(model="test_resnet", epochs=1, loss="logit_adjusted", tau=2.0),
+                   DataConfig())
+    filtered = str(tmp_path / "filtered")
+    digits["pool"].subset(np.arange(0, 600, 10)).save(f"{filtered}/synthetic.npz")
+    storage.write_json(f"{filtered}/filter_report.json", {"generated": 60, "kept": 60})
+    return base, filtered
+
+
 def test_retraining_takes_the_baselines_recipe_or_trains_a_same_recipe_reference(prepared, digits, tmp_path):
     """Like with like: retraining uses the baseline's loss unless told otherwise; with another loss,
     the retrain stage also trains that loss without synthesis, and the report compares with it. By
@@ -153,14 +167,8 @@ def test_retraining_takes_the_baselines_recipe_or_trains_a_same_recipe_reference
     from feedback_synth import storage
     from feedback_synth.stages.outputs import model_url
     from feedback_synth.stages.retrain import retrain
-    from feedback_synth.stages.train_baseline import train_baseline
 
-    base = str(tmp_path / "baseline")
-    train_baseline(prepared, base, TrainConfig(model="test_resnet", epochs=1, loss="logit_adjusted", tau=2.0),
-                          DataConfig())
-    filtered = str(tmp_path / "filtered")
-    digits["pool"].subset(np.arange(0, 600, 10)).save(f"{filtered}/synthetic.npz")
-    storage.write_json(f"{filtered}/filter_report.json", {"generated": 60, "kept": 60})
+    base, filtered = _baseline_and_kept_images(prepared, digits, tmp_path)
     same = retrain(prepared, model_url(base), filtered, str(tmp_path / "same"),
                    RetrainConfig(epochs=1, reference_steps="epochs"), DataConfig())
     assert same.summary["recipe"] == {"loss": "logit_adjusted", "tau": 2.0, "balanced_sampler": False, "prior": "real"}
@@ -269,15 +277,9 @@ def test_retraining_distils_from_its_no_synthesis_reference(prepared, digits, tm
     from feedback_synth import storage
     from feedback_synth.stages import retrain as retrain_module
     from feedback_synth.stages.outputs import model_url
-    from feedback_synth.stages.train_baseline import train_baseline
     from feedback_synth.training import train as train_module
 
-    base = str(tmp_path / "baseline")
-    train_baseline(prepared, base, TrainConfig(model="test_resnet", epochs=1, loss="logit_adjusted", tau=2.0),
-                   DataConfig())
-    filtered = str(tmp_path / "filtered")
-    digits["pool"].subset(np.arange(0, 600, 10)).save(f"{filtered}/synthetic.npz")
-    storage.write_json(f"{filtered}/filter_report.json", {"generated": 60, "kept": 60})
+    base, filtered = _baseline_and_kept_images(prepared, digits, tmp_path)
     teachers = []
     real_train = train_module.train_classifier
 
