@@ -14,8 +14,8 @@ same real and synthetic images (paired by seed). Variants of retraining, each fr
 - real prior, a quarter synthetic: ``synthetic_fraction`` 0.25;
 - ... + distillation: the two head re-fit variants, the loss adding knowledge distillation from the
   same-steps no-synthesis reference on each batch's real images (weight 1 unless the name gives
-  another, temperature 2), so the
-  student keeps what the real-only model knows while the synthetic images add the rest;
+  another, temperature 2), so the student keeps what the real-only model knows while the synthetic
+  images add the rest;
 - ... + distillation by real share: each real image's distillation term weighed by its class's
   share of real images among its real and synthetic ones (1 on classes synthesis leaves alone,
   little on the classes it fills, where the real-only teacher knows least).
@@ -36,7 +36,7 @@ import os
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -56,20 +56,25 @@ from feedback_synth.training.train import refit_head, same_steps_epochs, train_c
 
 NO_SYN = "no synthesis"
 SAME_STEPS = "no synthesis, same steps"
-# variant -> (prior, synthetic fraction, head re-fit, distillation from the same-steps reference:
-# None, 'all' real images alike, or 'real_share': each weighed by its class's share of real images;
-# the distillation weight)
+class Variant(NamedTuple):
+    prior: str  # the adjusted loss's prior: 'real' or 'batch'
+    fraction: Optional[float]  # the synthetic share of a batch; None = the preset's
+    head: bool  # re-fit the head on the real images after training
+    distill: Optional[str]  # distillation from the same-steps reference: None, 'all' or 'real_share'
+    weight: float = 0.0  # the distillation weight
+
+
 VARIANT_SPECS = {
-    "real prior (today)": ("real", None, False, None, 0.0),
-    "real prior + head on real": ("real", None, True, None, 0.0),
-    "batch prior + head on real": ("batch", None, True, None, 0.0),
-    "real prior, a quarter synthetic": ("real", 0.25, False, None, 0.0),
-    "real prior + head + distillation": ("real", None, True, "all", 1.0),
-    "batch prior + head + distillation": ("batch", None, True, "all", 1.0),
-    "real prior + head + distillation by real share": ("real", None, True, "real_share", 1.0),
-    "batch prior + head + distillation by real share": ("batch", None, True, "real_share", 1.0),
-    "real prior + head + distillation 0.5": ("real", None, True, "all", 0.5),
-    "real prior + head + distillation 0.25": ("real", None, True, "all", 0.25),
+    "real prior (today)": Variant("real", None, False, None),
+    "real prior + head on real": Variant("real", None, True, None),
+    "batch prior + head on real": Variant("batch", None, True, None),
+    "real prior, a quarter synthetic": Variant("real", 0.25, False, None),
+    "real prior + head + distillation": Variant("real", None, True, "all", 1.0),
+    "batch prior + head + distillation": Variant("batch", None, True, "all", 1.0),
+    "real prior + head + distillation by real share": Variant("real", None, True, "real_share", 1.0),
+    "batch prior + head + distillation by real share": Variant("batch", None, True, "real_share", 1.0),
+    "real prior + head + distillation 0.5": Variant("real", None, True, "all", 0.5),
+    "real prior + head + distillation 0.25": Variant("real", None, True, "all", 0.25),
 }
 VARIANTS = tuple(VARIANT_SPECS)
 DISTILL_TEMPERATURE = 2.0
@@ -97,22 +102,23 @@ def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, A
     missing = [v for v in VARIANTS if v not in out]
     t0 = time.time()
     ref = None
-    if SAME_STEPS not in out or any(VARIANT_SPECS[v][3] for v in missing):  # seeded: the same model every time
+    if SAME_STEPS not in out or any(VARIANT_SPECS[v].distill for v in missing):  # seeded: the same model every time
         same = replace(cfg.retrain, epochs=same_steps_epochs(cfg.retrain.epochs, len(train), len(synthetic),
                                                              cfg.retrain.batch_size, cfg.retrain.synthetic_fraction))
         ref, _ = train_classifier(train, same, cfg.train.model, recipe=replace(recipe, prior="real"), desc="reference")
         out[SAME_STEPS] = {"val": scores(ref, val, train, cfg.data), "test": scores(ref, test, train, cfg.data)}
     fits: dict[tuple, list[str]] = {}  # one training per (prior, fraction, distillation); heads re-fit after
     for v in missing:
-        prior, fraction, _, distill, weight = VARIANT_SPECS[v]
-        fits.setdefault((prior, fraction or cfg.retrain.synthetic_fraction, distill, weight), []).append(v)
+        spec = VARIANT_SPECS[v]
+        fits.setdefault((spec.prior, spec.fraction or cfg.retrain.synthetic_fraction, spec.distill, spec.weight),
+                        []).append(v)
     for (prior, fraction, distill, weight), names in fits.items():
         clf, _ = train_classifier(train, cfg.retrain, cfg.train.model, synthetic=synthetic, synthetic_fraction=fraction,
                                   recipe=replace(recipe, prior=prior), desc="variant",
                                   teacher=ref if distill else None, distill_weight=weight,
                                   distill_temperature=DISTILL_TEMPERATURE, distill_classes=distill or "all")
-        for v in sorted(names, key=lambda n: VARIANT_SPECS[n][2]):  # as trained first, then with the head re-fit
-            if VARIANT_SPECS[v][2]:
+        for v in sorted(names, key=lambda n: VARIANT_SPECS[n].head):  # as trained first, then with the head re-fit
+            if VARIANT_SPECS[v].head:
                 refit_head(clf, train, cfg.retrain, recipe, HEAD_EPOCHS)
             out[v] = {"val": scores(clf, val, train, cfg.data), "test": scores(clf, test, train, cfg.data)}
     out["seconds"] = round(out.get("seconds", 0.0) + time.time() - t0, 1)
