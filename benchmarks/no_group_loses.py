@@ -35,7 +35,7 @@ import numpy as np
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from synthesis_benchmark import Session, bootstrap_ci  # noqa: E402  (the benchmarks' shared parts)
+from synthesis_benchmark import Session, bootstrap_ci, majority_group_accuracy  # noqa: E402  (the benchmarks' shared parts)
 
 from feedback_synth import storage  # noqa: E402
 from feedback_synth.config import resolve_run_config  # noqa: E402
@@ -58,14 +58,9 @@ ROWS = (NO_SYN, "retrained, as trained", "retrained, calibrated", "retrained, ba
 def metrics_of(logits: np.ndarray, test: ImageSet, train: ImageSet, data_cfg) -> dict[str, float]:
     m = accuracy_metrics(logits.argmax(1), test, train.class_counts().tolist(), data_cfg)
     out = {k: m[k] for k in ("overall", "many", "medium", "few", "average_group", "worst_group") if m.get(k) is not None}
-    if test.num_groups > 1:  # the majority group: per class, the cell with the most training images
-        cells = np.zeros((train.num_classes, train.num_groups), np.int64)
-        np.add.at(cells, (train.labels, train.groups), 1)
-        majority = cells.argmax(1)
-        correct = logits.argmax(1) == test.labels
-        accs = [correct[(test.labels == c) & (test.groups == majority[c])].mean() for c in range(train.num_classes)
-                if ((test.labels == c) & (test.groups == majority[c])).any()]
-        out["majority_group"] = float(np.mean(accs))
+    majority = majority_group_accuracy(logits.argmax(1), test, train)
+    if majority is not None:
+        out["majority_group"] = majority
     return out
 
 

@@ -43,7 +43,7 @@ import numpy as np
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from synthesis_benchmark import Session, bootstrap_ci  # noqa: E402  (the benchmarks' shared parts)
+from synthesis_benchmark import Session, bootstrap_ci, majority_group_accuracy  # noqa: E402  (the benchmarks' shared parts)
 
 from feedback_synth import storage  # noqa: E402
 from feedback_synth.config import resolve_run_config  # noqa: E402
@@ -81,12 +81,23 @@ VARIANT_SPECS = {
 VARIANTS = tuple(VARIANT_SPECS)
 DISTILL_TEMPERATURE = 2.0
 HEAD_EPOCHS = 20
-KEYS = ("overall", "many", "medium", "few", "average_group", "worst_group")
+KEYS = ("overall", "many", "medium", "few", "average_group", "worst_group", "majority_group")
 
 
 def scores(clf, data: ImageSet, train: ImageSet, data_cfg) -> dict[str, float]:
-    m = accuracy_metrics(predict_logits(clf, data).argmax(1), data, train.class_counts().tolist(), data_cfg)
+    predictions = predict_logits(clf, data).argmax(1)
+    m = accuracy_metrics(predictions, data, train.class_counts().tolist(), data_cfg)
+    m["majority_group"] = majority_group_accuracy(predictions, data, train)
     return {k: float(m[k]) for k in KEYS if m.get(k) is not None}
+
+
+def up_to_date(cached: dict[str, Any]) -> dict[str, Any]:
+    """A seed's cached results less the variants measured before ``majority_group`` existed (on data
+    with groups every other entry has it): they are trained again."""
+    def stale(entry: Any) -> bool:
+        return isinstance(entry, dict) and "worst_group" in entry.get("val", {}) and "majority_group" not in entry["val"]
+
+    return {k: v for k, v in cached.items() if not stale(v) or k == NO_SYN}
 
 
 def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -169,7 +180,7 @@ def validation_choice(by_seed: dict[str, Any], seeds: list[str], reference: str 
     when every variant loses a group (before 2026-12-05 it then took the best gate metric anyway)."""
     first = by_seed[seeds[0]][reference]["val"]
     metric = "few" if "few" in first else "worst_group"
-    groups = [k for k in ("many", "medium", "few", "average_group") if k in first]
+    groups = [k for k in ("many", "medium", "few", "average_group", "worst_group", "majority_group") if k in first]
     rows = []
     for v in measured(by_seed, seeds):
         change = {k: float(np.mean([by_seed[s][v]["val"][k] - by_seed[s][reference]["val"][k] for s in seeds]))
@@ -197,7 +208,7 @@ def main(argv=None) -> int:
         url = storage.join(args.work, f"variants-{dataset}.json")
         results[dataset] = storage.read_json(url) if storage.exists(url) else {}
         for seed in args.seeds:
-            cached = results[dataset].get(str(seed), {})
+            cached = up_to_date(results[dataset].get(str(seed), {}))
             if any(v not in cached for v in VARIANTS):  # a seed run before a variant was added gets only it
                 results[dataset][str(seed)] = run_seed(args.work, dataset, seed, session.log, cached)
                 storage.write_json(url, results[dataset])

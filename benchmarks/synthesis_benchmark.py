@@ -123,6 +123,21 @@ class Runner:
 # ------------------------------------------------------------------------------ statistics
 
 
+def majority_group_accuracy(predictions: np.ndarray, test: ImageSet, train: ImageSet) -> Optional[float]:
+    """The issue's "best group" on group-imbalanced data: per class, the accuracy on the test images
+    of the (class, group) cell with the most training images, averaged over classes; None without
+    groups."""
+    if test.num_groups <= 1:
+        return None
+    cells = np.zeros((train.num_classes, train.num_groups), np.int64)
+    np.add.at(cells, (train.labels, train.groups), 1)
+    majority = cells.argmax(1)
+    correct = predictions == test.labels
+    accs = [correct[(test.labels == c) & (test.groups == majority[c])].mean() for c in range(train.num_classes)
+            if ((test.labels == c) & (test.groups == majority[c])).any()]
+    return float(np.mean(accs))
+
+
 def bootstrap_ci(diffs: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of paired differences and its 95% percentile bootstrap CI over seeds (the pilot's own
     definition: ``reporting.stats.paired_ci``)."""
