@@ -77,6 +77,8 @@ VARIANT_SPECS = {
     "real prior + head + distillation 0.25": Variant("real", None, True, "all", 0.25),
     "real prior + head + distillation 0.1": Variant("real", None, True, "all", 0.1),
     "real prior + distillation 0.25": Variant("real", None, False, "all", 0.25),
+    "real prior + head + distillation by real share 0.5": Variant("real", None, True, "real_share", 0.5),
+    "real prior + head + distillation by real share 0.25": Variant("real", None, True, "real_share", 0.25),
 }
 VARIANTS = tuple(VARIANT_SPECS)
 DISTILL_TEMPERATURE = 2.0
