@@ -185,8 +185,11 @@ class RetrainConfig(OptimConfig):
     # on each batch's real images, weight x T^2 x KL(reference || retrained) at distill_temperature
     # (0 = off): the retrained model keeps what the real-only model knows, the synthetic images add
     # the rest; 'real_share' weighs each real image by its class's share of real images among its real
-    # and synthetic ones (full where synthesis adds nothing). From evidence: retrain_variants.md
-    distill_weight: Float = Field(0.0, ge=0, allow_inf_nan=False)
+    # and synthetic ones (full where synthesis adds nothing). 0.25 by default: your data is most likely
+    # in another style than the generator's pool, as digits-gap is, where it is the one variant of
+    # twelve that kept every class group on validation; the digits-lt and digits-groups presets turn
+    # it off, as their validation chose. From evidence: retrain_variants_10_seeds.md
+    distill_weight: Float = Field(0.25, ge=0, allow_inf_nan=False)
     distill_temperature: Float = Field(2.0, gt=0, allow_inf_nan=False)
     distill_classes: Literal["all", "real_share"] = "all"
     # the no-synthesis reference that the report, the gate and the pilot compare with: 'same' trains
