@@ -187,7 +187,7 @@ class RetrainConfig(OptimConfig):
     # the rest; 'real_share' weighs each real image by its class's share of real images among its real
     # and synthetic ones (full where synthesis adds nothing). 0.25 by default: your data is most likely
     # in another style than the generator's pool, as digits-gap is, where it is the one variant of
-    # twelve that kept every class group on validation; the digits-lt and digits-groups presets turn
+    # fourteen that kept every class group on validation; the digits-lt and digits-groups presets turn
     # it off, as their validation chose. From evidence: retrain_variants_10_seeds.md
     distill_weight: Float = Field(0.25, ge=0, allow_inf_nan=False)
     distill_temperature: Float = Field(2.0, gt=0, allow_inf_nan=False)
