@@ -34,7 +34,9 @@ from feedback_synth.data.digits import make_digits_gap  # noqa: E402
 
 GENERATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "feedback_synth", "weights",
                          "digits-lt-generator")
-SETTINGS = {"distillation 0.25 (the default)": [], "no distillation": ["retrain.distill_weight=0"]}
+# name -> (its runs' folder under --work, its overrides of the defaults)
+SETTINGS = {"distillation 0.25 (the default)": ("distill", []),
+            "no distillation": ("plain", ["retrain.distill_weight=0"])}
 KEYS = ("overall", "many", "medium", "few")
 
 
@@ -76,10 +78,9 @@ def main(argv=None) -> int:
     write_class_folders(data)
     results: dict[str, dict[str, Any]] = {name: {} for name in SETTINGS}
     for seed in args.seeds:
-        for name, extra in SETTINGS.items():
+        for name, (folder, extra) in SETTINGS.items():
             t0 = time.time()
-            slug = "distill" if not extra else "plain"
-            report = run_once(data, storage.join(args.work, f"{slug}-seed{seed}"), seed, extra)
+            report = run_once(data, storage.join(args.work, f"{folder}-seed{seed}"), seed, extra)
             results[name][str(seed)] = {"retrained": report["retrained"], "no_synthesis": report["no_synthesis"],
                                         "kept": report.get("kept"), "seconds": round(time.time() - t0, 1)}
             session.log(f"seed {seed}, {name}: " + ", ".join(

@@ -144,7 +144,6 @@ def test_the_builtin_datasets_oracle_ships_with_the_package(prepared, digits, mo
     assert oracle.bundled_oracle_path(digits["oracle"], TrainConfig().model, oracle.oracle_config(seed=1)) != shipped
 
 
-@pytest.mark.slow
 def _baseline_and_kept_images(prepared, digits, tmp_path) -> tuple[str, str]:
     """A one-epoch logit-adjusted baseline and 60 pool images as the filter's kept set (their folders)."""
     from feedback_synth import storage
@@ -159,6 +158,7 @@ def _baseline_and_kept_images(prepared, digits, tmp_path) -> tuple[str, str]:
     return base, filtered
 
 
+@pytest.mark.slow
 def test_retraining_takes_the_baselines_recipe_or_trains_a_same_recipe_reference(prepared, digits, tmp_path):
     """Like with like: retraining uses the baseline's loss unless told otherwise; with another loss,
     the retrain stage also trains that loss without synthesis, and the report compares with it. By
