@@ -49,10 +49,11 @@ from feedback_synth import storage  # noqa: E402
 from feedback_synth.config import resolve_run_config  # noqa: E402
 from feedback_synth.data.imageset import ImageSet, load_split  # noqa: E402
 from feedback_synth.stages.outputs import model_url  # noqa: E402
+from feedback_synth.training.calibration import choose_weight, prior_offset  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import accuracy_metrics, predict_logits  # noqa: E402
 from feedback_synth.training.recipes import retrain_recipe  # noqa: E402
-from feedback_synth.training.train import refit_head, same_steps_epochs, train_classifier  # noqa: E402
+from feedback_synth.training.train import drawn_class_mix, refit_head, same_steps_epochs, train_classifier  # noqa: E402
 
 NO_SYN = "no synthesis"
 SAME_STEPS = "no synthesis, same steps"
@@ -62,6 +63,7 @@ class Variant(NamedTuple):
     head: bool  # re-fit the head on the real images after training
     distill: Optional[str]  # distillation from the same-steps reference: None, 'all' or 'real_share'
     weight: float = 0.0  # the distillation weight
+    calibrated: bool = False  # a post-hoc logit offset chosen on validation against the fair reference
 
 
 VARIANT_SPECS = {
@@ -79,18 +81,41 @@ VARIANT_SPECS = {
     "real prior + distillation 0.25": Variant("real", None, False, "all", 0.25),
     "real prior + head + distillation by real share 0.5": Variant("real", None, True, "real_share", 0.5),
     "real prior + head + distillation by real share 0.25": Variant("real", None, True, "real_share", 0.25),
+    # round 12: each preset's variant with retrain.calibration's offset, its weight chosen on a fine grid
+    # so that no class group is below the fair reference on validation
+    "real prior, calibrated": Variant("real", None, False, None, calibrated=True),
+    "real prior + head, calibrated": Variant("real", None, True, None, calibrated=True),
+    "real prior + head + distillation 0.25, calibrated": Variant("real", None, True, "all", 0.25, calibrated=True),
 }
 VARIANTS = tuple(VARIANT_SPECS)
 DISTILL_TEMPERATURE = 2.0
 HEAD_EPOCHS = 20
+CALIBRATION_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # lambda in [0, 1]: finer than the library's
 KEYS = ("overall", "many", "medium", "few", "average_group", "worst_group", "majority_group")
 
 
-def scores(clf, data: ImageSet, train: ImageSet, data_cfg) -> dict[str, float]:
-    predictions = predict_logits(clf, data).argmax(1)
+def scores(clf, data: ImageSet, train: ImageSet, data_cfg, logit_bias: Optional[np.ndarray] = None) -> dict[str, float]:
+    logits = predict_logits(clf, data)
+    predictions = (logits if logit_bias is None else logits + logit_bias[None, :]).argmax(1)
     m = accuracy_metrics(predictions, data, train.class_counts().tolist(), data_cfg)
     m["majority_group"] = majority_group_accuracy(predictions, data, train)
     return {k: float(m[k]) for k in KEYS if m.get(k) is not None}
+
+
+def calibrated_scores(clf, val: ImageSet, test: ImageSet, train: ImageSet, synthetic: ImageSet, fraction: float,
+                      recipe, data_cfg, reference_val: dict[str, float]) -> dict[str, Any]:
+    """``retrain.calibration``'s rule on ``CALIBRATION_GRID``, against the fair reference's validation
+    scores: the offset towards the stream's own prior whose weight keeps every class group at the
+    reference on validation, with the best few-shot (worst-group) accuracy; the test split is scored
+    with it."""
+    counts = train.class_counts()
+    offset = prior_offset(recipe.loss, recipe.tau, counts, np.bincount(synthetic.labels, minlength=train.num_classes),
+                          fraction, drawn_class_mix(train, recipe))
+    chosen = choose_weight(predict_logits(clf, val), val, counts.tolist(), data_cfg, offset, reference_val,
+                           grid=CALIBRATION_GRID)
+    bias = np.asarray(chosen.logit_bias, np.float32)
+    return {"val": scores(clf, val, train, data_cfg, bias), "test": scores(clf, test, train, data_cfg, bias),
+            "weight": chosen.weight, "feasible": chosen.feasible}
 
 
 def up_to_date(cached: dict[str, Any]) -> dict[str, Any]:
@@ -102,8 +127,9 @@ def up_to_date(cached: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cached.items() if not stale(v) or k == NO_SYN}
 
 
-def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Every variant of one seed that ``done`` (the seed's cached results) lacks."""
+def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, Any]] = None,
+             variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
+    """Every one of ``variants`` that ``done`` (the seed's cached results) lacks, on one seed."""
     cfg = resolve_run_config(dataset, overrides=[f"data.split_seed={seed}", f"train.seed={seed}",
                                                  f"retrain.seed={seed}", "tracking.enabled=false"])
     root = storage.join(work, dataset, f"seed{seed}")
@@ -114,7 +140,7 @@ def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, A
     base = load_classifier(model_url(baseline), "cpu")
     out: dict[str, Any] = dict(done or {})
     out[NO_SYN] = {"val": scores(base, val, train, cfg.data), "test": scores(base, test, train, cfg.data)}
-    missing = [v for v in VARIANTS if v not in out]
+    missing = [v for v in variants if v not in out]
     t0 = time.time()
     ref = None
     if SAME_STEPS not in out or any(VARIANT_SPECS[v].distill for v in missing):  # seeded: the same model every time
@@ -132,10 +158,16 @@ def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, A
                                   recipe=replace(recipe, prior=prior), desc="variant",
                                   teacher=ref if distill else None, distill_weight=weight,
                                   distill_temperature=DISTILL_TEMPERATURE, distill_classes=distill or "all")
-        for v in sorted(names, key=lambda n: VARIANT_SPECS[n].head):  # as trained first, then with the head re-fit
-            if VARIANT_SPECS[v].head:
+        refitted = False
+        # as trained first, then with the head re-fit; each calibrated after its uncalibrated self
+        for v in sorted(names, key=lambda n: (VARIANT_SPECS[n].head, VARIANT_SPECS[n].calibrated)):
+            spec = VARIANT_SPECS[v]
+            if spec.head and not refitted:
                 refit_head(clf, train, cfg.retrain, recipe, HEAD_EPOCHS)
-            out[v] = {"val": scores(clf, val, train, cfg.data), "test": scores(clf, test, train, cfg.data)}
+                refitted = True
+            out[v] = (calibrated_scores(clf, val, test, train, synthetic, fraction, replace(recipe, prior=prior), cfg.data,
+                                        out[SAME_STEPS]["val"]) if spec.calibrated
+                      else {"val": scores(clf, val, train, cfg.data), "test": scores(clf, test, train, cfg.data)})
     out["seconds"] = round(out.get("seconds", 0.0) + time.time() - t0, 1)
     log(f"{dataset} seed {seed}: " + "; ".join(
         f"{v}: " + ", ".join(f"{k} {out[v]['test'][k] - out[SAME_STEPS]['test'][k]:+.3f}" for k in out[v]["test"])
@@ -203,6 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", nargs="+", default=["digits-gap", "digits-lt", "digits-groups"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="train only these (a cache is bound to the machine that made it: CPUs round differently)")
     p.add_argument("--cached-only", action="store_true",
                    help="train nothing: render what --work holds (a variant some seed lacks is left out)")
     args = p.parse_args(argv)
@@ -213,8 +247,9 @@ def main(argv=None) -> int:
         results[dataset] = storage.read_json(url) if storage.exists(url) else {}
         for seed in args.seeds:
             cached = up_to_date(results[dataset].get(str(seed), {}))
-            if any(v not in cached for v in VARIANTS) and not args.cached_only:  # a seed gets only what it lacks
-                results[dataset][str(seed)] = run_seed(args.work, dataset, seed, session.log, cached)
+            if any(v not in cached for v in args.variants) and not args.cached_only:  # a seed gets only what it lacks
+                results[dataset][str(seed)] = run_seed(args.work, dataset, seed, session.log, cached,
+                                                       tuple(args.variants))
                 storage.write_json(url, results[dataset])
     chosen = {d: {str(s): results[d][str(s)] for s in args.seeds} for d in args.datasets}
     return session.finish(markdown(chosen, session.command, session.minutes()), chosen, args.out)
