@@ -199,7 +199,8 @@ def markdown(results: dict[str, dict[str, Any]], command: str, minutes: float) -
                         cells.append(f"{mean:+.3f} ({lo:+.3f} .. {hi:+.3f})")
                     lines.append(f"| {v} | " + " | ".join(cells) + " |")
                 lines.append("")
-            lines += [f"Against {reference}: " + validation_choice(by_seed, seeds, reference), ""]
+            lines += [f"Against {reference}: " + validation_choice(by_seed, seeds, reference), "",
+                      f"Against {reference}, item 1's goal read on validation: " + goal_choice(by_seed, seeds, reference), ""]
     return "\n".join(lines)
 
 
@@ -227,6 +228,34 @@ def validation_choice(by_seed: dict[str, Any], seeds: list[str], reference: str 
               if keeping else f"**none**: no variant keeps every class group on validation (stay with {reference})")
     return (f"Validation's choice: {choice}. Per variant: " + "; ".join(f"{v}: val {metric} {m:.3f}, every group kept: {'yes' if k else 'no'}"
                                              for v, k, m in rows) + ".")
+
+
+GOAL_MARGIN = 0.005  # item 1: the many-shot (best-group) change at least -0.005, with a CI that shows it
+
+
+def goal_choice(by_seed: dict[str, Any], seeds: list[str], reference: str = NO_SYN) -> str:
+    """Item 1's goal read on validation (round 12; ``validation_choice`` reads only means): keep the
+    variants whose many-shot (with groups: majority-group) change has a 95% CI that starts at
+    -``GOAL_MARGIN`` or above and no other class group of which is below ``reference`` on mean;
+    among them the best mean validation gate metric; none if no variant qualifies."""
+    first = by_seed[seeds[0]][reference]["val"]
+    metric = "few" if "few" in first else "worst_group"
+    protected = "majority_group" if "majority_group" in first else "many"
+    others = [k for k in ("many", "medium", "few", "average_group", "worst_group") if k in first and k != protected]
+    rows = []
+    for v in measured(by_seed, seeds):
+        def change(k: str) -> list[float]:
+            return [by_seed[s][v]["val"][k] - by_seed[s][reference]["val"][k] for s in seeds]
+
+        low = bootstrap_ci(change(protected))[1]
+        keeps = low >= -GOAL_MARGIN and all(float(np.mean(change(k))) >= 0 for k in others)
+        rows.append((v, keeps, low, float(np.mean([by_seed[s][v]["val"][metric] for s in seeds]))))
+    keeping = [r for r in rows if r[1]]
+    best = max(keeping, key=lambda r: r[3]) if keeping else None
+    choice = (f"**{best[0]}** (val {metric} {best[3]:.3f})" if best
+              else f"**none**: no variant meets it on validation (stay with {reference})")
+    return (f"{choice}. Per variant, the val {protected} CI's lower end and val {metric}: "
+            + "; ".join(f"{v}: {low:+.3f}, {m:.3f}{'' if k else ' (out)'}" for v, k, low, m in rows) + ".")
 
 
 def main(argv=None) -> int:

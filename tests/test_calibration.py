@@ -58,7 +58,7 @@ def test_the_weight_keeps_every_group_then_maximises_the_metric():
     # a replaced model no weight can match (perfect): the smallest worst loss, -0.2 at weights 0.5
     # (many 0.8, few 0.8) and 0.75 (many 0.9, few 0.8); the tie goes to the better overall
     better = accuracy_metrics(val.labels, val, COUNTS, CFG)
-    fallback = choose_weight(logits, val, COUNTS, CFG, offset, better)
+    fallback = choose_weight(logits, val, COUNTS, CFG, offset, better, grid=(0.0, 0.25, 0.5, 0.75, 1.0))
     assert not fallback.feasible and fallback.weight == 0.75
     assert [round(r["worst_change"], 6) for r in fallback.table] == [-0.4, -0.4, -0.2, -0.2, -0.3]
 
@@ -119,13 +119,22 @@ def test_retrain_ships_the_chosen_offset_and_says_why(prepared, digits, tmp_path
     assert np.allclose(clf.spec.logit_bias, cal["logit_bias"])
     assert out.metrics["calibration_weight"] == cal["weight"]
     chosen = next(r for r in cal["table"] if r["weight"] == cal["weight"])
-    if cal["feasible"]:  # every class group at or above the replaced model on validation
+    if cal["feasible"]:  # every class group at or above the no-synthesis reference on validation
         assert all(v >= 0 for v in chosen["changes"].values())
     # the shipped model's validation metrics are the chosen row's
     val = load_split(prepared, "val")
     from feedback_synth.training.evaluate import evaluate
 
     assert evaluate(clf, val, DataConfig())["few"] == pytest.approx(chosen["few"])
+    # the yardstick is the no-synthesis reference the report and the gate compare with (trained here
+    # with the retraining's steps), not the baseline it replaces
+    assert cal["reference"] == "reference"
+    reference_val = evaluate(load_classifier(model_url(str(tmp_path / "retrained" / "reference")), "cpu"), val,
+                             DataConfig())
+    baseline_val = evaluate(load_classifier(model_url(base), "cpu"), val, DataConfig())
+    assert reference_val["few"] != baseline_val["few"] or reference_val["many"] != baseline_val["many"]
+    for group, change in chosen["changes"].items():
+        assert change == pytest.approx(chosen[group] - reference_val[group])
     # 'none' ships the model as trained
     plain = retrain(prepared, model_url(base), filtered, str(tmp_path / "plain"),
                            RetrainConfig(epochs=2, calibration="none", head_epochs=0), DataConfig())

@@ -201,7 +201,7 @@ class RetrainConfig(OptimConfig):
     reference_steps: Literal["same", "epochs"] = "same"
     # an alternative, measured and off by default: add lambda x the offset from this prior to the
     # batch prior to the logits, lambda in [0, 1] chosen on the validation split so that no class group
-    # (many / medium / few, average group) is below the model it replaces, then the best
+    # (many / medium / few, average group) is below the no-synthesis reference, then the best
     # calibration_metric (on digits-gap it removed the many-shot loss and the few-shot gain with it:
     # benchmarks/results/no_group_loses.md)
     calibration: Literal["no_group_loses", "none"] = "none"

@@ -78,10 +78,13 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
             reference_metrics = {**{k: v for k, v in ref.summary.items() if k not in ("model", "recipe")},
                                  "source": "reference", "model_url": model_url(reference)}
         reference_metrics.update(epochs=ref_cfg.epochs, steps=cfg.reference_steps)
-    teacher = None  # knowledge distillation: the no-synthesis reference (trained here, the baseline, or round 1's)
-    if cfg.distill_weight > 0 and len(synthetic):
-        teacher = ref_clf if ref_clf is not None else load_classifier(
-            reference_metrics.get("model_url") or baseline_model_url, resolve_device(cfg.device, "retrain.device"))
+    # the no-synthesis reference (trained here, the baseline, or round 1's): distillation's teacher and
+    # calibration's yardstick
+    reference_clf = ref_clf
+    if reference_clf is None and len(synthetic) and (cfg.distill_weight > 0 or cfg.calibration != "none"):
+        reference_clf = load_classifier(reference_metrics.get("model_url") or baseline_model_url,
+                                        resolve_device(cfg.device, "retrain.device"))
+    teacher = reference_clf if cfg.distill_weight > 0 and len(synthetic) else None
     clf, history = train_classifier(train, cfg, model, synthetic=synthetic, synthetic_fraction=cfg.synthetic_fraction,
                                     recipe=recipe, on_epoch=on_epoch, eval_fn=evaluate_on_val,
                                     desc=f"retrain (round {round_index})", teacher=teacher,
@@ -90,7 +93,9 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     if cfg.head_epochs and len(synthetic):  # no class group loses: the head re-fit on the real images
         head_loss = refit_head(clf, train, cfg, recipe, cfg.head_epochs)[-1]["head_loss"]
         history[-1].update(head_loss=head_loss, **(evaluate_on_val(clf) if evaluate_on_val else {}))  # the shipped model's
-    calibration = _calibrate(clf, dataset_url, baseline_model_url, train, synthetic, cfg, recipe, data_cfg)
+    calibration = _calibrate(clf, dataset_url, reference_clf, train, synthetic, cfg, recipe, data_cfg)
+    if calibration.get("weight") is not None:
+        calibration["reference"] = reference_metrics.get("source")  # the yardstick: 'reference' or 'baseline'
     storage.write_json(storage.join(output_url, "calibration.json"), calibration)
     result = finish_training("retrain", clf, history, dataset_url, output_url, cfg, data_cfg,
                               {"model": model, "num_synthetic": len(synthetic), "recipe": asdict(recipe)})
@@ -108,13 +113,11 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     return result
 
 
-def _calibrate(clf, dataset_url: str, replaced_model_url: str, train: ImageSet, synthetic: ImageSet,
+def _calibrate(clf, dataset_url: str, reference_clf, train: ImageSet, synthetic: ImageSet,
                cfg: RetrainConfig, recipe, data_cfg: DataConfig) -> dict[str, Any]:
     """No class group loses (training.calibration): set ``clf``'s logit offset, chosen on the
-    validation split against the model it replaces; what was chosen and why."""
-    from feedback_synth.devices import module_device
+    validation split against ``reference_clf`` (the no-synthesis reference); what was chosen and why."""
     from feedback_synth.training.calibration import calibrate
-    from feedback_synth.training.classifier import load_classifier
 
     if cfg.calibration == "none":
         return {"weight": None, "reason": "retrain.calibration is 'none'"}
@@ -122,6 +125,5 @@ def _calibrate(clf, dataset_url: str, replaced_model_url: str, train: ImageSet, 
         return {"weight": None, "reason": "no synthetic image was kept: nothing to calibrate"}
     if "val" not in load_info(dataset_url).splits:
         return {"weight": None, "reason": "the dataset has no validation split"}
-    replaced = load_classifier(replaced_model_url, str(module_device(clf)))
-    return calibrate(clf, load_split(dataset_url, "val"), replaced, train, synthetic, cfg.synthetic_fraction, recipe,
-                     data_cfg, cfg.calibration_metric).to_dict()
+    return calibrate(clf, load_split(dataset_url, "val"), reference_clf, train, synthetic, cfg.synthetic_fraction,
+                     recipe, data_cfg, cfg.calibration_metric).to_dict()
