@@ -199,11 +199,11 @@ class RetrainConfig(OptimConfig):
     # synthesis with what the extra steps alone bring. 'same', from evidence: on digits-groups the
     # extra steps alone gave worst-group +0.206 of synthesis' +0.237 (benchmarks/results/same_steps.md)
     reference_steps: Literal["same", "epochs"] = "same"
-    # an alternative, measured and off by default: add lambda x the offset from this prior to the
-    # batch prior to the logits, lambda in [0, 1] chosen on the validation split so that no class group
-    # (many / medium / few, average group) is below the no-synthesis reference, then the best
-    # calibration_metric (on digits-gap it removed the many-shot loss and the few-shot gain with it:
-    # benchmarks/results/no_group_loses.md)
+    # add lambda x the offset from this prior to the batch prior to the logits, lambda in [0, 1] chosen
+    # on the validation split so that no class group (many / medium / few, average group) is below the
+    # no-synthesis reference, then the best calibration_metric. Off by default: on digits-gap validation
+    # preferred distillation alone; the digits-lt preset turns it on, as item 1's goal read on its
+    # validation chose (benchmarks/results/retrain_variants_round12.md)
     calibration: Literal["no_group_loses", "none"] = "none"
     calibration_metric: Literal[("",) + METRICS] = ""  # '' = few, or worst_group for group data without shot buckets
 

@@ -92,10 +92,10 @@ def test_pipeline_arguments_reproduce_the_run_config():
     # the run's device is a named parameter; a section that overrides it carries its own
     assert args["device"] == "cuda:1"
     assert json.loads(args["config"])["generate"] == {"device": "cpu", "num_inference_steps": 4}
-    # RunConfig()'s distillation, head re-fit and calibration (the library defaults) differ from the
-    # digits-lt preset's (distillation and the head re-fit off, calibration on)
+    # RunConfig()'s distillation and calibration (the library defaults) differ from the digits-lt
+    # preset's (distillation off, calibration on)
     assert json.loads(args["config"])["retrain"] == {"device": "cuda", "distill_weight": 0.25, "synthetic_fraction": 0.3,
-                                                     "head_epochs": 20, "calibration": "none"}
+                                                     "calibration": "none"}
     args["mlflow_tracking_uri"] = ""  # the tracking URI is infrastructure, not part of the run config
     assert run_config_from_parameters(args) == cfg  # what start_tracking resolves: the same run config
     # ... and what every task reads back from start_tracking's artifact
