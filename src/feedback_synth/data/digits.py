@@ -25,6 +25,18 @@ def digits_lt_counts(num_classes: int = 10, n_max: int = 60, ratio: float = 1 / 
     return [int(math.floor(round(n_max * ratio ** (c / (num_classes - 1)), 9))) for c in range(num_classes)]
 
 
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Images in [0, 1] -> uint8, the same bytes on every machine.
+
+    The styles' bilinear weights (multiples of 0.025) put many pixels exactly half-way between two
+    levels, where the last bit of a float sum decides the rounding, and that bit depends on the
+    CPU's vector kernels: the built-in data differed between machines, so the shipped oracle did not
+    serve and seeded benchmarks did not repeat. The transforms run in float64 and the value is
+    rounded to 6 decimals first, which returns every such pixel to its exact half; then half to even.
+    """
+    return np.round(np.round(np.asarray(x, np.float64) * 255, 6)).astype(np.uint8)
+
+
 def task_style(images: np.ndarray) -> np.ndarray:
     """The built-in task's fixed style, which the generator pool lacks (docs/method.md: the domain gap).
 
@@ -36,10 +48,10 @@ def task_style(images: np.ndarray) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(images).float().unsqueeze(1)
+    x = torch.from_numpy(images).double().unsqueeze(1)
     x = torch.maximum(x, 0.8 * F.max_pool2d(x, 3, stride=1, padding=1))
     n = x.shape[0]
-    theta = torch.tensor([[1.0, 0.35, 0.0], [0.0, 1.0, 0.0]]).expand(n, 2, 3)
+    theta = torch.tensor([[1.0, 0.35, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64).expand(n, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return x.squeeze(1).clamp(0, 1).numpy()
@@ -59,11 +71,11 @@ def gap_style(images: np.ndarray) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(images).float().unsqueeze(1)
+    x = torch.from_numpy(images).double().unsqueeze(1)
     x = ((x - 0.3) / 0.25).clamp(0, 1)
     x = (x - 0.6 * (F.max_pool2d(x, 3, stride=1, padding=1) - x)).clamp(0, 1)
     n = x.shape[0]
-    theta = torch.tensor([[1 / 0.62, -0.3 / 0.62, 0.0], [0.0, 1 / 0.62, 0.0]]).expand(n, 2, 3)
+    theta = torch.tensor([[1 / 0.62, -0.3 / 0.62, 0.0], [0.0, 1 / 0.62, 0.0]], dtype=torch.float64).expand(n, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return 1.0 - x.squeeze(1).clamp(0, 1).numpy()
@@ -73,7 +85,7 @@ def _upsample_digits(images_8x8: np.ndarray) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(images_8x8 / 16.0).float().unsqueeze(1)
+    x = torch.from_numpy(images_8x8 / 16.0).double().unsqueeze(1)
     x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
     return x.squeeze(1).clamp(0, 1).numpy()
 
@@ -156,11 +168,11 @@ def make_digits_lt(split_seed: int = 0, style=task_style) -> dict[str, ImageSet]
         if split != "pool":
             x = style(x)
         out[split] = ImageSet(
-            images=np.round(x * 255).astype(np.uint8)[..., None],
+            images=to_uint8(x)[..., None],
             labels=labels[idx], groups=np.zeros(len(idx), dtype=np.int64),
             ids=np.array([f"digits:{i}" for i in idx]), class_names=class_names)
     pool = out["pool"]
-    styled = np.round(style(pool.images[..., 0] / 255.0) * 255).astype(np.uint8)[..., None]
+    styled = to_uint8(style(pool.images[..., 0] / 255.0))[..., None]
     out["oracle"] = ImageSet(styled, pool.labels, pool.groups, pool.ids, class_names)
     return out
 
@@ -225,10 +237,10 @@ def make_digits_groups(split_seed: int = 0) -> dict[str, ImageSet]:
         x = images[idx]
         if split != "pool":
             x = task_style(x)
-        out[split] = ImageSet(np.round(colourise(x, groups) * 255).astype(np.uint8), labels[idx], groups,
+        out[split] = ImageSet(to_uint8(colourise(x, groups)), labels[idx], groups,
                               np.array([f"digits:{i}" for i in idx]), [str(c) for c in range(10)], names)
     pool = out["pool"]
     grey = images[np.array([int(i.split(":")[1]) for i in pool.ids])]
-    out["oracle"] = ImageSet(np.round(colourise(task_style(grey), pool.groups) * 255).astype(np.uint8), pool.labels,
+    out["oracle"] = ImageSet(to_uint8(colourise(task_style(grey), pool.groups)), pool.labels,
                              pool.groups, pool.ids, pool.class_names, names)
     return out
