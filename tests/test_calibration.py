@@ -131,8 +131,6 @@ def test_retrain_ships_the_chosen_offset_and_says_why(prepared, digits, tmp_path
     assert cal["reference"] == "reference"
     reference_val = evaluate(load_classifier(model_url(str(tmp_path / "retrained" / "reference")), "cpu"), val,
                              DataConfig())
-    baseline_val = evaluate(load_classifier(model_url(base), "cpu"), val, DataConfig())
-    assert reference_val["few"] != baseline_val["few"] or reference_val["many"] != baseline_val["many"]
     for group, change in chosen["changes"].items():
         assert change == pytest.approx(chosen[group] - reference_val[group])
     # 'none' ships the model as trained
