@@ -90,7 +90,6 @@ VARIANT_SPECS = {
 VARIANTS = tuple(VARIANT_SPECS)
 DISTILL_TEMPERATURE = 2.0
 HEAD_EPOCHS = 20
-CALIBRATION_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # lambda in [0, 1]: finer than the library's
 KEYS = ("overall", "many", "medium", "few", "average_group", "worst_group", "majority_group")
 
 
@@ -104,15 +103,14 @@ def scores(clf, data: ImageSet, train: ImageSet, data_cfg, logit_bias: Optional[
 
 def calibrated_scores(clf, val: ImageSet, test: ImageSet, train: ImageSet, synthetic: ImageSet, fraction: float,
                       recipe, data_cfg, reference_val: dict[str, float]) -> dict[str, Any]:
-    """``retrain.calibration``'s rule on ``CALIBRATION_GRID``, against the fair reference's validation
+    """``retrain.calibration``'s rule on its grid (0.05 steps), against the fair reference's validation
     scores: the offset towards the stream's own prior whose weight keeps every class group at the
     reference on validation, with the best few-shot (worst-group) accuracy; the test split is scored
     with it."""
     counts = train.class_counts()
     offset = prior_offset(recipe.loss, recipe.tau, counts, np.bincount(synthetic.labels, minlength=train.num_classes),
                           fraction, drawn_class_mix(train, recipe))
-    chosen = choose_weight(predict_logits(clf, val), val, counts.tolist(), data_cfg, offset, reference_val,
-                           grid=CALIBRATION_GRID)
+    chosen = choose_weight(predict_logits(clf, val), val, counts.tolist(), data_cfg, offset, reference_val)
     bias = np.asarray(chosen.logit_bias, np.float32)
     return {"val": scores(clf, val, train, data_cfg, bias), "test": scores(clf, test, train, data_cfg, bias),
             "weight": chosen.weight, "feasible": chosen.feasible}
