@@ -201,9 +201,10 @@ class RetrainConfig(OptimConfig):
     reference_steps: Literal["same", "epochs"] = "same"
     # add lambda x the offset from this prior to the batch prior to the logits, lambda in [0, 1] chosen
     # on the validation split so that no class group (many / medium / few, average group) is below the
-    # no-synthesis reference, then the best calibration_metric. Off by default: on digits-gap validation
-    # preferred distillation alone; the digits-lt preset turns it on, as item 1's goal read on its
-    # validation chose (benchmarks/results/retrain_variants_round12.md)
+    # no-synthesis reference, then the best calibration_metric. Off by default and in every preset: round
+    # 12's rule (item 1's goal read on validation) chose it nowhere on the machine-independent data; on
+    # digits-lt it keeps the many-shot classes with a CI (+0.012) for less few-shot accuracy
+    # (benchmarks/results/retrain_variants_round12.md, retrain_variants_round12_fixed_data.md)
     calibration: Literal["no_group_loses", "none"] = "none"
     calibration_metric: Literal[("",) + METRICS] = ""  # '' = few, or worst_group for group data without shot buckets
 
