@@ -604,3 +604,30 @@ exit_without_teardown(3)
                            "--set", "train.epochs=0"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("feedback-synth: error: ")
     assert "train.epochs" in proc.stderr
+
+
+@pytest.mark.parametrize("root", ["memory://marker-moves", "runs"])
+def test_a_stage_marker_finds_what_it_names_after_the_run_folder_moved(root, monkeypatch, tmp_path):
+    """A resumed stage's artifacts and datasets inside the run resolve where the run folder went
+    (another bucket, another disk); a dataset outside the run stays where it was."""
+    from feedback_synth.stages.result import StageResult
+
+    monkeypatch.chdir(tmp_path)
+    outside = f"{root}-data/digits"
+    for url in (f"{root}/a/retrained/per_class.png", f"{root}/a/data/info.json", f"{root}/a/filtered/synthetic.npz",
+                f"{outside}/info.json"):
+        storage.write_text(url, "x")
+    result = StageResult("retrain", artifacts=[f"{root}/a/retrained/per_class.png"],
+                         datasets=[{"url": f"{root}/a/data", "splits": ["train"]},
+                                   {"synthetic": f"{root}/a/filtered", "plan": None, "name": "digits"},
+                                   {"url": outside, "splits": ["test"]}])
+    marker = result.to_dict(f"{root}/a/retrained")
+    assert marker["relative"]["artifacts"] == ["per_class.png"]
+    assert marker["relative"]["datasets"][:2] == [{"url": "../data"}, {"synthetic": "../filtered"}]
+    assert StageResult.from_dict(marker, f"{root}/a/retrained") == result  # not moved
+    fs, path = storage.fs_and_path(f"{root}/a")
+    fs.mv(path, storage.fs_and_path(f"{root}/b")[1], recursive=True)
+    moved = StageResult.from_dict(marker, f"{root}/b/retrained")
+    assert moved.artifacts == [f"{root}/b/retrained/per_class.png"]
+    assert [d.get("url") or d.get("synthetic") for d in moved.datasets] == [f"{root}/b/data", f"{root}/b/filtered",
+                                                                           outside]

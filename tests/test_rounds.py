@@ -125,13 +125,17 @@ def test_two_rounds_in_process(tmp_path, tiny_generator):
 
 @pytest.mark.slow
 def test_a_run_killed_in_round_2_resumes_without_redoing_round_1(tmp_path, tiny_generator):
-    """SIGKILL in round 2's generation: the re-run skips round 1 (its stage markers are untouched),
-    finishes round 2, and closes the dead process's MLflow runs KILLED."""
+    """SIGKILL in round 2's generation, and the run folder moved before the re-run (synced to other
+    storage): the re-run skips round 1 (its stage markers are untouched), finishes round 2 (whose
+    retraining distils from round 1's reference model, found in the moved folder), and closes the
+    dead process's MLflow runs KILLED."""
+    import shutil
+
     from mlflow import MlflowClient
 
     out = tmp_path / "run"
     sets = [a for s in [*REDUCED, f"generate.generator={tiny_generator}", "feedback.budget_fraction=0.3",
-                        "feedback.shard_size=4"] for a in ("--set", s)]
+                        "feedback.shard_size=4", "retrain.distill_weight=0.25"] for a in ("--set", s)]
     cmd = [sys.executable, "-m", "feedback_synth.cli", "run", "--output", str(out), *sets]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -142,6 +146,9 @@ def test_a_run_killed_in_round_2_resumes_without_redoing_round_1(tmp_path, tiny_
     assert shard.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no round-2 shard"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    moved = tmp_path / "moved"
+    shutil.move(str(out), str(moved))
+    out, cmd = moved, [*cmd[:cmd.index("--output") + 1], str(moved), *sets]
     round1 = {p: json.loads(p.read_text())["finished"] for p in (out / "rounds" / "round-1").glob("*/_STAGE.json")}
     assert len(round1) == 3  # feedback, filtered, retrained (generation commits per shard)
     before = {p: p.stat().st_mtime for p in (out / "rounds" / "round-1" / "generated").rglob("_SUCCESS")}
@@ -150,6 +157,8 @@ def test_a_run_killed_in_round_2_resumes_without_redoing_round_1(tmp_path, tiny_
     assert {p: json.loads(p.read_text())["finished"] for p in round1} == round1  # round 1 not redone
     assert {p: p.stat().st_mtime for p in before} == before
     assert (out / "rounds" / "round-2" / "retrained" / "_STAGE.json").exists()
+    reference = json.loads((out / "rounds" / "round-2" / "retrained" / "reference_metrics.json").read_text())
+    assert (out / "rounds" / "round-2" / "retrained" / reference["model_path"] / "model.safetensors").is_file()
     client = MlflowClient(f"sqlite:///{out}/mlflow/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("feedback-synth").experiment_id])
     statuses = [r.info.status for r in runs]

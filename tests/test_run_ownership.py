@@ -178,3 +178,25 @@ def test_overwrite_removes_the_kfp_local_task_records_too(tmp_path):
     assert not (tmp_path / "kfp" / "feedback-synth-2026-12-05-00-03-03-189859").exists()
     assert (mine / "todo.txt").read_text() == "keep me"
     remove_run_outputs(str(tmp_path / "nothing-here"))  # no kfp/ folder: nothing to do
+
+
+@pytest.mark.slow
+def test_a_moved_run_with_an_adapted_generator_resumes_every_stage(tmp_path, tiny_generator):
+    """Fingerprints hold digests of what a stage read, not where it lay: a run folder moved (or
+    synced to another bucket) resumes, generation included, whose generator is the run's own
+    ``adapted/generator``."""
+    import json
+    import shutil
+
+    adapt = ["adapt.method=full", "adapt.steps=2", "adapt.batch_size=8", "adapt.samples_per_class=1"]
+    out = tmp_path / "run"
+    assert _run(out, tiny_generator, *adapt) == 0
+    moved = tmp_path / "moved"
+    shutil.move(str(out), str(moved))
+    markers = sorted(moved.rglob("_STAGE.json")) + sorted(moved.rglob("_SUCCESS"))
+    assert any("generated" in p.parts for p in markers) and any("adapted" in p.parts for p in markers)
+    before = {p: p.read_bytes() for p in markers}
+    assert _run(moved, tiny_generator, *adapt) == 0
+    redone = [str(p.relative_to(moved)) for p in markers if p.read_bytes() != before[p]]
+    assert redone == []
+    assert json.loads((moved / "run.json").read_text())["state"] == "finished"

@@ -294,12 +294,14 @@ def test_retraining_distils_from_its_no_synthesis_reference(prepared, digits, tm
                                        DataConfig())
     reference = storage.read_json(str(tmp_path / "distilled" / "reference_metrics.json"))
     assert reference["model_url"] == model_url(str(tmp_path / "distilled" / "reference"))
+    assert reference["model_path"] == "reference/model"  # also relative to its folder: it moves with the run
     assert distilled.summary["distill_weight"] == 1.0
     from feedback_synth.reporting.tables import format_report
     from feedback_synth.stages.evaluate import _distill_weight
 
     report = {"no_synthesis": {"overall": 0.5}, "retrained": {"overall": 0.6}, "delta": {"overall": 0.1},
-              "generated": 60, "kept": 60, "distill_weight": _distill_weight(str(tmp_path / "distilled"), 60)}
+              "generated": 60, "kept": 60, "distill_weight": _distill_weight(
+                  storage.read_yaml(model_url(str(tmp_path / "distilled")) + "/train_config.yaml"), 60)}
     assert "| with synthesis (ce, distilled from no synthesis at 1) | 0.600 |" in format_report(report)
     assert "distilled" not in format_report({**report, "distill_weight": 0.0})
     x = digits["test"].to_tensor()[:16]

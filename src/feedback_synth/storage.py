@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 import re
 import uuid
 from typing import Any, Optional
@@ -48,6 +49,42 @@ def join(url: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def _scheme_and_path(url: str) -> tuple[str, str]:
+    scheme, sep, path = url.partition("://")
+    return (scheme + sep, path) if sep else ("", url)
+
+
+def relative(url: str, start: str) -> str:
+    """``url`` as a path relative to the folder ``start`` (``../baseline/model``); ``url`` itself
+    when the two are on different stores. A record keeps it beside the absolute URL, so that it
+    still finds what it names after the run folder that holds both was moved (``relocated``)."""
+    (scheme, path), (start_scheme, start_path) = _scheme_and_path(url), _scheme_and_path(start)
+    if scheme != start_scheme:
+        return url
+    if not scheme:  # plain paths: from the working directory when relative
+        path, start_path = os.path.abspath(path), os.path.abspath(start_path)
+    return posixpath.relpath(path, start_path)
+
+
+def resolve(start: str, path: str) -> str:
+    """The URL of ``path`` (from ``relative``, or absolute) read from a record in the folder ``start``."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    scheme, start_path = _scheme_and_path(start)
+    return scheme + posixpath.normpath(posixpath.join(start_path, path))
+
+
+def relocated(start: str, relative_path: Optional[str], url: str) -> str:
+    """The URL a record in the folder ``start`` names: its ``relative_path`` from there when that
+    exists (it moved with the run, or never moved), else the ``url`` it was written with (a dataset
+    or model outside the run folder, which stays where it was when the run moves)."""
+    if relative_path:
+        candidate = resolve(start, relative_path)
+        if candidate == url or exists(candidate):
+            return candidate
+    return url
 
 
 def exists(url: str) -> bool:

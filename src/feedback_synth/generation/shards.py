@@ -72,8 +72,10 @@ def shard_fingerprint(plan: GenerationPlan, shard: Shard, dataset_url: str, mode
                       cfg: GenerateConfig, generator_folder: str) -> dict[str, Any]:
     """What makes a shard's images: its plan entries, the generate config, and the digests of the
     data, the classifier, the feedback (class statistics) and the generator."""
-    config = {"entries": [asdict(e) for e in shard.entries], "per_group": plan.per_group,
-              "generate": result_settings(cfg)}  # not the device, batch size, compile or chunking: a shard may resume elsewhere
+    # not the device, batch size, compile or chunking: a shard may resume elsewhere; and not the
+    # generator's URL, which its digest stands for: a run folder moved with its adapted generator resumes
+    settings = {k: v for k, v in result_settings(cfg).items() if k != "generator"}
+    config = {"entries": [asdict(e) for e in shard.entries], "per_group": plan.per_group, "generate": settings}
     inputs = {"data": input_digest(dataset_url), "model": input_digest(model_url),
               "feedback": input_digest(feedback_url), "generator": folder_digest(generator_folder)}
     return fingerprint("generate_shard", config, inputs)

@@ -345,18 +345,21 @@ def write_record(output_url: str, state: str, tracker: Any, devices: Optional[di
             if _ours(record) and record.get("state") == "running" and record.get("started"):
                 started = record["started"]
     storage.write_json(record_url, {
-        "pid": os.getpid(), "host": socket.gethostname(), "started": started,
+        "pid": os.getpid(), "host": socket.gethostname(), "started": started, "output": output_url,
         "state": state, "tracking_uri": getattr(tracker, "tracking_uri", None), "parent_run_id": tracker.run_id,
         **({"devices": devices} if devices else {})})
 
 
 def close_stale_runs(tracker: Any, output_url: str, previous: Optional[dict[str, Any]]) -> list[str]:
-    """The MLflow runs a dead earlier process left RUNNING in this output: closed KILLED."""
+    """The MLflow runs a dead earlier process left RUNNING in this output: closed KILLED. They carry
+    the output's URL as that process saw it (its record's ``output``): the folder may have moved since."""
     from feedback_synth.tracking.stale import close_runs_of_output
 
     if previous is None or previous.get("state") != "running" or not getattr(tracker, "tracking_uri", None):
         return []
-    return close_runs_of_output(tracker.tracking_uri, tracker.cfg.experiment, output_url, exclude=[tracker.run_id])
+    return [run_id for url in dict.fromkeys([output_url, previous.get("output") or output_url])
+            for run_id in close_runs_of_output(tracker.tracking_uri, tracker.cfg.experiment, url,
+                                               exclude=[tracker.run_id])]
 
 
 # ------------------------------------------------------------------------------ the run

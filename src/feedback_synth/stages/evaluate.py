@@ -12,7 +12,7 @@ from feedback_synth.stages.outputs import model_url
 from feedback_synth.stages.result import StageResult, scalar_metrics
 from feedback_synth.stages.resume import digests, run_stage
 from feedback_synth.tracking.descriptors import splits, synthetic_set
-from feedback_synth.training.recipes import recipe_of
+from feedback_synth.training.recipes import recipe_from
 
 if TYPE_CHECKING:
     from feedback_synth.reporting.tables import EvaluationReport
@@ -58,11 +58,10 @@ def _evaluate_run(dataset_url: str, baseline_url: str, retrained_url: str, filte
                        datasets=[splits(dataset_url, "test", "oracle"), synthetic_set(filtered_url, "evaluation", info.name)])
 
 
-def _distill_weight(retrained_url: str, kept: int) -> float:
-    """The retraining's ``retrain.distill_weight``, as its checkpoint records it (0 when nothing
-    synthetic was kept: then there was nothing to distil beside)."""
-    trained = (storage.read_yaml(storage.join(model_url(retrained_url), "train_config.yaml")) or {}).get("train") or {}
-    return float(trained.get("distill_weight") or 0.0) if kept else 0.0
+def _distill_weight(saved: dict, kept: int) -> float:
+    """The retraining's ``retrain.distill_weight``, as its checkpoint's ``train_config.yaml``
+    (``saved``) records it (0 when nothing synthetic was kept: then there was nothing to distil beside)."""
+    return float((saved.get("train") or {}).get("distill_weight") or 0.0) if kept else 0.0
 
 
 def build_report(baseline_url: str, retrained_url: str, filtered_url: str, adapted_url: Optional[str], info,
@@ -80,12 +79,13 @@ def build_report(baseline_url: str, retrained_url: str, filtered_url: str, adapt
         adaptation = {k: v for k, v in storage.read_json(storage.join(adapted_url, "adapt_report.json")).items()
                       if k != "losses"}
     before, with_synthesis = summary(reference), summary(after)
+    saved = storage.read_yaml(storage.join(model_url(retrained_url), "train_config.yaml")) or {}
     return {"no_synthesis": before, "retrained": with_synthesis,
             "delta": {k: v - before[k] for k, v in with_synthesis.items() if k in before},
-            "recipe": asdict(recipe_of(model_url(retrained_url))),
+            "recipe": asdict(recipe_from(saved)),
             "no_synthesis_source": reference.get("source", "baseline"),
             "no_synthesis_training": {k: reference[k] for k in ("epochs", "steps") if k in reference},
-            "distill_weight": _distill_weight(retrained_url, kept),
+            "distill_weight": _distill_weight(saved, kept),
             "baseline": summary(storage.read_json(storage.join(baseline_url, "metrics.json"))),
             "generated": filter_report.get("generated_so_far", filter_report["generated"]),
             "kept": kept, "readmitted": filter_report.get("readmitted", 0),

@@ -7,7 +7,9 @@ is written once.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Optional
+
+from feedback_synth import storage
 
 
 @dataclass
@@ -33,13 +35,35 @@ class StageResult:
     datasets: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self, folder: Optional[str] = None) -> dict[str, Any]:
+        """As plain data; with ``folder`` (the stage's output, where its marker is written) the URLs of
+        its artifacts and datasets also relative to it (``relative``), so that a run folder that was
+        moved (or synced to another bucket) still logs what its resumed stages read and wrote."""
+        d = asdict(self)
+        if folder is not None:
+            artifacts, datasets = _urls(self.artifacts, self.datasets, lambda u: storage.relative(u, folder))
+            d["relative"] = {"artifacts": artifacts, "datasets": datasets}
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StageResult":
-        return cls(d["stage"], dict(d.get("summary") or {}), dict(d.get("metrics") or {}), list(d.get("artifacts") or []),
-                   list(d.get("datasets") or []))
+    def from_dict(cls, d: dict[str, Any], folder: Optional[str] = None) -> "StageResult":
+        """The inverse of ``to_dict`` (``folder``: where the marker was read)."""
+        artifacts, datasets = list(d.get("artifacts") or []), [dict(x) for x in d.get("datasets") or []]
+        relative = d.get("relative") if folder is not None else None
+        if relative:
+            artifacts = [storage.relocated(folder, r, u) for r, u in zip(relative["artifacts"], artifacts)]
+            for entry, rel in zip(datasets, relative["datasets"]):
+                entry.update({k: storage.relocated(folder, rel.get(k), v) for k, v in entry.items()
+                              if k in _DATASET_URLS and v})
+        return cls(d["stage"], dict(d.get("summary") or {}), dict(d.get("metrics") or {}), artifacts, datasets)
+
+
+_DATASET_URLS = ("url", "synthetic", "plan")  # the fields of a datasets entry that are URLs
+
+
+def _urls(artifacts: list[str], datasets: list[dict[str, Any]], convert: Callable[[str], str]):
+    return ([convert(u) for u in artifacts],
+            [{k: convert(v) for k, v in d.items() if k in _DATASET_URLS and v} for d in datasets])
 
 
 def scalar_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -40,7 +40,7 @@ def run_stage(stage: str, output_url: str, config: dict[str, Any], inputs: dict[
     fp = fingerprint(stage, config, inputs)
     done = finished_output(storage.join(output_url, MARKER), fp, f"a finished '{stage}'", overwrite)
     if done is not None:
-        result = StageResult.from_dict(done["result"])
+        result = StageResult.from_dict(done["result"], output_url)
         result.summary["resumed"] = True
         return result
     storage.remove(storage.join(output_url, MARKER))
@@ -49,7 +49,7 @@ def run_stage(stage: str, output_url: str, config: dict[str, Any], inputs: dict[
     result = work()
     # the files this stage wrote (new, or rewritten since it started): what --overwrite may remove
     written = sorted(rel for rel, mtime in _files(output_url).items() if rel not in before or mtime >= started - 1)
-    storage.write_json(storage.join(output_url, MARKER), {**fp, "result": result.to_dict(), "files": written,
+    storage.write_json(storage.join(output_url, MARKER), {**fp, "result": result.to_dict(output_url), "files": written,
                                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return result
 

@@ -65,6 +65,10 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     if previous_retrained_url:
         history_so_far = storage.read_json(storage.join(previous_retrained_url, "rounds.json"))
         reference_metrics = storage.read_json(storage.join(previous_retrained_url, "reference_metrics.json"))
+        if reference_metrics.get("model_url"):  # the run may have moved since
+            reference_metrics["model_url"] = storage.relocated(previous_retrained_url,
+                                                               reference_metrics.pop("model_path", None),
+                                                               reference_metrics["model_url"])
     else:
         history_so_far = []
         if same_training(recipe, base_recipe, ref_cfg, baseline_model_url):
@@ -81,7 +85,8 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     # the no-synthesis reference (trained here, the baseline, or round 1's): distillation's teacher and
     # calibration's yardstick
     reference_clf = ref_clf
-    if reference_clf is None and len(synthetic) and (cfg.distill_weight > 0 or cfg.calibration != "none"):
+    calibrating = cfg.calibration != "none" and evaluate_on_val is not None  # it needs the validation split
+    if reference_clf is None and len(synthetic) and (cfg.distill_weight > 0 or calibrating):
         reference_clf = load_classifier(reference_metrics.get("model_url") or baseline_model_url,
                                         resolve_device(cfg.device, "retrain.device"))
     teacher = reference_clf if cfg.distill_weight > 0 and len(synthetic) else None
@@ -102,7 +107,10 @@ def _retrain(dataset_url: str, baseline_model_url: str, filtered_url: str, outpu
     rounds = history_so_far + [{"round": round_index, "num_synthetic": len(synthetic),
                                 "test": summary_of(result.summary), "val": (history[-1] if history else {})}]
     storage.write_json(storage.join(output_url, "rounds.json"), rounds)
-    storage.write_json(storage.join(output_url, "reference_metrics.json"), reference_metrics)
+    # the reference's checkpoint also relative to this folder, so that a later round finds it in a moved run
+    storage.write_json(storage.join(output_url, "reference_metrics.json"), {
+        **reference_metrics, **({"model_path": storage.relative(reference_metrics["model_url"], output_url)}
+                                if reference_metrics.get("model_url") else {})})
     result.summary.update(round=round_index, reference=reference_metrics.get("source"),
                           head_epochs=cfg.head_epochs if len(synthetic) else 0,
                           distill_weight=cfg.distill_weight if len(synthetic) else 0.0)

@@ -40,9 +40,13 @@ def same_training(recipe, base_recipe, cfg: RetrainConfig, baseline_model_url: s
 
 def recipe_of(model_url_: str):
     """The recipe a checkpoint was trained with (its ``train_config.yaml``)."""
+    return recipe_from(storage.read_yaml(storage.join(model_url_, "train_config.yaml")) or {})
+
+
+def recipe_from(saved: dict):
+    """The recipe in a checkpoint's ``train_config.yaml``, already read."""
     from feedback_synth.training.train import Recipe
 
-    saved = storage.read_yaml(storage.join(model_url_, "train_config.yaml")) or {}
     if "recipe" in saved:
         return Recipe(**saved["recipe"])
     train = saved.get("train") or {}
