@@ -175,7 +175,9 @@ def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, A
 
 def markdown(results: dict[str, dict[str, Any]], command: str, minutes: float) -> str:
     lines = ["# Which retraining keeps every class group? (issue 24, item 1)", "", "```", command, "```", "",
-             f"Wall time {minutes:.1f} min on this {os.cpu_count()}-CPU machine. Each dataset with its preset; every "
+             (f"Wall time {minutes:.1f} min on this {os.cpu_count()}-CPU machine. " if minutes >= 0.05 else
+              "Rendered from cached results (nothing trained by this command; the runs' times are above). ") +
+             "Each dataset with its preset; every "
              "variant retrains from scratch on the same real and kept synthetic images of the seed's run "
              f"(benchmarks/no_group_loses.py); heads re-fit for {HEAD_EPOCHS} epochs on frozen features. Paired "
              "differences against no synthesis, mean over seeds and 95% bootstrap CI: against the same recipe on the "
