@@ -201,11 +201,11 @@ class RetrainConfig(OptimConfig):
     reference_steps: Literal["same", "epochs"] = "same"
     # add lambda x the offset from this prior to the batch prior to the logits, lambda in [0, 1] chosen
     # on the validation split so that no class group (many / medium / few, average group) is below the
-    # no-synthesis reference, then the best calibration_metric. Off by default and in every preset: round
-    # 12's rule (item 1's goal read on validation) chose it nowhere (digits-lt on the machine-independent
-    # data, digits-gap and digits-groups on the data before that fix); on digits-lt it keeps the
-    # many-shot classes with a CI (+0.012) for less few-shot accuracy
-    # (benchmarks/results/retrain_variants_round12.md, retrain_variants_round12_fixed_data.md)
+    # no-synthesis reference, then the best calibration_metric. Off by default: it trades what few-shot
+    # gain there is for many-shot margin (digits-lt: many +0.012, CI from +0.003, few +0.102 instead of
+    # +0.113). Item 1's rule read on validation (the machine-independent data) chose it for digits-gap
+    # only, whose preset turns it on (benchmarks/results/retrain_variants_round12_fixed_data.md,
+    # retrain_variants_round13.md)
     calibration: Literal["no_group_loses", "none"] = "none"
     calibration_metric: Literal[("",) + METRICS] = ""  # '' = few, or worst_group for group data without shot buckets
 

@@ -7,7 +7,7 @@ is written once.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from feedback_synth import storage
 
@@ -41,8 +41,9 @@ class StageResult:
         moved (or synced to another bucket) still logs what its resumed stages read and wrote."""
         d = asdict(self)
         if folder is not None:
-            artifacts, datasets = _urls(self.artifacts, self.datasets, lambda u: storage.relative(u, folder))
-            d["relative"] = {"artifacts": artifacts, "datasets": datasets}
+            d["relative"] = {"artifacts": [storage.relative(u, folder) for u in self.artifacts],
+                             "datasets": [{k: storage.relative(v, folder) for k, v in entry.items()
+                                           if k in _DATASET_URLS and v} for entry in self.datasets]}
         return d
 
     @classmethod
@@ -59,11 +60,6 @@ class StageResult:
 
 
 _DATASET_URLS = ("url", "synthetic", "plan")  # the fields of a datasets entry that are URLs
-
-
-def _urls(artifacts: list[str], datasets: list[dict[str, Any]], convert: Callable[[str], str]):
-    return ([convert(u) for u in artifacts],
-            [{k: convert(v) for k, v in d.items() if k in _DATASET_URLS and v} for d in datasets])
 
 
 def scalar_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
