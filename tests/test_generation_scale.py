@@ -378,22 +378,27 @@ def test_latents_and_scheduler_stay_float32_with_a_bfloat16_unet(tiny_generator,
 
 
 @pytest.mark.slow
-def test_estimate_generation_memory_from_configs_only(tiny_unclip_model, memory_url, capsys):
+def test_estimate_generation_memory_from_configs_only(tiny_unclip_model, memory_url, capsys, tmp_path, monkeypatch):
     """`feedback-synth estimate-memory`: the generator built from its configs (no weight file is
-    even copied from a bucket), sized under fake tensors, agrees with the same batch run for real."""
+    even copied from a bucket), sized under fake tensors, agrees with the same batch run for real;
+    the bucket's temporary copies are gone once each model is loaded."""
     import os
+    import tempfile
 
     from feedback_synth import storage
     from feedback_synth.cli.main import main
-    from feedback_synth.generation.loading import WEIGHT_SUFFIXES, local_copy
+    from feedback_synth.generation.loading import WEIGHT_SUFFIXES, local_folder
     from feedback_synth.generation.memory import estimate_generation_memory
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the copies go: watched below
     fs, _ = storage.fs_and_path(memory_url)
     fs.put(tiny_unclip_model + "/", memory_url.replace("memory://", "/") + "/model/", recursive=True)
     url = memory_url + "/model"
-    configs = local_copy(url, weights=False)
-    copied = [f for _, _, files in os.walk(configs) for f in files]
+    with local_folder(url, weights=False) as configs:
+        copied = [f for _, _, files in os.walk(configs) for f in files]
+        assert configs.startswith(str(tmp_path))
     assert "config.json" in copied and not [f for f in copied if f.endswith(WEIGHT_SUFFIXES)]
+    assert not os.path.exists(configs)
 
     cfg = GenerateConfig(generator=url, batch_size=3, guidance_chunk_size=2, num_inference_steps=4)
     args = dict(classifier_model="resnet10t", num_classes=10, image_size=16, in_chans=3, height=32, width=32)
@@ -405,6 +410,7 @@ def test_estimate_generation_memory_from_configs_only(tiny_unclip_model, memory_
     assert fake.guided > fake.unguided
     whole = estimate_generation_memory(GenerateConfig(generator=url, batch_size=3), **args)
     assert whole.guided > fake.guided  # chunks of 2 hold less than the whole batch
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("feedback-synth-model-")]  # loaded, then removed
 
     assert main(["estimate-memory", "--set", f"generate.generator={tiny_unclip_model}", "--num-classes", "10",
                  "--batch-size", "2", "--set", "generate.criterion=none"]) == 0

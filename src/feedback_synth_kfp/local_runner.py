@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -136,7 +137,8 @@ def _run_tasks(run: Callable[[], Any], cfg: RunConfig, tracking_uri: str, launch
     arguments); on a failure or an interrupt, close the launch's MLflow runs and stop its tasks.
     ``warm``: the environment that sends the task processes to a warm task server (``warm_tasks``).
     Returns what ``run`` returns (the pipeline task: its outputs)."""
-    errors_file = os.path.join(tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-"), "errors.txt")
+    errors_dir = tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-")
+    errors_file = os.path.join(errors_dir, "errors.txt")
     try:
         # what the task processes inherit: the launch id, where a task writes its one-line error,
         # and this process's identity (a task ends when its launcher is gone: launcher.py)
@@ -159,6 +161,8 @@ def _run_tasks(run: Callable[[], Any], cfg: RunConfig, tracking_uri: str, launch
         stop_tasks()  # a signal sent to this process alone would leave the running task at work
         _close_launch(cfg, tracking_uri, launch_id, "interrupted", f"the interrupted {what}")
         raise
+    finally:
+        shutil.rmtree(errors_dir, ignore_errors=True)
 
 
 def _summary_of(out, root: str, t0: float) -> dict[str, Any]:

@@ -68,18 +68,22 @@ def test_finish_tracking_kills_stage_runs_of_dead_pods(mlflow_server):
 
 
 @pytest.mark.slow
-def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, tiny_generator, capsys):
+def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, tiny_generator, capsys, monkeypatch):
     """`run --runner kfp-local` compiles the pipeline without the exit handler (it reads the
     pipeline outputs), so the runner itself closes a failed run's MLflow runs; and a task that
     fails with a one-line error (here the baseline's loss turns inf) ends the run with that line,
-    as in process, not KFP's 'Inner task failed'."""
+    as in process, not KFP's 'Inner task failed'; the file that carried the line is gone."""
     import os
+    import tempfile
 
     from mlflow import MlflowClient
 
     from feedback_synth.cli.main import main
     from feedback_synth_kfp.tracking import LAUNCH_ENV, LAUNCH_TAG
 
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     # passes the pre-flight check, fails in train_baseline (the loss turns inf at this learning rate)
     args = ["run", "--runner", "kfp-local", "--output", str(tmp_path / "run")]
     for s in ("train.model=test_resnet", "train.epochs=1", "train.lr=1.0e+30", f"generate.generator={tiny_generator}",
@@ -95,3 +99,4 @@ def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, ti
     assert parent.data.tags[PIPELINE_ERROR_TAG].startswith("train_baseline: ")
     assert all(r.info.status != "RUNNING" for r in runs)
     assert LAUNCH_ENV not in os.environ  # restored
+    assert not [p for p in os.listdir(temp) if p.startswith("feedback-synth-kfp-errors-")]

@@ -1,8 +1,11 @@
 """Loading generators: the bundled one or a diffusers model folder from any fsspec URL."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from importlib import resources
 
 import torch
@@ -36,25 +39,32 @@ def generator_path(spec: str, dataset_name: str = "digits-lt") -> str:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
 
 
-def local_copy(url: str, weights: bool = True) -> str:
-    """diffusers loads local folders: copy a remote (gs://, memory://) model folder to a temp dir
-    (without its weight files when ``weights`` is False: configs and tokenizers only)."""
+@contextlib.contextmanager
+def local_folder(url: str, weights: bool = True) -> Iterator[str]:
+    """diffusers loads local folders: a local ``url``'s own path, or a remote (gs://, memory://) model
+    folder copied to a temporary folder (without its weight files when ``weights`` is False: configs
+    and tokenizers only) that is removed on the way out: a pod or laptop that loads a generator
+    again and again keeps no copies of it."""
     from fsspec.implementations.local import LocalFileSystem
 
     fs, path = storage.fs_and_path(url)
     if isinstance(fs, LocalFileSystem):
-        return path
+        yield path
+        return
     tmp = tempfile.mkdtemp(prefix="feedback-synth-model-")
-    if weights:
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-        return tmp
-    root = path.rstrip("/")
-    for remote in fs.find(root):
-        if not remote.endswith(WEIGHT_SUFFIXES):
-            local = os.path.join(tmp, os.path.relpath(remote, root))
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            fs.get(remote, local)
-    return tmp
+    try:
+        if weights:
+            fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        else:
+            root = path.rstrip("/")
+            for remote in fs.find(root):
+                if not remote.endswith(WEIGHT_SUFFIXES):
+                    local = os.path.join(tmp, os.path.relpath(remote, root))
+                    os.makedirs(os.path.dirname(local), exist_ok=True)
+                    fs.get(remote, local)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_generator(spec: str, dataset_name: str = "digits-lt", *, device: str,
@@ -73,10 +83,16 @@ def load_generator(spec: str, dataset_name: str = "digits-lt", *, device: str,
         if not os.path.isdir(path):
             raise ConfigError(f"config field 'generate.generator': no bundled generator for dataset "
                               f"'{dataset_name}' (looked in {path}); train one with `feedback-synth pretrain-generator`")
-    else:
-        if not storage.exists(spec):
-            raise DataError(f"generator model folder not found: {spec}")
-        path = local_copy(spec, weights)
+        return _load_folder(path, spec, dataset_name, device, dtype, weights)
+    if not storage.exists(spec):
+        raise DataError(f"generator model folder not found: {spec}")
+    with local_folder(spec, weights) as path:  # the weights are in memory once loaded: the copy can go
+        return _load_folder(path, spec, dataset_name, device, dtype, weights)
+
+
+def _load_folder(path: str, spec: str, dataset_name: str, device: str, dtype: torch.dtype,
+                 weights: bool) -> DiffusionPipeline:
+    """``load_generator`` on a local folder ``path`` (``spec``: what the user named, for errors)."""
     adapted = os.path.join(path, ADAPTED_JSON)
     if os.path.isfile(adapted):  # a LoRA-adapted latent model: its base folder, then the LoRA over it
         import json

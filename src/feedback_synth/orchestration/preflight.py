@@ -51,13 +51,13 @@ def check_generator_folder(spec: str, dataset_name: str) -> dict[str, Any]:
     """A generator folder is a loadable diffusers model of a kind this project knows, with each
     component's config and weights present; returns its UNet config (read from configs only)."""
     from feedback_synth.generation.adapters import GENERATOR_ADAPTERS, adapter_for_folder
-    from feedback_synth.generation.loading import generator_path, local_copy
+    from feedback_synth.generation.loading import generator_meta, generator_path, local_folder
 
     folder = generator_path(spec, dataset_name)
     if not storage.exists(folder):
         raise DataError(f"generator model folder not found: {spec}")
-    local = local_copy(folder, weights=False)
-    adapter = adapter_for_folder(local)
+    with local_folder(folder, weights=False) as local:  # configs only: what tells the kind apart
+        adapter = adapter_for_folder(local)
     if adapter is None:
         raise DataError(f"generator model folder {spec} is not a diffusers model of a kind this project knows "
                         f"(expected unet/ and scheduler/; vae/ for a latent model; image_encoder/ for unCLIP; "
@@ -70,9 +70,7 @@ def check_generator_folder(spec: str, dataset_name: str) -> dict[str, Any]:
         if not any(f.startswith(f"{part}/") and f.endswith(WEIGHT_FILES) for f in files):
             raise DataError(f"generator model folder {spec}: {part}/ has no weight file "
                             f"({', '.join('*' + s for s in WEIGHT_FILES)})")
-    from feedback_synth.generation.loading import generator_meta
-
-    return {"kind": adapter.name, **storage.read_json(os.path.join(local, "unet", "config.json")),
+    return {"kind": adapter.name, **storage.read_json(storage.join(folder, "unet", "config.json")),
             "class_names": generator_meta(folder).get("class_names")}  # None: the generator names none
 
 
