@@ -64,6 +64,7 @@ class Variant(NamedTuple):
     distill: Optional[str]  # distillation from the same-steps reference: None, 'all' or 'real_share'
     weight: float = 0.0  # the distillation weight
     calibrated: bool = False  # a post-hoc logit offset chosen on validation against the fair reference
+    tolerance: float = 0.0  # how far below the reference a group may fall on validation under calibration
 
 
 VARIANT_SPECS = {
@@ -86,6 +87,13 @@ VARIANT_SPECS = {
     "real prior, calibrated": Variant("real", None, False, None, calibrated=True),
     "real prior + head, calibrated": Variant("real", None, True, None, calibrated=True),
     "real prior + head + distillation 0.25, calibrated": Variant("real", None, True, "all", 0.25, calibrated=True),
+    # round 14, digits-gap's few-shot half: distillation where synthesis adds little (the many-shot
+    # classes keep the teacher, the filled classes learn from their synthetic images), calibrated too;
+    # and the calibration that lets a group fall by the goal's own margin (0.005) on validation
+    "real prior + head + distillation by real share 0.25, calibrated":
+        Variant("real", None, True, "real_share", 0.25, calibrated=True),
+    "real prior + head + distillation 0.25, calibrated within 0.005":
+        Variant("real", None, True, "all", 0.25, calibrated=True, tolerance=0.005),
 }
 VARIANTS = tuple(VARIANT_SPECS)
 DISTILL_TEMPERATURE = 2.0
@@ -102,7 +110,7 @@ def scores(clf, data: ImageSet, train: ImageSet, data_cfg, logit_bias: Optional[
 
 
 def calibrated_scores(clf, val: ImageSet, test: ImageSet, train: ImageSet, synthetic: ImageSet, fraction: float,
-                      recipe, data_cfg, reference_val: dict[str, float]) -> dict[str, Any]:
+                      recipe, data_cfg, reference_val: dict[str, float], tolerance: float = 0.0) -> dict[str, Any]:
     """``retrain.calibration``'s rule on its grid (0.05 steps), against the fair reference's validation
     scores: the offset towards the stream's own prior whose weight keeps every class group at the
     reference on validation, with the best few-shot (worst-group) accuracy; the test split is scored
@@ -110,7 +118,8 @@ def calibrated_scores(clf, val: ImageSet, test: ImageSet, train: ImageSet, synth
     counts = train.class_counts()
     offset = prior_offset(recipe.loss, recipe.tau, counts, np.bincount(synthetic.labels, minlength=train.num_classes),
                           fraction, drawn_class_mix(train, recipe))
-    chosen = choose_weight(predict_logits(clf, val), val, counts.tolist(), data_cfg, offset, reference_val)
+    chosen = choose_weight(predict_logits(clf, val), val, counts.tolist(), data_cfg, offset, reference_val,
+                           tolerance=tolerance)
     bias = np.asarray(chosen.logit_bias, np.float32)
     return {"val": scores(clf, val, train, data_cfg, bias), "test": scores(clf, test, train, data_cfg, bias),
             "weight": chosen.weight, "feasible": chosen.feasible}
@@ -164,7 +173,7 @@ def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, A
                 refit_head(clf, train, cfg.retrain, recipe, HEAD_EPOCHS)
                 refitted = True
             out[v] = (calibrated_scores(clf, val, test, train, synthetic, fraction, replace(recipe, prior=prior), cfg.data,
-                                        out[SAME_STEPS]["val"]) if spec.calibrated
+                                        out[SAME_STEPS]["val"], spec.tolerance) if spec.calibrated
                       else {"val": scores(clf, val, train, cfg.data), "test": scores(clf, test, train, cfg.data)})
     out["seconds"] = round(out.get("seconds", 0.0) + time.time() - t0, 1)
     log(f"{dataset} seed {seed}: " + "; ".join(
