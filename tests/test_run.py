@@ -54,7 +54,8 @@ def test_run_end_to_end_on_gcs(gcs_bucket, tiny_generator, capsys):
 def test_each_stage_verb_runs_alone(tmp_path, tiny_generator):
     """The per-stage verbs chain like the KFP components do."""
     d, b, f, g, fl, r, e = (str(tmp_path / n) for n in ("data", "base", "fb", "gen", "flt", "ret", "eval"))
-    s = _sets([f"generate.generator={tiny_generator}"])
+    # every class's synthetic images off the support named: in the filter report and the evaluation's
+    s = _sets([f"generate.generator={tiny_generator}", "filter.gap_share=0.0"])
     assert main(["prepare-data", "--dataset", "digits-lt", "--output", d]) == 0
     assert main(["train-baseline", "--data", d, "--output", b, *s]) == 0
     m = b + "/model"
@@ -65,8 +66,11 @@ def test_each_stage_verb_runs_alone(tmp_path, tiny_generator):
     assert main(["filter", "--data", d, "--model", m, "--feedback", f, "--generated", g, "--output", fl, *s]) == 0
     assert main(["retrain", "--data", d, "--model", m, "--filtered", fl, "--output", r, *s]) == 0
     assert main(["evaluate", "--data", d, "--baseline", b, "--retrained", r, "--filtered", fl, "--output", e, *s]) == 0
-    report = json.loads(open(e + "/report.json").read())
-    assert report["kept"] == json.loads(open(fl + "/filter_report.json").read())["kept"]
+    report, filtered = json.loads(open(e + "/report.json").read()), json.loads(open(fl + "/filter_report.json").read())
+    assert report["kept"] == filtered["kept"]
+    assert report["off_support_classes"] == filtered["off_support_classes"] != []
+    assert "warning: off the task's support: " in open(e + "/report.md").read()
+    assert storage.resolve(fl, filtered["plan_path"]) == f + "/plan.json"  # beside its absolute URL
 
 
 @pytest.mark.parametrize("args, message", [

@@ -13,7 +13,7 @@ from feedback_synth.errors import DataError
 from feedback_synth.stages.outputs import plan_url
 from feedback_synth.stages.result import StageResult, scalar_metrics
 from feedback_synth.stages.resume import digests, run_stage
-from feedback_synth.synthesis.gap_checks import check_gap, filter_gap
+from feedback_synth.synthesis.gap_checks import check_gap, filter_gap, off_support_classes
 from feedback_synth.tracking.descriptors import splits
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,10 @@ def write_filter_outputs(output_url: str, report: dict[str, Any], cfg: FilterCon
     from feedback_synth.reporting import plots
     from feedback_synth.synthesis.filtering import filter_table
 
+    # named in the report the evaluation reads (the warning below came after the write, so it never was)
+    report["off_support_classes"] = off_support_classes(report, cfg.gap_share)
+    if report.get("plan"):  # the plan's path from here beside its URL: found after the run folder moved
+        report["plan_path"] = storage.relative(report["plan"], output_url)
     storage.write_json(storage.join(output_url, "filter_report.json"), report)
     storage.write_text(storage.join(output_url, "filter_table.md"), filter_table(report))
     check_gap(report, cfg, storage.join(output_url, "filter_table.md"))

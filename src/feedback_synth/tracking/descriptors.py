@@ -15,5 +15,6 @@ def splits(dataset_url: str, *names: str) -> dict[str, Any]:
 def synthetic_set(filtered_url: str, context: str, dataset_name: str) -> dict[str, Any]:
     """A StageResult's record of the kept synthetic set a stage read, with its plan and generation config."""
     report = storage.read_json(storage.join(filtered_url, "filter_report.json"))
-    return {"synthetic": filtered_url, "plan": report.get("plan"), "generate_config": report.get("generate_config"),
+    plan = report.get("plan") and storage.relocated(filtered_url, report.get("plan_path"), report["plan"])
+    return {"synthetic": filtered_url, "plan": plan, "generate_config": report.get("generate_config"),
             "context": context, "name": dataset_name}
