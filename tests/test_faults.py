@@ -631,3 +631,10 @@ def test_a_stage_marker_finds_what_it_names_after_the_run_folder_moved(root, mon
     assert moved.artifacts == [f"{root}/b/retrained/per_class.png"]
     assert [d.get("url") or d.get("synthetic") for d in moved.datasets] == [f"{root}/b/data", f"{root}/b/filtered",
                                                                            outside]
+    # a stage that runs after the move reads the filter report's plan where it went
+    from feedback_synth.tracking.descriptors import synthetic_set
+
+    storage.write_text(f"{root}/b/feedback/plan.json", "{}")
+    storage.write_json(f"{root}/b/filtered/filter_report.json", {"plan": f"{root}/a/feedback/plan.json",
+                                                                 "plan_path": "../feedback/plan.json"})
+    assert synthetic_set(f"{root}/b/filtered", "training", "digits")["plan"] == f"{root}/b/feedback/plan.json"
