@@ -85,6 +85,17 @@ def _pipeline_root(output_url: str) -> str:
     return tempfile.mkdtemp(prefix="feedback-synth-kfp-")
 
 
+def _init_kfp_local(root: str) -> None:
+    """The KFP local runner's session: its task records under ``root``, and its workspace too
+    (``kfp.local.init`` would make a new /tmp/kfp-workspace-* on every run and leave it there)."""
+    import kfp.local
+
+    workspace = os.path.join(root, "workspace")
+    os.makedirs(workspace, exist_ok=True)
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, workspace_root=workspace,
+                   raise_on_error=True)
+
+
 def _mark_record(output_url: str, launch_id: str) -> None:
     """Add to the claim's ``run.json`` (``orchestration.run.owned_output`` writes it, and settles its state
     when the run ends) the launch id that finds this run's MLflow runs if it dies."""
@@ -95,8 +106,6 @@ def _mark_record(output_url: str, launch_id: str) -> None:
 
 def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
                    previous: Optional[dict[str, Any]] = None, warm: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    import kfp.local
-
     from feedback_synth_kfp.pipelines.feedback_synth_pipeline import PipelineSettings, build_pipeline
 
     storage.write_yaml(storage.join(output_url, "config.yaml"), asdict(cfg))
@@ -105,7 +114,7 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
     # no retries here: a failure on this machine is not a preempted node
     pipeline = build_pipeline(PipelineSettings(parallelism=parallelism, gpu_retries=0, exit_handler=False,
                                                rounds=cfg.feedback.rounds))
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
+    _init_kfp_local(root)
     t0 = time.time()
     tracking_uri = tracking_location(cfg.tracking, output_url) if cfg.tracking.enabled else ""
     # compiled without the exit handler (its outputs are read below): a failed run's MLflow runs
@@ -200,8 +209,6 @@ def run_pilot_kfp_local(cfg: RunConfig, output_url: str, grid: dict[str, list[An
 
 def _run_pilot_kfp_local(cfg: RunConfig, output_url: str, grid: dict[str, list[Any]], folds: int, epochs: int,
                          parallelism: Optional[int], warm: dict[str, str]) -> dict[str, Any]:
-    import kfp.local
-
     from feedback_synth_kfp.pipelines.pilot_pipeline import PilotSettings, build_pilot_pipeline
 
     root = _pipeline_root(output_url)
@@ -211,7 +218,7 @@ def _run_pilot_kfp_local(cfg: RunConfig, output_url: str, grid: dict[str, list[A
     # no retries here: a failure on this machine is not a preempted node
     pipeline = build_pilot_pipeline(PilotSettings(pipeline=PipelineSettings(gpu_retries=0, exit_handler=False),
                                                   parallelism=parallelism, exit_handler=False))
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
+    _init_kfp_local(root)
     tracking_uri = tracking_location(cfg.tracking, output_url) if cfg.tracking.enabled else ""
     config = {k: v for k, v in asdict(cfg).items() if k != "device"}  # the run's config, one value
     _run_tasks(lambda: pipeline(output=output_url, dataset=cfg.data.dataset, grid=json.dumps(grid), folds=folds,

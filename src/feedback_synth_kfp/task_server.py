@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SERVER_ENV = "FEEDBACK_SYNTH_TASK_SERVER"  # the socket's path, in the task processes' environment
 CLIENT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "task_client")
 # what the tasks import (their heavy part): imported once by the server, shared by every task
+FOLDER_PREFIX = "feedback-synth-tasks-"  # the temporary folder of a server's socket (warm_tasks)
 PRELOAD = ("kfp.dsl.executor_main", "torch", "timm", "diffusers", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
            "sklearn.metrics", "feedback_synth_kfp.artifacts", "feedback_synth_kfp.tracking", "feedback_synth_kfp.pilot",
            "feedback_synth.orchestration.preflight", "feedback_synth.orchestration.tune",
@@ -145,6 +146,10 @@ def serve(socket_path: str, launcher: str = "", modules: tuple[str, ...] = PRELO
     finally:  # the socket is this server's (only the server gets here: a child ends with os._exit)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
+        folder = os.path.dirname(os.path.abspath(socket_path))
+        if os.path.basename(folder).startswith(FOLDER_PREFIX):  # warm_tasks' own: its launcher may be gone
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
 
 def _serve_bound(listener: socket.socket, launcher: str, modules: tuple[str, ...]) -> None:
@@ -233,7 +238,7 @@ def warm_tasks(enabled: bool = True, modules: tuple[str, ...] = PRELOAD) -> Iter
         return
     from feedback_synth_kfp.launcher import launcher_id
 
-    folder = tempfile.mkdtemp(prefix="feedback-synth-tasks-")
+    folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)
     path = os.path.join(folder, "tasks.sock")
     # the environment of a task process (KFP sets _KFP_RUNTIME in it), without the launcher's
     # identity: the server watches the launcher from its loop (a watching thread would be forked)

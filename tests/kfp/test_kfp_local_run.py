@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -147,7 +149,15 @@ def test_pipeline_through_the_kfp_local_runner_and_in_process_alike(tmp_path, ge
     killed = _sigkilled_kfp_local_run(cfg, output, tmp_path / "config.yaml")
     assert killed["state"] == "running" and killed["launch_id"]  # nothing could settle it
     data_marker = (output / "data" / "_STAGE.json").read_text()
-    report = run_kfp_local(cfg, str(output), parallelism=2)
+    # what the runner makes in the temp folder, watched (a short path: the task server's socket is in it)
+    temp = tempfile.mkdtemp(prefix="fs-")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tempfile, "tempdir", temp)
+            report = run_kfp_local(cfg, str(output), parallelism=2)
+        assert os.listdir(temp) == []  # no KFP workspace, task server socket or errors folder left behind
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert (output / "data" / "_STAGE.json").read_text() == data_marker  # finished stages are not redone
     from mlflow import MlflowClient
 

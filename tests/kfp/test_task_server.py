@@ -103,10 +103,16 @@ def test_exit_status_and_signals_go_between_the_task_process_and_its_task(tmp_pa
 
 
 def test_the_server_ends_with_its_launcher(tmp_path):
+    """A launcher killed (SIGKILL: no teardown of its own): the server stops and removes its socket
+    and the folder warm_tasks made for it."""
+    from feedback_synth_kfp.task_server import FOLDER_PREFIX
+
+    folder = tmp_path / f"{FOLDER_PREFIX}x"
+    folder.mkdir()
     launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         ident = f"{launcher.pid}:{psutil.Process(launcher.pid).create_time():.3f}"  # as launcher_id() names one
-        server = subprocess.Popen([sys.executable, "-m", "feedback_synth_kfp.task_server", str(tmp_path / "s.sock"),
+        server = subprocess.Popen([sys.executable, "-m", "feedback_synth_kfp.task_server", str(folder / "s.sock"),
                                    "--launcher", ident, "--preload", ""])
         time.sleep(1.5)
         assert server.poll() is None, "the server stopped while its launcher runs"
@@ -114,7 +120,7 @@ def test_the_server_ends_with_its_launcher(tmp_path):
         launcher.kill()
         launcher.wait()
     assert server.wait(timeout=15) == 0
-    assert not (tmp_path / "s.sock").exists()
+    assert not folder.exists()
 
 
 @pytest.mark.slow
