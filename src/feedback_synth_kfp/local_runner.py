@@ -85,17 +85,6 @@ def _pipeline_root(output_url: str) -> str:
     return tempfile.mkdtemp(prefix="feedback-synth-kfp-")
 
 
-def _init_kfp_local(root: str) -> None:
-    """The KFP local runner's session: its task records under ``root``, and its workspace too
-    (``kfp.local.init`` would make a new /tmp/kfp-workspace-* on every run and leave it there)."""
-    import kfp.local
-
-    workspace = os.path.join(root, "workspace")
-    os.makedirs(workspace, exist_ok=True)
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, workspace_root=workspace,
-                   raise_on_error=True)
-
-
 def _mark_record(output_url: str, launch_id: str) -> None:
     """Add to the claim's ``run.json`` (``orchestration.run.owned_output`` writes it, and settles its state
     when the run ends) the launch id that finds this run's MLflow runs if it dies."""
@@ -114,7 +103,6 @@ def _run_kfp_local(cfg: RunConfig, output_url: str, parallelism: Optional[int],
     # no retries here: a failure on this machine is not a preempted node
     pipeline = build_pipeline(PipelineSettings(parallelism=parallelism, gpu_retries=0, exit_handler=False,
                                                rounds=cfg.feedback.rounds))
-    _init_kfp_local(root)
     t0 = time.time()
     tracking_uri = tracking_location(cfg.tracking, output_url) if cfg.tracking.enabled else ""
     # compiled without the exit handler (its outputs are read below): a failed run's MLflow runs
@@ -140,14 +128,24 @@ def _close_launch(cfg: RunConfig, tracking_uri: str, launch_id: str, message: st
         log.warning("could not close the MLflow runs of %s: %s", which, exc)
 
 
+SCRATCH_PREFIX = "feedback-synth-kfp-scratch-"  # a launch's temporary folder (``_run_tasks``)
+
+
 def _run_tasks(run: Callable[[], Any], cfg: RunConfig, tracking_uri: str, launch_id: str, root: str,
                what: str = "pipeline", warm: Optional[dict[str, str]] = None):
-    """Run a pipeline's tasks in the KFP local runner (``run``: the pipeline called with its
-    arguments); on a failure or an interrupt, close the launch's MLflow runs and stop its tasks.
+    """Run a pipeline's tasks in the KFP local runner, its records under ``root`` (``run``: the
+    pipeline called with its arguments); on a failure or an interrupt, close the launch's MLflow runs and stop its tasks.
     ``warm``: the environment that sends the task processes to a warm task server (``warm_tasks``).
     Returns what ``run`` returns (the pipeline task: its outputs)."""
-    errors_dir = tempfile.mkdtemp(prefix="feedback-synth-kfp-errors-")
-    errors_file = os.path.join(errors_dir, "errors.txt")
+    import kfp.local
+
+    # this launch's scratch folder, removed at the end: the file a failing task writes its line to,
+    # and KFP's workspace (kfp.local.init would make a /tmp/kfp-workspace-* and leave it there)
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
+    errors_file, workspace = os.path.join(scratch, "errors.txt"), os.path.join(scratch, "workspace")
+    os.makedirs(workspace)
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, workspace_root=workspace,
+                   raise_on_error=True)
     try:
         # what the task processes inherit: the launch id, where a task writes its one-line error,
         # and this process's identity (a task ends when its launcher is gone: launcher.py)
@@ -171,7 +169,7 @@ def _run_tasks(run: Callable[[], Any], cfg: RunConfig, tracking_uri: str, launch
         _close_launch(cfg, tracking_uri, launch_id, "interrupted", f"the interrupted {what}")
         raise
     finally:
-        shutil.rmtree(errors_dir, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _summary_of(out, root: str, t0: float) -> dict[str, Any]:
@@ -218,7 +216,6 @@ def _run_pilot_kfp_local(cfg: RunConfig, output_url: str, grid: dict[str, list[A
     # no retries here: a failure on this machine is not a preempted node
     pipeline = build_pilot_pipeline(PilotSettings(pipeline=PipelineSettings(gpu_retries=0, exit_handler=False),
                                                   parallelism=parallelism, exit_handler=False))
-    _init_kfp_local(root)
     tracking_uri = tracking_location(cfg.tracking, output_url) if cfg.tracking.enabled else ""
     config = {k: v for k, v in asdict(cfg).items() if k != "device"}  # the run's config, one value
     _run_tasks(lambda: pipeline(output=output_url, dataset=cfg.data.dataset, grid=json.dumps(grid), folds=folds,
