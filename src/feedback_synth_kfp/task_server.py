@@ -48,6 +48,7 @@ SERVER_ENV = "FEEDBACK_SYNTH_TASK_SERVER"  # the socket's path, in the task proc
 CLIENT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "task_client")
 # what the tasks import (their heavy part): imported once by the server, shared by every task
 FOLDER_PREFIX = "feedback-synth-tasks-"  # the temporary folder of a server's socket (warm_tasks)
+SOCKET_PATH_MAX = 100  # bytes: a Unix socket's path holds 107 on Linux
 PRELOAD = ("kfp.dsl.executor_main", "torch", "timm", "diffusers", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
            "sklearn.metrics", "feedback_synth_kfp.artifacts", "feedback_synth_kfp.tracking", "feedback_synth_kfp.pilot",
            "feedback_synth.orchestration.preflight", "feedback_synth.orchestration.tune",
@@ -229,6 +230,16 @@ def _loop(listener: socket.socket, running: dict[int, socket.socket], launcher: 
         running[pid] = conn
 
 
+def _socket_folder() -> str:
+    """A new temporary folder for the server's socket: under /tmp where the temp folder's path
+    (TMPDIR) is too long for a Unix socket's (107 bytes on Linux; the server could not listen)."""
+    folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)
+    if len(os.path.join(folder, "tasks.sock")) > SOCKET_PATH_MAX and os.path.isdir("/tmp"):
+        os.rmdir(folder)
+        folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir="/tmp")
+    return folder
+
+
 @contextlib.contextmanager
 def warm_tasks(enabled: bool = True, modules: tuple[str, ...] = PRELOAD) -> Iterator[dict[str, str]]:
     """For the code inside, a task server: yields the environment that sends the task processes
@@ -238,7 +249,7 @@ def warm_tasks(enabled: bool = True, modules: tuple[str, ...] = PRELOAD) -> Iter
         return
     from feedback_synth_kfp.launcher import launcher_id
 
-    folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)
+    folder = _socket_folder()
     path = os.path.join(folder, "tasks.sock")
     # the environment of a task process (KFP sets _KFP_RUNTIME in it), without the launcher's
     # identity: the server watches the launcher from its loop (a watching thread would be forked)
@@ -251,6 +262,9 @@ def warm_tasks(enabled: bool = True, modules: tuple[str, ...] = PRELOAD) -> Iter
             if os.path.exists(path) or server.poll() is not None:
                 break
             time.sleep(0.05)
+        if server.poll() is not None:
+            log.warning("the warm task server stopped before it listened on %s (exit status %s): tasks start cold",
+                        path, server.returncode)
         pythonpath = os.pathsep.join(p for p in (CLIENT_DIR, os.environ.get("PYTHONPATH", "")) if p)
         yield {SERVER_ENV: path, "PYTHONPATH": pythonpath} if server.poll() is None else {}
     finally:

@@ -148,3 +148,18 @@ def test_the_environments_own_sitecustomize_still_runs_in_a_task_process(tmp_pat
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["yes", CLIENT_DIR]  # ours was imported, and it ran theirs
+
+
+def test_a_long_temp_folder_still_gets_a_listening_server(tmp_path, monkeypatch):
+    """A TMPDIR too long for a Unix socket's path (107 bytes): the socket goes under /tmp, the
+    server listens (else every task would start cold without a word), and its folder goes after."""
+    import tempfile
+
+    long_tmp = tmp_path / ("t" * 100)
+    long_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    with warm_tasks(modules=()) as warm:
+        assert SERVER_ENV in warm, "the server did not listen"
+        socket_path = warm[SERVER_ENV]
+        assert os.path.exists(socket_path) and socket_path.startswith("/tmp/")
+    assert not os.path.exists(os.path.dirname(socket_path))
