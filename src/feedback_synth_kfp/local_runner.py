@@ -134,7 +134,8 @@ SCRATCH_PREFIX = "feedback-synth-kfp-scratch-"  # a launch's temporary folder (`
 def _run_tasks(run: Callable[[], Any], cfg: RunConfig, tracking_uri: str, launch_id: str, root: str,
                what: str = "pipeline", warm: Optional[dict[str, str]] = None):
     """Run a pipeline's tasks in the KFP local runner, its records under ``root`` (``run``: the
-    pipeline called with its arguments); on a failure or an interrupt, close the launch's MLflow runs and stop its tasks.
+    pipeline called with its arguments); on a failure or an interrupt, close the launch's MLflow
+    runs and stop its tasks.
     ``warm``: the environment that sends the task processes to a warm task server (``warm_tasks``).
     Returns what ``run`` returns (the pipeline task: its outputs)."""
     import kfp.local
