@@ -53,6 +53,14 @@ def _nothing_written_to_the_checkout():
     assert not new, f"the tests wrote {', '.join(new)} (MLflow's default store or a lock beside it)"
 
 
+@pytest.fixture
+def kfp_workspace(tmp_path) -> str:
+    """KFP's workspace for a test's own kfp.local session (else each makes a /tmp/kfp-workspace-*)."""
+    path = tmp_path / "kfp-workspace"
+    path.mkdir()
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def digits():
     from feedback_synth.data.digits import make_digits_lt

@@ -79,7 +79,7 @@ def test_the_piloted_pipeline_runs_the_run_only_on_go_with_the_chosen_config(tmp
 
 
 @pytest.mark.slow
-def test_the_piloted_pipeline_through_the_kfp_local_runner(tmp_path, tiny_generator):
+def test_the_piloted_pipeline_through_the_kfp_local_runner(tmp_path, tiny_generator, kfp_workspace):
     """The piloted pipeline through the real KFP local runner (warm tasks), at test size: the pilot
     (one setting, two folds) says go, then every stage of the run runs, with the pilot's choice in
     place of the user's config (criterion none over the preset's entropy)."""
@@ -104,6 +104,7 @@ def test_the_piloted_pipeline_through_the_kfp_local_runner(tmp_path, tiny_genera
                                                     parallelism=1, exit_handler=False))
     with warm_tasks() as warm, scoped_environ(warm):
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
+                       workspace_root=kfp_workspace,
                        raise_on_error=True)
         pipeline(pilot_output=str(tmp_path / "pilot"), dataset="digits-lt", folds=2, epochs=2, device="cpu",
                  grid=json.dumps({"generate.criterion": ["none"]}),

@@ -43,10 +43,11 @@ def failing(message: str):
 
 
 @pytest.fixture
-def local_runner(tmp_path):
+def local_runner(tmp_path, kfp_workspace):
     import kfp.local
 
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
+                   workspace_root=kfp_workspace,
                    raise_on_error=True)
 
 

@@ -14,7 +14,7 @@ def _runs(client, experiment: str) -> list:
 
 
 @pytest.mark.slow
-def test_failed_pipeline_run_closes_its_mlflow_runs(mlflow_server, tmp_path):
+def test_failed_pipeline_run_closes_its_mlflow_runs(mlflow_server, tmp_path, kfp_workspace):
     import kfp.local
     from mlflow import MlflowClient
 
@@ -22,6 +22,7 @@ def test_failed_pipeline_run_closes_its_mlflow_runs(mlflow_server, tmp_path):
 
     pipeline = build_pipeline(PipelineSettings(gpu_retries=0))  # the compiled one: with the exit handler
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
+                   workspace_root=kfp_workspace,
                    raise_on_error=True)
     with pytest.raises(RuntimeError, match="exit-handler"):
         # a learning rate that turns the loss inf: train_baseline fails, after start_tracking (whose
