@@ -13,7 +13,7 @@ from feedback_synth.errors import DataError
 from feedback_synth.stages.outputs import plan_url
 from feedback_synth.stages.result import StageResult, scalar_metrics
 from feedback_synth.stages.resume import digests, run_stage
-from feedback_synth.synthesis.gap_checks import check_gap, filter_gap, off_support_classes
+from feedback_synth.synthesis.gap_checks import check_gap, filter_gap
 from feedback_synth.tracking.descriptors import splits
 
 log = logging.getLogger(__name__)
@@ -101,18 +101,19 @@ def with_earlier_rounds(previous_filtered_url: str, kept: ImageSet, kept_rows: l
 
 def write_filter_outputs(output_url: str, report: dict[str, Any], cfg: FilterConfig, kept: ImageSet,
                          kept_rows: list[dict[str, Any]], train: ImageSet, earlier: int) -> None:
-    """The report and its table first (they explain a stop), the gap check, then the kept images,
-    their rows and the sample grid of this round's (``kept[earlier:]``)."""
+    """The gap check with the report and its table (written even when the check stops the run: they
+    explain it), then the kept images, their rows and the sample grid of this round's (``kept[earlier:]``)."""
     from feedback_synth.reporting import plots
     from feedback_synth.synthesis.filtering import filter_table
 
-    # named in the report the evaluation reads (the warning below came after the write, so it never was)
-    report["off_support_classes"] = off_support_classes(report, cfg.gap_share)
     if report.get("plan"):  # the plan's path from here beside its URL: found after the run folder moved
         report["plan_path"] = storage.relative(report["plan"], output_url)
-    storage.write_json(storage.join(output_url, "filter_report.json"), report)
-    storage.write_text(storage.join(output_url, "filter_table.md"), filter_table(report))
-    check_gap(report, cfg, storage.join(output_url, "filter_table.md"))
+    table_url = storage.join(output_url, "filter_table.md")
+    try:  # the gap check names the off-support classes in the report; written even when the check stops the run
+        check_gap(report, cfg, table_url)
+    finally:
+        storage.write_json(storage.join(output_url, "filter_report.json"), report)
+        storage.write_text(table_url, filter_table(report))
     if report["generated"] and not report["kept"]:
         dropped = ", ".join(f"{f['name']} {f['dropped']} ({f['reason']})" for f in report["filters"])
         raise DataError(f"the filters dropped all {report['generated']} synthetic images: {dropped}. Nothing to "

@@ -61,18 +61,14 @@ class GapError(DataError):
     """Most synthetic images of some classes are off the task's support (``filter.on_gap: stop``)."""
 
 
-def off_support_classes(report: dict[str, Any], gap_share: float) -> list[str]:
-    """The classes of a filter report whose off-support share exceeds ``gap_share``, as 'name (rate)'."""
-    rates = report.get("gap", {}).get("off_support", {}).get("per_class") or []
-    names = list(report["per_class"])
-    return [f"{names[c]} ({r:.0%})" for c, r in enumerate(rates) if r is not None and r > gap_share]
-
-
 def check_gap(report: dict[str, Any], cfg: FilterConfig, table_url: str) -> list[str]:
     """The early gap warning, right after filtering and before the retraining is spent: the classes
     whose off-support share exceeds ``cfg.gap_share``, named in a warning, or (``cfg.on_gap``
     stop) a GapError. Returns those classes (also ``report['off_support_classes']``)."""
-    off = report["off_support_classes"] = off_support_classes(report, cfg.gap_share)
+    rates = report.get("gap", {}).get("off_support", {}).get("per_class") or []
+    names = list(report["per_class"])
+    off = [f"{names[c]} ({r:.0%})" for c, r in enumerate(rates) if r is not None and r > cfg.gap_share]
+    report["off_support_classes"] = off
     if not off:
         return off
     message = (f"most synthetic images of {len(off)} class(es) are off the task's support: {', '.join(off)}. The "
