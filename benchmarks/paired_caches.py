@@ -60,7 +60,11 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", required=True)
     p.add_argument("--out", help="also write OUT.md")
     args = p.parse_args(argv)
-    a, b = (storage.read_json(storage.join(w, f"variants-{args.dataset}.json")) for w in (args.a, args.b))
+    caches = [storage.join(w, f"variants-{args.dataset}.json") for w in (args.a, args.b)]
+    for url in caches:
+        if not storage.exists(url):
+            raise SystemExit(f"{url}: not found (run retrain_variants.py --work on that folder for {args.dataset} first)")
+    a, b = (storage.read_json(url) for url in caches)
     text = table(a, b, args.seeds, args.variants, tuple(args.labels))
     print(text)
     if args.out:
