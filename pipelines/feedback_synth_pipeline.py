@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 from kfp import dsl, kubernetes
 
 from feedback_synth.orchestration import stage_table
+from feedback_synth_kfp import kfp_speedups
 from feedback_synth_kfp.components.adapt_generator import adapt_generator
 from feedback_synth_kfp.components.evaluate import evaluate
 from feedback_synth_kfp.components.extract_feedback import extract_feedback
@@ -25,6 +26,8 @@ from feedback_synth_kfp.components.retrain import retrain
 from feedback_synth_kfp.components.start_tracking import start_tracking
 from feedback_synth_kfp.components.train_baseline import train_baseline
 from feedback_synth_kfp.parameters import named_defaults
+
+kfp_speedups.install()  # the task setters without kfp's stack walk (seconds per build once torch is imported)
 
 PIPELINE_NAME = "feedback-synth"
 

@@ -214,3 +214,27 @@ def test_settings_change_what_is_compiled(tmp_path):
                                                                 "filtered", "retrained", "evaluation", "decision"}
     with pytest.raises(ValueError, match="parallelism"):
         PipelineSettings(parallelism=0)
+
+
+def test_a_setter_on_a_task_without_a_container_is_still_refused_by_name():
+    """kfp_speedups replaces kfp's stack walk in the task setters' check, not the check: a setter on
+    a pipeline used as a component is refused, naming the setter, as kfp words it."""
+    from kfp import dsl
+
+    import feedback_synth_kfp.pipelines.feedback_synth_pipeline  # noqa: F401  (installs kfp_speedups)
+    from feedback_synth_kfp import kfp_speedups
+
+    assert dsl.PipelineTask._ensure_container_spec_exists is kfp_speedups._ensure_container_spec_exists
+
+    @dsl.component(base_image="python:3.11")
+    def hello():
+        print("hello")
+
+    @dsl.pipeline
+    def inner():
+        hello()
+
+    with pytest.raises(ValueError, match=r"^set_cpu_limit can only be used on single-step components, not pipelines"):
+        @dsl.pipeline
+        def outer():
+            inner().set_cpu_limit("1")
