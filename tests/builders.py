@@ -1,12 +1,34 @@
 """Tiny models built from config (no download), shared by the tests: a pixel class-conditional
-generator, a latent text-to-image model, a stable unCLIP model and a timm classifier."""
+generator, a latent text-to-image model, a stable unCLIP model and a timm classifier; and
+``shared_by_workers``, for what the xdist workers of one run make once."""
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 EMBED_DIM = 16
+
+
+def shared_by_workers(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder ``name``, made by ``make(folder)`` once per test run: the xdist workers of one run
+    share it (the base temp folder's parent is the run's); the first to ask makes it under a file
+    lock, the others wait for it. Tests must not change what is in it."""
+    import filelock
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+    folder, done = root / name, root / f"{name}.done"
+    with filelock.FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
 
 
 def build_tiny_pixel_generator(path: str, channels: int = 1, num_conditions: int = 10, seed: int = 0) -> str:

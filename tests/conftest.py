@@ -6,6 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/builders.py
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -90,10 +91,11 @@ def small_classifier(digits, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_generator(tmp_path_factory):
-    """A random-weight class-conditional pixel generator folder (tiny UNet built from config)."""
-    from builders import build_tiny_pixel_generator
+    """A random-weight class-conditional pixel generator folder (tiny UNet built from config, seeded),
+    shared by the workers: a run made by one worker resumes in another with the same config."""
+    from builders import build_tiny_pixel_generator, shared_by_workers
 
-    return build_tiny_pixel_generator(str(tmp_path_factory.mktemp("gen")))
+    return str(shared_by_workers(tmp_path_factory, "tiny-generator", lambda f: build_tiny_pixel_generator(str(f))))
 
 
 def _free_port() -> int:
@@ -173,7 +175,7 @@ def pytest_collection_modifyitems(config, items):
     its author remembered it (the server takes ~15 s to start: ``-m "not mlflow_server"`` skips them).
     Under two workers the longest tests start first, one on each (``LONGEST``)."""
     for item in items:
-        if {"mlflow_server", "pg_mlflow_server"} & set(getattr(item, "fixturenames", ())):
+        if {"mlflow_server", "pg_mlflow_server", "doomed_mlflow_server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.mlflow_server)
     if getattr(config.option, "numprocesses", None) != 2:
         return
@@ -183,3 +185,36 @@ def pytest_collection_modifyitems(config, items):
     rest = [i for i in items if i not in longest]
     half = len(items) // 2
     items[:] = [longest[0], *rest[:half - 1], longest[1], *rest[half - 1:]]
+
+
+def pytest_sessionfinish(session):
+    """The controller of an xdist run stops the MLflow servers that its workers shared, once they
+    are done (tests/mlflow/conftest.py starts them, records them in mlflow-servers/pool.json)."""
+    import json
+    import signal
+
+    if hasattr(session.config, "workerinput") or not getattr(session.config.option, "numprocesses", None):
+        return  # a worker, or a run without xdist: the session's own finaliser stopped them
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    record = factory.getbasetemp() / "mlflow-servers" / "pool.json" if factory else None
+    if record is None or not record.exists():
+        return
+    groups = [server["pid"] for server in json.loads(record.read_text()).values()]
+    for pgid in groups:  # each server was started in a session of its own: its group is its pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while groups and time.monotonic() < deadline:
+        groups = [g for g in groups if _group_alive(g)]
+        time.sleep(0.25)
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

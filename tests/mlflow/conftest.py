@@ -1,13 +1,18 @@
 """Fixtures for the MLflow tests: real ``mlflow server`` processes on loopback, a PostgreSQL-backed
 one for the promotion tests, and a small trained checkpoint.
 
-Servers take ~13-20 s to answer /health on 2 cores, so each kind is started once per session, and
-all the kinds that the selected tests need are launched together at the first request (their
-start-up overlaps). Each is stopped by its process group id (it was started in a new session) in
-the finaliser. Tests use unique registered model names, so the servers are shared safely.
+Servers take ~7 s of CPU and ~13-20 s to answer /health on 2 cores, so each shared kind (SQLite,
+PostgreSQL) is started once per test run: the first xdist worker that needs one launches every
+shared kind the selected tests need together (their start-up overlaps) and records them in
+``mlflow-servers/pool.json`` under the run's temp folder; the other worker uses them. Each is
+stopped by its process group id (it was started in a new session): by the session's finaliser
+without xdist, else by the controller at the end of the run (``tests/conftest.py``). Tests use
+unique registered model names, so the servers are shared safely. The server that a test stops
+mid-run is that test's own.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,7 +27,8 @@ import pytest
 
 PG_ENV = "FEEDBACK_SYNTH_TEST_PG_URI"
 # fixture name -> server kind; collection records which kinds the selected tests need
-SERVER_FIXTURES = {"mlflow_server": "sqlite", "pg_mlflow_server": "postgres", "doomed_mlflow_server": "doomed"}
+SERVER_FIXTURES = {"mlflow_server": "sqlite", "pg_mlflow_server": "postgres"}
+POOL_FOLDER = "mlflow-servers"  # under the run's temp folder: the shared servers and pool.json
 _NEEDED: set[str] = set()
 
 
@@ -72,13 +78,27 @@ def _mlflow_exe() -> str:
 class MlflowServer:
     """One ``mlflow server`` process (1 worker, proxied artifacts, no job runner) on 127.0.0.1."""
 
-    def __init__(self, backend_uri: str, workdir: str):
+    def __init__(self, backend_uri: str, workdir: str, port: int = 0, pid: int = 0):
         self.backend_uri = backend_uri
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(workdir, "server.log")
         self.proc: subprocess.Popen | None = None
+        self.pid = pid  # the process (and its group) of a server another worker started
+
+    def record(self) -> dict:
+        return {"backend_uri": self.backend_uri, "workdir": self.workdir, "port": self.port,
+                "pid": self.proc.pid if self.proc else self.pid}
+
+    def _exited(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is not None
+        try:
+            os.kill(self.pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
 
     def start(self) -> "MlflowServer":
         os.makedirs(self.workdir, exist_ok=True)
@@ -109,28 +129,30 @@ class MlflowServer:
     def wait(self, timeout: float = 120.0) -> "MlflowServer":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server ({self.backend_uri}) exited with {self.proc and self.proc.returncode}:"
-                                   f"\n{self.log_tail()}")
+            if self._exited():
+                raise RuntimeError(f"mlflow server ({self.backend_uri}) exited:\n{self.log_tail()}")
             if self.healthy():
                 return self
             time.sleep(0.25)
         raise RuntimeError(f"mlflow server ({self.backend_uri}) not healthy after {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self._exited():
             return
-        pgid = self.proc.pid  # start_new_session: the group is the server's own
+        pgid = self.proc.pid if self.proc is not None else self.pid  # start_new_session: its own group
         try:
             os.killpg(pgid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait(timeout=5)
         except ProcessLookupError:
-            pass
-        # uvicorn's worker is in the same group; reap stragglers of this group only
-        for _ in range(20):
+            return
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        # uvicorn's worker is in the same group (and a server another process started is not our
+        # child to wait for): wait for the group to go, then kill what is left of it
+        for _ in range(60):
             try:
                 os.killpg(pgid, 0)
             except ProcessLookupError:
@@ -156,10 +178,8 @@ def _require_pg() -> str:
     pytest.skip(f"needs PostgreSQL: set {PG_ENV} (e.g. `eval \"$(bash scripts/ci-postgres.sh)\"`)")
 
 
-@pytest.fixture(scope="session")
-def _server_pool(tmp_path_factory):
-    """Launch every server kind the selected tests need at once; yields {kind: MlflowServer}."""
-    root = tmp_path_factory.mktemp("mlflow-servers")
+def _start_pool(root) -> dict[str, MlflowServer]:
+    """Launch every shared server kind the selected tests need, at once."""
     servers: dict[str, MlflowServer] = {}
     for kind in sorted(_NEEDED):
         if kind == "postgres":
@@ -172,10 +192,40 @@ def _server_pool(tmp_path_factory):
     try:
         for server in servers.values():
             server.start()
+    except BaseException:
+        stop_servers([server.record() for server in servers.values() if server.proc is not None])
+        raise
+    return servers
+
+
+def stop_servers(records: list[dict]) -> None:
+    """Stop the servers of ``records`` (``MlflowServer.record``), each by its process group."""
+    for record in records:
+        MlflowServer(record["backend_uri"], record["workdir"], record["port"], record["pid"]).stop()
+
+
+@pytest.fixture(scope="session")
+def _server_pool(tmp_path_factory):
+    """The shared servers, {kind: MlflowServer}: started by the first worker of the run to ask (or
+    by this process without xdist), recorded in pool.json for the other."""
+    import filelock
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = (tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()) / POOL_FOLDER
+    root.mkdir(exist_ok=True)
+    record = root / "pool.json"
+    with filelock.FileLock(str(root / "pool.lock")):
+        if record.exists():
+            servers = {kind: MlflowServer(r["backend_uri"], r["workdir"], r["port"], r["pid"])
+                       for kind, r in json.loads(record.read_text()).items()}
+        else:
+            servers = _start_pool(root)
+            record.write_text(json.dumps({kind: server.record() for kind, server in servers.items()}))
+    try:
         yield servers
     finally:
-        for server in servers.values():
-            server.stop()
+        if not worker:  # with xdist, the controller stops them once every worker is done
+            stop_servers([server.record() for server in servers.values()])
 
 
 def _server(pool: dict, kind: str) -> MlflowServer:
@@ -211,10 +261,14 @@ def pg_mlflow_server(pg_uri, _server_pool) -> MlflowServer:
     return _server(_server_pool, "postgres")
 
 
-@pytest.fixture(scope="session")
-def doomed_mlflow_server(_server_pool) -> MlflowServer:
+@pytest.fixture
+def doomed_mlflow_server(tmp_path) -> MlflowServer:
     """A server of its own, for the one test that stops it mid-run."""
-    return _server(_server_pool, "doomed")
+    server = MlflowServer(f"sqlite:///{tmp_path / 'doomed' / 'mlflow.db'}", str(tmp_path / "doomed")).start()
+    try:
+        yield server.wait()
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ sys.exit(main(argv))
 
 
 def _killed_after(point: str, argv: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run([sys.executable, "-c", KILLED_AFTER, point, *argv], env=env, capture_output=True,
                           text=True, timeout=600)
@@ -147,17 +147,22 @@ def test_promote_of_a_missing_model_opens_no_run(tmp_path, make_report, capsys):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_generator):
-    """A finished, tracked run at test size (its champion is v1), made once; tests copy it."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", "feedback_synth.cli.main", *_run_args(out, tiny_generator)],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    client = _client(_store(out))
-    if "champion" not in client.get_registered_model(MODEL).aliases:  # the test-size model may fail the gate
-        client.set_registered_model_alias(MODEL, "champion", "1")
-    return out
+    """A finished, tracked run at test size (its champion is v1), made once per test run (the xdist
+    workers share it); tests copy it."""
+    from builders import shared_by_workers
+
+    def make(folder):
+        out = folder / "run"
+        env = dict(os.environ)
+        env.pop("MLFLOW_TRACKING_URI", None)
+        proc = subprocess.run([sys.executable, "-m", "feedback_synth.cli.main", *_run_args(out, tiny_generator)],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        client = _client(_store(out))
+        if "champion" not in client.get_registered_model(MODEL).aliases:  # the test-size model may fail the gate
+            client.set_registered_model_alias(MODEL, "champion", "1")
+
+    return shared_by_workers(tmp_path_factory, "finished-run", make) / "run"
 
 
 def _copy(run, dest):
