@@ -7,14 +7,17 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DiffusionPipeline
 
 from feedback_synth import storage
 from feedback_synth.devices import resolve_device
 from feedback_synth.errors import ConfigError, DataError
 from feedback_synth.generation.adapters import GENERATOR_ADAPTERS, adapter_for_folder
+
+if TYPE_CHECKING:  # diffusers is imported where a generator is loaded: pre-flight checks need only the folder
+    from diffusers import DiffusionPipeline
 
 BUILTIN_GENERATOR = "builtin"
 ADAPTED_JSON = "adapted_generator.json"  # a LoRA-adapted latent generator: its base folder and LoRA file
