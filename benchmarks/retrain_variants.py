@@ -103,35 +103,74 @@ KEYS = ("overall", "many", "medium", "few", "average_group", "worst_group", "maj
 
 def scores(clf, data: ImageSet, train: ImageSet, data_cfg, logit_bias: Optional[np.ndarray] = None) -> dict[str, float]:
     logits = predict_logits(clf, data)
-    predictions = (logits if logit_bias is None else logits + logit_bias[None, :]).argmax(1)
+    return scores_of((logits if logit_bias is None else logits + logit_bias[None, :]).argmax(1), data, train, data_cfg)
+
+
+def scores_of(predictions: np.ndarray, data: ImageSet, train: ImageSet, data_cfg) -> dict[str, float]:
     m = accuracy_metrics(predictions, data, train.class_counts().tolist(), data_cfg)
     m["majority_group"] = majority_group_accuracy(predictions, data, train)
     return {k: float(m[k]) for k in KEYS if m.get(k) is not None}
 
 
+CROSSFIT_SEED = 0  # the halves of the validation split for cross-fitted calibration scores
+
+
+def crossfit_predictions(logits: np.ndarray, val: ImageSet, train: ImageSet, data_cfg, offset: np.ndarray,
+                         reference_predictions: np.ndarray, tolerance: float = 0.0,
+                         seed: int = CROSSFIT_SEED) -> np.ndarray:
+    """Calibration's predictions on the validation split, cross-fitted: the split cut in two halves
+    (per class, seeded), each half predicted with the weight chosen on the other half against the
+    reference's predictions there. The weight a run ships is chosen on all of it, so its own
+    validation scores are optimistic by construction (the weight was picked to keep every group
+    there); these are the scores a choice among variants may read."""
+    rng = np.random.default_rng(seed)
+    first = np.zeros(len(val), bool)
+    for c in np.unique(val.labels):
+        index = rng.permutation(np.flatnonzero(val.labels == c))
+        first[index[:len(index) // 2 + int(len(index) % 2 == 1 and rng.random() < 0.5)]] = True
+    counts = train.class_counts().tolist()
+    predictions = np.empty(len(val), np.int64)
+    for fit in (first, ~first):
+        fit_set = val.subset(np.flatnonzero(fit))
+        reference = accuracy_metrics(reference_predictions[fit], fit_set, counts, data_cfg)
+        chosen = choose_weight(logits[fit], fit_set, counts, data_cfg, offset, reference, tolerance=tolerance)
+        predictions[~fit] = (logits[~fit] + np.asarray(chosen.logit_bias, np.float32)[None, :]).argmax(1)
+    return predictions
+
+
 def calibrated_scores(clf, val: ImageSet, test: ImageSet, train: ImageSet, synthetic: ImageSet, fraction: float,
-                      recipe, data_cfg, reference_val: dict[str, float], tolerance: float = 0.0) -> dict[str, Any]:
+                      recipe, data_cfg, reference_val: dict[str, float], reference_val_predictions: np.ndarray,
+                      tolerance: float = 0.0) -> dict[str, Any]:
     """``retrain.calibration``'s rule on its grid (0.05 steps), against the fair reference's validation
     scores: the offset towards the stream's own prior whose weight keeps every class group at the
     reference on validation, with the best few-shot (worst-group) accuracy; the test split is scored
-    with it."""
+    with it. ``val``: the cross-fitted validation scores (``crossfit_predictions``), which the choice
+    among variants reads; ``val_in_sample``: those of the weight chosen on all of it (optimistic)."""
     counts = train.class_counts()
     offset = prior_offset(recipe.loss, recipe.tau, counts, np.bincount(synthetic.labels, minlength=train.num_classes),
                           fraction, drawn_class_mix(train, recipe))
-    chosen = choose_weight(predict_logits(clf, val), val, counts.tolist(), data_cfg, offset, reference_val,
-                           tolerance=tolerance)
+    val_logits = predict_logits(clf, val)
+    chosen = choose_weight(val_logits, val, counts.tolist(), data_cfg, offset, reference_val, tolerance=tolerance)
     bias = np.asarray(chosen.logit_bias, np.float32)
-    return {"val": scores(clf, val, train, data_cfg, bias), "test": scores(clf, test, train, data_cfg, bias),
+    crossfit = crossfit_predictions(val_logits, val, train, data_cfg, offset, reference_val_predictions, tolerance)
+    return {"val": scores_of(crossfit, val, train, data_cfg),
+            "val_in_sample": scores(clf, val, train, data_cfg, bias), "test": scores(clf, test, train, data_cfg, bias),
             "weight": chosen.weight, "feasible": chosen.feasible}
 
 
 def up_to_date(cached: dict[str, Any]) -> dict[str, Any]:
-    """A seed's cached results less the variants measured before ``majority_group`` existed (on data
-    with groups every other entry has it): they are trained again."""
-    def stale(entry: Any) -> bool:
-        return isinstance(entry, dict) and "worst_group" in entry.get("val", {}) and "majority_group" not in entry["val"]
+    """A seed's cached results less the entries measured before what they must have existed: a
+    variant without ``majority_group`` (on data with groups every other entry has it), a calibrated
+    one without cross-fitted validation scores (``val_in_sample`` beside them, since round 15).
+    They are trained again."""
+    def stale(name: str, entry: Any) -> bool:
+        if not isinstance(entry, dict):
+            return False
+        if "worst_group" in entry.get("val", {}) and "majority_group" not in entry["val"]:
+            return True
+        return name in VARIANT_SPECS and VARIANT_SPECS[name].calibrated and "val_in_sample" not in entry
 
-    return {k: v for k, v in cached.items() if not stale(v) or k == NO_SYN}
+    return {k: v for k, v in cached.items() if not stale(k, v) or k == NO_SYN}
 
 
 def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, Any]] = None,
@@ -150,7 +189,8 @@ def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, A
     missing = [v for v in variants if v not in out]
     t0 = time.time()
     ref = None
-    if SAME_STEPS not in out or any(VARIANT_SPECS[v].distill for v in missing):  # seeded: the same model every time
+    # seeded: the same model every time; distillation learns from it, calibration is measured against it
+    if SAME_STEPS not in out or any(VARIANT_SPECS[v].distill or VARIANT_SPECS[v].calibrated for v in missing):
         same = replace(cfg.retrain, epochs=same_steps_epochs(cfg.retrain.epochs, len(train), len(synthetic),
                                                              cfg.retrain.batch_size, cfg.retrain.synthetic_fraction))
         ref, _ = train_classifier(train, same, cfg.train.model, recipe=replace(recipe, prior="real"), desc="reference")
@@ -173,7 +213,8 @@ def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, A
                 refit_head(clf, train, cfg.retrain, recipe, HEAD_EPOCHS)
                 refitted = True
             out[v] = (calibrated_scores(clf, val, test, train, synthetic, fraction, replace(recipe, prior=prior), cfg.data,
-                                        out[SAME_STEPS]["val"], spec.tolerance) if spec.calibrated
+                                        out[SAME_STEPS]["val"], predict_logits(ref, val).argmax(1), spec.tolerance)
+                      if spec.calibrated
                       else {"val": scores(clf, val, train, cfg.data), "test": scores(clf, test, train, cfg.data)})
     out["seconds"] = round(out.get("seconds", 0.0) + time.time() - t0, 1)
     log(f"{dataset} seed {seed}: " + "; ".join(
