@@ -115,6 +115,17 @@ def scores_of(predictions: np.ndarray, data: ImageSet, train: ImageSet, data_cfg
 CROSSFIT_SEED = 0  # the halves of the validation split for cross-fitted calibration scores
 
 
+def crossfit_halves(labels: np.ndarray, seed: int = CROSSFIT_SEED) -> np.ndarray:
+    """The first half of a split for ``crossfit_predictions``: half of each class's images (an odd
+    one out goes to either half at random), seeded."""
+    rng = np.random.default_rng(seed)
+    first = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        index = rng.permutation(np.flatnonzero(labels == c))
+        first[index[:len(index) // 2 + int(len(index) % 2 == 1 and rng.random() < 0.5)]] = True
+    return first
+
+
 def crossfit_predictions(logits: np.ndarray, val: ImageSet, train: ImageSet, data_cfg, offset: np.ndarray,
                          reference_predictions: np.ndarray, tolerance: float = 0.0,
                          seed: int = CROSSFIT_SEED) -> np.ndarray:
@@ -123,11 +134,7 @@ def crossfit_predictions(logits: np.ndarray, val: ImageSet, train: ImageSet, dat
     reference's predictions there. The weight a run ships is chosen on all of it, so its own
     validation scores are optimistic by construction (the weight was picked to keep every group
     there); these are the scores a choice among variants may read."""
-    rng = np.random.default_rng(seed)
-    first = np.zeros(len(val), bool)
-    for c in np.unique(val.labels):
-        index = rng.permutation(np.flatnonzero(val.labels == c))
-        first[index[:len(index) // 2 + int(len(index) % 2 == 1 and rng.random() < 0.5)]] = True
+    first = crossfit_halves(val.labels, seed)
     counts = train.class_counts().tolist()
     predictions = np.empty(len(val), np.int64)
     for fit in (first, ~first):

@@ -147,3 +147,43 @@ def test_retrain_ships_the_chosen_offset_and_says_why(prepared, digits, tmp_path
     fc_name = plain_clf.backbone.default_cfg.get("classifier", "fc")
     changed = {k for k, v in head_clf.state_dict().items() if not torch.equal(v, plain_clf.state_dict()[k])}
     assert changed and all(k.startswith(f"backbone.{fc_name}.") for k in changed), changed
+
+
+def _retrain_variants():
+    """benchmarks/retrain_variants.py as a module (it imports its neighbour synthesis_benchmark)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("retrain_variants", folder / "retrain_variants.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its NamedTuples look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmarks_cross_fitted_calibration_scores_each_half_with_the_other_halfs_weight():
+    """The choice among retrainings reads calibration's validation scores cross-fitted: the weight
+    chosen on all of validation keeps every group there by construction, so its own scores there
+    say nothing about whether it holds."""
+    bench = _retrain_variants()
+    rng = np.random.default_rng(1)
+    val = _val(21)  # 21 images a class: an odd one out
+    first = bench.crossfit_halves(val.labels, seed=3)
+    assert np.array_equal(first, bench.crossfit_halves(val.labels, seed=3))  # seeded
+    assert all(abs(2 * first[val.labels == c].sum() - 21) == 1 for c in (0, 1))  # half of each class
+    logits = rng.normal(size=(len(val), 2)).astype(np.float32)
+    offset = np.array([1.0, -1.0])
+    reference = rng.integers(0, 2, len(val))
+    train = ImageSet(np.zeros((105, 4, 4, 1), np.uint8), np.repeat([0, 1], COUNTS), np.zeros(105, np.int64),
+                     np.array([f"t{i}" for i in range(105)]), ["many", "few"])
+    cfg = DataConfig(many_threshold=50, few_threshold=10)
+    got = bench.crossfit_predictions(logits, val, train, cfg, offset, reference, seed=3)
+    for fit in (first, ~first):  # each half: the weight choose_weight picks on the other half
+        fit_set = val.subset(np.flatnonzero(fit))
+        chosen = choose_weight(logits[fit], fit_set, COUNTS, cfg, offset,
+                               accuracy_metrics(reference[fit], fit_set, COUNTS, cfg))
+        assert np.array_equal(got[~fit], (logits[~fit] + chosen.weight * offset[None, :]).argmax(1))
