@@ -49,7 +49,7 @@ from feedback_synth import storage  # noqa: E402
 from feedback_synth.config import resolve_run_config  # noqa: E402
 from feedback_synth.data.imageset import ImageSet, load_split  # noqa: E402
 from feedback_synth.stages.outputs import model_url  # noqa: E402
-from feedback_synth.training.calibration import choose_weight, prior_offset  # noqa: E402
+from feedback_synth.training.calibration import choose_weight, crossfit_predictions, prior_offset  # noqa: E402
 from feedback_synth.training.classifier import load_classifier  # noqa: E402
 from feedback_synth.training.evaluate import accuracy_metrics, predict_logits  # noqa: E402
 from feedback_synth.training.recipes import retrain_recipe  # noqa: E402
@@ -112,39 +112,6 @@ def scores_of(predictions: np.ndarray, data: ImageSet, train: ImageSet, data_cfg
     return {k: float(m[k]) for k in KEYS if m.get(k) is not None}
 
 
-CROSSFIT_SEED = 0  # the halves of the validation split for cross-fitted calibration scores
-
-
-def crossfit_halves(labels: np.ndarray, seed: int = CROSSFIT_SEED) -> np.ndarray:
-    """The first half of a split for ``crossfit_predictions``: half of each class's images (an odd
-    one out goes to either half at random), seeded."""
-    rng = np.random.default_rng(seed)
-    first = np.zeros(len(labels), bool)
-    for c in np.unique(labels):
-        index = rng.permutation(np.flatnonzero(labels == c))
-        first[index[:len(index) // 2 + int(len(index) % 2 == 1 and rng.random() < 0.5)]] = True
-    return first
-
-
-def crossfit_predictions(logits: np.ndarray, val: ImageSet, train: ImageSet, data_cfg, offset: np.ndarray,
-                         reference_predictions: np.ndarray, tolerance: float = 0.0,
-                         seed: int = CROSSFIT_SEED) -> np.ndarray:
-    """Calibration's predictions on the validation split, cross-fitted: the split cut in two halves
-    (per class, seeded), each half predicted with the weight chosen on the other half against the
-    reference's predictions there. The weight a run ships is chosen on all of it, so its own
-    validation scores are optimistic by construction (the weight was picked to keep every group
-    there); these are the scores a choice among variants may read."""
-    first = crossfit_halves(val.labels, seed)
-    counts = train.class_counts().tolist()
-    predictions = np.empty(len(val), np.int64)
-    for fit in (first, ~first):
-        fit_set = val.subset(np.flatnonzero(fit))
-        reference = accuracy_metrics(reference_predictions[fit], fit_set, counts, data_cfg)
-        chosen = choose_weight(logits[fit], fit_set, counts, data_cfg, offset, reference, tolerance=tolerance)
-        predictions[~fit] = (logits[~fit] + np.asarray(chosen.logit_bias, np.float32)[None, :]).argmax(1)
-    return predictions
-
-
 def calibrated_scores(clf, val: ImageSet, test: ImageSet, train: ImageSet, synthetic: ImageSet, fraction: float,
                       recipe, data_cfg, reference_val: dict[str, float], reference_val_predictions: np.ndarray,
                       tolerance: float = 0.0) -> dict[str, Any]:
@@ -159,7 +126,8 @@ def calibrated_scores(clf, val: ImageSet, test: ImageSet, train: ImageSet, synth
     val_logits = predict_logits(clf, val)
     chosen = choose_weight(val_logits, val, counts.tolist(), data_cfg, offset, reference_val, tolerance=tolerance)
     bias = np.asarray(chosen.logit_bias, np.float32)
-    crossfit = crossfit_predictions(val_logits, val, train, data_cfg, offset, reference_val_predictions, tolerance)
+    crossfit = crossfit_predictions(val_logits, val, counts.tolist(), data_cfg, offset, reference_val_predictions,
+                                    tolerance=tolerance)
     return {"val": scores_of(crossfit, val, train, data_cfg),
             "val_in_sample": scores(clf, val, train, data_cfg, bias), "test": scores(clf, test, train, data_cfg, bias),
             "weight": chosen.weight, "feasible": chosen.feasible}

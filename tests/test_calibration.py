@@ -133,6 +133,24 @@ def test_retrain_ships_the_chosen_offset_and_says_why(prepared, digits, tmp_path
                              DataConfig())
     for group, change in chosen["changes"].items():
         assert change == pytest.approx(chosen[group] - reference_val[group])
+    # and its cross-fitted validation scores (what the pilot reads): each half of the split with the
+    # weight chosen on the other half, the offset as calibrate computes it
+    from feedback_synth.training.calibration import crossfit_predictions, prior_offset
+    from feedback_synth.training.evaluate import accuracy_metrics, predict_logits, summary
+    from feedback_synth.training.recipes import retrain_recipe
+    from feedback_synth.training.train import drawn_class_mix
+
+    recipe = retrain_recipe(RetrainConfig(epochs=2, calibration="no_group_loses", head_epochs=0), model_url(base))
+    train = load_split(prepared, "train")
+    counts = train.class_counts().tolist()
+    offset = prior_offset(recipe.loss, recipe.tau, np.array(counts), np.bincount(pool.labels[rare], minlength=10), 0.5,
+                          drawn_class_mix(train, recipe))
+    assert np.allclose(cal["logit_bias"], cal["weight"] * offset, atol=1e-5)
+    plain_logits = predict_logits(clf, val) - np.asarray(cal["logit_bias"], np.float32)[None, :]
+    reference_predictions = predict_logits(load_classifier(model_url(str(tmp_path / "retrained" / "reference")), "cpu"),
+                                           val).argmax(1)
+    want = crossfit_predictions(plain_logits, val, counts, DataConfig(), offset, reference_predictions)
+    assert cal["crossfit"] == pytest.approx(summary(accuracy_metrics(want, val, counts, DataConfig())))
     # 'none' ships the model as trained
     plain = retrain(prepared, model_url(base), filtered, str(tmp_path / "plain"),
                            RetrainConfig(epochs=2, calibration="none", head_epochs=0), DataConfig())
@@ -149,41 +167,23 @@ def test_retrain_ships_the_chosen_offset_and_says_why(prepared, digits, tmp_path
     assert changed and all(k.startswith(f"backbone.{fc_name}.") for k in changed), changed
 
 
-def _retrain_variants():
-    """benchmarks/retrain_variants.py as a module (it imports its neighbour synthesis_benchmark)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+def test_cross_fitted_scores_predict_each_half_with_the_other_halfs_weight():
+    """Calibration's weight keeps every group on the split it was chosen on by construction, so its
+    scores there say nothing about whether it holds: each half of the split is predicted with the
+    weight chosen on the other half (what the pilot and the benchmarks' choice read)."""
+    from feedback_synth.training.calibration import crossfit_halves, crossfit_predictions
 
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location("retrain_variants", folder / "retrain_variants.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its NamedTuples look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_benchmarks_cross_fitted_calibration_scores_each_half_with_the_other_halfs_weight():
-    """The choice among retrainings reads calibration's validation scores cross-fitted: the weight
-    chosen on all of validation keeps every group there by construction, so its own scores there
-    say nothing about whether it holds."""
-    bench = _retrain_variants()
     rng = np.random.default_rng(1)
     val = _val(21)  # 21 images a class: an odd one out
-    first = bench.crossfit_halves(val.labels, seed=3)
-    assert np.array_equal(first, bench.crossfit_halves(val.labels, seed=3))  # seeded
+    first = crossfit_halves(val.labels, seed=3)
+    assert np.array_equal(first, crossfit_halves(val.labels, seed=3))  # seeded
     assert all(abs(2 * first[val.labels == c].sum() - 21) == 1 for c in (0, 1))  # half of each class
     logits = rng.normal(size=(len(val), 2)).astype(np.float32)
     offset = np.array([1.0, -1.0])
     reference = rng.integers(0, 2, len(val))
-    train = ImageSet(np.zeros((105, 4, 4, 1), np.uint8), np.repeat([0, 1], COUNTS), np.zeros(105, np.int64),
-                     np.array([f"t{i}" for i in range(105)]), ["many", "few"])
-    cfg = DataConfig(many_threshold=50, few_threshold=10)
-    got = bench.crossfit_predictions(logits, val, train, cfg, offset, reference, seed=3)
+    got = crossfit_predictions(logits, val, COUNTS, CFG, offset, reference, seed=3)
     for fit in (first, ~first):  # each half: the weight choose_weight picks on the other half
         fit_set = val.subset(np.flatnonzero(fit))
-        chosen = choose_weight(logits[fit], fit_set, COUNTS, cfg, offset,
-                               accuracy_metrics(reference[fit], fit_set, COUNTS, cfg))
+        chosen = choose_weight(logits[fit], fit_set, COUNTS, CFG, offset, accuracy_metrics(reference[fit], fit_set,
+                                                                                            COUNTS, CFG))
         assert np.array_equal(got[~fit], (logits[~fit] + chosen.weight * offset[None, :]).argmax(1))

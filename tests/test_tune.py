@@ -131,3 +131,17 @@ def test_bad_pilot_arguments_stop_before_any_work(tmp_path, capsys, option, valu
         assert main([verb, *extra, "--output", str(out), "--set", "tracking.enabled=false", flag, value]) == 2
         assert f"{flag.rsplit(option, 1)[0]}{message}" in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_a_calibrated_cell_is_scored_cross_fitted(tmp_path):
+    """A fold's validation split is its held-out part: a calibrated retraining chose its weight on the
+    images it is scored on, so the pilot reads its cross-fitted scores; otherwise the test metrics."""
+    from feedback_synth import storage
+    from feedback_synth.orchestration.tune import _synthesis_scores
+
+    folder = str(tmp_path / "retrained")
+    storage.write_json(f"{folder}/metrics.json", {"overall": 0.9, "few": 0.8, "per_class": [1.0]})
+    storage.write_json(f"{folder}/calibration.json", {"weight": None, "reason": "retrain.calibration is 'none'"})
+    assert _synthesis_scores(folder) == {"overall": 0.9, "few": 0.8}
+    storage.write_json(f"{folder}/calibration.json", {"weight": 0.3, "crossfit": {"overall": 0.85, "few": 0.7}})
+    assert _synthesis_scores(folder) == {"overall": 0.85, "few": 0.7}

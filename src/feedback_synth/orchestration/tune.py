@@ -6,7 +6,8 @@ criterion, budget) on **repeated validation splits**: ``folds`` folds of train +
 (``data.folds``; the test split is never read), each with its own baseline and seeds. In every
 fold a setting adapts the generator if asked, plans, generates, filters and retrains with short
 epochs, and is scored on the fold's held-out images **against the same recipe without synthesis
-on the same fold** (the paired difference). Over the folds: the mean gain on the gate metric and
+on the same fold** (the paired difference; a calibrated retraining, whose weight is chosen on
+those same images, by its cross-fitted scores: ``training.calibration``). Over the folds: the mean gain on the gate metric and
 its 95% bootstrap CI (``reporting.stats.paired_ci``, as the benchmarks compute theirs).
 
 "Go" only when that CI excludes zero; among the settings that go, the largest mean gain (then
@@ -216,8 +217,7 @@ def score_cell(cfg: RunConfig, output_url: str, setting: dict[str, Any], fold: i
         adapt_generator(data, model_url(baseline), adapted, run_cfg.adapt, run_cfg.generate)  # done: it resumes
         _, retrained, filtered = synthesis_rounds(run_cfg, RunLayout(folder), data, baseline, NullTracker(),
                                                   adapted=adapted)
-        cell = {"setting": setting_name(setting), "fold": fold,
-                "synthesis": summary(storage.read_json(storage.join(retrained, "metrics.json"))),
+        cell = {"setting": setting_name(setting), "fold": fold, "synthesis": _synthesis_scores(retrained),
                 "no_synthesis": summary(storage.read_json(storage.join(retrained, "reference_metrics.json"))),
                 "kept": storage.read_json(storage.join(filtered, "filter_report.json"))["kept"]}
         run.log_metrics({**{f"val_{k}": v for k, v in cell["synthesis"].items() if isinstance(v, float)},
@@ -225,6 +225,19 @@ def score_cell(cfg: RunConfig, output_url: str, setting: dict[str, Any], fold: i
                             if isinstance(v, float)}})
     storage.write_json(score_url, cell)
     return cell
+
+
+def _synthesis_scores(retrained_url: str) -> dict[str, float]:
+    """The retrained model's scores on the fold's held-out images. A fold's validation split is its
+    held-out part, so a calibrated model (``retrain.calibration``) chose its weight on the very images
+    it is scored on: then its cross-fitted scores (each half with the weight chosen on the other)."""
+    from feedback_synth.training.evaluate import summary
+
+    calibration_url = storage.join(retrained_url, "calibration.json")
+    calibration = storage.read_json(calibration_url) if storage.exists(calibration_url) else {}
+    if calibration.get("weight") is not None and calibration.get("crossfit"):
+        return dict(calibration["crossfit"])
+    return summary(storage.read_json(storage.join(retrained_url, "metrics.json")))
 
 
 def choose_setting(cfg: RunConfig, grid: dict[str, list[Any]], cells: list[dict[str, Any]], epochs: int,

@@ -18,6 +18,12 @@ offset, lambda in a grid on [0, 1], and picks on the validation split:
 3. if none qualifies, the lambda whose worst group change is the largest (maximin).
 
 The test split is never read. The chosen offset becomes the checkpoint's ``logit_bias``.
+
+Scored on the split it was chosen on, a calibrated model keeps every group there by construction,
+so ``calibrate`` also scores it **cross-fitted** (``crossfit_predictions``: each half of the split
+predicted with the weight chosen on the other half): what it scores on images its weight was not
+chosen on. The pilot, whose folds hold out one split for both, reads those scores
+(``orchestration.tune.score_cell``), as the benchmarks' choice among retrainings does.
 """
 from __future__ import annotations
 
@@ -45,6 +51,9 @@ class Calibration:
     feasible: bool  # some weight kept every class group at or above the reference
     reason: str
     table: list[dict[str, Any]] = field(default_factory=list)  # per weight: val metrics and changes
+    # the validation metrics, cross-fitted (crossfit_predictions): each half of the split predicted
+    # with the weight chosen on the other half; empty where no split was scored
+    crossfit: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,17 +127,55 @@ def choose_weight(val_logits: np.ndarray, val: ImageSet, train_class_counts: lis
                        metric=metric, feasible=bool(feasible), reason=reason, table=table)
 
 
+CROSSFIT_SEED = 0  # the halves of the validation split
+
+
+def crossfit_halves(labels: np.ndarray, seed: int = CROSSFIT_SEED) -> np.ndarray:
+    """The first half of a split for ``crossfit_predictions`` (a mask): half of each class's images
+    (an odd one out goes to either half at random), seeded."""
+    rng = np.random.default_rng(seed)
+    first = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        index = rng.permutation(np.flatnonzero(labels == c))
+        first[index[:len(index) // 2 + int(len(index) % 2 == 1 and rng.random() < 0.5)]] = True
+    return first
+
+
+def crossfit_predictions(val_logits: np.ndarray, val: ImageSet, train_class_counts: list[int], data_cfg: DataConfig,
+                         offset: np.ndarray, reference_predictions: np.ndarray, metric: str = "",
+                         tolerance: float = 0.0, seed: int = CROSSFIT_SEED) -> np.ndarray:
+    """Calibration's predictions on ``val``, cross-fitted: the split cut in two halves
+    (``crossfit_halves``), each half predicted with the weight ``choose_weight`` picks on the other
+    half against the reference's predictions there (``reference_predictions``, on all of ``val``).
+    Half the images choose each weight, so the scores are those of a slightly noisier choice."""
+    from feedback_synth.training.evaluate import accuracy_metrics
+
+    first = crossfit_halves(val.labels, seed)
+    predictions = np.empty(len(val), np.int64)
+    for fit in (first, ~first):
+        fit_set = val.subset(np.flatnonzero(fit))
+        reference = accuracy_metrics(reference_predictions[fit], fit_set, train_class_counts, data_cfg)
+        chosen = choose_weight(val_logits[fit], fit_set, train_class_counts, data_cfg, offset, reference, metric,
+                               tolerance=tolerance)
+        predictions[~fit] = (val_logits[~fit] + np.asarray(chosen.logit_bias, np.float32)[None, :]).argmax(1)
+    return predictions
+
+
 def calibrate(clf, val: ImageSet, reference_clf, train: ImageSet, synthetic: ImageSet, synthetic_fraction: float,
               recipe, data_cfg: DataConfig, metric: str = "") -> Calibration:
     """Choose and set ``clf``'s logit offset on ``val`` against ``reference_clf`` (the no-synthesis
     reference); returns how it was chosen. ``recipe`` is the ``training.train.Recipe`` it was trained with."""
-    from feedback_synth.training.evaluate import accuracy_metrics, predict_logits
+    from feedback_synth.training.evaluate import accuracy_metrics, predict_logits, summary
     from feedback_synth.training.train import drawn_class_mix
 
     counts = train.class_counts()
     syn_counts = np.bincount(synthetic.labels, minlength=train.num_classes)
     offset = prior_offset(recipe.loss, recipe.tau, counts, syn_counts, synthetic_fraction, drawn_class_mix(train, recipe))
-    reference = accuracy_metrics(predict_logits(reference_clf, val).argmax(1), val, counts.tolist(), data_cfg)
-    chosen = choose_weight(predict_logits(clf, val), val, counts.tolist(), data_cfg, offset, reference, metric)
+    reference_predictions = predict_logits(reference_clf, val).argmax(1)
+    reference = accuracy_metrics(reference_predictions, val, counts.tolist(), data_cfg)
+    val_logits = predict_logits(clf, val)
+    chosen = choose_weight(val_logits, val, counts.tolist(), data_cfg, offset, reference, metric)
+    crossfit = crossfit_predictions(val_logits, val, counts.tolist(), data_cfg, offset, reference_predictions, metric)
+    chosen.crossfit = summary(accuracy_metrics(crossfit, val, counts.tolist(), data_cfg))
     clf.set_logit_bias(chosen.logit_bias)
     return chosen
