@@ -7,8 +7,9 @@ criterion, budget) on **repeated validation splits**: ``folds`` folds of train +
 fold a setting adapts the generator if asked, plans, generates, filters and retrains with short
 epochs, and is scored on the fold's held-out images **against the same recipe without synthesis
 on the same fold** (the paired difference; a calibrated retraining, whose weight is chosen on
-those same images, by its cross-fitted scores: ``training.calibration``). Over the folds: the mean gain on the gate metric and
-its 95% bootstrap CI (``reporting.stats.paired_ci``, as the benchmarks compute theirs).
+those same images, by its cross-fitted scores: ``training.calibration``). Over the folds: the
+mean gain on the gate metric and its 95% bootstrap CI (``reporting.stats.paired_ci``, as the
+benchmarks compute theirs).
 
 "Go" only when that CI excludes zero; among the settings that go, the largest mean gain (then
 overall accuracy). No setting goes: the pilot says so plainly and the chosen config is the
