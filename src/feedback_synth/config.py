@@ -220,7 +220,8 @@ class AdaptConfig:
     # optimiser steps. 600, from evidence: on digits-gap (10 paired seeds, the preset's retraining)
     # 600 against 200 gained overall accuracy on validation (+0.014, CI +0.005..+0.024) and on test
     # (+0.013; many-shot +0.011); the rarest classes then draw some near-copies, which the near_copy
-    # filter drops (benchmarks/results/adapt_steps_round14.md; the copy case ran at 600: copies.md)
+    # filter drops (benchmarks/results/adapt_steps_round14.md; the copy case ran at 600: copies.md); 1200 gained
+    # nothing overall on validation (+0.003, CI -0.008..+0.015: adapt_steps_round15.md)
     steps: Int = Field(600, ge=1)
     lr: Float = Field(3e-4, gt=0, allow_inf_nan=False)  # AdamW learning rate (LoRA takes a larger one)
     batch_size: Int = Field(32, ge=1)
