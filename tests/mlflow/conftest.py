@@ -2,12 +2,11 @@
 one for the promotion tests, and a small trained checkpoint.
 
 Servers take ~7 s of CPU and ~13-20 s to answer /health on 2 cores, so each shared kind (SQLite,
-PostgreSQL) is started once per test run, as soon as collection has selected the tests (they start
-up while the first tests run): the first xdist worker launches every shared kind the selected tests
-need together and records them in ``mlflow-servers/pool.json`` under the run's temp folder; the
-other worker uses them. Each is stopped by its process group id (it was started in a new session):
-by this process at the session's end without xdist, else by the controller at the end of the run
-(``tests/conftest.py``). Tests use
+PostgreSQL) is started once per test run: the first xdist worker that needs one launches every
+shared kind the selected tests need together (their start-up overlaps) and records them in
+``mlflow-servers/pool.json`` under the run's temp folder; the other worker uses them. Each is
+stopped by its process group id (it was started in a new session): by the session's finaliser
+without xdist, else by the controller at the end of the run (``tests/conftest.py``). Tests use
 unique registered model names, so the servers are shared safely. The server that a test stops
 mid-run is that test's own.
 """
@@ -31,26 +30,13 @@ PG_ENV = "FEEDBACK_SYNTH_TEST_PG_URI"
 SERVER_FIXTURES = {"mlflow_server": "sqlite", "pg_mlflow_server": "postgres"}
 POOL_FOLDER = "mlflow-servers"  # under the run's temp folder: the shared servers and pool.json
 _NEEDED: set[str] = set()
-_POOL: dict[str, "MlflowServer"] = {}  # kind -> the shared server (launched at the end of collection)
 
 
-def pytest_collection_finish(session):
-    """Once the tests are selected: the server kinds they need, launched now (shared by the
-    workers, ``_shared_pool``), so that the servers start up while the first tests run."""
-    for item in session.items:
+def pytest_collection_modifyitems(config, items):
+    for item in items:
         for fixture, kind in SERVER_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
                 _NEEDED.add(kind)
-    factory = getattr(session.config, "_tmp_path_factory", None)
-    if _NEEDED and factory is not None:
-        _POOL.update(_shared_pool(factory))
-
-
-def pytest_sessionfinish(session):
-    """Without xdist, this process launched the servers and stops them (with xdist the controller
-    does, once every worker is done: tests/conftest.py)."""
-    if not os.environ.get("PYTEST_XDIST_WORKER") and not hasattr(session.config, "workerinput"):
-        stop_servers([server.record() for server in _POOL.values()])
 
 
 @pytest.fixture(autouse=True)
@@ -218,9 +204,10 @@ def stop_servers(records: list[dict]) -> None:
         MlflowServer(record["backend_uri"], record["workdir"], record["port"], record["pid"]).stop()
 
 
-def _shared_pool(tmp_path_factory) -> dict[str, MlflowServer]:
-    """The shared servers, {kind: MlflowServer}: launched by the first worker of the run (or by
-    this process without xdist), recorded in pool.json for the other."""
+@pytest.fixture(scope="session")
+def _server_pool(tmp_path_factory):
+    """The shared servers, {kind: MlflowServer}: started by the first worker of the run to ask (or
+    by this process without xdist), recorded in pool.json for the other."""
     import filelock
 
     worker = os.environ.get("PYTEST_XDIST_WORKER")
@@ -229,17 +216,16 @@ def _shared_pool(tmp_path_factory) -> dict[str, MlflowServer]:
     record = root / "pool.json"
     with filelock.FileLock(str(root / "pool.lock")):
         if record.exists():
-            return {kind: MlflowServer(r["backend_uri"], r["workdir"], r["port"], r["pid"])
-                    for kind, r in json.loads(record.read_text()).items()}
-        servers = _start_pool(root)
-        record.write_text(json.dumps({kind: server.record() for kind, server in servers.items()}))
-        return servers
-
-
-@pytest.fixture(scope="session")
-def _server_pool() -> dict[str, MlflowServer]:
-    """The shared servers, launched when collection ended (``pytest_collection_finish``)."""
-    return _POOL
+            servers = {kind: MlflowServer(r["backend_uri"], r["workdir"], r["port"], r["pid"])
+                       for kind, r in json.loads(record.read_text()).items()}
+        else:
+            servers = _start_pool(root)
+            record.write_text(json.dumps({kind: server.record() for kind, server in servers.items()}))
+    try:
+        yield servers
+    finally:
+        if not worker:  # with xdist, the controller stops them once every worker is done
+            stop_servers([server.record() for server in servers.values()])
 
 
 def _server(pool: dict, kind: str) -> MlflowServer:
