@@ -129,7 +129,8 @@ def calibrated_scores(clf, val: ImageSet, test: ImageSet, train: ImageSet, synth
     crossfit = crossfit_predictions(val_logits, val, counts.tolist(), data_cfg, offset, reference_val_predictions,
                                     tolerance=tolerance)
     return {"val": scores_of(crossfit, val, train, data_cfg),
-            "val_in_sample": scores(clf, val, train, data_cfg, bias), "test": scores(clf, test, train, data_cfg, bias),
+            "val_in_sample": scores_of((val_logits + bias[None, :]).argmax(1), val, train, data_cfg),
+            "test": scores(clf, test, train, data_cfg, bias),
             "weight": chosen.weight, "feasible": chosen.feasible}
 
 
@@ -163,13 +164,14 @@ def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, A
     out[NO_SYN] = {"val": scores(base, val, train, cfg.data), "test": scores(base, test, train, cfg.data)}
     missing = [v for v in variants if v not in out]
     t0 = time.time()
-    ref = None
+    ref, ref_val_predictions = None, None
     # seeded: the same model every time; distillation learns from it, calibration is measured against it
     if SAME_STEPS not in out or any(VARIANT_SPECS[v].distill or VARIANT_SPECS[v].calibrated for v in missing):
         same = replace(cfg.retrain, epochs=same_steps_epochs(cfg.retrain.epochs, len(train), len(synthetic),
                                                              cfg.retrain.batch_size, cfg.retrain.synthetic_fraction))
         ref, _ = train_classifier(train, same, cfg.train.model, recipe=replace(recipe, prior="real"), desc="reference")
         out[SAME_STEPS] = {"val": scores(ref, val, train, cfg.data), "test": scores(ref, test, train, cfg.data)}
+        ref_val_predictions = predict_logits(ref, val).argmax(1)  # calibration's yardstick, per image
     fits: dict[tuple, list[str]] = {}  # one training per (prior, fraction, distillation); heads re-fit after
     for v in missing:
         spec = VARIANT_SPECS[v]
@@ -188,7 +190,7 @@ def run_seed(work: str, dataset: str, seed: int, log, done: Optional[dict[str, A
                 refit_head(clf, train, cfg.retrain, recipe, HEAD_EPOCHS)
                 refitted = True
             out[v] = (calibrated_scores(clf, val, test, train, synthetic, fraction, replace(recipe, prior=prior), cfg.data,
-                                        out[SAME_STEPS]["val"], predict_logits(ref, val).argmax(1), spec.tolerance)
+                                        out[SAME_STEPS]["val"], ref_val_predictions, spec.tolerance)
                       if spec.calibrated
                       else {"val": scores(clf, val, train, cfg.data), "test": scores(clf, test, train, cfg.data)})
     out["seconds"] = round(out.get("seconds", 0.0) + time.time() - t0, 1)

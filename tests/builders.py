@@ -13,14 +13,20 @@ import torch
 EMBED_DIM = 16
 
 
+def run_temp_folder(tmp_path_factory) -> Path:
+    """This test run's temp folder, which its xdist workers share: the parent of a worker's base
+    temp folder (the controller's own), or the base temp folder without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def shared_by_workers(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
     """The folder ``name``, made by ``make(folder)`` once per test run: the xdist workers of one run
     share it (the base temp folder's parent is the run's); the first to ask makes it under a file
     lock, the others wait for it. Tests must not change what is in it."""
     import filelock
 
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    root = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+    root = run_temp_folder(tmp_path_factory)
     folder, done = root / name, root / f"{name}.done"
     with filelock.FileLock(str(root / f"{name}.lock")):
         if not done.exists():

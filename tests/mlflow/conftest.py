@@ -209,9 +209,10 @@ def _server_pool(tmp_path_factory):
     """The shared servers, {kind: MlflowServer}: started by the first worker of the run to ask (or
     by this process without xdist), recorded in pool.json for the other."""
     import filelock
+    from builders import run_temp_folder
 
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    root = (tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()) / POOL_FOLDER
+    root = run_temp_folder(tmp_path_factory) / POOL_FOLDER
     root.mkdir(exist_ok=True)
     record = root / "pool.json"
     with filelock.FileLock(str(root / "pool.lock")):

@@ -236,7 +236,7 @@ def _synthesis_scores(retrained_url: str) -> dict[str, float]:
 
     calibration_url = storage.join(retrained_url, "calibration.json")
     calibration = storage.read_json(calibration_url) if storage.exists(calibration_url) else {}
-    if calibration.get("weight") is not None and calibration.get("crossfit"):
+    if calibration.get("crossfit"):  # written only where a weight was chosen
         return dict(calibration["crossfit"])
     return summary(storage.read_json(storage.join(retrained_url, "metrics.json")))
 
