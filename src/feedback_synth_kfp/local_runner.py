@@ -27,7 +27,7 @@ from feedback_synth.orchestration.shared import write_run_summary
 from feedback_synth.orchestration.stage_table import STAGE_NAMES, STAGES
 from feedback_synth.tracking.client import scoped_environ, tracking_location
 from feedback_synth_kfp.artifacts import artifact_url
-from feedback_synth_kfp.launcher import LAUNCHER_ENV, launcher_id, stop_tasks
+from feedback_synth_kfp.launcher import LAUNCHER_ENV, launcher_alive, launcher_id, stop_tasks
 from feedback_synth_kfp.parameters import pipeline_arguments
 from feedback_synth_kfp.task_server import warm_tasks
 from feedback_synth_kfp.tracking import LAUNCH_ENV, TASK_ERRORS_ENV, finish_tracking, tracking_context
@@ -129,6 +129,29 @@ def _close_launch(cfg: RunConfig, tracking_uri: str, launch_id: str, message: st
 
 
 SCRATCH_PREFIX = "feedback-synth-kfp-scratch-"  # a launch's temporary folder (``_run_tasks``)
+SCRATCH_OWNER = "launcher"  # the file in a scratch folder that names the launch's process (``launcher_id``)
+
+
+def remove_orphaned_scratch(temp_dir: Optional[str] = None) -> list[str]:
+    """Remove the scratch folders of launches whose process is gone (killed with SIGKILL, or a
+    machine that lost power: no ``finally`` ran) from ``temp_dir`` (default: the temp folder).
+    A folder whose owner file is missing or unreadable is left alone (it may be being made now).
+    Returns the folders removed."""
+    temp_dir = temp_dir or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(temp_dir):
+        folder = os.path.join(temp_dir, name)
+        if not name.startswith(SCRATCH_PREFIX) or not os.path.isdir(folder):
+            continue
+        try:
+            with open(os.path.join(folder, SCRATCH_OWNER), encoding="utf-8") as f:
+                owner = f.read().strip()
+        except OSError:
+            continue
+        if owner and not launcher_alive(owner):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _run_tasks(run: Callable[[], Any], cfg: RunConfig, tracking_uri: str, launch_id: str, root: str,
@@ -141,12 +164,27 @@ def _run_tasks(run: Callable[[], Any], cfg: RunConfig, tracking_uri: str, launch
     import kfp.local
 
     # this launch's scratch folder, removed at the end: the file a failing task writes its line to,
-    # and KFP's workspace (kfp.local.init would make a /tmp/kfp-workspace-* and leave it there)
+    # and KFP's workspace (kfp.local.init would make a /tmp/kfp-workspace-* and leave it there).
+    # A launch killed before its end cannot remove its own: the next launch does (the owner file).
+    for folder in remove_orphaned_scratch():
+        log.info("removed the scratch folder of a killed launch: %s", folder)
     scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
-    errors_file, workspace = os.path.join(scratch, "errors.txt"), os.path.join(scratch, "workspace")
-    os.makedirs(workspace)
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, workspace_root=workspace,
-                   raise_on_error=True)
+    try:
+        with open(os.path.join(scratch, SCRATCH_OWNER), "w", encoding="utf-8") as f:
+            f.write(launcher_id())
+        errors_file, workspace = os.path.join(scratch, "errors.txt"), os.path.join(scratch, "workspace")
+        os.makedirs(workspace)
+        kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=root, workspace_root=workspace,
+                       raise_on_error=True)
+        return _run_initialised(run, cfg, tracking_uri, launch_id, root, what, warm, errors_file)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_initialised(run: Callable[[], Any], cfg: RunConfig, tracking_uri: str, launch_id: str, root: str, what: str,
+                     warm: Optional[dict[str, str]], errors_file: str):
+    """``_run_tasks``' body once the KFP local runner is initialised (``errors_file``: where a
+    failing task writes its one-line error)."""
     try:
         # what the task processes inherit: the launch id, where a task writes its one-line error,
         # and this process's identity (a task ends when its launcher is gone: launcher.py)
@@ -169,8 +207,6 @@ def _run_tasks(run: Callable[[], Any], cfg: RunConfig, tracking_uri: str, launch
         stop_tasks()  # a signal sent to this process alone would leave the running task at work
         _close_launch(cfg, tracking_uri, launch_id, "interrupted", f"the interrupted {what}")
         raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _summary_of(out, root: str, t0: float) -> dict[str, Any]:

@@ -124,6 +124,27 @@ def test_the_server_ends_with_its_launcher(tmp_path):
     assert not folder.exists()
 
 
+def test_a_killed_launchs_scratch_folder_is_removed_by_the_next_launch(tmp_path):
+    """A launch killed with SIGKILL leaves its scratch folder (KFP's workspace, the error file);
+    the next launch removes it, and leaves a live launch's folder and one still being made."""
+    from feedback_synth_kfp.launcher import launcher_id
+    from feedback_synth_kfp.local_runner import SCRATCH_OWNER, SCRATCH_PREFIX, remove_orphaned_scratch
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    ident = f"{dead.pid}:{psutil.Process(dead.pid).create_time():.3f}"  # as launcher_id() names one
+    dead.wait()
+    folders = {name: tmp_path / f"{SCRATCH_PREFIX}{name}" for name in ("killed", "live", "being-made")}
+    for folder in folders.values():
+        (folder / "workspace").mkdir(parents=True)
+    (folders["killed"] / SCRATCH_OWNER).write_text(ident)
+    (folders["live"] / SCRATCH_OWNER).write_text(launcher_id())
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    assert remove_orphaned_scratch(str(tmp_path)) == [str(folders["killed"])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [folders["live"].name, folders["being-made"].name, other.name])
+
+
 @pytest.mark.slow
 def test_the_server_preloads_every_module_and_may_fork():
     """What the server imports loads in a task's runtime (_KFP_RUNTIME) and leaves it safe to fork:

@@ -80,11 +80,16 @@ def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, ti
     from mlflow import MlflowClient
 
     from feedback_synth.cli.main import main
+    from feedback_synth_kfp.local_runner import SCRATCH_OWNER, SCRATCH_PREFIX
     from feedback_synth_kfp.tracking import LAUNCH_ENV, LAUNCH_TAG
 
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    # the scratch folder of a launch killed earlier (a process that is gone): this launch removes it
+    killed = temp / f"{SCRATCH_PREFIX}killed"
+    (killed / "workspace").mkdir(parents=True)
+    (killed / SCRATCH_OWNER).write_text("999999999:0.000")
     # passes the pre-flight check, fails in train_baseline (the loss turns inf at this learning rate)
     args = ["run", "--runner", "kfp-local", "--output", str(tmp_path / "run")]
     for s in ("train.model=test_resnet", "train.epochs=1", "train.lr=1.0e+30", f"generate.generator={tiny_generator}",
@@ -100,4 +105,4 @@ def test_failed_local_kfp_run_closes_its_mlflow_runs(mlflow_server, tmp_path, ti
     assert parent.data.tags[PIPELINE_ERROR_TAG].startswith("train_baseline: ")
     assert all(r.info.status != "RUNNING" for r in runs)
     assert LAUNCH_ENV not in os.environ  # restored
-    assert os.listdir(temp) == []  # the launch's scratch folder (the task's line, KFP's workspace) is gone
+    assert os.listdir(temp) == []  # the launch's scratch folder (the task's line, KFP's workspace) is gone, and the killed one's
