@@ -154,6 +154,7 @@ def test_adapt_resumes_after_a_kill(prepared, small_classifier, tiny_generator, 
     result = adapt_generator(prepared, small_classifier[1], out, cfg,
                                     GenerateConfig(generator=tiny_generator, num_inference_steps=2, criterion="none"))
     assert not result.summary.get("resumed") and storage.exists(storage.join(out, "_STAGE.json"))
+    assert storage.read_json(storage.join(out, "_STAGE.json"))["result"]["seconds"] > 0  # the work's time
     assert load_generator(result.summary["generator"], device="cpu").unet is not None
 
 

@@ -56,7 +56,8 @@ class StageResult:
             for entry, rel in zip(datasets, relative["datasets"]):
                 entry.update({k: storage.relocated(folder, rel.get(k), v) for k, v in entry.items()
                               if k in _DATASET_URLS and v})
-        return cls(d["stage"], dict(d.get("summary") or {}), dict(d.get("metrics") or {}), artifacts, datasets)
+        return cls(d["stage"], dict(d.get("summary") or {}), dict(d.get("metrics") or {}), artifacts, datasets,
+                   float(d.get("seconds") or 0.0))
 
 
 _DATASET_URLS = ("url", "synthetic", "plan")  # the fields of a datasets entry that are URLs

@@ -47,6 +47,7 @@ def run_stage(stage: str, output_url: str, config: dict[str, Any], inputs: dict[
     before = _files(output_url)
     started = time.time()
     result = work()
+    result.seconds = round(time.time() - started, 2)  # the work's own time (a runner adds its logging)
     # the files this stage wrote (new, or rewritten since it started): what --overwrite may remove
     written = sorted(rel for rel, mtime in _files(output_url).items() if rel not in before or mtime >= started - 1)
     storage.write_json(storage.join(output_url, MARKER), {**fp, "result": result.to_dict(output_url), "files": written,
