@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 from kfp import dsl, kubernetes
 
 from feedback_synth.orchestration import stage_table
-from feedback_synth_kfp import kfp_speedups
+from feedback_synth_kfp import kfp_patches
 from feedback_synth_kfp.components.adapt_generator import adapt_generator
 from feedback_synth_kfp.components.evaluate import evaluate
 from feedback_synth_kfp.components.extract_feedback import extract_feedback
@@ -27,7 +27,7 @@ from feedback_synth_kfp.components.start_tracking import start_tracking
 from feedback_synth_kfp.components.train_baseline import train_baseline
 from feedback_synth_kfp.parameters import named_defaults
 
-kfp_speedups.install()  # the task setters without kfp's stack walk (seconds per build once torch is imported)
+kfp_patches.install()  # the task setters without kfp's stack walk; a header the same on every compile
 
 PIPELINE_NAME = "feedback-synth"
 

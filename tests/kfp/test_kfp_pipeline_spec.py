@@ -217,14 +217,14 @@ def test_settings_change_what_is_compiled(tmp_path):
 
 
 def test_a_setter_on_a_task_without_a_container_is_still_refused_by_name():
-    """kfp_speedups replaces kfp's stack walk in the task setters' check, not the check: a setter on
+    """kfp_patches replaces kfp's stack walk in the task setters' check, not the check: a setter on
     a pipeline used as a component is refused, naming the setter, as kfp words it."""
     from kfp import dsl
 
-    import feedback_synth_kfp.pipelines.feedback_synth_pipeline  # noqa: F401  (installs kfp_speedups)
-    from feedback_synth_kfp import kfp_speedups
+    import feedback_synth_kfp.pipelines.feedback_synth_pipeline  # noqa: F401  (installs kfp_patches)
+    from feedback_synth_kfp import kfp_patches
 
-    assert dsl.PipelineTask._ensure_container_spec_exists is kfp_speedups._ensure_container_spec_exists
+    assert dsl.PipelineTask._ensure_container_spec_exists is kfp_patches._ensure_container_spec_exists
 
     @dsl.component(base_image="python:3.11")
     def hello():
@@ -238,3 +238,17 @@ def test_a_setter_on_a_task_without_a_container_is_still_refused_by_name():
         @dsl.pipeline
         def outer():
             inner().set_cpu_limit("1")
+
+
+def test_a_recompiled_pipeline_is_the_same_file(tmp_path):
+    """The YAML's header comment lists the defaults with their keys in one order (kfp's came in a
+    new order on each compile): recompiling an unchanged pipeline gives the committed file, byte
+    for byte, so that GitOps review sees only real changes."""
+    from feedback_synth_kfp.pipelines.feedback_synth_pipeline import compile_pipeline
+
+    texts = {Path(compile_pipeline(str(tmp_path / f"{i}.yaml"))).read_text() for i in range(3)}
+    assert len(texts) == 1
+    (text,) = texts
+    assert "#    gpu_tolerations: list [Default: [{'effect': 'NoSchedule', 'key': 'nvidia.com/gpu', " \
+           "'operator': 'Exists'}]]" in text.splitlines()
+    assert text == COMMITTED.read_text(), "pipelines/feedback_synth_pipeline.yaml is stale: run feedback-synth compile"
