@@ -25,7 +25,8 @@ class StageResult:
             parent run): ``{"splits": [...], "url": prepared dataset}`` for real splits,
             ``{"synthetic": filter output URL, "plan": plan URL, "generate_config": {...},
             "context": ..., "name": dataset name}`` for the kept synthetic set.
-        seconds: the stage's wall time, set by the runner that ran it (``orchestration.shared.run_logged_stage``).
+        seconds: the stage's wall time: its work's, as its marker records it (``stages.resume.run_stage``),
+            then the runner's, logging included (``orchestration.shared.run_logged_stage``).
     """
 
     stage: str
