@@ -222,7 +222,7 @@ class AdaptConfig:
     # against no synthesis has a CI from -0.005 up; 1200 did (CI from -0.003), 600 did not (-0.009).
     # Paired with 600 on test there: overall +0.004, medium +0.019 (CI +0.002..+0.038), few -0.010
     # (CI -0.046..+0.025) (benchmarks/results/adapt_steps_round16.md; 600 beat 200: adapt_steps_round14.md).
-    # More steps draw more near-copies of the rarest classes, which the near_copy filter drops (copies.md)
+    # More steps draw more near-copies, which the near_copy filter drops: none kept at 1200 (copies_1200.md)
     steps: Int = Field(1200, ge=1)
     lr: Float = Field(3e-4, gt=0, allow_inf_nan=False)  # AdamW learning rate (LoRA takes a larger one)
     batch_size: Int = Field(32, ge=1)
