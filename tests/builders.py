@@ -1,6 +1,7 @@
 """Tiny models built from config (no download), shared by the tests: a pixel class-conditional
 generator, a latent text-to-image model, a stable unCLIP model and a timm classifier; and
-``shared_by_workers``, for what the xdist workers of one run make once."""
+``shared_by_workers``, for what the xdist workers of one run make once; ``wait_for_stage_run``, for
+tests that interrupt a run while a stage is at work."""
 from __future__ import annotations
 
 import os
@@ -35,6 +36,26 @@ def shared_by_workers(tmp_path_factory, name: str, make: Callable[[Path], None])
             make(folder)
             done.touch()
     return folder
+
+
+def wait_for_stage_run(output: Path, stage: str, proc, timeout: float = 300) -> None:
+    """Wait until the run in ``output`` has an MLflow run named ``stage`` that is RUNNING (the stage
+    is at work and its run is open), while ``proc`` (the run's process) lives. Reads the store's
+    SQLite file read-only, so it never creates or migrates it beside the run."""
+    import sqlite3
+    import time
+
+    db, deadline = output / "mlflow" / "mlflow.db", time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if db.exists():
+            try:
+                with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+                    if con.execute("SELECT 1 FROM runs WHERE name = ? AND status = 'RUNNING'", (stage,)).fetchone():
+                        return
+            except sqlite3.OperationalError:  # the run is still creating the store's tables
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"{stage} was never at work with its MLflow run open (process exit code {proc.poll()})")
 
 
 def build_tiny_pixel_generator(path: str, channels: int = 1, num_conditions: int = 10, seed: int = 0) -> str:

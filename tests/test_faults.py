@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from builders import class_folders, colour_png, png
+from builders import class_folders, colour_png, png, wait_for_stage_run
 
 from feedback_synth import storage
 from feedback_synth.config import DataConfig
@@ -518,11 +518,7 @@ def test_sigterm_and_sigint_close_the_runs_failed_with_one_line(tmp_path, tiny_g
     proc = subprocess.Popen([sys.executable, "-m", "feedback_synth.cli", "run", "--output", str(out), *sets],
                             env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    record = out / "config.yaml"  # written once the parent run is open (run.json comes first, at the claim)
-    deadline = time.time() + 300
-    while not record.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(2)  # in the baseline's training
+    wait_for_stage_run(out, "train_baseline", proc)  # in the baseline's training, its stage run open
     proc.send_signal(signal.Signals(sig))
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == code, err[-2000:]

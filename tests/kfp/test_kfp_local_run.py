@@ -268,9 +268,9 @@ def test_an_interrupted_kfp_local_run_closes_its_runs(tmp_path, generator):
     import signal
     import subprocess
     import sys
-    import time
 
     import psutil
+    from builders import wait_for_stage_run
     from mlflow import MlflowClient
 
     out = tmp_path / "run"
@@ -280,13 +280,9 @@ def test_an_interrupted_kfp_local_run_closes_its_runs(tmp_path, generator):
                              str(out), *sets], env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    # the train_baseline task is at work once KFP made its task folder (the stage's own folder in the
-    # run's layout appears only when it writes its outputs, after 2000 epochs)
-    deadline = time.time() + 300
-    while not list(out.glob("kfp/*/train-baseline")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None and list(out.glob("kfp/*/train-baseline")), "train_baseline never started"
-    time.sleep(3)
+    # the train_baseline task is at work, its stage run open (its own folder in the run's layout
+    # appears only when it writes its outputs, after 2000 epochs)
+    wait_for_stage_run(out, "train_baseline", proc)
     tasks = psutil.Process(proc.pid).children(recursive=True)
     assert any("executor_main" in " ".join(t.cmdline()) for t in tasks)
     proc.send_signal(signal.SIGINT)  # to the launcher alone, as `kill -INT` or a supervisor sends it
