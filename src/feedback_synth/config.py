@@ -203,9 +203,9 @@ class RetrainConfig(OptimConfig):
     # on the validation split so that no class group (many / medium / few, average group) is below the
     # no-synthesis reference, then the best calibration_metric. Off by default: it trades what few-shot
     # gain there is for many-shot margin (digits-lt: many +0.012, CI from +0.003, few +0.102 instead of
-    # +0.113). Item 1's rule read on validation (the machine-independent data) chose it for digits-gap
-    # only, whose preset turns it on (benchmarks/results/retrain_variants_round12_fixed_data.md,
-    # retrain_variants_round13.md)
+    # +0.113). Item 1's rule read on validation chose it for digits-gap on 20 seeds (round 13) and
+    # dropped it on 30 (round 17: few-shot +0.021 on validation without it, CI above zero), so no preset
+    # turns it on (benchmarks/results/retrain_variants_round13.md, own_data_default_round17.md)
     calibration: Literal["no_group_loses", "none"] = "none"
     calibration_metric: Literal[("",) + METRICS] = ""  # '' = few, or worst_group for group data without shot buckets
 
