@@ -533,6 +533,57 @@ def test_sigterm_and_sigint_close_the_runs_failed_with_one_line(tmp_path, tiny_g
     assert "RUNNING" not in {r.info.status for r in runs}  # the stage runs too: FINISHED or FAILED
 
 
+@pytest.mark.parametrize("point", ["_create_run", "_log_params"])
+def test_a_signal_as_a_stage_run_opens_leaves_no_run_running(tmp_path, monkeypatch, point):
+    """SIGTERM while a stage's run is being made (raised when MLflow's call returns) or while its
+    params are logged: the stage run is closed FAILED, as the parent run is. Before the fix the run
+    was made but not yet on the tracker's stack, so nothing closed it (it stayed RUNNING; seen when
+    the signal test above started signalling as soon as the stage run existed)."""
+    import os
+    import signal
+
+    from mlflow import MlflowClient
+
+    from feedback_synth.config import TrackingConfig
+    from feedback_synth.interrupts import Terminated, handled
+    from feedback_synth.orchestration.run import make_tracker
+    from feedback_synth.tracking.mlflow_tracker import MLflowTracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = make_tracker(TrackingConfig(), str(tmp_path))
+    tracker.start("run", {"train": {"epochs": 1}})
+    real = getattr(MLflowTracker, point)
+
+    def signalled(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if point == "_create_run":  # as if it arrived during MLflow's call: it waits until the call returns
+            from feedback_synth.interrupts import deferred
+
+            with deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        return out
+
+    monkeypatch.setattr(MLflowTracker, point, signalled)
+    before = signal.getsignal(signal.SIGTERM)
+    if before is signal.SIG_IGN:  # handled() keeps an inherited ignore; this test needs the signal
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with handled(), pytest.raises(Terminated):
+            with tracker.stage("train_baseline", {"epochs": 1}):
+                pytest.fail("the stage ran although the signal came as its run opened")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    monkeypatch.setattr(MLflowTracker, point, real)
+    tracker.finish("FAILED")
+    client = MlflowClient(tracker.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("feedback-synth").experiment_id])
+    assert {r.info.run_name: r.info.status for r in runs} == {"run": "FAILED", "train_baseline": "FAILED"}
+
+
 def test_a_signal_waits_for_the_tracking_call_to_return():
     """SIGINT/SIGTERM inside a tracking call (an MLflow write) is raised when the call returns, so
     that no SQLite transaction is left open for the calls that close the runs; a second one does not

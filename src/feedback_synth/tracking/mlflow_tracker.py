@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional
 from feedback_synth import storage
 from feedback_synth.config import TrackingConfig
 from feedback_synth.errors import TrackingError
+from feedback_synth.interrupts import deferred
 from feedback_synth.tracking.base import KFP_RUN_ID_ENV  # noqa: F401  (its home is base; used below)
 from feedback_synth.tracking.client import (
     MAX_PARAM_LEN,
@@ -261,23 +262,28 @@ class MLflowTracker:
     def stage(self, name: str, params: Optional[dict[str, Any]] = None) -> Iterator[_RunLogger]:
         """A nested run for one stage; its params are the stage's resolved config."""
         parent = self.current_run_id()
-        with mlflow_errors(f"open the run of stage '{name}'"):
-            run = self._create_run(name, {"mlflow.parentRunId": parent, STAGE_TAG: name, **self._base_tags()})
-            run_id = run.info.run_id
-            if params:
-                self._log_params(run_id, flatten(params))
-        self._stack.append(run_id)
-        status = "FAILED"
+        run_id, status = None, "FAILED"
         try:
+            # a signal waits until the new run is on the stack: from there on this block (or
+            # finish()) closes it; one raised while its params are logged closes it FAILED
+            with deferred():
+                with mlflow_errors(f"open the run of stage '{name}'"):
+                    run = self._create_run(name, {"mlflow.parentRunId": parent, STAGE_TAG: name, **self._base_tags()})
+                run_id = run.info.run_id
+                self._stack.append(run_id)
+            if params:
+                with mlflow_errors(f"open the run of stage '{name}'"):
+                    self._log_params(run_id, flatten(params))
             yield _RunLogger(self, run_id)
             status = "FINISHED"
         finally:
-            self._stack.remove(run_id)
-            if status == "FINISHED":
-                with mlflow_errors(f"close the run of stage '{name}'"):
-                    self.client.set_terminated(run_id, status)
-            else:  # the stage's own error matters more than a failure to record it
-                self._best_effort(self.client.raw.set_terminated, run_id, status)
+            if run_id is not None:  # made: off the stack, and closed
+                self._stack.remove(run_id)
+                if status == "FINISHED":
+                    with mlflow_errors(f"close the run of stage '{name}'"):
+                        self.client.set_terminated(run_id, status)
+                else:  # the stage's own error matters more than a failure to record it
+                    self._best_effort(self.client.raw.set_terminated, run_id, status)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the parent run, if this tracker created it (an attached one stays open)."""
