@@ -27,8 +27,11 @@ def pooled_seeds(paths: list[str], dataset: Optional[str]) -> dict[str, dict[str
     """``{seed: {row: metrics}}`` from every file; a seed in two files is refused (not paired twice)."""
     seeds: dict[str, dict[str, Any]] = {}
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                results = json.load(f)
+        except (OSError, ValueError) as exc:  # missing, unreadable, not JSON
+            raise SystemExit(f"{path}: cannot read results ({type(exc).__name__}: {exc})") from None
         results = results.get("results", results)
         if dataset is not None:
             if dataset not in results:
