@@ -8,8 +8,9 @@ Runs on the folders ``benchmarks/no_group_loses.py`` left in ``--work`` for digi
 preset: the generator adapted with ``adapt.method: full``, class condition kept), so every row
 shares the seed's data, baseline and adapted generator (paired by seed). Per criterion, at the
 same budget and SDEdit strength: feedback, generation, filtering and retraining with today's
-defaults (the head re-fit on the real images). Rows: test overall, many / medium / few-shot;
-paired differences of each guided criterion against unguided (``none``), 95% bootstrap CIs.
+preset (its adaptation steps and retraining). Rows: test overall, many / medium / few-shot;
+paired differences of each guided criterion against unguided (``none``), 95% bootstrap CIs, on
+test and on validation (a choice reads validation; test replicates).
 """
 from __future__ import annotations
 
@@ -47,15 +48,22 @@ def run_seed(work: str, seed: int, criteria: list[str], log) -> dict[str, Any]:
                                                  "tracking.enabled=false"])
     root = storage.join(work, DATASET, f"seed{seed}")
     data, baseline, adapted = (storage.join(root, n) for n in ("data", "baseline", "adapted"))
-    test = load_split(data, "test")
-    out: dict[str, Any] = {"no synthesis": summary(evaluate(load_classifier(model_url(baseline), "cpu"), test,
-                                                            cfg.data))}
+    splits = {"test": load_split(data, "test"), "val": load_split(data, "val")}
+
+    def scores(model: str) -> dict[str, float]:
+        # test under its own names, validation under val_*: a choice reads validation, test replicates
+        classifier = load_classifier(model_url(model), "cpu")
+        m = summary(evaluate(classifier, splits["test"], cfg.data))
+        m.update({f"val_{k}": v for k, v in summary(evaluate(classifier, splits["val"], cfg.data)).items()})
+        return m
+
+    out: dict[str, Any] = {"no synthesis": scores(baseline)}
     for criterion in criteria:
         t0 = time.time()
         row_cfg = replace(cfg, generate=replace(cfg.generate, criterion=criterion))
         layout = RunLayout(storage.join(root, f"criterion-{criterion}"), cfg.feedback.rounds)
         _, retrained, filtered = synthesis_rounds(row_cfg, layout, data, baseline, NullTracker(), adapted=adapted)
-        m = summary(evaluate(load_classifier(model_url(retrained), "cpu"), test, cfg.data))
+        m = scores(retrained)
         report = storage.read_json(storage.join(filtered, "filter_report.json"))
         m.update(generated=report["generated"], kept=report["kept"], seconds=round(time.time() - t0, 1))
         out[criterion] = m
@@ -68,7 +76,7 @@ def markdown(results: dict[str, Any], criteria: list[str], command: str, minutes
     seeds = sorted(results, key=int)
     lines = ["# Guidance after adaptation (issue 24, item 3)", "", "```", command, "```", "",
              f"digits-gap with its preset (generator adapted, class condition kept; SDEdit strength 0.8, scale 0.03 "
-             f"for the guided rows; retraining with the head re-fit), seeds {', '.join(seeds)}; wall time {minutes:.1f} "
+             f"for the guided rows; the preset's adaptation steps and retraining), seeds {', '.join(seeds)}; wall time {minutes:.1f} "
              f"min on this {os.cpu_count()}-CPU machine. Test split, mean ± std over seeds.", "",
              "| row | " + " | ".join(KEYS) + " | kept / generated |", "|---|" + "---|" * (len(KEYS) + 1)]
     for row in ["no synthesis", *criteria]:
@@ -77,15 +85,18 @@ def markdown(results: dict[str, Any], criteria: list[str], command: str, minutes
         kept = ("-" if row == "no synthesis" else f"{np.mean([results[s][row]['kept'] for s in seeds]):.0f} / "
                 f"{np.mean([results[s][row]['generated'] for s in seeds]):.0f}")
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {kept} |")
-    lines += ["", "Paired differences (95% bootstrap CI over seeds):", "",
-              "| comparison | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
     pairs = [(c, "none") for c in criteria if c != "none"] + [(c, "no synthesis") for c in criteria]
-    for a, b in pairs:
-        cells = []
-        for k in KEYS:
-            mean, lo, hi = bootstrap_ci([results[s][a][k] - results[s][b][k] for s in seeds])
-            cells.append(f"{mean:+.3f} ({lo:+.3f} .. {hi:+.3f})")
-        lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+    for split, prefix in (("test", ""), ("validation", "val_")):
+        if not all(prefix + k in results[s][row] for s in seeds for row in ["no synthesis", *criteria] for k in KEYS):
+            continue  # results from before validation was scored
+        lines += ["", f"Paired differences on {split} (95% bootstrap CI over seeds):", "",
+                  "| comparison | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
+        for a, b in pairs:
+            cells = []
+            for k in KEYS:
+                mean, lo, hi = bootstrap_ci([results[s][a][prefix + k] - results[s][b][prefix + k] for s in seeds])
+                cells.append(f"{mean:+.3f} ({lo:+.3f} .. {hi:+.3f})")
+            lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
