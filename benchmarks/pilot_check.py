@@ -1,14 +1,15 @@
 """Benchmark: does the pilot's choice hold on the test split? (issue 24, item 4)
 
     python benchmarks/pilot_check.py --work /tmp/bench/pilot [--datasets digits-gap digits-lt digits-groups]
-        [--seeds 0 1 2 3 4] [--folds 3] [--epochs 15] [--out benchmarks/results/pilot_check]
+        [--seeds 0 1 2 3 4] [--folds 5] [--epochs 0] [--pilot-seed 0] [--benchmark-from RESULTS.json]
+        [--out benchmarks/results/pilot_check]
 
 Per dataset, with its preset (as ``feedback-synth run --dataset NAME`` uses it) and one grid axis
 the benchmarks compared (digits-gap, digits-lt: ``adapt.method=none,full``; digits-groups:
 ``generate.criterion=none,entropy``):
 
 1. **The pilot** (``orchestration.tune.run_pilot``): ``--folds`` folds of train + val of split seed
-   0, ``--epochs``-epoch trainings; its go / no-go and its choice.
+   ``--pilot-seed`` (0), ``--epochs``-epoch trainings; its go / no-go and its choice.
 2. **The 5-seed test benchmark** of the same settings: per seed (data.split_seed and every
    training seed), the full preset's epochs, each setting's retrained model against the same
    recipe without synthesis, on the test split; the mean paired gain on the gate metric and its
@@ -33,6 +34,7 @@ from synthesis_benchmark import Session  # noqa: E402  (the benchmarks' shared p
 
 from feedback_synth import storage  # noqa: E402
 from feedback_synth.config import RunConfig, resolve_run_config  # noqa: E402
+from feedback_synth.orchestration import DEFAULT_FOLDS  # noqa: E402
 from feedback_synth.orchestration.run import synthesis_rounds  # noqa: E402
 from feedback_synth.orchestration.shared import RunLayout  # noqa: E402
 from feedback_synth.orchestration.tune import (  # noqa: E402
@@ -103,8 +105,11 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True)
     p.add_argument("--datasets", nargs="+", default=list(GRIDS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--folds", type=int, default=DEFAULT_FOLDS)
     p.add_argument("--epochs", type=int, default=0, help="the pilot's epochs (0: the run's, the pilot's default)")
+    p.add_argument("--pilot-seed", type=int, default=0,
+                   help="the split seed the pilot sees (default 0); another one replicates the pilot's choice on "
+                        "another draw of the user's data against the same benchmark")
     p.add_argument("--benchmark-from", help="take the test benchmark's rows from this earlier results JSON (its "
                                             "command and commit are printed) instead of recomputing them")
     p.add_argument("--out")
@@ -116,9 +121,11 @@ def main(argv=None) -> int:
     for dataset in args.datasets:
         grid = GRIDS[dataset]
         t0 = time.time()
-        session.log(f"{dataset}: pilot, {args.folds} folds x {len(settings_of(grid))} settings")
-        pilot = run_pilot(seeded(dataset, 0), storage.join(args.work, dataset, "pilot"), grid, args.epochs,
-                          folds=args.folds)
+        session.log(f"{dataset}: pilot on split seed {args.pilot_seed}, {args.folds} folds x "
+                    f"{len(settings_of(grid))} settings")
+        pilot_dir = "pilot" if args.pilot_seed == 0 else f"pilot-seed{args.pilot_seed}"
+        pilot = run_pilot(seeded(dataset, args.pilot_seed), storage.join(args.work, dataset, pilot_dir), grid,
+                          args.epochs, folds=args.folds)
         pilot_minutes = (time.time() - t0) / 60
         metric = pilot["metric"]
         bench: dict[str, dict[str, Any]] = {}
@@ -141,7 +148,8 @@ def main(argv=None) -> int:
                             "pilot_minutes": round(pilot_minutes, 1),
                             "benchmark_minutes": round((time.time() - t1) / 60, 1)}
         md += [f"## {dataset}: {'holds' if ok else 'does NOT hold'}", "", why + ".", "",
-               f"The pilot ({args.folds} folds, {args.epochs or 'the run'}'s epochs, {pilot_minutes:.1f} min):", "",
+               f"The pilot (split seed {args.pilot_seed}, {args.folds} folds, {args.epochs or 'the run'}'s epochs, "
+               f"{pilot_minutes:.1f} min):", "",
                validation_table(pilot), "",
                f"The test benchmark{source} (seeds {', '.join(map(str, args.seeds))}, the preset's epochs): gain in "
                f"{metric} over the same recipe without synthesis, 95% bootstrap CI over seeds:", "",

@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 
 from kfp import dsl
 
+from feedback_synth.orchestration import DEFAULT_FOLDS
 from feedback_synth_kfp.components.pilot import (
     pilot_cell,
     pilot_cells,
@@ -96,7 +97,7 @@ def build_pilot_pipeline(settings: PilotSettings = PilotSettings()) -> Callable:
         output: str,
         dataset: str = _D["dataset"],
         grid: str = "",
-        folds: int = 3,
+        folds: int = DEFAULT_FOLDS,
         epochs: int = 0,
         mlflow_tracking_uri: str = "",
         mlflow_experiment: str = _D["mlflow_experiment"],
@@ -155,7 +156,7 @@ def build_piloted_pipeline(settings: PilotSettings = PilotSettings()) -> Callabl
         pilot_output: str,
         dataset: str = _D["dataset"],
         grid: str = "",
-        folds: int = 3,
+        folds: int = DEFAULT_FOLDS,
         epochs: int = 0,
         workspace_url: str = "",
         mlflow_tracking_uri: str = "",

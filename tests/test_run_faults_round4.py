@@ -151,7 +151,7 @@ def test_a_bad_grid_is_refused_before_any_work(tmp_path, tiny_generator, capsys,
 @pytest.mark.slow
 def test_tune_overwrite_starts_over_and_keeps_the_users_files(tmp_path, tiny_generator, capsys):
     out = tmp_path / "tune"
-    flags = ("--grid", "generate.strength=1.0", "--epochs", "1")
+    flags = ("--grid", "generate.strength=1.0", "--epochs", "1", "--folds", "2")
     assert _run(out, tiny_generator, verb="tune", flags=flags) == 0, capsys.readouterr().err
     (out / "data" / "NOTES.md").write_text("mine")
     capsys.readouterr()

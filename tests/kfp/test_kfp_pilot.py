@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from feedback_synth.orchestration import DEFAULT_FOLDS
+
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "pipelines" / "pilot_pipeline.yaml"
 
@@ -44,7 +46,7 @@ def test_the_pilot_fans_out_folds_then_cells_on_gpu_pods(pilot_spec):
         "for-loop" in d for d in tasks["pilot-cells"]["dependentTasks"])
     assert any("for-loop" in d for d in tasks["pilot-choose"]["dependentTasks"])
     params = pilot_spec["root"]["inputDefinitions"]["parameters"]
-    assert params["config"]["defaultValue"] == "{}" and "output" in params and params["folds"]["defaultValue"] == 3
+    assert params["config"]["defaultValue"] == "{}" and "output" in params and params["folds"]["defaultValue"] == DEFAULT_FOLDS
 
 
 def test_committed_pilot_yaml_is_up_to_date(pilot_spec):

@@ -12,6 +12,7 @@ from typing import Optional
 from feedback_synth.cli.common import add_config_args, load_config
 from feedback_synth.cli.registry_verbs import add_registry_commands
 from feedback_synth.errors import FeedbackSynthError
+from feedback_synth.orchestration import DEFAULT_FOLDS
 
 
 def _default_output() -> str:
@@ -246,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on no-go")
     p.add_argument("--pilot-grid", action="append", default=[], metavar="SECTION.FIELD=V1,V2",
                    help="with --pilot: a grid axis (repeatable; default: tune's grid)")
-    p.add_argument("--pilot-folds", type=int, default=3, help="with --pilot: folds of train + val (default: 3)")
+    p.add_argument("--pilot-folds", type=int, default=DEFAULT_FOLDS,
+                   help=f"with --pilot: folds of train + val (default: {DEFAULT_FOLDS})")
     p.add_argument("--pilot-epochs", type=int, default=0,
                    help="with --pilot: epochs of the pilot's trainings (default 0: the run's)")
     p.set_defaults(func=cmd_run)
@@ -264,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "but exaggerates synthesis' gain)")
     p.add_argument("--runner", choices=("inprocess", "kfp-local"), default="inprocess",
                    help="kfp-local: the pilot pipeline through the KFP local runner (folds and cells fanned out)")
-    p.add_argument("--folds", type=int, default=3, help="repeated validation splits of train + val (each its own "
-                                                        "baseline and seeds; the test split is never read)")
+    p.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
+                   help=f"repeated validation splits of train + val (default: {DEFAULT_FOLDS}; each its own "
+                        "baseline and seeds; the test split is never read)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("pretrain-generator", help="train the bundled generator on the generator pool")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from feedback_synth import storage
 from feedback_synth.config import METRICS, RunConfig, deep_merge, from_dict, resolve_devices, result_settings
 from feedback_synth.errors import ConfigError
+from feedback_synth.orchestration import DEFAULT_FOLDS
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,6 @@ def setting_name(setting: dict[str, Any], full: bool = False) -> str:
 
 TUNE_FOLDERS = ("data", "folds", "baseline", "adapted", "settings")  # where the pilot's stages write (and wrote)
 TUNE_FILES = ("tune_report.json", "validation_table.md", "chosen.yaml")
-DEFAULT_FOLDS = 3
 CONFIDENCE = 0.95
 
 
