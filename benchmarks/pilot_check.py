@@ -100,6 +100,13 @@ def check(pilot: dict[str, Any], bench: dict[str, dict[str, Any]]) -> tuple[bool
                    f"setting {best_name} ({best['lo']:+.3f} .. {best['hi']:+.3f})")
 
 
+def seeds_text(seeds: list[int], bench: dict[str, dict[str, Any]], earlier: bool) -> str:
+    """The benchmark's seeds: ``--seeds``, or an earlier run's count (its command names them)."""
+    if earlier:
+        return f"{max(len(b['gains']) for b in bench.values())} seeds"
+    return "seeds " + ", ".join(map(str, seeds))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True)
@@ -151,7 +158,7 @@ def main(argv=None) -> int:
                f"The pilot (split seed {args.pilot_seed}, {args.folds} folds, {args.epochs or 'the run'}'s epochs, "
                f"{pilot_minutes:.1f} min):", "",
                validation_table(pilot), "",
-               f"The test benchmark{source} (seeds {', '.join(map(str, args.seeds))}, the preset's epochs): gain in "
+               f"The test benchmark{source} ({seeds_text(args.seeds, bench, bool(earlier))}, the preset's epochs): gain in "
                f"{metric} over the same recipe without synthesis, 95% bootstrap CI over seeds:", "",
                f"| setting | gain in {metric} (95% CI) | per seed |", "|---|---|---|"]
         for name, b in bench.items():
