@@ -9,7 +9,8 @@ def paired_ci(diffs: list[float], confidence: float = 0.95, n: int = 10000, seed
     """The mean of paired differences (one per seed or fold) and its percentile bootstrap CI.
 
     With 3 folds the 95% interval excludes zero only when every fold agrees in sign: a setting
-    wins on every repeated split or it is not called a gain."""
+    wins on every repeated split or it is not called a gain. With 5 (the pilot's default) one weak
+    fold can be outweighed by the others."""
     d = np.asarray(diffs, np.float64)
     if d.size == 0:
         raise ValueError("paired_ci needs at least one difference")
