@@ -58,6 +58,10 @@ def test_overrides_nest_and_parse_yaml():
     ("promote.gate_metric=f1", "config field 'promote.gate_metric': input should be 'overall', 'many'"),
     ("promote.lock_uri=redis://h", "config field 'promote.lock_uri': must be '' or start with one of postgresql://"),
     ("tracking.retries=-1", "config field 'tracking.retries': input should be greater than or equal to 0, got -1"),
+    # a seed numpy's legacy seeding refuses stopped the run mid-way with a traceback (round 18)
+    ("data.split_seed=-1", "config field 'data.split_seed': input should be greater than or equal to 0, got -1"),
+    ("generate.seed=4294967296",
+     "config field 'generate.seed': input should be less than or equal to 2147483647, got 4294967296"),
     ("generate.colour=red", "unknown config field 'generate.colour'; known: autocast, batch_size, cfg_scale"),
     ("colour.red=1", "unknown config field 'colour'; known: device, data, train, adapt, feedback, generate"),
     ("train=3", "config field 'train': expected a mapping of 'train' fields, got int"),

@@ -49,6 +49,8 @@ def _device_name(value: str) -> str:
 
 
 Device = Annotated[Str, AfterValidator(_device_name)]
+# numpy's legacy seeding (the built-in splits) takes 0 .. 2**32 - 1; the pilot adds the fold number
+Seed = Annotated[Int, Field(ge=0, le=2**31 - 1)]
 
 
 def _message(error: dict[str, Any], where: str) -> str:
@@ -130,7 +132,7 @@ class DataConfig:
     channels: Literal[0, 1, 3] = 0  # 0 = decided from the whole train split (1 if every image is grey, else 3)
     few_threshold: Int = Field(5, ge=0)  # a class with <= this many train images is "few-shot"
     many_threshold: Int = 20  # a class with >= this many train images is "many-shot"
-    split_seed: Int = 0  # the seed of the built-in datasets' split (and of NICO++-style folders)
+    split_seed: Seed = 0  # the seed of the built-in datasets' split (and of NICO++-style folders)
 
     @field_validator("many_threshold")
     @classmethod
@@ -152,7 +154,7 @@ class OptimConfig:
     momentum: Float = Field(0.9, ge=0, lt=1)
     weight_decay: Float = Field(5e-4, ge=0)
     augment: Bool = True  # random translation by up to 1/8 of the image size
-    seed: Int = 0
+    seed: Seed = 0
     device: Device = ""  # '' = the run's device (``device``); else auto, cpu, cuda, cuda:1, mps
     runtime_fields: ClassVar[tuple[str, ...]] = ("device",)
 
@@ -237,7 +239,7 @@ class AdaptConfig:
     class_condition: Literal["drop", "keep", "mixed"] = "keep"
     class_balanced: Bool = True  # sample classes uniformly (else by frequency)
     augment: Bool = True  # random translation by up to 1/8 of the image size
-    seed: Int = 0
+    seed: Seed = 0
     device: Device = ""  # '' = the run's device
     runtime_fields: ClassVar[tuple[str, ...]] = ("device",)
     samples_per_class: Int = Field(8, ge=1, le=64)  # before/after sample grid, per class
@@ -294,7 +296,7 @@ class GenerateConfig:
     class_map: dict[Str, Str] = Field(default_factory=dict)
     prompt_template: Str = "a photo of a {class_name}"  # text-conditioned generators only
     group_prompt_template: Str = "a photo of a {class_name} on {group_name}"
-    seed: Int = 0
+    seed: Seed = 0
     device: Device = ""  # '' = the run's device
     # settings that change how fast (or in how much memory) images are made, not which images:
     # recorded, but not part of a fingerprint, so a run may resume on other hardware
