@@ -107,6 +107,22 @@ def seeds_text(seeds: list[int], bench: dict[str, dict[str, Any]], earlier: bool
     return "seeds " + ", ".join(map(str, seeds))
 
 
+def earlier_benchmarks(url: str, datasets: list[str]) -> dict[str, Any]:
+    """``--benchmark-from``'s results, checked before any pilot runs: one line naming the file and
+    what it lacks, not a traceback after the pilots' minutes."""
+    try:
+        earlier = json.loads(storage.read_text(url))
+        missing = [d for d in datasets if "benchmark" not in earlier["results"].get(d, {})]
+        earlier["command"]  # the table names the command that made the rows
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SystemExit(f"--benchmark-from {url}: not a pilot_check results file ({type(exc).__name__}: {exc})") \
+            from None
+    if missing:
+        raise SystemExit(f"--benchmark-from {url}: no test benchmark for {', '.join(missing)} (it has "
+                         f"{', '.join(earlier['results']) or 'none'})")
+    return earlier
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True)
@@ -121,7 +137,7 @@ def main(argv=None) -> int:
                                             "command and commit are printed) instead of recomputing them")
     p.add_argument("--out")
     args = p.parse_args(argv)
-    earlier = json.loads(storage.read_text(args.benchmark_from)) if args.benchmark_from else None
+    earlier = earlier_benchmarks(args.benchmark_from, args.datasets) if args.benchmark_from else None
     session = Session()
     results: dict[str, Any] = {}
     md = ["# Does the pilot's choice hold? (issue 24, item 4)", "", f"Command: `{session.command}`", ""]
